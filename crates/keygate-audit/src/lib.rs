@@ -1,0 +1,1 @@
+//! keygate-audit: work in progress.

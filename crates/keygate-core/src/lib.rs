@@ -1,0 +1,54 @@
+//! Shared types of keygate: the key format and digests, key and project records, the
+//! [`KeyStore`] trait, the values layers hand each other in `http::Extensions`, and the one
+//! [`Denial`] builder every layer answers with.
+//!
+//! ```
+//! use keygate_core::{KeyFormat, KeyId, KeyRecord, MemoryStore, Permissions, ProjectRecord, Timestamp};
+//!
+//! // Make a key: the secret is shown once; only its digest is stored.
+//! let format = KeyFormat::default();
+//! let secret = format.generate()?;
+//! let mut record = KeyRecord::new(KeyId::generate()?, "default", secret.digest(), Timestamp::UNIX_EPOCH);
+//! record.permissions = Permissions::ReadOnly;
+//! let store = MemoryStore::from_records([ProjectRecord::new("default")], [record])?;
+//!
+//! // A request presents the secret; parsing checks the checksum before any lookup.
+//! let digest = format.parse(secret.expose())?;
+//! let found = store.get(&digest).expect("the key is in the store");
+//! assert_eq!(found.key.permissions, Permissions::ReadOnly);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod auth;
+mod clock;
+mod denial;
+mod ext;
+mod key;
+mod limits;
+mod principal;
+mod record;
+mod rights;
+pub mod store;
+
+pub use auth::{NoTokens, TokenError, TokenVerifier};
+pub use clock::{Clock, ManualClock, Timestamp};
+pub use denial::{
+    Denial, INVALID_CREDENTIAL_MESSAGE, ResponseBody, ResponseFuture, Stage, deny, is_grpc,
+    retry_after_secs,
+};
+pub use ext::{
+    Alert, AlertKind, AlertSink, ClientIp, EndpointMatch, RequestedModel, Usage, UsageMeter,
+};
+pub use key::{
+    BuildDigestHasher, CHECKSUM_LEN, DEFAULT_PREFIX, DigestHasher, DigestParseError, KeyDigest,
+    KeyFormat, KeyFormatConfigError, KeyFormatError, KeyId, RANDOM_LEN, RandomError, SecretKey,
+};
+pub use limits::{Budget, Limits, ModelLimits, Money, MoneyParseError, Period};
+pub use principal::{Credential, LimitScope, Principal};
+pub use record::{
+    KeyRecord, PreviousSecret, ProjectRecord, Rejection, Restriction, Secret, canonical_ip,
+    ip_in_ranges,
+};
+pub use rights::{Access, EndpointGroup, ModelPattern, ModelPatternError, ModelRules, Permissions};
+pub use store::{KeyStore, Lookup, MemoryStore, Snapshot, SnapshotError, StoreError};

@@ -1,0 +1,357 @@
+//! Where keys live: the [`KeyStore`] trait and the in-memory store.
+//!
+//! A store answers one question on the hot path: which key has this digest? Every backend
+//! (memory, file, and later SQL or Redis with a cache in front) implements the same trait and
+//! returns the same shared, immutable [`Lookup`], so layers never know which one they use.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::key::{BuildDigestHasher, KeyDigest};
+use crate::record::{KeyRecord, ProjectRecord, Secret};
+
+/// A key found in a store, with its project and which of its secrets matched.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    /// The key.
+    pub key: Arc<KeyRecord>,
+    /// The key's project.
+    pub project: Arc<ProjectRecord>,
+    /// Which secret the digest was of.
+    pub secret: Secret,
+}
+
+/// A store could not answer. Layers refuse the request (503); they never let it pass.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("key store unavailable: {message}")]
+pub struct StoreError {
+    message: Arc<str>,
+}
+
+impl StoreError {
+    /// An error with a message (never anything secret).
+    pub fn new(message: impl Into<Arc<str>>) -> Self {
+        StoreError {
+            message: message.into(),
+        }
+    }
+
+    /// The message.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+/// Looks keys up by digest (each request) and by id (tokens derived from a key).
+///
+/// Lookups return shared, immutable snapshots of records: a reload or an admin change makes a
+/// new record, never mutates one a request is holding. Implementations must be cheap to call
+/// concurrently; a remote backend puts a cache in front and answers [`StoreError`] when it
+/// cannot reach its truth, so the layer can fail closed.
+pub trait KeyStore: Send + Sync + 'static {
+    /// The key whose current or previous secret has `digest`.
+    fn lookup(
+        &self,
+        digest: &KeyDigest,
+    ) -> impl Future<Output = Result<Option<Lookup>, StoreError>> + Send;
+
+    /// The key with public id `id`.
+    fn lookup_id(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Lookup>, StoreError>> + Send;
+}
+
+impl<S: KeyStore> KeyStore for Arc<S> {
+    fn lookup(
+        &self,
+        digest: &KeyDigest,
+    ) -> impl Future<Output = Result<Option<Lookup>, StoreError>> + Send {
+        (**self).lookup(digest)
+    }
+
+    fn lookup_id(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Lookup>, StoreError>> + Send {
+        (**self).lookup_id(id)
+    }
+}
+
+/// Why a set of records cannot become a snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// A record failed its own validation.
+    #[error("{0}")]
+    Invalid(String),
+    /// Two projects share an id.
+    #[error("duplicate project id {0:?}")]
+    DuplicateProject(String),
+    /// Two keys share an id.
+    #[error("duplicate key id {0:?}")]
+    DuplicateKeyId(String),
+    /// Two keys (or a key and another's previous secret) share a digest.
+    #[error("two keys share a digest (key {0:?})")]
+    DuplicateDigest(String),
+    /// A key names a project that does not exist.
+    #[error("key {key:?} names unknown project {project:?}")]
+    UnknownProject {
+        /// The key.
+        key: String,
+        /// The missing project.
+        project: String,
+    },
+}
+
+/// An immutable, validated set of keys and projects, indexed for lookup.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    by_digest: HashMap<KeyDigest, Lookup, BuildDigestHasher>,
+    by_id: HashMap<Arc<str>, Lookup>,
+    projects: HashMap<String, Arc<ProjectRecord>>,
+}
+
+impl Snapshot {
+    /// Validates and indexes the records.
+    ///
+    /// # Errors
+    ///
+    /// A [`SnapshotError`] for an invalid record, a duplicate id or digest, or a key whose
+    /// project is missing. Nothing is half-built: the error leaves no snapshot.
+    pub fn new(
+        projects: impl IntoIterator<Item = ProjectRecord>,
+        keys: impl IntoIterator<Item = KeyRecord>,
+    ) -> Result<Self, SnapshotError> {
+        let mut snapshot = Snapshot::default();
+        for project in projects {
+            project.validate().map_err(SnapshotError::Invalid)?;
+            if snapshot.projects.contains_key(&project.id) {
+                return Err(SnapshotError::DuplicateProject(project.id));
+            }
+            snapshot
+                .projects
+                .insert(project.id.clone(), Arc::new(project));
+        }
+        let keys = keys.into_iter();
+        snapshot.by_digest.reserve(keys.size_hint().0);
+        snapshot.by_id.reserve(keys.size_hint().0);
+        for key in keys {
+            key.validate().map_err(SnapshotError::Invalid)?;
+            let project = snapshot
+                .projects
+                .get(&key.project)
+                .cloned()
+                .ok_or_else(|| SnapshotError::UnknownProject {
+                    key: key.id.to_string(),
+                    project: key.project.clone(),
+                })?;
+            let key = Arc::new(key);
+            let id: Arc<str> = key.id.as_str().into();
+            let current = Lookup {
+                key: key.clone(),
+                project,
+                secret: Secret::Current,
+            };
+            if snapshot.by_id.insert(id, current.clone()).is_some() {
+                return Err(SnapshotError::DuplicateKeyId(key.id.to_string()));
+            }
+            let mut entries = vec![(key.digest, current.clone())];
+            if let Some(prev) = &key.previous {
+                let previous = Lookup {
+                    secret: Secret::Previous,
+                    ..current
+                };
+                entries.push((prev.digest, previous));
+            }
+            for (digest, entry) in entries {
+                if snapshot.by_digest.insert(digest, entry).is_some() {
+                    return Err(SnapshotError::DuplicateDigest(key.id.to_string()));
+                }
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// The key with a secret of this digest.
+    #[inline]
+    pub fn get(&self, digest: &KeyDigest) -> Option<&Lookup> {
+        self.by_digest.get(digest)
+    }
+
+    /// The key with this id.
+    pub fn get_id(&self, id: &str) -> Option<&Lookup> {
+        self.by_id.get(id)
+    }
+
+    /// A project by id.
+    pub fn project(&self, id: &str) -> Option<&Arc<ProjectRecord>> {
+        self.projects.get(id)
+    }
+
+    /// Every key, in no particular order.
+    pub fn keys(&self) -> impl Iterator<Item = &Arc<KeyRecord>> {
+        self.by_id.values().map(|l| &l.key)
+    }
+
+    /// Every project, in no particular order.
+    pub fn projects(&self) -> impl Iterator<Item = &Arc<ProjectRecord>> {
+        self.projects.values()
+    }
+
+    /// How many keys.
+    pub fn len(&self) -> usize {
+        self.by_id.len()
+    }
+
+    /// Whether there are no keys.
+    pub fn is_empty(&self) -> bool {
+        self.by_id.is_empty()
+    }
+}
+
+/// Keys in memory: lock-free reads, whole-snapshot atomic replacement.
+///
+/// Clones share the same keys; [`MemoryStore::replace`] swaps in a new snapshot that the next
+/// lookup sees, while requests holding records of the old one finish with them.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryStore {
+    snapshot: Arc<ArcSwap<Snapshot>>,
+}
+
+impl MemoryStore {
+    /// A store serving `snapshot`.
+    pub fn new(snapshot: Snapshot) -> Self {
+        MemoryStore {
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+        }
+    }
+
+    /// A store built from records.
+    ///
+    /// # Errors
+    ///
+    /// As [`Snapshot::new`].
+    pub fn from_records(
+        projects: impl IntoIterator<Item = ProjectRecord>,
+        keys: impl IntoIterator<Item = KeyRecord>,
+    ) -> Result<Self, SnapshotError> {
+        Snapshot::new(projects, keys).map(Self::new)
+    }
+
+    /// Serves `snapshot` from the next lookup on.
+    pub fn replace(&self, snapshot: Snapshot) {
+        self.snapshot.store(Arc::new(snapshot));
+    }
+
+    /// The snapshot being served.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// Looks a digest up without going through a future.
+    #[inline]
+    pub fn get(&self, digest: &KeyDigest) -> Option<Lookup> {
+        self.snapshot.load().get(digest).cloned()
+    }
+}
+
+impl KeyStore for MemoryStore {
+    fn lookup(
+        &self,
+        digest: &KeyDigest,
+    ) -> impl Future<Output = Result<Option<Lookup>, StoreError>> + Send {
+        std::future::ready(Ok(self.get(digest)))
+    }
+
+    fn lookup_id(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Option<Lookup>, StoreError>> + Send {
+        std::future::ready(Ok(self.snapshot.load().get_id(id).cloned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::Timestamp;
+    use crate::key::KeyId;
+    use crate::record::PreviousSecret;
+
+    fn key(id: &str, secret: &str) -> KeyRecord {
+        KeyRecord::new(
+            KeyId::new(id),
+            "p",
+            KeyDigest::of(secret),
+            Timestamp::UNIX_EPOCH,
+        )
+    }
+
+    #[tokio::test]
+    async fn lookup_finds_current_and_previous_secrets() {
+        let mut k = key("key_a", "new");
+        k.previous = Some(PreviousSecret {
+            digest: KeyDigest::of("old"),
+            valid_until: Timestamp::from_unix_secs(10),
+        });
+        let store = MemoryStore::from_records([ProjectRecord::new("p")], [k]).unwrap();
+        let hit = store.lookup(&KeyDigest::of("new")).await.unwrap().unwrap();
+        assert_eq!(hit.secret, Secret::Current);
+        assert_eq!(hit.project.id, "p");
+        let hit = store.lookup(&KeyDigest::of("old")).await.unwrap().unwrap();
+        assert_eq!(hit.secret, Secret::Previous);
+        assert!(
+            store
+                .lookup(&KeyDigest::of("other"))
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert_eq!(
+            store
+                .lookup_id("key_a")
+                .await
+                .unwrap()
+                .unwrap()
+                .key
+                .id
+                .as_str(),
+            "key_a"
+        );
+    }
+
+    #[tokio::test]
+    async fn replace_takes_effect_for_the_next_lookup() {
+        let store =
+            MemoryStore::from_records([ProjectRecord::new("p")], [key("key_a", "a")]).unwrap();
+        let clone = store.clone();
+        clone.replace(Snapshot::new([ProjectRecord::new("p")], [key("key_b", "b")]).unwrap());
+        assert!(store.lookup(&KeyDigest::of("a")).await.unwrap().is_none());
+        assert!(store.lookup(&KeyDigest::of("b")).await.unwrap().is_some());
+    }
+
+    #[test]
+    fn invalid_sets_are_refused_whole() {
+        let p = || ProjectRecord::new("p");
+        assert!(matches!(
+            Snapshot::new([p(), p()], []),
+            Err(SnapshotError::DuplicateProject(_))
+        ));
+        assert!(matches!(
+            Snapshot::new([p()], [key("key_a", "a"), key("key_a", "b")]),
+            Err(SnapshotError::DuplicateKeyId(_))
+        ));
+        assert!(matches!(
+            Snapshot::new([p()], [key("key_a", "a"), key("key_b", "a")]),
+            Err(SnapshotError::DuplicateDigest(_))
+        ));
+        assert!(matches!(
+            Snapshot::new([], [key("key_a", "a")]),
+            Err(SnapshotError::UnknownProject { .. })
+        ));
+    }
+}

@@ -1,0 +1,1 @@
+//! keygate-extract: work in progress.

@@ -1,0 +1,1 @@
+//! keygate-jwt: work in progress.

@@ -1,0 +1,1 @@
+//! keygate-limit: work in progress.

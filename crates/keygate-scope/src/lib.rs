@@ -1,0 +1,1 @@
+//! keygate-scope: work in progress.

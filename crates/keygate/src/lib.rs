@@ -1,0 +1,1 @@
+//! keygate facade: work in progress.

@@ -1,0 +1,1 @@
+//! Holder package for the workspace examples, integration tests and benches.
