@@ -1,1 +1,4 @@
-//! Holder package for the workspace examples, integration tests and benches.
+//! Support code shared by the workspace's examples, integration tests and benches: a mock
+//! OpenAI-compatible upstream. Not published.
+
+pub mod mock_upstream;
