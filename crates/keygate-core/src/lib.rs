@@ -30,6 +30,7 @@ mod principal;
 mod record;
 mod rights;
 pub mod store;
+mod trace;
 
 pub use auth::{NoTokens, TokenError, TokenVerifier};
 pub use clock::{Clock, ManualClock, Timestamp};
@@ -51,4 +52,8 @@ pub use record::{
     ip_in_ranges,
 };
 pub use rights::{Access, EndpointGroup, ModelPattern, ModelPatternError, ModelRules, Permissions};
-pub use store::{KeyStore, Lookup, MemoryStore, Snapshot, SnapshotError, StoreError};
+pub use store::{
+    FileStore, FileStoreError, KEY_FILE_VERSION, KeyFile, KeyStore, Lookup, MemoryStore,
+    ReloadOutcome, Snapshot, SnapshotError, StoreError,
+};
+pub use trace::RequestTrace;

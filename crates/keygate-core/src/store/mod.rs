@@ -13,6 +13,10 @@ use arc_swap::ArcSwap;
 use crate::key::{BuildDigestHasher, KeyDigest};
 use crate::record::{KeyRecord, ProjectRecord, Secret};
 
+mod file;
+
+pub use file::{FileStore, FileStoreError, KEY_FILE_VERSION, KeyFile, ReloadOutcome};
+
 /// A key found in a store, with its project and which of its secrets matched.
 #[derive(Debug, Clone)]
 pub struct Lookup {

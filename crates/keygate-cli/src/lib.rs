@@ -1,0 +1,859 @@
+//! The `keygate` command-line tool: create, list, show, rotate, disable and revoke keys and
+//! create projects in a key file (the TOML file a [`keygate_core::FileStore`] serves).
+//!
+//! The command logic lives here so tests run it in-process with an injected time; the binary
+//! only wires process arguments, stdout and the system clock to [`run`].
+//!
+//! ```
+//! use keygate_core::{FileStore, KeyFormat, Secret, Timestamp};
+//!
+//! let dir = std::env::temp_dir().join(format!("keygate-cli-doc-{}", std::process::id()));
+//! std::fs::create_dir_all(&dir)?;
+//! let file = dir.join("keys.toml");
+//! let file = file.to_str().unwrap();
+//! let now = Timestamp::parse_rfc3339("2026-01-01T00:00:00Z")?;
+//!
+//! let mut out = Vec::new();
+//! keygate_cli::run(["keygate", "--file", file, "projects", "create", "default"], now, &mut out)?;
+//! let mut out = Vec::new();
+//! keygate_cli::run(
+//!     ["keygate", "--file", file, "--json", "keys", "create", "--project", "default",
+//!      "--permissions", "read_only", "--expires-in", "30d"],
+//!     now,
+//!     &mut out,
+//! )?;
+//! let created: serde_json::Value = serde_json::from_slice(&out)?;
+//! let secret = created["secret"].as_str().unwrap();
+//!
+//! // The key file holds the digest; the printed secret finds the key.
+//! let store = FileStore::open(file)?;
+//! let found = store.store().get(&KeyFormat::default().parse(secret)?).unwrap();
+//! assert_eq!(found.key.check_live(Secret::Current, now), Ok(()));
+//! # std::fs::remove_dir_all(&dir)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use keygate_core::{
+    Access, Budget, FileStoreError, KeyFile, KeyFormat, KeyId, KeyRecord, Limits, ModelPattern,
+    ModelRules, Money, Period, Permissions, PreviousSecret, ProjectRecord, RandomError, Secret,
+    Timestamp,
+};
+use serde_json::{Value, json};
+
+/// Why a command failed. Messages never contain a secret.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CliError {
+    /// The arguments do not parse (or help/version was asked for): clap renders it.
+    #[error(transparent)]
+    Usage(#[from] clap::Error),
+    /// The arguments parse but do not make sense together, or a value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+    /// No key with this id.
+    #[error("no key {0:?} in the key file")]
+    NoSuchKey(String),
+    /// The key file could not be read, validated or written.
+    #[error(transparent)]
+    File(#[from] FileStoreError),
+    /// The operating system's random source failed.
+    #[error(transparent)]
+    Random(#[from] RandomError),
+    /// Writing the output failed.
+    #[error("cannot write output: {0}")]
+    Output(#[from] io::Error),
+}
+
+impl CliError {
+    /// The process exit code for this error: 2 for bad arguments (as clap), 1 otherwise.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(e) => u8::try_from(e.exit_code()).unwrap_or(2),
+            CliError::Invalid(_) => 2,
+            _ => 1,
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> CliError {
+    CliError::Invalid(msg.into())
+}
+
+/// Manage keygate keys and projects in a key file.
+///
+/// The file holds only digests of secrets. Every write replaces the file atomically.
+#[derive(Debug, Parser)]
+#[command(name = "keygate", version)]
+struct Cli {
+    /// The key file.
+    #[arg(
+        long,
+        global = true,
+        env = "KEYGATE_KEYS_FILE",
+        default_value = "keygate-keys.toml"
+    )]
+    file: PathBuf,
+    /// Print one JSON document instead of text.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create, inspect, rotate, disable and revoke keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+    /// Create and list projects.
+    #[command(subcommand)]
+    Projects(ProjectsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Create a key and print its secret, once.
+    Create(Box<CreateKey>),
+    /// List keys (never their secrets).
+    List {
+        /// Only keys of this project.
+        #[arg(long)]
+        project: Option<String>,
+    },
+    /// Show one key (never its secret).
+    Show {
+        /// The key id (`key_…`).
+        id: String,
+    },
+    /// Revoke a key for good.
+    Revoke {
+        /// The key id.
+        id: String,
+    },
+    /// Disable a key until it is enabled again.
+    Disable {
+        /// The key id.
+        id: String,
+    },
+    /// Enable a disabled key.
+    Enable {
+        /// The key id.
+        id: String,
+    },
+    /// Give a key a new secret (printed once); the old one keeps working for the grace period.
+    ///
+    /// Only one old secret is kept: rotating again during a grace period ends the older one at
+    /// once.
+    Rotate {
+        /// The key id.
+        id: String,
+        /// How long the old secret keeps working (`0s` ends it now; `30m`, `12h`, `7d`).
+        #[arg(long, value_parser = parse_duration)]
+        grace: Duration,
+        /// The new secret's prefix (default `sk-kg-`): give the one the key was created with.
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ProjectsCommand {
+    /// Create a project.
+    Create(CreateProject),
+    /// List projects.
+    List,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PermissionsArg {
+    /// Write (and read) on every endpoint group.
+    All,
+    /// Read on every endpoint group.
+    #[value(name = "read_only", alias = "read-only")]
+    ReadOnly,
+    /// Only the groups given with `--scope`.
+    Restricted,
+}
+
+/// Model, limit and network rules shared by keys and projects.
+#[derive(Debug, Args)]
+struct RuleArgs {
+    /// Allow only models matching this pattern (`gpt-4o`, `gpt-4*`); repeatable.
+    #[arg(long = "allow-model", value_name = "PATTERN")]
+    allow_model: Vec<ModelPattern>,
+    /// Never allow models matching this pattern; repeatable. Deny wins over allow.
+    #[arg(long = "deny-model", value_name = "PATTERN")]
+    deny_model: Vec<ModelPattern>,
+    /// Requests per minute.
+    #[arg(long, value_name = "N")]
+    rpm: Option<NonZeroU32>,
+    /// Tokens per minute.
+    #[arg(long, value_name = "N")]
+    tpm: Option<NonZeroU64>,
+    /// A money budget `AMOUNT/PERIOD[/MODEL]` (`50/month`, `5.00/day/gpt-4*`); periods: day,
+    /// week, month, lifetime; repeatable.
+    #[arg(long, value_name = "AMOUNT/PERIOD[/MODEL]", value_parser = parse_budget)]
+    budget: Vec<Budget>,
+    /// Allow use only from this address range (`10.0.0.0/8`, `2001:db8::/32`, or one
+    /// address); repeatable.
+    #[arg(long = "allow-ip", value_name = "CIDR", value_parser = parse_ip_range)]
+    allow_ip: Vec<IpNet>,
+}
+
+impl RuleArgs {
+    fn models(&self) -> ModelRules {
+        ModelRules {
+            allow: (!self.allow_model.is_empty()).then(|| self.allow_model.clone()),
+            deny: self.deny_model.clone(),
+        }
+    }
+
+    fn limits(&self) -> Limits {
+        Limits {
+            requests_per_minute: self.rpm,
+            tokens_per_minute: self.tpm,
+            budgets: self.budget.clone(),
+            models: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+struct CreateKey {
+    /// The project the key belongs to.
+    #[arg(long)]
+    project: String,
+    /// Create the project (with no rules of its own) if it does not exist.
+    #[arg(long)]
+    create_project: bool,
+    /// A human name.
+    #[arg(long, default_value = "")]
+    name: String,
+    /// What the key may do. Required unless `--scope` is given (which implies `restricted`).
+    #[arg(long, value_enum)]
+    permissions: Option<PermissionsArg>,
+    /// Access to one endpoint group, `GROUP=none|read|write` (`chat.completions=write`);
+    /// repeatable; with `--permissions restricted`.
+    #[arg(long, value_name = "GROUP=ACCESS", value_parser = parse_scope)]
+    scope: Vec<(String, Access)>,
+    #[command(flatten)]
+    rules: RuleArgs,
+    /// A free `key=value` tag; repeatable.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
+    label: Vec<(String, String)>,
+    /// A group the key's holder belongs to; repeatable.
+    #[arg(long, value_name = "GROUP")]
+    group: Vec<String>,
+    /// The key stops working this long from now (`90s`, `30m`, `12h`, `7d`, `2w`).
+    #[arg(long, value_parser = parse_duration, conflicts_with = "expires_at")]
+    expires_in: Option<Duration>,
+    /// The key stops working at this instant (RFC 3339).
+    #[arg(long, value_parser = parse_timestamp)]
+    expires_at: Option<Timestamp>,
+    /// The key does not work before this instant (RFC 3339).
+    #[arg(long, value_parser = parse_timestamp)]
+    not_before: Option<Timestamp>,
+    /// The secret's prefix (default `sk-kg-`); the serving layer must use the same prefix.
+    #[arg(long)]
+    prefix: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct CreateProject {
+    /// The project id: 1 to 64 ASCII letters, digits, `-`, `_`, `.`.
+    id: String,
+    /// A human name.
+    #[arg(long, default_value = "")]
+    name: String,
+    #[command(flatten)]
+    rules: RuleArgs,
+}
+
+/// Runs one `keygate` command. `args` starts with the program name, as `std::env::args_os`;
+/// `now` is the time every timestamp written is taken from; output goes to `out` (text, or one
+/// JSON document with `--json`).
+///
+/// A command that changes the file validates the whole result first and writes it with
+/// [`KeyFile::save_atomic`]; on any error the file is untouched.
+///
+/// # Errors
+///
+/// A [`CliError`]; [`CliError::exit_code`] says how the process should exit.
+pub fn run<I, T>(args: I, now: Timestamp, out: &mut impl Write) -> Result<(), CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let cli = Cli::try_parse_from(args)?;
+    let ctx = Ctx {
+        path: &cli.file,
+        json: cli.json,
+        now,
+    };
+    let text = match cli.command {
+        Command::Keys(cmd) => ctx.keys(cmd)?,
+        Command::Projects(cmd) => ctx.projects(cmd)?,
+    };
+    out.write_all(text.as_bytes())?;
+    out.flush()?;
+    Ok(())
+}
+
+struct Ctx<'a> {
+    path: &'a Path,
+    json: bool,
+    now: Timestamp,
+}
+
+impl Ctx<'_> {
+    /// The file, or an empty one if it does not exist and the command may create it.
+    fn load(&self, may_create: bool) -> Result<KeyFile, CliError> {
+        match KeyFile::load(self.path) {
+            Err(FileStoreError::Io { source, .. })
+                if may_create && source.kind() == io::ErrorKind::NotFound =>
+            {
+                Ok(KeyFile::default())
+            }
+            other => Ok(other?),
+        }
+    }
+
+    fn save(&self, file: &KeyFile) -> Result<(), CliError> {
+        // Never write a file a FileStore would refuse.
+        file.to_snapshot(self.path)?;
+        file.save_atomic(self.path)?;
+        Ok(())
+    }
+
+    fn output(&self, json: Value, text: String) -> String {
+        if self.json {
+            let mut s = serde_json::to_string_pretty(&json).unwrap_or_default();
+            s.push('\n');
+            s
+        } else {
+            text
+        }
+    }
+
+    fn keys(&self, cmd: KeysCommand) -> Result<String, CliError> {
+        match cmd {
+            KeysCommand::Create(args) => self.create_key(*args),
+            KeysCommand::List { project } => {
+                let file = self.load(false)?;
+                let keys: Vec<&KeyRecord> = file
+                    .keys
+                    .iter()
+                    .filter(|k| project.as_ref().is_none_or(|p| &k.project == p))
+                    .collect();
+                let json = json!({ "keys": keys.iter().map(|k| key_json(k, self.now)).collect::<Vec<_>>() });
+                Ok(self.output(json, key_table(&keys, self.now)))
+            }
+            KeysCommand::Show { id } => {
+                let file = self.load(false)?;
+                let key = find_key(&file, &id)?;
+                Ok(self.output(
+                    json!({ "key": key_json(key, self.now) }),
+                    key_text(key, self.now),
+                ))
+            }
+            KeysCommand::Revoke { id } => self.update_key(&id, "Revoked", |k, now| {
+                k.revoked_at.get_or_insert(now);
+                Ok(())
+            }),
+            KeysCommand::Disable { id } => self.update_key(&id, "Disabled", |k, _| {
+                k.disabled = true;
+                Ok(())
+            }),
+            KeysCommand::Enable { id } => self.update_key(&id, "Enabled", |k, _| {
+                if k.revoked_at.is_some() {
+                    return Err(invalid(format!(
+                        "key {} is revoked; a revoked key cannot be enabled",
+                        k.id
+                    )));
+                }
+                k.disabled = false;
+                Ok(())
+            }),
+            KeysCommand::Rotate { id, grace, prefix } => self.rotate(&id, grace, prefix.as_deref()),
+        }
+    }
+
+    fn update_key(
+        &self,
+        id: &str,
+        verb: &str,
+        change: impl FnOnce(&mut KeyRecord, Timestamp) -> Result<(), CliError>,
+    ) -> Result<String, CliError> {
+        let mut file = self.load(false)?;
+        let key = find_key_mut(&mut file, id)?;
+        change(key, self.now)?;
+        let key = key.clone();
+        self.save(&file)?;
+        let text = format!("{verb} key {}.\n\n{}", key.id, key_text(&key, self.now));
+        Ok(self.output(json!({ "key": key_json(&key, self.now) }), text))
+    }
+
+    fn create_key(&self, args: CreateKey) -> Result<String, CliError> {
+        let permissions = match (args.permissions, args.scope.is_empty()) {
+            (None, true) => {
+                return Err(invalid(
+                    "say what the key may do: --permissions all|read_only|restricted \
+                     (restricted takes --scope GROUP=ACCESS)",
+                ));
+            }
+            (Some(PermissionsArg::All), true) => Permissions::All,
+            (Some(PermissionsArg::ReadOnly), true) => Permissions::ReadOnly,
+            (Some(PermissionsArg::All | PermissionsArg::ReadOnly), false) => {
+                return Err(invalid("--scope goes only with --permissions restricted"));
+            }
+            (Some(PermissionsArg::Restricted) | None, _) => {
+                let mut map = BTreeMap::new();
+                for (group, access) in &args.scope {
+                    if map.insert(group.clone(), *access).is_some() {
+                        return Err(invalid(format!("--scope {group} given twice")));
+                    }
+                }
+                Permissions::Restricted(map)
+            }
+        };
+        let format = key_format(args.prefix.as_deref())?;
+        let expires_at = match (args.expires_in, args.expires_at) {
+            (Some(d), _) if d.is_zero() => return Err(invalid("--expires-in must be positive")),
+            (Some(d), _) => Some(self.now.saturating_add(d)),
+            (None, at) => at,
+        };
+        if expires_at.is_some_and(|at| at <= self.now) {
+            return Err(invalid("--expires-at is in the past"));
+        }
+        if let (Some(nb), Some(exp)) = (args.not_before, expires_at)
+            && exp <= nb
+        {
+            return Err(invalid("the key would expire before --not-before"));
+        }
+        let mut labels = BTreeMap::new();
+        for (k, v) in args.label {
+            if labels.insert(k.clone(), v).is_some() {
+                return Err(invalid(format!("--label {k} given twice")));
+            }
+        }
+
+        let mut file = self.load(true)?;
+        if !file.projects.iter().any(|p| p.id == args.project) {
+            if !args.create_project {
+                return Err(invalid(format!(
+                    "project {:?} does not exist: create it with `keygate projects create {}` \
+                     or pass --create-project",
+                    args.project, args.project
+                )));
+            }
+            let project = ProjectRecord::new(args.project.clone());
+            project.validate().map_err(invalid)?;
+            file.projects.push(project);
+        }
+
+        let secret = format.generate()?;
+        let mut key = KeyRecord::new(KeyId::generate()?, args.project, secret.digest(), self.now);
+        key.name = args.name;
+        key.permissions = permissions;
+        key.models = args.rules.models();
+        key.limits = args.rules.limits();
+        key.allowed_ips = args.rules.allow_ip.clone();
+        key.labels = labels;
+        key.groups = args.group;
+        key.not_before = args.not_before;
+        key.expires_at = expires_at;
+        file.keys.push(key.clone());
+        self.save(&file)?;
+
+        let text = format!(
+            "Created key {id} in project {project}.\n\n\
+             Secret (shown only this once; keygate stores only its digest):\n\n    {secret}\n\n{summary}",
+            id = key.id,
+            project = key.project,
+            secret = secret.expose(),
+            summary = key_text(&key, self.now),
+        );
+        let json = json!({ "secret": secret.expose(), "key": key_json(&key, self.now) });
+        Ok(self.output(json, text))
+    }
+
+    fn rotate(&self, id: &str, grace: Duration, prefix: Option<&str>) -> Result<String, CliError> {
+        let format = key_format(prefix)?;
+        let mut file = self.load(false)?;
+        let key = find_key_mut(&mut file, id)?;
+        if key.revoked_at.is_some() {
+            return Err(invalid(format!(
+                "key {} is revoked; create a new key instead",
+                key.id
+            )));
+        }
+        let secret = format.generate()?;
+        key.previous = (!grace.is_zero()).then(|| PreviousSecret {
+            digest: key.digest,
+            valid_until: self.now.saturating_add(grace),
+        });
+        key.digest = secret.digest();
+        let key = key.clone();
+        self.save(&file)?;
+        let until = key.previous.as_ref().map_or_else(
+            || "no longer works".to_owned(),
+            |p| format!("works until {}", p.valid_until),
+        );
+        let text = format!(
+            "Rotated key {id}; the old secret {until}.\n\n\
+             New secret (shown only this once; keygate stores only its digest):\n\n    {secret}\n\n{summary}",
+            id = key.id,
+            secret = secret.expose(),
+            summary = key_text(&key, self.now),
+        );
+        let json = json!({ "secret": secret.expose(), "key": key_json(&key, self.now) });
+        Ok(self.output(json, text))
+    }
+
+    fn projects(&self, cmd: ProjectsCommand) -> Result<String, CliError> {
+        match cmd {
+            ProjectsCommand::Create(args) => {
+                let mut file = self.load(true)?;
+                if file.projects.iter().any(|p| p.id == args.id) {
+                    return Err(invalid(format!("project {:?} already exists", args.id)));
+                }
+                let mut project = ProjectRecord::new(args.id);
+                project.name = args.name;
+                project.models = args.rules.models();
+                project.limits = args.rules.limits();
+                project.allowed_ips = args.rules.allow_ip.clone();
+                project.validate().map_err(invalid)?;
+                file.projects.push(project.clone());
+                self.save(&file)?;
+                let text = format!(
+                    "Created project {}.\n\n{}",
+                    project.id,
+                    project_text(&project, &file)
+                );
+                Ok(self.output(json!({ "project": project_json(&project, &file) }), text))
+            }
+            ProjectsCommand::List => {
+                let file = self.load(false)?;
+                let json = json!({
+                    "projects": file.projects.iter().map(|p| project_json(p, &file)).collect::<Vec<_>>()
+                });
+                let mut text = format!("{:<24} {:<24} {:>5}  {}\n", "ID", "NAME", "KEYS", "STATUS");
+                for p in &file.projects {
+                    let _ = writeln!(
+                        text,
+                        "{:<24} {:<24} {:>5}  {}",
+                        p.id,
+                        p.name,
+                        key_count(p, &file),
+                        if p.disabled { "disabled" } else { "active" }
+                    );
+                }
+                Ok(self.output(json, text))
+            }
+        }
+    }
+}
+
+fn key_format(prefix: Option<&str>) -> Result<KeyFormat, CliError> {
+    match prefix {
+        Some(p) => KeyFormat::with_prefix(p).map_err(|e| invalid(format!("--prefix: {e}"))),
+        None => Ok(KeyFormat::default()),
+    }
+}
+
+fn find_key<'a>(file: &'a KeyFile, id: &str) -> Result<&'a KeyRecord, CliError> {
+    file.keys
+        .iter()
+        .find(|k| k.id.as_str() == id)
+        .ok_or_else(|| CliError::NoSuchKey(id.to_owned()))
+}
+
+fn find_key_mut<'a>(file: &'a mut KeyFile, id: &str) -> Result<&'a mut KeyRecord, CliError> {
+    file.keys
+        .iter_mut()
+        .find(|k| k.id.as_str() == id)
+        .ok_or_else(|| CliError::NoSuchKey(id.to_owned()))
+}
+
+fn key_count(p: &ProjectRecord, file: &KeyFile) -> usize {
+    file.keys.iter().filter(|k| k.project == p.id).count()
+}
+
+/// `active`, or why the key's current secret does not work now.
+fn status(k: &KeyRecord, now: Timestamp) -> &'static str {
+    match k.check_live(Secret::Current, now) {
+        Ok(()) => "active",
+        Err(r) => r.code(),
+    }
+}
+
+/// The record without digests (not secret, but of no use to a reader and better kept out of
+/// terminals and tickets), plus its status.
+fn key_json(k: &KeyRecord, now: Timestamp) -> Value {
+    let mut v = serde_json::to_value(k).unwrap_or(Value::Null);
+    if let Some(obj) = v.as_object_mut() {
+        obj.remove("digest");
+        if let Some(prev) = obj.get_mut("previous").and_then(Value::as_object_mut) {
+            prev.remove("digest");
+        }
+        obj.insert("status".into(), status(k, now).into());
+    }
+    v
+}
+
+fn project_json(p: &ProjectRecord, file: &KeyFile) -> Value {
+    let mut v = serde_json::to_value(p).unwrap_or(Value::Null);
+    if let Some(obj) = v.as_object_mut() {
+        obj.insert("keys".into(), key_count(p, file).into());
+    }
+    v
+}
+
+fn permissions_text(p: &Permissions) -> String {
+    match p {
+        Permissions::All => "all".to_owned(),
+        Permissions::ReadOnly => "read_only".to_owned(),
+        Permissions::Restricted(map) if map.is_empty() => "restricted (nothing)".to_owned(),
+        Permissions::Restricted(map) => {
+            let groups: Vec<String> = map.iter().map(|(g, a)| format!("{g}={a}")).collect();
+            format!("restricted ({})", groups.join(", "))
+        }
+    }
+}
+
+fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn rules_text(out: &mut String, models: &ModelRules, limits: &Limits, ips: &[IpNet]) {
+    if let Some(allow) = &models.allow {
+        let _ = writeln!(out, "  allow models: {}", join(allow));
+    }
+    if !models.deny.is_empty() {
+        let _ = writeln!(out, "  deny models:  {}", join(&models.deny));
+    }
+    if let Some(rpm) = limits.requests_per_minute {
+        let _ = writeln!(out, "  requests/min: {rpm}");
+    }
+    if let Some(tpm) = limits.tokens_per_minute {
+        let _ = writeln!(out, "  tokens/min:   {tpm}");
+    }
+    for b in &limits.budgets {
+        let model = b
+            .model
+            .as_ref()
+            .map(|m| format!(" on {m}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  budget:       {} per {}{model}",
+            b.amount,
+            period_name(b.period)
+        );
+    }
+    for (pattern, l) in &limits.models {
+        let _ = writeln!(
+            out,
+            "  limits on {pattern}: requests/min {}, tokens/min {}",
+            l.requests_per_minute.map_or("-".into(), |n| n.to_string()),
+            l.tokens_per_minute.map_or("-".into(), |n| n.to_string())
+        );
+    }
+    if !ips.is_empty() {
+        let _ = writeln!(out, "  allowed IPs:  {}", join(ips));
+    }
+}
+
+fn period_name(p: Period) -> &'static str {
+    match p {
+        Period::Day => "day",
+        Period::Week => "week",
+        Period::Month => "month",
+        Period::Lifetime => "lifetime",
+    }
+}
+
+fn key_text(k: &KeyRecord, now: Timestamp) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "key {}", k.id);
+    if !k.name.is_empty() {
+        let _ = writeln!(s, "  name:         {}", k.name);
+    }
+    let _ = writeln!(s, "  project:      {}", k.project);
+    let _ = writeln!(s, "  status:       {}", status(k, now));
+    let _ = writeln!(s, "  permissions:  {}", permissions_text(&k.permissions));
+    rules_text(&mut s, &k.models, &k.limits, &k.allowed_ips);
+    if !k.labels.is_empty() {
+        let labels: Vec<String> = k.labels.iter().map(|(a, b)| format!("{a}={b}")).collect();
+        let _ = writeln!(s, "  labels:       {}", labels.join(", "));
+    }
+    if !k.groups.is_empty() {
+        let _ = writeln!(s, "  groups:       {}", k.groups.join(", "));
+    }
+    let _ = writeln!(s, "  created:      {}", k.created_at);
+    if let Some(t) = k.not_before {
+        let _ = writeln!(s, "  not before:   {t}");
+    }
+    if let Some(t) = k.expires_at {
+        let _ = writeln!(s, "  expires:      {t}");
+    }
+    if let Some(t) = k.revoked_at {
+        let _ = writeln!(s, "  revoked:      {t}");
+    }
+    if let Some(p) = &k.previous {
+        let state = if now < p.valid_until {
+            "works"
+        } else {
+            "worked"
+        };
+        let _ = writeln!(s, "  old secret {state} until {}", p.valid_until);
+    }
+    s
+}
+
+fn key_table(keys: &[&KeyRecord], now: Timestamp) -> String {
+    let mut s = format!(
+        "{:<22} {:<20} {:<16} {:<14} {:<14} {}\n",
+        "ID", "NAME", "PROJECT", "PERMISSIONS", "STATUS", "EXPIRES"
+    );
+    for k in keys {
+        let perms = match &k.permissions {
+            Permissions::All => "all",
+            Permissions::ReadOnly => "read_only",
+            Permissions::Restricted(_) => "restricted",
+        };
+        let _ = writeln!(
+            s,
+            "{:<22} {:<20} {:<16} {:<14} {:<14} {}",
+            k.id.as_str(),
+            k.name,
+            k.project,
+            perms,
+            status(k, now),
+            k.expires_at
+                .map_or_else(|| "never".to_owned(), |t| t.to_string())
+        );
+    }
+    s
+}
+
+fn project_text(p: &ProjectRecord, file: &KeyFile) -> String {
+    let mut s = format!("project {}\n", p.id);
+    if !p.name.is_empty() {
+        let _ = writeln!(s, "  name:         {}", p.name);
+    }
+    let _ = writeln!(s, "  keys:         {}", key_count(p, file));
+    rules_text(&mut s, &p.models, &p.limits, &p.allowed_ips);
+    s
+}
+
+/// Parses `90s`, `30m`, `12h`, `7d`, `2w`, or a sum of them (`1h30m`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let err = || format!("{s:?} is not a duration like 90s, 30m, 12h, 7d or 1h30m");
+    let mut total: u64 = 0;
+    let mut rest = s.trim();
+    if rest.is_empty() {
+        return Err(err());
+    }
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return Err(err());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| err())?;
+        rest = &rest[digits..];
+        let unit_len = rest.bytes().take_while(u8::is_ascii_alphabetic).count();
+        let unit = match &rest[..unit_len] {
+            "s" => 1,
+            "m" => 60,
+            "h" => 3_600,
+            "d" => 86_400,
+            "w" => 604_800,
+            _ => return Err(err()),
+        };
+        rest = &rest[unit_len..];
+        total = n
+            .checked_mul(unit)
+            .and_then(|x| total.checked_add(x))
+            .ok_or_else(err)?;
+    }
+    Ok(Duration::from_secs(total))
+}
+
+fn parse_timestamp(s: &str) -> Result<Timestamp, String> {
+    Timestamp::parse_rfc3339(s)
+        .map_err(|_| format!("{s:?} is not an RFC 3339 time like 2026-01-31T12:00:00Z"))
+}
+
+fn parse_budget(s: &str) -> Result<Budget, String> {
+    let mut parts = s.splitn(3, '/');
+    let (Some(amount), Some(period)) = (parts.next(), parts.next()) else {
+        return Err(format!("{s:?} is not AMOUNT/PERIOD[/MODEL], like 50/month"));
+    };
+    let amount = Money::parse(amount).map_err(|e| format!("{amount:?}: {e}"))?;
+    let period = match period {
+        "day" => Period::Day,
+        "week" => Period::Week,
+        "month" => Period::Month,
+        "lifetime" => Period::Lifetime,
+        other => {
+            return Err(format!(
+                "{other:?} is not a period: day, week, month or lifetime"
+            ));
+        }
+    };
+    let model = parts
+        .next()
+        .map(|m| ModelPattern::new(m).map_err(|e| format!("{m:?}: {e}")))
+        .transpose()?;
+    Ok(Budget {
+        amount,
+        period,
+        model,
+    })
+}
+
+fn parse_ip_range(s: &str) -> Result<IpNet, String> {
+    s.parse::<IpNet>()
+        .or_else(|_| s.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| format!("{s:?} is not an address range like 10.0.0.0/8 or an address"))
+}
+
+fn parse_scope(s: &str) -> Result<(String, Access), String> {
+    let (group, access) = s
+        .split_once('=')
+        .filter(|(g, _)| !g.is_empty())
+        .ok_or_else(|| format!("{s:?} is not GROUP=ACCESS, like chat.completions=write"))?;
+    let access = match access {
+        "none" => Access::None,
+        "read" => Access::Read,
+        "write" => Access::Write,
+        other => return Err(format!("{other:?} is not an access: none, read or write")),
+    };
+    Ok((group.to_owned(), access))
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .ok_or_else(|| format!("{s:?} is not KEY=VALUE"))
+}
+
+#[cfg(test)]
+mod tests;
