@@ -5,6 +5,7 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::OnceLock;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -73,6 +74,8 @@ pub struct Denial {
     detail: Option<&'static str>,
     retry_after: Option<Duration>,
     challenge: bool,
+    /// The JSON body, when it is one of the fixed ones built once per process.
+    cached_body: Option<Bytes>,
 }
 
 /// The message of every 401 for a presented credential that does not work, whatever the cause.
@@ -107,6 +110,7 @@ impl Denial {
             detail: None,
             retry_after: None,
             challenge: false,
+            cached_body: None,
         }
     }
 
@@ -119,6 +123,8 @@ impl Denial {
             "You didn't provide an API key. Provide it in the Authorization header as a Bearer token.",
         );
         d.challenge = true;
+        static BODY: OnceLock<Bytes> = OnceLock::new();
+        d.cached_body = Some(BODY.get_or_init(|| d.build_json_body()).clone());
         d
     }
 
@@ -133,6 +139,8 @@ impl Denial {
             INVALID_CREDENTIAL_MESSAGE,
         );
         d.challenge = true;
+        static BODY: OnceLock<Bytes> = OnceLock::new();
+        d.cached_body = Some(BODY.get_or_init(|| d.build_json_body()).clone());
         d.detail = Some(detail);
         d
     }
@@ -151,6 +159,7 @@ impl Denial {
     /// Sets the OpenAI error `type`.
     #[must_use]
     pub fn with_error_type(mut self, error_type: &'static str) -> Self {
+        self.cached_body = None;
         self.error_type = error_type;
         self
     }
@@ -158,6 +167,7 @@ impl Denial {
     /// Sets the OpenAI error `param` (the request field at fault).
     #[must_use]
     pub fn with_param(mut self, param: &'static str) -> Self {
+        self.cached_body = None;
         self.param = Some(param);
         self
     }
@@ -225,6 +235,13 @@ impl Denial {
 
     /// The JSON error body `{"error":{"message","type","param","code"}}`.
     pub fn json_body(&self) -> Bytes {
+        match &self.cached_body {
+            Some(body) => body.clone(),
+            None => self.build_json_body(),
+        }
+    }
+
+    fn build_json_body(&self) -> Bytes {
         let body = serde_json::json!({
             "error": {
                 "message": self.message,
@@ -548,6 +565,16 @@ mod tests {
         let a = a.into_body().collect().await.unwrap().to_bytes();
         let b = b.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn cached_bodies_equal_freshly_built_ones() {
+        for d in [Denial::missing_credential(), Denial::invalid_credential("x")] {
+            assert!(d.cached_body.is_some());
+            assert_eq!(d.json_body(), d.build_json_body());
+        }
+        let changed = Denial::invalid_credential("x").with_param("p");
+        assert!(changed.json_body().windows(3).any(|w| w == b"\"p\""));
     }
 
     #[tokio::test]
