@@ -72,10 +72,11 @@ pub struct Denial {
     message: Cow<'static, str>,
     param: Option<&'static str>,
     detail: Option<&'static str>,
-    retry_after: Option<Duration>,
+    /// Milliseconds, rounded up, at least 1 (a niche keeps `Denial` small).
+    retry_after_ms: Option<std::num::NonZeroU64>,
     challenge: bool,
     /// The JSON body, when it is one of the fixed ones built once per process.
-    cached_body: Option<Bytes>,
+    cached_body: Option<&'static Bytes>,
 }
 
 /// The message of every 401 for a presented credential that does not work, whatever the cause.
@@ -108,7 +109,7 @@ impl Denial {
             message: message.into(),
             param: None,
             detail: None,
-            retry_after: None,
+            retry_after_ms: None,
             challenge: false,
             cached_body: None,
         }
@@ -124,7 +125,7 @@ impl Denial {
         );
         d.challenge = true;
         static BODY: OnceLock<Bytes> = OnceLock::new();
-        d.cached_body = Some(BODY.get_or_init(|| d.build_json_body()).clone());
+        d.cached_body = Some(BODY.get_or_init(|| d.build_json_body()));
         d
     }
 
@@ -140,7 +141,7 @@ impl Denial {
         );
         d.challenge = true;
         static BODY: OnceLock<Bytes> = OnceLock::new();
-        d.cached_body = Some(BODY.get_or_init(|| d.build_json_body()).clone());
+        d.cached_body = Some(BODY.get_or_init(|| d.build_json_body()));
         d.detail = Some(detail);
         d
     }
@@ -183,7 +184,9 @@ impl Denial {
     /// up, at least 1) and `retry-after-ms`.
     #[must_use]
     pub fn with_retry_after(mut self, wait: Duration) -> Self {
-        self.retry_after = Some(wait);
+        let nanos = wait.as_nanos();
+        let ms = u64::try_from(nanos.div_ceil(1_000_000)).unwrap_or(u64::MAX);
+        self.retry_after_ms = std::num::NonZeroU64::new(ms.max(1));
         self
     }
 
@@ -215,9 +218,10 @@ impl Denial {
     pub fn detail(&self) -> Option<&'static str> {
         self.detail
     }
-    /// How long the client should wait.
+    /// How long the client should wait (whole milliseconds, rounded up).
     pub fn retry_after(&self) -> Option<Duration> {
-        self.retry_after
+        self.retry_after_ms
+            .map(|ms| Duration::from_millis(ms.get()))
     }
 
     /// The gRPC status code for this denial.
@@ -236,7 +240,7 @@ impl Denial {
     /// The JSON error body `{"error":{"message","type","param","code"}}`.
     pub fn json_body(&self) -> Bytes {
         match &self.cached_body {
-            Some(body) => body.clone(),
+            Some(body) => Bytes::clone(body),
             None => self.build_json_body(),
         }
     }
@@ -296,7 +300,7 @@ impl Denial {
         if self.challenge {
             headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if let Some(wait) = self.retry_after {
+        if let Some(wait) = self.retry_after() {
             headers.insert(RETRY_AFTER, HeaderValue::from(retry_after_secs(wait)));
             let ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
             headers.insert(
@@ -568,8 +572,22 @@ mod tests {
     }
 
     #[test]
+    fn denial_stays_small_enough_to_return_by_value() {
+        // Layers return `Result<_, Denial>` on the hot path; clippy's `result_large_err`
+        // draws the line at 128 bytes.
+        assert!(
+            std::mem::size_of::<Denial>() < 128,
+            "{}",
+            std::mem::size_of::<Denial>()
+        );
+    }
+
+    #[test]
     fn cached_bodies_equal_freshly_built_ones() {
-        for d in [Denial::missing_credential(), Denial::invalid_credential("x")] {
+        for d in [
+            Denial::missing_credential(),
+            Denial::invalid_credential("x"),
+        ] {
             assert!(d.cached_body.is_some());
             assert_eq!(d.json_body(), d.build_json_body());
         }
