@@ -1,0 +1,118 @@
+//! Per-request cost of the audit layer over a bare handler: request in, body read to its end,
+//! event emitted.
+#![allow(missing_docs)]
+
+use std::convert::Infallible;
+use std::hint::black_box;
+
+use bytes::Bytes;
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use futures_util::FutureExt;
+use http::{Request, Response};
+use http_body::Body;
+use http_body_util::{BodyExt, Full};
+use keygate_audit::{AuditLayer, JsonlSink, NoopSink};
+use tower::{Layer, Service, service_fn};
+
+fn handler()
+-> impl Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone
+{
+    service_fn(|_req: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+    })
+}
+
+fn run<S, B>(svc: &mut S)
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+    B: Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let req = Request::post("/v1/chat/completions?stream=true")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = svc.call(req).now_or_never().unwrap().unwrap();
+    let body = response
+        .into_body()
+        .collect()
+        .now_or_never()
+        .unwrap()
+        .unwrap();
+    black_box(body);
+}
+
+fn request() -> Request<Full<Bytes>> {
+    Request::post("/v1/chat/completions?stream=true")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// Only the way in and the response head: requests are built and responses (whose drop emits
+/// the event) are dropped outside the timed section.
+fn head_only<S, B>(svc: &mut S, request: Request<Full<Bytes>>) -> Response<B>
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+{
+    svc.call(request).now_or_never().unwrap().unwrap()
+}
+
+fn bench(c: &mut Criterion) {
+    let mut group = c.benchmark_group("audit_request_path");
+    let mut bare = handler();
+    group.bench_function("bare_handler", |b| {
+        b.iter_batched(
+            request,
+            |r| head_only(&mut bare, r),
+            BatchSize::PerIteration,
+        )
+    });
+    let mut noop = AuditLayer::new(NoopSink)
+        .with_metrics(false)
+        .layer(handler());
+    group.bench_function("noop_sink", |b| {
+        b.iter_batched(
+            request,
+            |r| head_only(&mut noop, r),
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+
+    let mut group = c.benchmark_group("audit");
+
+    let mut bare = handler();
+    group.bench_function("bare_handler", |b| b.iter(|| run(&mut bare)));
+
+    let mut noop = AuditLayer::new(NoopSink)
+        .with_metrics(false)
+        .layer(handler());
+    group.bench_function("noop_sink", |b| b.iter(|| run(&mut noop)));
+
+    let mut noop_metrics = AuditLayer::new(NoopSink).layer(handler());
+    group.bench_function("noop_sink_metrics_facade", |b| {
+        b.iter(|| run(&mut noop_metrics))
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = JsonlSink::builder(dir.path().join("audit.jsonl"))
+        .with_max_bytes(16 << 20)
+        .with_keep(1)
+        .open()
+        .unwrap();
+    let mut file = AuditLayer::new(jsonl.clone())
+        .with_metrics(false)
+        .layer(handler());
+    group.bench_function("jsonl_sink", |b| b.iter(|| run(&mut file)));
+    group.finish();
+    jsonl.shutdown();
+    let stats = jsonl.stats();
+    eprintln!(
+        "jsonl sink: written {} dropped {} (queue full)",
+        stats.written, stats.dropped
+    );
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

@@ -1,0 +1,277 @@
+//! [`AuditLayer`] and its [`Audit`] service.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderName, Request, Response};
+use keygate_core::{Alert, AlertSink, ClientIp, Clock, Denial, RequestTrace, Stage, UsageMeter};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::AuditBody;
+use crate::event::{AuditEvent, RequestId};
+use crate::future::{Pending, ResponseFuture};
+use crate::sink::AuditSink;
+
+/// The request id header, read from requests and set on responses.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// What the audit layer does when its sink cannot take events.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Backpressure {
+    /// Serve the request; the sink drops the event and counts it (the default).
+    #[default]
+    DropAndCount,
+    /// Refuse requests with 503 (`Stage::Audit`, `service_unavailable`) while the sink cannot
+    /// accept events ([`AuditSink::can_accept`]), as Vault refuses requests it cannot audit.
+    FailClosed,
+}
+
+pub(crate) struct Shared {
+    pub(crate) clock: Clock,
+    pub(crate) metrics: bool,
+    pub(crate) sink: Arc<dyn AuditSink>,
+}
+
+/// Records one [`AuditEvent`] per request. Meant to be the outermost keygate layer.
+///
+/// On the way in: takes a valid `x-request-id` or makes one (and sets it on the request), and
+/// puts a [`RequestId`], a [`UsageMeter`] and a [`RequestTrace`] in request extensions for inner
+/// layers to fill. On the way out: sets `x-request-id` on the response, reads the [`Denial`] a
+/// layer refused with, and emits the event when the response body ends or is dropped (or when
+/// no response comes), with timings and the usage reported into the meter.
+#[must_use]
+pub struct AuditLayer<K> {
+    sink: Arc<K>,
+    clock: Clock,
+    backpressure: Backpressure,
+    metrics: bool,
+    accept_request_id: bool,
+}
+
+impl<K> Clone for AuditLayer<K> {
+    fn clone(&self) -> Self {
+        AuditLayer {
+            sink: self.sink.clone(),
+            clock: self.clock.clone(),
+            backpressure: self.backpressure,
+            metrics: self.metrics,
+            accept_request_id: self.accept_request_id,
+        }
+    }
+}
+
+impl<K> std::fmt::Debug for AuditLayer<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditLayer")
+            .field("clock", &self.clock)
+            .field("backpressure", &self.backpressure)
+            .field("metrics", &self.metrics)
+            .field("accept_request_id", &self.accept_request_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: AuditSink> AuditLayer<K> {
+    /// A layer recording into `sink`, with the system clock, metrics on, and
+    /// [`Backpressure::DropAndCount`].
+    pub fn new(sink: K) -> Self {
+        AuditLayer {
+            sink: Arc::new(sink),
+            clock: Clock::system(),
+            backpressure: Backpressure::DropAndCount,
+            metrics: true,
+            accept_request_id: true,
+        }
+    }
+
+    /// Sets the clock that stamps and times events.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Sets what happens when the sink cannot take events.
+    pub fn with_backpressure(mut self, backpressure: Backpressure) -> Self {
+        self.backpressure = backpressure;
+        self
+    }
+
+    /// Turns recording through the `metrics` facade on or off (on by default).
+    pub fn with_metrics(mut self, on: bool) -> Self {
+        self.metrics = on;
+        self
+    }
+
+    /// Whether to take a valid incoming `x-request-id` (default) or always make a new one.
+    ///
+    /// # Security
+    ///
+    /// A client chooses the id it sends, so it can reuse another request's id. Ids are for
+    /// correlation, not identity; turn this off at an edge that faces untrusted clients if
+    /// unique ids matter.
+    pub fn with_accept_request_id(mut self, accept: bool) -> Self {
+        self.accept_request_id = accept;
+        self
+    }
+
+    /// The sink.
+    pub fn sink(&self) -> &K {
+        &self.sink
+    }
+
+    /// An [`AlertSink`] to hand the limit layer: alerts become [`AuditEvent::Alert`] events in
+    /// this layer's sink (and the `keygate_alerts_total` metric).
+    pub fn alert_sink(&self) -> AuditAlerts {
+        AuditAlerts {
+            sink: self.sink.clone(),
+            metrics: self.metrics,
+        }
+    }
+}
+
+impl<S, K: AuditSink> Layer<S> for AuditLayer<K> {
+    type Service = Audit<S>;
+
+    fn layer(&self, inner: S) -> Audit<S> {
+        let sink: Arc<dyn AuditSink> = self.sink.clone();
+        Audit {
+            inner,
+            shared: Arc::new(Shared {
+                clock: self.clock.clone(),
+                metrics: self.metrics,
+                sink,
+            }),
+            fail_closed: self.backpressure == Backpressure::FailClosed,
+            accept_request_id: self.accept_request_id,
+        }
+    }
+}
+
+/// Forwards limit-layer alerts into the audit sink. Made by [`AuditLayer::alert_sink`].
+#[derive(Clone)]
+pub struct AuditAlerts {
+    sink: Arc<dyn AuditSink>,
+    metrics: bool,
+}
+
+impl std::fmt::Debug for AuditAlerts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuditAlerts").finish_non_exhaustive()
+    }
+}
+
+impl AlertSink for AuditAlerts {
+    fn alert(&self, alert: Alert) {
+        if self.metrics {
+            crate::metrics::alert(&alert);
+        }
+        self.sink.record_owned(AuditEvent::Alert(alert));
+    }
+}
+
+/// The audit service made by [`AuditLayer`].
+#[derive(Clone)]
+pub struct Audit<S> {
+    inner: S,
+    shared: Arc<Shared>,
+    fail_closed: bool,
+    accept_request_id: bool,
+}
+
+impl<S> Audit<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Audit<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Audit")
+            .field("inner", &self.inner)
+            .field("fail_closed", &self.fail_closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Audit<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ResBody: http_body::Body<Data = bytes::Bytes>,
+{
+    type Response = Response<AuditBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let start = self.shared.clock.now();
+        let incoming = if self.accept_request_id {
+            req.headers()
+                .get(X_REQUEST_ID)
+                .and_then(RequestId::from_header)
+        } else {
+            None
+        };
+        let request_id = match incoming {
+            Some(id) => id,
+            None => {
+                let id = RequestId::generate();
+                req.headers_mut()
+                    .insert(X_REQUEST_ID, id.header_value().clone());
+                id
+            }
+        };
+        let ext = req.extensions_mut();
+        let meter = match ext.get::<UsageMeter>() {
+            Some(m) => m.clone(),
+            None => {
+                let m = UsageMeter::new();
+                ext.insert(m.clone());
+                m
+            }
+        };
+        let trace = RequestTrace::new();
+        ext.insert(trace.clone());
+        ext.insert(request_id.clone());
+        let client_ip = ext.get::<ClientIp>().map(|c| c.0);
+        let pending = Box::new(Pending {
+            shared: self.shared.clone(),
+            start,
+            request_id,
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            meter,
+            trace,
+            client_ip,
+            head: None,
+        });
+
+        if self.fail_closed && !self.shared.sink.can_accept() {
+            let denial = Denial::unavailable(Stage::Audit, "audit_sink_unavailable");
+            return ResponseFuture::denied(denial.into_response(req.headers()), pending);
+        }
+
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::inner(inner.call(req), pending)
+    }
+}
+
+#[cfg(test)]
+mod tests;
