@@ -47,9 +47,16 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(body)).into_response()
 }
 
+// The error is the response to send, built once per bad request: its size does not matter.
+#[allow(clippy::result_large_err)]
 fn parse(body: &Bytes) -> Result<Value, Response> {
-    serde_json::from_slice(body)
-        .map_err(|_| error(StatusCode::BAD_REQUEST, "invalid_json", "The body is not valid JSON."))
+    serde_json::from_slice(body).map_err(|_| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            "The body is not valid JSON.",
+        )
+    })
 }
 
 /// Prompt tokens the mock charges for `text`: a quarter of its characters, rounded up, at least 1.
@@ -64,7 +71,12 @@ fn text_of(v: &Value, out: &mut String) {
         Value::Array(items) => items.iter().for_each(|i| text_of(i, out)),
         Value::Object(map) => map
             .iter()
-            .filter(|(k, _)| matches!(k.as_str(), "content" | "text" | "input" | "prompt" | "messages"))
+            .filter(|(k, _)| {
+                matches!(
+                    k.as_str(),
+                    "content" | "text" | "input" | "prompt" | "messages"
+                )
+            })
             .for_each(|(_, v)| text_of(v, out)),
         _ => {}
     }
@@ -86,11 +98,16 @@ fn completion_tokens(req: &Value) -> u64 {
 }
 
 fn model_of(req: &Value) -> String {
-    req.get("model").and_then(Value::as_str).unwrap_or("gpt-4o-mini").to_owned()
+    req.get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("gpt-4o-mini")
+        .to_owned()
 }
 
 fn reply_text(tokens: u64) -> String {
-    (0..tokens).map(|i| if i == 0 { "tok" } else { " tok" }).collect()
+    (0..tokens)
+        .map(|i| if i == 0 { "tok" } else { " tok" })
+        .collect()
 }
 
 async fn list_models() -> Json<Value> {
@@ -106,7 +123,11 @@ async fn get_model(axum::extract::Path(model): axum::extract::Path<String>) -> R
         Json(json!({"id": model, "object": "model", "created": 1_700_000_000, "owned_by": "mock"}))
             .into_response()
     } else {
-        error(StatusCode::NOT_FOUND, "model_not_found", "The model does not exist.")
+        error(
+            StatusCode::NOT_FOUND,
+            "model_not_found",
+            "The model does not exist.",
+        )
     }
 }
 
@@ -139,9 +160,15 @@ async fn chat_completions(body: Bytes) -> Response {
         json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000,
                "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
     };
-    let mut events = vec![chunk(json!({"role": "assistant", "content": ""}), Value::Null)];
+    let mut events = vec![chunk(
+        json!({"role": "assistant", "content": ""}),
+        Value::Null,
+    )];
     for i in 0..completion {
-        events.push(chunk(json!({"content": if i == 0 { "tok" } else { " tok" }}), Value::Null));
+        events.push(chunk(
+            json!({"content": if i == 0 { "tok" } else { " tok" }}),
+            Value::Null,
+        ));
     }
     events.push(chunk(json!({}), json!("stop")));
     if include_usage {
@@ -222,7 +249,11 @@ async fn transcriptions(headers: HeaderMap, body: Bytes) -> Response {
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("multipart/form-data"));
     if !is_multipart {
-        return error(StatusCode::BAD_REQUEST, "invalid_content_type", "Expected multipart/form-data.");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "invalid_content_type",
+            "Expected multipart/form-data.",
+        );
     }
     let input = (body.len() as u64).div_ceil(1000).max(1);
     let output = 4;
@@ -279,7 +310,10 @@ mod tests {
         let mut with = req;
         with["stream_options"] = json!({"include_usage": true});
         let (_, body) = call("POST", "/v1/chat/completions", with).await;
-        assert!(body.contains("\"usage\":{\"completion_tokens\":3"), "{body}");
+        assert!(
+            body.contains("\"usage\":{\"completion_tokens\":3"),
+            "{body}"
+        );
     }
 
     #[tokio::test]
@@ -293,11 +327,21 @@ mod tests {
 
     #[tokio::test]
     async fn responses_and_embeddings_report_their_usage_shapes() {
-        let (_, body) = call("POST", "/v1/responses", json!({"model": "gpt-4o", "input": "abcd", "max_output_tokens": 2})).await;
+        let (_, body) = call(
+            "POST",
+            "/v1/responses",
+            json!({"model": "gpt-4o", "input": "abcd", "max_output_tokens": 2}),
+        )
+        .await;
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["usage"]["input_tokens"], 1);
         assert_eq!(v["usage"]["output_tokens"], 2);
-        let (_, body) = call("POST", "/v1/embeddings", json!({"model": "text-embedding-3-small", "input": ["abcdefgh", "x"]})).await;
+        let (_, body) = call(
+            "POST",
+            "/v1/embeddings",
+            json!({"model": "text-embedding-3-small", "input": ["abcdefgh", "x"]}),
+        )
+        .await;
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["data"].as_array().unwrap().len(), 2);
         assert_eq!(v["usage"]["prompt_tokens"], 3);

@@ -1,1 +1,141 @@
-//! keygate-scope: work in progress.
+//! keygate-scope: checks each request against the caller's rights — the endpoint group and
+//! access its route needs, the client address, the model it asks for, and policies — before
+//! it goes inward.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use keygate_core::{
+//!     Access, Credential, KeyDigest, KeyId, KeyRecord, ModelPattern, ModelRules, Permissions,
+//!     Principal, ProjectRecord, Secret, Timestamp,
+//! };
+//! use keygate_scope::ScopeLayer;
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A key that may write chat completions with gpt-4o-mini only.
+//! let mut key = KeyRecord::new(KeyId::new("key_1"), "p", KeyDigest::of("x"), Timestamp::UNIX_EPOCH);
+//! key.permissions = Permissions::Restricted([("chat.completions".to_owned(), Access::Write)].into());
+//! key.models = ModelRules::allow_only([ModelPattern::new("gpt-4o-mini")?]);
+//! let principal = Principal::new(
+//!     Arc::new(key),
+//!     Arc::new(ProjectRecord::new("p")),
+//!     Credential::ApiKey(Secret::Current),
+//! );
+//!
+//! let service = ServiceBuilder::new()
+//!     .layer(ScopeLayer::openai())
+//!     .service(service_fn(|_req: Request<Full<Bytes>>| async {
+//!         Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from("ok"))))
+//!     }));
+//!
+//! let request = |model: &str| {
+//!     let mut req = Request::post("/v1/chat/completions")
+//!         .header("content-type", "application/json")
+//!         .body(Full::new(Bytes::from(format!(r#"{{"model":"{model}","messages":[]}}"#))))
+//!         .unwrap();
+//!     // The extract layer puts the principal here.
+//!     req.extensions_mut().insert(principal.clone());
+//!     req
+//! };
+//! let ok = service.clone().oneshot(request("gpt-4o-mini")).await?;
+//! assert_eq!(ok.status(), StatusCode::OK);
+//! let denied = service.oneshot(request("gpt-4o")).await?;
+//! assert_eq!(denied.status(), StatusCode::FORBIDDEN);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What is checked, in order
+//!
+//! 1. A [`Principal`](keygate_core::Principal) must be in request extensions (put there by
+//!    the extract layer); without one the request is refused with 401 (fail closed).
+//! 2. Method-override headers ([`METHOD_OVERRIDE_HEADERS`]) are removed, never believed.
+//! 3. The path must be unambiguous ([`check_path`]), else 400 `ambiguous_path`.
+//! 4. Method + path must match a route of the [`RouteTable`], else **404 `unknown_route`**
+//!    (also for a known path with a method it does not serve). Paths are case-sensitive and
+//!    a trailing `/` is significant, exactly as in axum's router. `HEAD` uses the `GET` route
+//!    and needs Read.
+//! 5. The principal's access to the route's endpoint group must grant the route's access,
+//!    else 403 `insufficient_permissions` naming the group and the access missing.
+//! 6. With address rules on the key, project or token, the client address
+//!    ([`TrustedProxies`]) must be known and allowed, else 403 `ip_not_allowed`.
+//! 7. On routes that carry a model: the model is read from the path, query or body (JSON or
+//!    multipart, read up to the body limit: 413 `request_too_large` past it); ambiguity is
+//!    400; a disallowed model is 403 `model_not_allowed` with `param: "model"`. Routes
+//!    without a model never read the body; gRPC requests are never buffered (they are
+//!    refused with 415 on routes that need a JSON or form body).
+//! 8. Policies ([`Policy`]), each of which must allow; a refusal carries the policy's code
+//!    and stage `policy`.
+//!
+//! On success the request goes inward with [`EndpointMatch`](keygate_core::EndpointMatch),
+//! [`ClientIp`](keygate_core::ClientIp) (when known) and
+//! [`RequestedModel`](keygate_core::RequestedModel) (when the request names one) in its
+//! extensions, and a body byte-identical to the one sent.
+//!
+//! # Configuration
+//!
+//! Routes: [`RouteTable::builder`], [`RouteTable::openai`], or [`RouteConfig`] / [`RouteSpec`]
+//! from config. The whole layer: [`ScopeLayer::from_config`] with a [`ScopeConfig`] (routes,
+//! body limit, [`TrustedProxies`], built-in [`PolicyConfig`]s). Models list filtering is a
+//! separate layer, [`ModelListLayer`], placed inside the extract layer.
+//!
+//! # Bodies
+//!
+//! A body read to find the model is handed on rebuilt from the exact bytes, in the request's
+//! own body type ([`BodyFromBytes`]: `Full<Bytes>`, boxed bodies, and with the default
+//! features `axum::body::Body` and `tonic::body::Body`). Map hyper's `Incoming` into one of
+//! these before this layer.
+//!
+//! # Client address
+//!
+//! Read by [`default_peer_addr`]: a [`ClientIp`](keygate_core::ClientIp) the host inserted,
+//! axum's `ConnectInfo<SocketAddr>` (feature `axum`), or a `SocketAddr` extension. For tonic,
+//! pass a reader of `tonic::transport::server::TcpConnectInfo` to
+//! [`ScopeLayer::with_peer_addr`].
+//!
+//! # Deployment caveats
+//!
+//! - Compressed request bodies (`Content-Encoding` other than `identity`) on model routes
+//!   are refused with 415; there is no decompression option yet.
+//! - Put this layer where the path it sees is the path the inner service routes on (no
+//!   path rewriting between them).
+//! - On routes where the model is optional ([`RouteSpec::model_required`] false: moderations,
+//!   image edits, assistant runs that inherit the assistant's model), a request without a
+//!   model is not model-checked.
+//! - Strings the JSON scanner skips are checked only for where they end (escapes and control
+//!   characters inside them are left to the parser behind, which cannot read a different
+//!   structure from them).
+#![cfg_attr(docsrs, feature(doc_cfg))]
+
+mod body;
+mod ip;
+mod json;
+mod layer;
+mod models;
+mod multipart;
+mod path;
+mod policy;
+mod route;
+mod service;
+
+pub use body::BodyFromBytes;
+pub use ip::{ForwardedHeader, TrustedProxies};
+pub use json::{JsonModelError, find_json_model};
+pub use layer::{
+    DEFAULT_BODY_LIMIT, PeerAddrFn, ScopeConfig, ScopeConfigError, ScopeLayer, default_peer_addr,
+};
+pub use models::{ModelList, ModelListLayer};
+pub use path::{PathError, check_path};
+pub use policy::{
+    MembersOnly, Policy, PolicyConfig, PolicyConfigError, PolicyContext, PolicyDenial,
+    RequireGroup, RequireLabel, TimeWindow,
+};
+pub use route::{ModelIn, RouteConfig, RouteError, RouteSpec, RouteTable, RouteTableBuilder};
+pub use service::{METHOD_OVERRIDE_HEADERS, ResponseFuture, Scope};
+
+#[cfg(test)]
+mod tests;

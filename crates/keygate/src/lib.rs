@@ -1,10 +1,70 @@
-//! keygate: granular, scoped API keys for AI model endpoints.
+//! keygate: granular, scoped API keys for AI model endpoints, as tower middleware.
 //!
-//! This facade re-exports the layer crates and offers one builder that stacks them in the
-//! right order, plus config loading. (The builder lands as the layer crates do.)
+//! This facade re-exports the layer crates ([`extract`], [`scope`], [`limit`], [`audit`],
+//! [`jwt`]) and the core types, and offers one builder that stacks the layers in the right
+//! order — audit → key extraction → scope → model-list filter → request rate → token rate and
+//! budgets — plus a TOML [`Config`] that builds the same stack.
+//!
+//! ```
+//! use std::convert::Infallible;
+//!
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use keygate::{Keygate, KeyFormat, KeyId, KeyRecord, MemoryStore, Permissions, ProjectRecord, Timestamp};
+//! use tower::{ServiceBuilder, ServiceExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let secret = KeyFormat::default().generate()?;
+//! let mut key = KeyRecord::new(KeyId::new("key_demo"), "default", secret.digest(), Timestamp::UNIX_EPOCH);
+//! key.permissions = Permissions::ReadOnly;
+//! let store = MemoryStore::from_records([ProjectRecord::new("default")], [key])?;
+//!
+//! let service = ServiceBuilder::new()
+//!     .layer(Keygate::builder(store).build()?)
+//!     .service_fn(|_req: Request<_>| async {
+//!         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}"))))
+//!     });
+//!
+//! let request = |method: &str, path: &str| {
+//!     Request::builder()
+//!         .method(method)
+//!         .uri(path)
+//!         .header("authorization", format!("Bearer {}", secret.expose()))
+//!         .body(Full::new(Bytes::from_static(br#"{"model":"gpt-4o-mini"}"#)))
+//! };
+//! let read = service.clone().oneshot(request("GET", "/v1/models")?).await?;
+//! assert_eq!(read.status(), StatusCode::OK);
+//! assert!(read.headers().contains_key("x-request-id"));
+//! let write = service.oneshot(request("POST", "/v1/chat/completions")?).await?;
+//! assert_eq!(write.status(), StatusCode::FORBIDDEN); // a read-only key
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! With axum: `Router::new()....layer(Keygate::builder(store).build()?)`; with tonic:
+//! `Server::builder().layer(layer)`; see the workspace's `examples/`.
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
-pub use keygate_core as core;
-pub use keygate_core::*;
-
+mod builder;
+mod config;
 #[cfg(feature = "proxy")]
 pub mod proxy;
+
+pub use keygate_audit as audit;
+pub use keygate_core as core;
+pub use keygate_core::*;
+pub use keygate_extract as extract;
+pub use keygate_jwt as jwt;
+pub use keygate_limit as limit;
+pub use keygate_scope as scope;
+
+pub use builder::{BuildError, Keygate, KeygateBuilder, KeygateLayer, KeygateService, SharedSink};
+#[cfg(test)]
+mod tests;
+
+pub use config::{
+    AuditConfig, BackpressureConfig, Built, Config, ConfigError, ConfigTokens, JsonlConfig,
+    JwtConfig, LimitsConfig, PriceConfig, RoutePreset, RoutesConfig, UnpricedConfig,
+};

@@ -63,8 +63,17 @@ struct Inner {
 impl std::fmt::Debug for UpstreamProxy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("UpstreamProxy")
-            .field("upstream", &format_args!("{}://{}{}", self.inner.scheme, self.inner.authority, self.inner.base_path))
-            .field("provider_key", &self.inner.provider_auth.as_ref().map(|_| "<redacted>"))
+            .field(
+                "upstream",
+                &format_args!(
+                    "{}://{}{}",
+                    self.inner.scheme, self.inner.authority, self.inner.base_path
+                ),
+            )
+            .field(
+                "provider_key",
+                &self.inner.provider_auth.as_ref().map(|_| "<redacted>"),
+            )
             .finish()
     }
 }
@@ -97,7 +106,8 @@ impl UpstreamProxy {
         if scheme != Scheme::HTTP {
             return Err(UpstreamError::InvalidUrl);
         }
-        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| UpstreamError::InvalidUrl)?;
+        let host =
+            HeaderValue::from_str(authority.as_str()).map_err(|_| UpstreamError::InvalidUrl)?;
         let provider_auth = provider_key
             .map(|k| {
                 let mut v = HeaderValue::from_str(&format!("Bearer {k}"))
@@ -122,7 +132,8 @@ impl UpstreamProxy {
 
     fn upstream_uri(&self, original: &Uri) -> Option<Uri> {
         let pq = original.path_and_query().map_or("/", PathAndQuery::as_str);
-        let path_and_query: PathAndQuery = format!("{}{}", self.inner.base_path, pq).parse().ok()?;
+        let path_and_query: PathAndQuery =
+            format!("{}{}", self.inner.base_path, pq).parse().ok()?;
         Uri::builder()
             .scheme(self.inner.scheme.clone())
             .authority(self.inner.authority.clone())
@@ -213,7 +224,9 @@ mod tests {
                 .unwrap_or_default();
             let api_key = req.headers().contains_key("x-api-key");
             let path = req.uri().to_string();
-            let body = axum::body::to_bytes(req.into_body(), 1 << 20).await.unwrap();
+            let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+                .await
+                .unwrap();
             format!("{path}|{auth}|{api_key}|{}", String::from_utf8_lossy(&body))
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -225,7 +238,8 @@ mod tests {
     #[tokio::test]
     async fn forwards_path_body_and_provider_key_but_not_client_key() {
         let addr = echo_server().await;
-        let proxy = UpstreamProxy::new(&format!("http://{addr}/base/"), Some("prov-secret")).unwrap();
+        let proxy =
+            UpstreamProxy::new(&format!("http://{addr}/base/"), Some("prov-secret")).unwrap();
         let request = Request::post("/v1/chat/completions?x=1")
             .header("authorization", "Bearer client-key")
             .header("x-api-key", "client-key")
@@ -249,13 +263,21 @@ mod tests {
         };
         let proxy = UpstreamProxy::new(&format!("http://{addr}"), None).unwrap();
         let response = proxy
-            .oneshot(Request::get("/v1/models").body(Full::new(Bytes::new())).unwrap())
+            .oneshot(
+                Request::get("/v1/models")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap(),
+            )
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
         assert!(response.extensions().get::<Denial>().is_none());
         let text = response.into_body().collect().await.unwrap().to_bytes();
-        assert!(std::str::from_utf8(&text).unwrap().contains("upstream_unavailable"));
+        assert!(
+            std::str::from_utf8(&text)
+                .unwrap()
+                .contains("upstream_unavailable")
+        );
     }
 
     #[test]

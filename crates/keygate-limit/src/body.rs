@@ -1,0 +1,333 @@
+//! Bodies: the request body handed on after the token layer read it, and the response body
+//! that watches for usage and settles the reservation when it ends or is dropped.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use keygate_core::{Money, Principal, Usage, UsageMeter};
+use pin_project_lite::pin_project;
+
+use crate::backend::{Actual, LimitBackend, Pending};
+use crate::guard::WalletGuard;
+use crate::json::{SseScanner, usage_of};
+use crate::price::Price;
+
+pin_project! {
+    /// The request body the token layer hands on: the original body untouched (gRPC, or when
+    /// no limit needs the body), or the bytes it read (possibly with
+    /// `stream_options.include_usage` added).
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: ReqKind<B>,
+    }
+}
+
+pin_project! {
+    #[project = ReqKindProj]
+    enum ReqKind<B> {
+        Inner { #[pin] body: B },
+        Buffered { data: Option<Bytes> },
+    }
+}
+
+impl<B> RequestBody<B> {
+    /// The original body.
+    pub fn inner(body: B) -> Self {
+        RequestBody {
+            kind: ReqKind::Inner { body },
+        }
+    }
+
+    /// Bytes already read.
+    pub fn buffered(data: Bytes) -> Self {
+        RequestBody {
+            kind: ReqKind::Buffered {
+                data: (!data.is_empty()).then_some(data),
+            },
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for RequestBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.kind {
+            ReqKind::Inner { .. } => f.write_str("RequestBody::Inner"),
+            ReqKind::Buffered { data } => f
+                .debug_struct("RequestBody::Buffered")
+                .field("len", &data.as_ref().map_or(0, Bytes::len))
+                .finish(),
+        }
+    }
+}
+
+impl<B> Body for RequestBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.project().kind.project() {
+            ReqKindProj::Inner { body } => body.poll_frame(cx),
+            ReqKindProj::Buffered { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            ReqKind::Inner { body } => body.is_end_stream(),
+            ReqKind::Buffered { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            ReqKind::Inner { body } => body.size_hint(),
+            ReqKind::Buffered { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
+
+/// What to settle with when the response body is dropped before its end (client gone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum OnDisconnect {
+    /// The whole reservation (the upstream may well have finished the generation).
+    #[default]
+    Reservation,
+    /// The usage seen in the stream so far if any usage event passed, else the reservation.
+    UsageSeen,
+}
+
+/// Erases the backend type from the response body.
+pub(crate) trait Settle: Send {
+    fn settle(&mut self, actual: Actual);
+    fn release(&mut self);
+}
+
+impl<B: LimitBackend> Settle for Pending<B> {
+    fn settle(&mut self, actual: Actual) {
+        Pending::settle(self, actual);
+    }
+    fn release(&mut self) {
+        Pending::release(self);
+    }
+}
+
+#[derive(Debug)]
+pub(crate) enum Scan {
+    Nothing,
+    Sse(SseScanner),
+    Json {
+        frames: Vec<Bytes>,
+        len: usize,
+        limit: usize,
+        overflow: bool,
+    },
+}
+
+impl Scan {
+    pub(crate) fn json(limit: usize) -> Self {
+        Scan::Json {
+            frames: Vec::new(),
+            len: 0,
+            limit,
+            overflow: false,
+        }
+    }
+
+    fn observe(&mut self, data: &Bytes) {
+        match self {
+            Scan::Nothing => {}
+            Scan::Sse(s) => s.feed(data),
+            Scan::Json {
+                frames,
+                len,
+                limit,
+                overflow,
+            } => {
+                if *overflow {
+                    return;
+                }
+                *len += data.len();
+                if *len > *limit {
+                    *overflow = true;
+                    frames.clear();
+                } else {
+                    // A reference-counted handle on the frame, not a copy.
+                    frames.push(data.clone());
+                }
+            }
+        }
+    }
+
+    fn usage(&mut self, complete: bool) -> Option<Usage> {
+        match self {
+            Scan::Nothing => None,
+            Scan::Sse(s) => {
+                if complete {
+                    s.finish();
+                }
+                s.usage
+            }
+            Scan::Json {
+                frames, overflow, ..
+            } => {
+                if *overflow || !complete {
+                    return None;
+                }
+                if frames.len() == 1 {
+                    return usage_of(&frames[0]);
+                }
+                let all: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+                usage_of(&all)
+            }
+        }
+    }
+}
+
+/// Everything needed to end one request's reservation.
+pub(crate) struct Settlement {
+    pub(crate) pending: Box<dyn Settle>,
+    pub(crate) estimate: Usage,
+    pub(crate) price: Option<Price>,
+    pub(crate) meter: Option<UsageMeter>,
+    pub(crate) guard: Option<(WalletGuard, Principal)>,
+    pub(crate) on_disconnect: OnDisconnect,
+    pub(crate) scan: Scan,
+    pub(crate) done: bool,
+}
+
+impl std::fmt::Debug for Settlement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settlement")
+            .field("estimate", &self.estimate)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Settlement {
+    /// Ends the reservation at `usage` (or the estimate) and reports it.
+    pub(crate) fn finish_with(&mut self, usage: Option<Usage>) {
+        if self.done {
+            return;
+        }
+        self.done = true;
+        let usage = usage.unwrap_or(self.estimate);
+        let cost = self.price.map_or(Money::ZERO, |p| p.cost(usage));
+        // Report before settling: the settle may be slow (network backend) and the outer
+        // layers read the meter as soon as the body ends.
+        if let Some(meter) = &self.meter {
+            meter.report_usage(usage);
+            if self.price.is_some() {
+                meter.report_cost(cost);
+            }
+        }
+        let tokens = usage
+            .total_tokens
+            .max(usage.prompt_tokens.saturating_add(usage.completion_tokens));
+        self.pending.settle(Actual { tokens, cost });
+        if let Some((guard, principal)) = &self.guard {
+            guard.record(principal.key_id(), &principal.project().id, tokens, cost);
+        }
+    }
+
+    /// Gives the reservation back (the upstream refused the request).
+    pub(crate) fn release(&mut self) {
+        if !self.done {
+            self.done = true;
+            self.pending.release();
+        }
+    }
+
+    fn finish(&mut self, complete: bool) {
+        if self.done {
+            return;
+        }
+        let usage = match (complete, self.on_disconnect) {
+            (true, _) | (false, OnDisconnect::UsageSeen) => self.scan.usage(complete),
+            (false, OnDisconnect::Reservation) => None,
+        };
+        self.finish_with(usage);
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        self.finish(false);
+    }
+}
+
+pin_project! {
+    /// The response body of [`TokenLimit`](crate::TokenLimit): the inner body, watched for
+    /// usage; the request's reservation is settled when it ends (before the end is signalled)
+    /// or when it is dropped.
+    pub struct TokenBody<B> {
+        #[pin]
+        inner: B,
+        settlement: Option<Box<Settlement>>,
+    }
+}
+
+impl<B> TokenBody<B> {
+    pub(crate) fn new(inner: B, settlement: Option<Box<Settlement>>) -> Self {
+        TokenBody { inner, settlement }
+    }
+}
+
+impl<B> std::fmt::Debug for TokenBody<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenBody")
+            .field("settlement", &self.settlement)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B> Body for TokenBody<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let mut this = self.project();
+        let polled = std::task::ready!(this.inner.as_mut().poll_frame(cx));
+        if let Some(s) = this.settlement.as_deref_mut() {
+            match &polled {
+                Some(Ok(frame)) => {
+                    if let Some(data) = frame.data_ref() {
+                        s.scan.observe(data);
+                    }
+                    // hyper stops polling once a body says it has ended.
+                    if this.inner.is_end_stream() {
+                        s.finish(true);
+                    }
+                }
+                None => s.finish(true),
+                Some(Err(_)) => s.finish(false),
+            }
+        }
+        Poll::Ready(polled)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,818 @@
+//! [`RateLimitLayer`]: per-key (and per-project, per-token, per-model) request rates.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode};
+use keygate_core::{
+    Clock, Credential, Denial, LimitScope, Principal, RequestedModel, ResponseBody,
+    ResponseFuture as CoreFuture, Stage,
+};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+const SHARDS: usize = 64;
+const MINUTE: u64 = 60_000_000_000;
+
+/// A rate limiter setting that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RateConfigError {
+    /// The entry cap must allow at least one entry per shard.
+    #[error("max_entries must be at least {SHARDS}")]
+    TooFewEntries,
+}
+
+/// Limits request rates per key, per project, per derived token and per model pattern, from
+/// the limits the request's [`Principal`] carries (`requests_per_minute`).
+///
+/// Each (scope, owner, model pattern) has its own GCRA cell (an `AtomicU64` "theoretical
+/// arrival time" updated by compare-and-swap, as governor does), with a burst of the whole
+/// minute's quota. A request must fit every limit that applies; if one refuses, the cells
+/// already advanced are given back. State is shared by every clone of the layer and service.
+///
+/// Answers:
+/// - 429 `rate_limit_exceeded` with `Retry-After` (whole seconds, rounded up, at least 1) and
+///   `retry-after-ms` when a limit is reached;
+/// - `x-ratelimit-limit-requests`, `x-ratelimit-remaining-requests` and
+///   `x-ratelimit-reset-requests` (OpenAI format: `1s`, `6m0s`) for the tightest limit, on
+///   allowed and refused responses;
+/// - 401 when no [`Principal`] is in the request (the extraction layer is missing: fail
+///   closed);
+/// - 503 when the limiter is full of active entries (see [`with_max_entries`]).
+///
+/// Memory: one 16-byte cell per active (scope, owner, model pattern), a few dozen bytes with
+/// the hash table's overhead (see the crate benches). Cells back at full capacity hold no
+/// information and are swept as shards grow; [`RateLimitLayer::sweep`] sweeps everything.
+///
+/// [`with_max_entries`]: RateLimitLayer::with_max_entries
+#[must_use]
+#[derive(Clone, Debug)]
+pub struct RateLimitLayer {
+    state: Arc<RateState>,
+}
+
+#[derive(Debug)]
+struct RateState {
+    shards: Box<[RwLock<Shard>]>,
+    hasher: RandomState,
+    clock: Clock,
+    max_entries: usize,
+    entries: AtomicUsize,
+    headers: bool,
+}
+
+/// Cells keyed by a keyed 64-bit hash of (scope, owner, model pattern): 16 bytes a cell, one
+/// hash a lookup. With a random SipHash key nobody can aim for a collision; by chance, two of
+/// a million cells share one with probability about 3·10⁻⁸ (they would then share a rate).
+#[derive(Debug, Default)]
+struct Shard {
+    map: HashMap<u64, AtomicU64, BuildHasherDefault<IdHasher>>,
+    sweep_at: usize,
+}
+
+/// The cell id is already a uniformly random hash.
+#[derive(Debug, Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 << 8) | u64::from(b);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+}
+
+impl Default for RateLimitLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn new_state(clock: Clock, max_entries: usize, headers: bool) -> RateState {
+    RateState {
+        shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
+        hasher: RandomState::new(),
+        clock,
+        max_entries,
+        entries: AtomicUsize::new(0),
+        headers,
+    }
+}
+
+impl RateLimitLayer {
+    /// A limiter with the system clock, at most 4 million active entries, and headers on.
+    pub fn new() -> Self {
+        RateLimitLayer {
+            state: Arc::new(new_state(Clock::system(), 4_000_000, true)),
+        }
+    }
+
+    /// The clock (fresh state).
+    pub fn with_clock(self, clock: Clock) -> Self {
+        let s = &self.state;
+        RateLimitLayer {
+            state: Arc::new(new_state(clock, s.max_entries, s.headers)),
+        }
+    }
+
+    /// At most this many active entries (fresh state). When full of entries that still hold a
+    /// rate, new keys are refused with 503 rather than letting an old key's limit be forgotten.
+    ///
+    /// # Errors
+    ///
+    /// [`RateConfigError::TooFewEntries`] below 64.
+    pub fn with_max_entries(self, max: usize) -> Result<Self, RateConfigError> {
+        if max < SHARDS {
+            return Err(RateConfigError::TooFewEntries);
+        }
+        let s = &self.state;
+        Ok(RateLimitLayer {
+            state: Arc::new(new_state(s.clock.clone(), max, s.headers)),
+        })
+    }
+
+    /// Whether to add `x-ratelimit-*-requests` headers to allowed responses (default on;
+    /// fresh state).
+    pub fn with_headers(self, on: bool) -> Self {
+        let s = &self.state;
+        RateLimitLayer {
+            state: Arc::new(new_state(s.clock.clone(), s.max_entries, on)),
+        }
+    }
+
+    /// Drops every entry back at full capacity.
+    pub fn sweep(&self) {
+        self.state.sweep_all(self.state.clock.now().as_unix_nanos());
+    }
+
+    /// The bytes the cells' hash tables hold (capacity × 17 bytes: a 16-byte cell and a
+    /// control byte), for metrics.
+    pub fn memory_bytes(&self) -> usize {
+        self.state
+            .shards
+            .iter()
+            .map(|s| table_bytes(read(s).map.capacity(), 16))
+            .sum()
+    }
+
+    /// How many cells are held.
+    pub fn len(&self) -> usize {
+        self.state.entries.load(Ordering::Relaxed)
+    }
+
+    /// Whether no entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// The service of [`RateLimitLayer`].
+#[derive(Clone, Debug)]
+pub struct RateLimit<S> {
+    inner: S,
+    state: Arc<RateState>,
+}
+
+impl<S> RateLimit<S> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// The state of the tightest limit after a request, for headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Status {
+    limit: u32,
+    remaining: u64,
+    reset: u64,
+}
+
+enum Outcome {
+    Allowed(Option<Status>),
+    Limited(Status, u64, LimitScope),
+    Full,
+}
+
+impl RateState {
+    fn sweep_all(&self, now: u64) {
+        for shard in self.shards.iter() {
+            let mut shard = write(shard);
+            let before = shard.map.len();
+            shard.map.retain(|_, tat| tat.load(Ordering::Relaxed) > now);
+            let removed = before - shard.map.len();
+            self.entries.fetch_sub(removed, Ordering::Relaxed);
+        }
+    }
+
+    fn check(&self, principal: &Principal, model: Option<&str>) -> Outcome {
+        let now = self.clock.now().as_unix_nanos();
+        let mut tightest: Option<Status> = None;
+        // Cells advanced so far, to give back if a later one refuses.
+        let mut taken: [(u64, u64); 8] = [(0, 0); 8];
+        let mut n_taken = 0;
+        let mut more_taken: Vec<(u64, u64)> = Vec::new();
+        let mut outcome = None;
+        'scopes: for (scope, limits) in principal.limits() {
+            let owner = owner(principal, scope);
+            let global = limits.requests_per_minute.map(|rpm| (None, rpm));
+            let per_model = model.into_iter().flat_map(|m| {
+                limits
+                    .for_model(m)
+                    .filter_map(|(p, l)| l.requests_per_minute.map(|rpm| (Some(p), rpm)))
+            });
+            for (pattern, rpm) in global.into_iter().chain(per_model) {
+                let interval = MINUTE / u64::from(rpm.get());
+                let id = self.cell_id(scope, owner, pattern);
+                match self.acquire(id, interval, rpm.get(), now) {
+                    Some(Ok(status)) => {
+                        if n_taken < taken.len() {
+                            taken[n_taken] = (id, interval);
+                            n_taken += 1;
+                        } else {
+                            more_taken.push((id, interval));
+                        }
+                        if tightest.is_none_or(|t| status.remaining < t.remaining) {
+                            tightest = Some(status);
+                        }
+                    }
+                    Some(Err((status, wait))) => {
+                        outcome = Some(Outcome::Limited(status, wait, scope));
+                        break 'scopes;
+                    }
+                    None => {
+                        outcome = Some(Outcome::Full);
+                        break 'scopes;
+                    }
+                }
+            }
+        }
+        match outcome {
+            None => Outcome::Allowed(tightest),
+            Some(refused) => {
+                for &(id, interval) in taken[..n_taken].iter().chain(&more_taken) {
+                    self.give_back(id, interval);
+                }
+                refused
+            }
+        }
+    }
+
+    fn cell_id(&self, scope: LimitScope, owner: &str, pattern: Option<&str>) -> u64 {
+        let scope: u8 = match scope {
+            LimitScope::Key => 0,
+            LimitScope::Project => 1,
+            LimitScope::Token => 2,
+        };
+        self.hasher.hash_one((scope, owner, pattern))
+    }
+
+    fn shard(&self, id: u64) -> &RwLock<Shard> {
+        // Middle bits: the map itself uses the low bits (bucket) and the top 7 (tag).
+        &self.shards[((id >> 32) as usize) % SHARDS]
+    }
+
+    /// `None`: the limiter is full.
+    fn acquire(
+        &self,
+        id: u64,
+        interval: u64,
+        rpm: u32,
+        now: u64,
+    ) -> Option<Result<Status, (Status, u64)>> {
+        let shard = self.shard(id);
+        {
+            let s = read(shard);
+            if let Some(cell) = s.map.get(&id) {
+                return Some(gcra(cell, now, interval, rpm));
+            }
+        }
+        if self.entries.load(Ordering::Relaxed) >= self.max_entries {
+            // Full: sweep every shard (one lock at a time, none held here).
+            self.sweep_all(now);
+            if self.entries.load(Ordering::Relaxed) >= self.max_entries {
+                return None;
+            }
+        }
+        let mut s = write(shard);
+        if !s.map.contains_key(&id) {
+            if s.map.len() >= s.sweep_at.max(64) {
+                let before = s.map.len();
+                s.map.retain(|_, tat| tat.load(Ordering::Relaxed) > now);
+                self.entries
+                    .fetch_sub(before - s.map.len(), Ordering::Relaxed);
+                s.sweep_at = s.map.len().saturating_mul(2);
+            }
+            self.entries.fetch_add(1, Ordering::Relaxed);
+        }
+        let cell = s.map.entry(id).or_default();
+        Some(gcra(cell, now, interval, rpm))
+    }
+
+    fn give_back(&self, id: u64, interval: u64) {
+        let s = read(self.shard(id));
+        if let Some(cell) = s.map.get(&id) {
+            let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |tat| {
+                Some(tat.saturating_sub(interval))
+            });
+        }
+    }
+}
+
+/// GCRA with a burst of the whole quota: admitted if, after adding one emission interval,
+/// the theoretical arrival time is at most one minute (`rpm` intervals) ahead of now.
+fn gcra(tat: &AtomicU64, now: u64, interval: u64, rpm: u32) -> Result<Status, (Status, u64)> {
+    let cap = interval * u64::from(rpm);
+    let mut old = tat.load(Ordering::Acquire);
+    loop {
+        let new = old.max(now) + interval;
+        let ahead = new - now;
+        if ahead > cap {
+            let current = old.max(now) - now;
+            let status = Status {
+                limit: rpm,
+                remaining: 0,
+                reset: current,
+            };
+            return Err((status, ahead - cap));
+        }
+        match tat.compare_exchange_weak(old, new, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => {
+                return Ok(Status {
+                    limit: rpm,
+                    remaining: (cap - ahead) / interval,
+                    reset: ahead,
+                });
+            }
+            Err(seen) => old = seen,
+        }
+    }
+}
+
+/// Whose counter a scope's limits use. A derived token's own limits are counted per token id
+/// (its `jti`); other credentials count them under the key id.
+pub(crate) fn owner(principal: &Principal, scope: LimitScope) -> &str {
+    match scope {
+        LimitScope::Key => principal.key_id().as_str(),
+        LimitScope::Project => principal.project().id.as_str(),
+        LimitScope::Token => match principal.credential() {
+            Credential::Token { id, .. } => id,
+            _ => principal.key_id().as_str(),
+        },
+    }
+}
+
+pub(crate) fn scope_name(scope: LimitScope) -> &'static str {
+    match scope {
+        LimitScope::Key => "key",
+        LimitScope::Project => "project",
+        LimitScope::Token => "token",
+    }
+}
+
+/// A duration the way OpenAI's `x-ratelimit-reset-*` headers write it: `20ms`, `1.5s`,
+/// `6m0s`, `1h2m3s`.
+#[cfg(test)]
+fn openai_duration(nanos: u64) -> String {
+    let mut buf = [0u8; 40];
+    let n = write_duration(&mut buf, nanos);
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+/// The header value of [`openai_duration`], formatted on the stack (one allocation).
+pub(crate) fn duration_header(nanos: u64) -> Option<HeaderValue> {
+    let mut buf = [0u8; 40];
+    let n = write_duration(&mut buf, nanos);
+    HeaderValue::from_bytes(&buf[..n]).ok()
+}
+
+fn write_duration(buf: &mut [u8; 40], nanos: u64) -> usize {
+    use std::io::Write;
+    let mut w = &mut buf[..];
+    let _ = if nanos < 1_000_000_000 {
+        write!(w, "{}ms", nanos.div_ceil(1_000_000))
+    } else {
+        let ms = nanos.div_ceil(1_000_000);
+        let secs = ms / 1000;
+        if secs < 60 {
+            let frac = ms % 1000;
+            match (frac % 10, frac % 100) {
+                _ if frac == 0 => write!(w, "{secs}s"),
+                (_, 0) => write!(w, "{secs}.{}s", frac / 100),
+                (0, _) => write!(w, "{secs}.{:02}s", frac / 10),
+                _ => write!(w, "{secs}.{frac:03}s"),
+            }
+        } else {
+            let secs = nanos.div_ceil(1_000_000_000);
+            let (h, m, s) = (secs / 3600, (secs % 3600) / 60, secs % 60);
+            if h > 0 {
+                write!(w, "{h}h{m}m{s}s")
+            } else {
+                write!(w, "{m}m{s}s")
+            }
+        }
+    };
+    40 - w.len()
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    l.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub(crate) fn missing_principal(stage: Stage) -> Denial {
+    Denial::new(
+        stage,
+        StatusCode::UNAUTHORIZED,
+        "missing_api_key",
+        "No authenticated API key reached the limit layer.",
+    )
+    .with_detail("no_principal")
+}
+
+static LIMIT_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-limit-requests");
+static REMAINING_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-requests");
+static RESET_REQUESTS: HeaderName = HeaderName::from_static("x-ratelimit-reset-requests");
+
+/// The heap bytes of a hashbrown table of `capacity` with `entry`-byte entries.
+pub(crate) fn table_bytes(capacity: usize, entry: usize) -> usize {
+    if capacity == 0 {
+        return 0;
+    }
+    let buckets = if capacity < 8 {
+        (capacity + 1).next_power_of_two()
+    } else {
+        (capacity * 8 / 7).next_power_of_two()
+    };
+    buckets * (entry + 1) + 16
+}
+
+/// A header value for a number; small ones are made once and shared.
+pub(crate) fn num_header(n: u64) -> HeaderValue {
+    static SMALL: OnceLock<Box<[HeaderValue]>> = OnceLock::new();
+    let small = SMALL.get_or_init(|| (0..1024u64).map(HeaderValue::from).collect());
+    match small.get(n as usize) {
+        Some(v) => v.clone(),
+        None => HeaderValue::from(n),
+    }
+}
+
+fn put_headers(headers: &mut HeaderMap, status: Status) {
+    headers.insert(LIMIT_REQUESTS.clone(), num_header(u64::from(status.limit)));
+    headers.insert(REMAINING_REQUESTS.clone(), num_header(status.remaining));
+    if let Some(v) = duration_header(status.reset) {
+        headers.insert(RESET_REQUESTS.clone(), v);
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let Some(principal) = req.extensions().get::<Principal>() else {
+            return ResponseFuture::new(
+                CoreFuture::denied(missing_principal(Stage::RateLimit), req.headers()),
+                None,
+            );
+        };
+        let model = req.extensions().get::<RequestedModel>().map(|m| m.as_str());
+        match self.state.check(principal, model) {
+            Outcome::Allowed(status) => {
+                let status = status.filter(|_| self.state.headers);
+                ResponseFuture::new(CoreFuture::inner(self.inner.call(req)), status)
+            }
+            Outcome::Limited(status, wait, scope) => {
+                let message = format!(
+                    "Rate limit reached for requests per minute ({} limit: {}). Please try again later.",
+                    scope_name(scope),
+                    status.limit
+                );
+                let denial = Denial::new(
+                    Stage::RateLimit,
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limit_exceeded",
+                    message,
+                )
+                .with_detail(scope_name(scope))
+                .with_retry_after(Duration::from_nanos(wait));
+                ResponseFuture::new(CoreFuture::denied(denial, req.headers()), Some(status))
+            }
+            Outcome::Full => ResponseFuture::new(
+                CoreFuture::denied(
+                    Denial::unavailable(Stage::RateLimit, "limiter_full"),
+                    req.headers(),
+                ),
+                None,
+            ),
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`RateLimit`]: the inner response (or the refusal) with rate headers.
+    pub struct ResponseFuture<F> {
+        #[pin]
+        inner: CoreFuture<F>,
+        status: Option<Status>,
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    fn new(inner: CoreFuture<F>, status: Option<Status>) -> Self {
+        ResponseFuture { inner, status }
+    }
+}
+
+impl<F, B, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<B>, E>>,
+{
+    type Output = Result<Response<ResponseBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let mut result = std::task::ready!(this.inner.poll(cx));
+        if let (Ok(response), Some(status)) = (&mut result, this.status.take()) {
+            put_headers(response.headers_mut(), status);
+        }
+        Poll::Ready(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::*;
+    use keygate_core::{ManualClock, ModelLimits, Timestamp};
+    use std::num::NonZeroU32;
+    use tower::{ServiceBuilder, ServiceExt};
+
+    fn rpm(n: u32) -> Option<NonZeroU32> {
+        NonZeroU32::new(n)
+    }
+
+    #[tokio::test]
+    async fn requests_past_the_quota_get_429_with_retry_after_and_headers() {
+        let manual = ManualClock::new(Timestamp::from_unix_secs(1_700_000_000));
+        let layer = RateLimitLayer::new().with_clock(manual.clock());
+        let svc = ServiceBuilder::new().layer(layer).service_fn(ok_handler);
+        let p = principal_with(|k, _| k.requests_per_minute = rpm(3));
+        for remaining in [2, 1, 0] {
+            let res = svc.clone().oneshot(request(&p)).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            assert_eq!(res.headers()["x-ratelimit-limit-requests"], "3");
+            assert_eq!(
+                res.headers()["x-ratelimit-remaining-requests"],
+                remaining.to_string().as_str()
+            );
+        }
+        let res = svc.clone().oneshot(request(&p)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(res.headers()["retry-after"], "20");
+        assert_eq!(res.headers()["retry-after-ms"], "20000");
+        assert_eq!(res.headers()["x-ratelimit-remaining-requests"], "0");
+        assert_eq!(res.headers()["x-ratelimit-reset-requests"], "1m0s");
+        assert_eq!(
+            res.extensions().get::<Denial>().unwrap().code(),
+            "rate_limit_exceeded"
+        );
+        manual.advance(Duration::from_secs(20));
+        let res = svc.clone().oneshot(request(&p)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn each_key_has_its_own_quota_and_clones_share_state() {
+        let manual = ManualClock::new(Timestamp::from_unix_secs(1_700_000_000));
+        let layer = RateLimitLayer::new().with_clock(manual.clock());
+        let a = principal_named("key_a", "p1", |k, _| k.requests_per_minute = rpm(1));
+        let b = principal_named("key_b", "p1", |k, _| k.requests_per_minute = rpm(2));
+        let svc = ServiceBuilder::new()
+            .layer(layer.clone())
+            .service_fn(ok_handler);
+        let other = ServiceBuilder::new().layer(layer).service_fn(ok_handler);
+        assert_eq!(
+            svc.clone().oneshot(request(&a)).await.unwrap().status(),
+            200
+        );
+        assert_eq!(
+            other.clone().oneshot(request(&a)).await.unwrap().status(),
+            429
+        );
+        assert_eq!(
+            svc.clone().oneshot(request(&b)).await.unwrap().status(),
+            200
+        );
+        assert_eq!(
+            svc.clone().oneshot(request(&b)).await.unwrap().status(),
+            200
+        );
+        assert_eq!(
+            svc.clone().oneshot(request(&b)).await.unwrap().status(),
+            429
+        );
+    }
+
+    #[tokio::test]
+    async fn project_limit_binds_all_its_keys_and_refusal_gives_back_key_cells() {
+        let manual = ManualClock::new(Timestamp::from_unix_secs(1_700_000_000));
+        let layer = RateLimitLayer::new().with_clock(manual.clock());
+        let svc = ServiceBuilder::new().layer(layer).service_fn(ok_handler);
+        let a = principal_named("key_a", "p1", |k, p| {
+            k.requests_per_minute = rpm(10);
+            p.requests_per_minute = rpm(2);
+        });
+        let b = principal_named("key_b", "p1", |k, p| {
+            k.requests_per_minute = rpm(10);
+            p.requests_per_minute = rpm(2);
+        });
+        assert_eq!(
+            svc.clone().oneshot(request(&a)).await.unwrap().status(),
+            200
+        );
+        assert_eq!(
+            svc.clone().oneshot(request(&b)).await.unwrap().status(),
+            200
+        );
+        for _ in 0..5 {
+            assert_eq!(
+                svc.clone().oneshot(request(&a)).await.unwrap().status(),
+                429
+            );
+        }
+        // Key a's own cell was given back each time: 9 left.
+        manual.advance(Duration::from_secs(60));
+        let res = svc.clone().oneshot(request(&a)).await.unwrap();
+        assert_eq!(res.headers()["x-ratelimit-remaining-requests"], "1");
+        assert_eq!(res.headers()["x-ratelimit-limit-requests"], "2");
+    }
+
+    #[tokio::test]
+    async fn per_model_limit_applies_to_matching_models_only() {
+        let manual = ManualClock::new(Timestamp::from_unix_secs(1_700_000_000));
+        let layer = RateLimitLayer::new().with_clock(manual.clock());
+        let svc = ServiceBuilder::new().layer(layer).service_fn(ok_handler);
+        let p = principal_with(|k, _| {
+            k.models.insert(
+                "gpt-4*".into(),
+                ModelLimits {
+                    requests_per_minute: rpm(1),
+                    tokens_per_minute: None,
+                },
+            );
+        });
+        let with_model = |m: &str| {
+            let mut r = request(&p);
+            r.extensions_mut().insert(RequestedModel::new(m));
+            r
+        };
+        assert_eq!(
+            svc.clone()
+                .oneshot(with_model("gpt-4o"))
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+        assert_eq!(
+            svc.clone()
+                .oneshot(with_model("gpt-4o"))
+                .await
+                .unwrap()
+                .status(),
+            429
+        );
+        assert_eq!(
+            svc.clone()
+                .oneshot(with_model("o1"))
+                .await
+                .unwrap()
+                .status(),
+            200
+        );
+    }
+
+    #[tokio::test]
+    async fn missing_principal_fails_closed() {
+        let svc = ServiceBuilder::new()
+            .layer(RateLimitLayer::new())
+            .service_fn(ok_handler);
+        let res = svc.oneshot(Request::new(empty())).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn idle_entries_are_swept_and_a_full_limiter_refuses_new_keys() {
+        let manual = ManualClock::new(Timestamp::from_unix_secs(1_700_000_000));
+        let layer = RateLimitLayer::new()
+            .with_clock(manual.clock())
+            .with_max_entries(64)
+            .unwrap();
+        let svc = ServiceBuilder::new()
+            .layer(layer.clone())
+            .service_fn(ok_handler);
+        for i in 0..64 {
+            let p = principal_named(&format!("key_{i}"), "p", |k, _| {
+                k.requests_per_minute = rpm(5)
+            });
+            assert_eq!(
+                svc.clone().oneshot(request(&p)).await.unwrap().status(),
+                200
+            );
+        }
+        assert_eq!(layer.len(), 64);
+        let late = principal_named("key_late", "p", |k, _| k.requests_per_minute = rpm(5));
+        assert_eq!(
+            svc.clone().oneshot(request(&late)).await.unwrap().status(),
+            503
+        );
+        manual.advance(Duration::from_secs(60));
+        assert_eq!(
+            svc.clone().oneshot(request(&late)).await.unwrap().status(),
+            200
+        );
+        assert_eq!(layer.len(), 1);
+        manual.advance(Duration::from_secs(60));
+        layer.sweep();
+        assert!(layer.is_empty());
+    }
+
+    #[test]
+    fn durations_are_written_like_openai() {
+        assert_eq!(openai_duration(20_000_000), "20ms");
+        assert_eq!(openai_duration(1_000_000_000), "1s");
+        assert_eq!(openai_duration(1_500_000_000), "1.5s");
+        assert_eq!(openai_duration(1_050_000_000), "1.05s");
+        assert_eq!(openai_duration(1_005_000_000), "1.005s");
+        assert_eq!(openai_duration(360_000_000_000), "6m0s");
+        assert_eq!(openai_duration(3_723_000_000_000), "1h2m3s");
+    }
+
+    #[test]
+    fn concurrent_requests_admit_exactly_the_quota() {
+        let manual = ManualClock::new(Timestamp::from_unix_secs(1_700_000_000));
+        let state = Arc::new(new_state(manual.clock(), 1000, true));
+        let p = principal_with(|k, _| k.requests_per_minute = rpm(100));
+        let admitted = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..250 {
+                        if matches!(state.check(&p, None), Outcome::Allowed(_)) {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.load(Ordering::Relaxed), 100);
+    }
+}

@@ -1,0 +1,1528 @@
+//! [`TokenLimitLayer`]: tokens per minute and money budgets, reserved before and settled after.
+
+use std::future::Future;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::BodyExt;
+use http_body_util::Full;
+use keygate_core::{
+    Clock, Denial, LimitScope, Limits, Principal, RequestedModel, ResponseBody, Stage, Usage,
+    UsageMeter, is_grpc,
+};
+use pin_project_lite::pin_project;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::backend::{
+    Charge, CounterStatus, Exceeded, LimitBackend, MemoryBackend, Pending, ReserveError, Unit,
+    Window,
+};
+use crate::body::{OnDisconnect, RequestBody, Scan, Settlement, TokenBody};
+use crate::guard::WalletGuard;
+use crate::json::{SseScanner, request_fields, with_include_usage};
+use crate::price::PriceTable;
+use crate::rate::{duration_header, missing_principal, num_header, owner, scope_name};
+
+/// What to do when a budget applies to a request whose model has no price.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Unpriced {
+    /// Refuse it: 403 `model_not_priced` (fail closed; the default).
+    #[default]
+    Deny,
+    /// Count its tokens against token rates only; money budgets see no cost.
+    CountTokensOnly,
+}
+
+/// Limits tokens per minute (per key, project, token and model pattern) and money budgets
+/// (per key, project and token, overall or per model pattern, per UTC day, week, month or
+/// lifetime), from the limits the request's [`Principal`] carries.
+///
+/// Before forwarding, it reserves an estimate against every limit that applies, atomically:
+/// prompt tokens ≈ JSON body bytes / 4 (see [`with_bytes_per_token`]), plus the request's
+/// `max_tokens` / `max_completion_tokens` / `max_output_tokens` or a default output ceiling;
+/// cost from the [`PriceTable`]. If any limit cannot hold it: 429 `rate_limit_exceeded` (a
+/// token rate, with `x-ratelimit-*-tokens` headers) or 429 `insufficient_quota` (a budget).
+///
+/// After: the reservation is replaced by the actual usage, read from the response's
+/// [`Usage`] extension, a JSON body's `usage`, or a streamed (SSE) body's usage event, when
+/// the body ends; if the body is dropped early, per [`OnDisconnect`]. Usage and cost are
+/// reported into the request's [`UsageMeter`] if any. Streaming chat requests that do not
+/// ask for usage get `"stream_options":{"include_usage":true}` added (nothing else is
+/// changed; the client then also receives the final usage chunk, whose `choices` is empty).
+///
+/// gRPC requests are never buffered, nor are bodies that are not JSON (multipart uploads,
+/// audio): they reserve the default output ceiling and settle from a [`Usage`] response
+/// extension, or at the reservation. A JSON body is read once (up to
+/// [`with_max_body`](TokenLimitLayer::with_max_body); compressed bodies are refused with 415,
+/// malformed ones or ones that repeat a key with 400) and handed on as the same bytes: the
+/// inner service receives a [`RequestBody`]. A client that sets `include_usage: false`
+/// explicitly is left alone; its streams settle at the reservation.
+///
+/// Non-success responses release the reservation (unless they carry a [`Usage`]).
+///
+/// Concurrency: every limit that applies is reserved in one backend call, so concurrent
+/// requests can never be admitted past a limit (see [`LimitBackend`]); the reservation ends
+/// exactly once, through a guard that settles it at the reserved amounts if dropped.
+///
+/// [`with_bytes_per_token`]: TokenLimitLayer::with_bytes_per_token
+#[must_use]
+pub struct TokenLimitLayer<B = MemoryBackend> {
+    config: Arc<Config<B>>,
+}
+
+impl<B> Clone for TokenLimitLayer<B> {
+    fn clone(&self) -> Self {
+        TokenLimitLayer {
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<B> std::fmt::Debug for TokenLimitLayer<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenLimitLayer")
+            .field("prices", &self.config.prices)
+            .field("unpriced", &self.config.unpriced)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Config<B> {
+    backend: Arc<B>,
+    clock: Clock,
+    prices: PriceTable,
+    unpriced: Unpriced,
+    bytes_per_token: u64,
+    default_output: u64,
+    max_body: usize,
+    max_scan: usize,
+    on_disconnect: OnDisconnect,
+    include_usage: bool,
+    guard: Option<WalletGuard>,
+}
+
+impl<B> Clone for Config<B> {
+    fn clone(&self) -> Self {
+        Config {
+            backend: self.backend.clone(),
+            clock: self.clock.clone(),
+            prices: self.prices.clone(),
+            unpriced: self.unpriced,
+            bytes_per_token: self.bytes_per_token,
+            default_output: self.default_output,
+            max_body: self.max_body,
+            max_scan: self.max_scan,
+            on_disconnect: self.on_disconnect,
+            include_usage: self.include_usage,
+            guard: self.guard.clone(),
+        }
+    }
+}
+
+impl Default for TokenLimitLayer<MemoryBackend> {
+    fn default() -> Self {
+        Self::new(MemoryBackend::new())
+    }
+}
+
+impl<B: LimitBackend> TokenLimitLayer<B> {
+    /// A layer over `backend`: no prices, unpriced models denied when a budget applies, 4 bytes
+    /// per token, a default output ceiling of 4,096 tokens, request bodies up to 8 MiB.
+    pub fn new(backend: B) -> Self {
+        Self::with_shared_backend(Arc::new(backend))
+    }
+
+    /// A layer over a backend shared with others (or inspected by the host).
+    pub fn with_shared_backend(backend: Arc<B>) -> Self {
+        TokenLimitLayer {
+            config: Arc::new(Config {
+                backend,
+                clock: Clock::system(),
+                prices: PriceTable::new(),
+                unpriced: Unpriced::Deny,
+                bytes_per_token: 4,
+                default_output: 4096,
+                max_body: 8 << 20,
+                max_scan: 16 << 20,
+                on_disconnect: OnDisconnect::Reservation,
+                include_usage: true,
+                guard: None,
+            }),
+        }
+    }
+
+    fn edit(mut self, f: impl FnOnce(&mut Config<B>)) -> Self {
+        f(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &Arc<B> {
+        &self.config.backend
+    }
+
+    /// The clock.
+    pub fn with_clock(self, clock: Clock) -> Self {
+        self.edit(|c| c.clock = clock)
+    }
+
+    /// The prices.
+    pub fn with_prices(self, prices: PriceTable) -> Self {
+        self.edit(|c| c.prices = prices)
+    }
+
+    /// What to do with unpriced models when a budget applies.
+    pub fn with_unpriced(self, unpriced: Unpriced) -> Self {
+        self.edit(|c| c.unpriced = unpriced)
+    }
+
+    /// Bytes of JSON request body per estimated prompt token (default 4).
+    pub fn with_bytes_per_token(self, bytes: NonZeroU32) -> Self {
+        self.edit(|c| c.bytes_per_token = u64::from(bytes.get()))
+    }
+
+    /// Output tokens reserved when the request sets no `max_tokens` (default 4,096).
+    pub fn with_default_output_tokens(self, tokens: u64) -> Self {
+        self.edit(|c| c.default_output = tokens)
+    }
+
+    /// Largest request body read (default 8 MiB); larger ones get 413.
+    pub fn with_max_body(self, bytes: usize) -> Self {
+        self.edit(|c| c.max_body = bytes)
+    }
+
+    /// Largest JSON response body scanned for `usage` (default 16 MiB; larger ones settle at
+    /// the reservation). Frames are kept by reference, not copied, until the end.
+    pub fn with_max_response_scan(self, bytes: usize) -> Self {
+        self.edit(|c| c.max_scan = bytes)
+    }
+
+    /// What to settle with when the client goes away mid-response.
+    pub fn with_on_disconnect(self, on: OnDisconnect) -> Self {
+        self.edit(|c| c.on_disconnect = on)
+    }
+
+    /// Whether to add `stream_options.include_usage` to streaming chat requests (default on).
+    pub fn with_include_usage(self, on: bool) -> Self {
+        self.edit(|c| c.include_usage = on)
+    }
+
+    /// The denial-of-wallet guard: settled usage is fed to it, and suspended keys get 403
+    /// `key_suspended`.
+    pub fn with_guard(self, guard: WalletGuard) -> Self {
+        self.edit(|c| c.guard = Some(guard))
+    }
+}
+
+impl<S, B> Layer<S> for TokenLimitLayer<B> {
+    type Service = TokenLimit<S, B>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        TokenLimit {
+            inner,
+            config: self.config.clone(),
+        }
+    }
+}
+
+/// The service of [`TokenLimitLayer`].
+pub struct TokenLimit<S, B = MemoryBackend> {
+    inner: S,
+    config: Arc<Config<B>>,
+}
+
+impl<S: Clone, B> Clone for TokenLimit<S, B> {
+    fn clone(&self) -> Self {
+        TokenLimit {
+            inner: self.inner.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, B> std::fmt::Debug for TokenLimit<S, B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenLimit")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, B> TokenLimit<S, B> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+type Out<ResBody> = Response<ResponseBody<TokenBody<ResBody>>>;
+type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
+
+fn has_token_limits(principal: &Principal) -> bool {
+    principal.limits().any(|(_, l)| {
+        l.tokens_per_minute.is_some()
+            || !l.budgets.is_empty()
+            || l.models.values().any(|m| m.tokens_per_minute.is_some())
+    })
+}
+
+impl<S, B, ReqBody, ResBody> Service<Request<ReqBody>> for TokenLimit<S, B>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    B: LimitBackend,
+{
+    type Response = Out<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let Some(principal) = req.extensions().get::<Principal>() else {
+            return ResponseFuture::denied(missing_principal(Stage::TokenLimit), req.headers());
+        };
+        let guard = self.config.guard.as_ref();
+        if guard.is_some_and(|g| g.is_suspended(principal.key_id().as_str())) {
+            let denial = Denial::new(
+                Stage::TokenLimit,
+                StatusCode::FORBIDDEN,
+                "key_suspended",
+                "This API key has been suspended after an unusual spike in usage. Contact the key's owner.",
+            );
+            return ResponseFuture::denied(denial, req.headers());
+        }
+        let metered =
+            !self.config.prices.is_empty() && req.extensions().get::<UsageMeter>().is_some();
+        if guard.is_none() && !metered && !has_token_limits(principal) {
+            // Nothing to count: no body read, no reservation.
+            return ResponseFuture::pass(self.inner.call(req.map(RequestBody::inner)));
+        }
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let config = self.config.clone();
+        ResponseFuture::boxed(Box::pin(run(config, inner, req)))
+    }
+}
+
+pin_project! {
+    /// The future of [`TokenLimit`]: passes straight through when no token limit applies;
+    /// otherwise reads the request, reserves, forwards and wraps the response.
+    pub struct ResponseFuture<F, ResBody, E> {
+        #[pin]
+        kind: Kind<F, ResBody, E>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F, ResBody, E> {
+        Pass { #[pin] future: F },
+        Denied { response: Option<Response<Full<Bytes>>> },
+        Boxed { future: BoxFuture<Out<ResBody>, E> },
+    }
+}
+
+impl<F, ResBody, E> ResponseFuture<F, ResBody, E> {
+    fn pass(future: F) -> Self {
+        ResponseFuture {
+            kind: Kind::Pass { future },
+        }
+    }
+
+    fn denied(denial: Denial, headers: &HeaderMap) -> Self {
+        ResponseFuture {
+            kind: Kind::Denied {
+                response: Some(denial.into_response(headers)),
+            },
+        }
+    }
+
+    fn boxed(future: BoxFuture<Out<ResBody>, E>) -> Self {
+        ResponseFuture {
+            kind: Kind::Boxed { future },
+        }
+    }
+}
+
+impl<F, ResBody, E> Future for ResponseFuture<F, ResBody, E>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Out<ResBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Pass { future } => future
+                .poll(cx)
+                .map(|r| r.map(|res| res.map(|b| ResponseBody::inner(TokenBody::new(b, None))))),
+            KindProj::Denied { response } => {
+                let response = response
+                    .take()
+                    .expect("ResponseFuture polled after completion");
+                Poll::Ready(Ok(response.map(ResponseBody::denied)))
+            }
+            KindProj::Boxed { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+/// What one charge is, for the refusal message.
+#[derive(Clone, Copy)]
+struct Meta {
+    scope: LimitScope,
+    budget: bool,
+}
+
+fn deny<ResBody>(denial: Denial, headers: &HeaderMap) -> Out<ResBody> {
+    denial.into_response(headers).map(ResponseBody::denied)
+}
+
+fn counter_key(scope: LimitScope, owner: &str, what: std::fmt::Arguments<'_>) -> Arc<str> {
+    format!("{}\u{1f}{owner}\u{1f}{what}", scope_name(scope)).into()
+}
+
+/// Every charge that applies to a request of `model` estimated at `usage` and `cost`.
+fn charges(
+    principal: &Principal,
+    model: Option<&str>,
+    tokens: u64,
+    cost: Option<u64>,
+    now: keygate_core::Timestamp,
+) -> Result<(Vec<Charge>, Vec<Meta>), ()> {
+    let mut charges: Vec<Charge> = Vec::new();
+    let mut metas = Vec::new();
+    let mut push = |charge: Charge, meta: Meta| {
+        // The same counter twice (two budgets of one period and pattern): the lower limit.
+        if let Some(c) = charges.iter_mut().find(|c| c.key == charge.key) {
+            c.limit = c.limit.min(charge.limit);
+        } else {
+            charges.push(charge);
+            metas.push(meta);
+        }
+    };
+    let rate = |key, limit: u64| Charge {
+        key,
+        window: Window::Rate {
+            per: Duration::from_secs(60),
+        },
+        unit: Unit::Tokens,
+        limit,
+        amount: tokens,
+    };
+    for (scope, limits) in principal.limits() {
+        let owner = owner(principal, scope);
+        let meta = Meta {
+            scope,
+            budget: false,
+        };
+        if let Some(tpm) = limits.tokens_per_minute {
+            push(
+                rate(counter_key(scope, owner, format_args!("tpm")), tpm.get()),
+                meta,
+            );
+        }
+        if let Some(model) = model {
+            for (pattern, l) in limits.for_model(model) {
+                if let Some(tpm) = l.tokens_per_minute {
+                    let key = counter_key(scope, owner, format_args!("tpm\u{1f}{pattern}"));
+                    push(rate(key, tpm.get()), meta);
+                }
+            }
+        }
+        budgets(limits, model, |budget| {
+            let Some(cost) = cost else {
+                return Err(());
+            };
+            let (start, end) = budget.period.window(now);
+            let pattern = budget.model.as_ref().map_or("*", |p| p.as_str());
+            let period = match budget.period {
+                keygate_core::Period::Day => "day",
+                keygate_core::Period::Week => "week",
+                keygate_core::Period::Month => "month",
+                _ => "lifetime",
+            };
+            let key = counter_key(
+                scope,
+                owner,
+                format_args!("budget\u{1f}{period}\u{1f}{pattern}"),
+            );
+            push(
+                Charge {
+                    key,
+                    window: Window::Fixed { start, end },
+                    unit: Unit::Nanodollars,
+                    limit: budget.amount.as_nanos(),
+                    amount: cost,
+                },
+                Meta {
+                    scope,
+                    budget: true,
+                },
+            );
+            Ok(())
+        })?;
+    }
+    Ok((charges, metas))
+}
+
+/// The budgets of `limits` that apply to `model`; a per-model budget applies when the model is
+/// not known (fail closed).
+fn budgets(
+    limits: &Limits,
+    model: Option<&str>,
+    mut f: impl FnMut(&keygate_core::Budget) -> Result<(), ()>,
+) -> Result<(), ()> {
+    for budget in &limits.budgets {
+        let applies = match (&budget.model, model) {
+            (None, _) | (Some(_), None) => true,
+            (Some(p), Some(m)) => p.matches(m),
+        };
+        if applies {
+            f(budget)?;
+        }
+    }
+    Ok(())
+}
+
+static LIMIT_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-limit-tokens");
+static REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remaining-tokens");
+static RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
+
+fn put_token_headers(headers: &mut HeaderMap, limit: u64, remaining: u64, reset: Duration) {
+    headers.insert(LIMIT_TOKENS.clone(), num_header(limit));
+    headers.insert(REMAINING_TOKENS.clone(), num_header(remaining));
+    let reset = u64::try_from(reset.as_nanos()).unwrap_or(u64::MAX);
+    if let Some(v) = duration_header(reset) {
+        headers.insert(RESET_TOKENS.clone(), v);
+    }
+}
+
+fn exceeded_response<ResBody>(e: &Exceeded, meta: Meta, headers: &HeaderMap) -> Out<ResBody> {
+    let scope = scope_name(meta.scope);
+    let denial = if meta.budget {
+        Denial::new(
+            Stage::TokenLimit,
+            StatusCode::TOO_MANY_REQUESTS,
+            "insufficient_quota",
+            format!(
+                "You exceeded your current quota ({scope} budget). The budget resets at the start of its next period."
+            ),
+        )
+        .with_error_type("insufficient_quota")
+    } else {
+        let message = if e.retry_after.is_none() {
+            format!(
+                "Request too large for the tokens-per-minute limit ({scope} limit: {}).",
+                e.limit
+            )
+        } else {
+            format!(
+                "Rate limit reached for tokens per minute ({scope} limit: {}, remaining: {}). Please try again later.",
+                e.limit, e.remaining
+            )
+        };
+        Denial::new(
+            Stage::TokenLimit,
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_exceeded",
+            message,
+        )
+    }
+    .with_detail(scope);
+    let denial = match e.retry_after {
+        Some(wait) => denial.with_retry_after(wait),
+        None => denial,
+    };
+    let mut response = deny(denial, headers);
+    if !meta.budget {
+        put_token_headers(response.headers_mut(), e.limit, e.remaining, e.reset);
+    }
+    response
+}
+
+fn bad_request<ResBody>(code: &'static str, message: &'static str, h: &HeaderMap) -> Out<ResBody> {
+    let status = match code {
+        "request_too_large" => StatusCode::PAYLOAD_TOO_LARGE,
+        "unsupported_encoding" => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    deny(Denial::new(Stage::TokenLimit, status, code, message), h)
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers.get(CONTENT_TYPE).is_none_or(|v| {
+        let v = v.as_bytes();
+        v.len() >= 16 && v[..16].eq_ignore_ascii_case(b"application/json")
+    })
+}
+
+async fn run<S, B, ReqBody, ResBody>(
+    config: Arc<Config<B>>,
+    mut inner: S,
+    req: Request<ReqBody>,
+) -> Result<Out<ResBody>, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    ReqBody: Body<Data = Bytes>,
+    ResBody: Body<Data = Bytes>,
+    B: LimitBackend,
+{
+    let (mut parts, body) = req.into_parts();
+    let principal = match parts.extensions.get::<Principal>() {
+        Some(p) => p.clone(),
+        None => return Ok(deny(missing_principal(Stage::TokenLimit), &parts.headers)),
+    };
+    let grpc = is_grpc(&parts.headers);
+    let mut model = parts
+        .extensions
+        .get::<RequestedModel>()
+        .map(|m| m.as_str().to_owned());
+    let mut prompt = 0;
+    let mut max_output = None;
+    let mut streaming = false;
+    let body = if grpc || !is_json(&parts.headers) {
+        // Never buffer a gRPC call; other bodies (multipart uploads, binary) are not counted
+        // and pass untouched: they reserve the default output ceiling.
+        RequestBody::inner(body)
+    } else {
+        if parts
+            .headers
+            .get(CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+        {
+            return Ok(bad_request(
+                "unsupported_encoding",
+                "Compressed request bodies are not accepted.",
+                &parts.headers,
+            ));
+        }
+        let declared = parts
+            .headers
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > config.max_body as u64) {
+            return Ok(bad_request(
+                "request_too_large",
+                "The request body is too large.",
+                &parts.headers,
+            ));
+        }
+        let bytes = match read_body(body, config.max_body).await {
+            Ok(b) => b,
+            Err(code) => {
+                let message = if code == "request_too_large" {
+                    "The request body is too large."
+                } else {
+                    "The request body could not be read."
+                };
+                return Ok(bad_request(code, message, &parts.headers));
+            }
+        };
+        let mut forward = bytes.clone();
+        if !bytes.is_empty() {
+            let fields = match request_fields(&bytes) {
+                Ok(f) => f,
+                Err(_) => {
+                    return Ok(bad_request(
+                        "invalid_json",
+                        "The request body is not a valid JSON object (or repeats a key).",
+                        &parts.headers,
+                    ));
+                }
+            };
+            prompt = (bytes.len() as u64).div_ceil(config.bytes_per_token);
+            max_output = fields.max_output;
+            streaming = fields.stream;
+            if model.is_none() {
+                model = fields.model.clone();
+            }
+            let path = parts.uri.path();
+            if config.include_usage
+                && parts.method == Method::POST
+                && (path.ends_with("/chat/completions") || path.ends_with("/completions"))
+                && let Some(changed) = with_include_usage(&bytes, &fields)
+            {
+                forward = Bytes::from(changed);
+                if parts.headers.contains_key(CONTENT_LENGTH) {
+                    parts
+                        .headers
+                        .insert(CONTENT_LENGTH, HeaderValue::from(forward.len()));
+                }
+            }
+        }
+        RequestBody::buffered(forward)
+    };
+    let estimate = Usage::new(prompt, max_output.unwrap_or(config.default_output));
+    let price = model.as_deref().and_then(|m| config.prices.price(m));
+    let cost = match (price, config.unpriced) {
+        (Some(p), _) => Some(p.cost(estimate).as_nanos()),
+        (None, Unpriced::CountTokensOnly) => Some(0),
+        (None, Unpriced::Deny) => None,
+    };
+    let now = config.clock.now();
+    let (charges, metas) = match charges(
+        &principal,
+        model.as_deref(),
+        estimate.total_tokens,
+        cost,
+        now,
+    ) {
+        Ok(c) => c,
+        Err(()) => {
+            let denial = Denial::new(
+                Stage::TokenLimit,
+                StatusCode::FORBIDDEN,
+                "model_not_priced",
+                "A spending budget applies to this key, but the model has no price.",
+            )
+            .with_param("model");
+            return Ok(deny(denial, &parts.headers));
+        }
+    };
+    let reservation = if charges.is_empty() {
+        Default::default()
+    } else {
+        match config.backend.reserve(charges, now).await {
+            Ok(r) => r,
+            Err(ReserveError::Exceeded(e)) => {
+                let meta = metas.get(e.index).copied().unwrap_or(Meta {
+                    scope: LimitScope::Key,
+                    budget: false,
+                });
+                return Ok(exceeded_response(&e, meta, &parts.headers));
+            }
+            Err(_) => {
+                return Ok(deny(
+                    Denial::unavailable(Stage::TokenLimit, "limit_backend"),
+                    &parts.headers,
+                ));
+            }
+        }
+    };
+    let tokens_status: Option<CounterStatus> = reservation.tokens;
+    let pending = Pending::new(config.backend.clone(), reservation, config.clock.clone());
+    let mut settlement = Box::new(Settlement {
+        pending: Box::new(pending),
+        estimate,
+        price,
+        meter: parts.extensions.get::<UsageMeter>().cloned(),
+        guard: config.guard.clone().map(|g| (g, principal)),
+        on_disconnect: config.on_disconnect,
+        scan: Scan::Nothing,
+        done: false,
+    });
+    let request_headers_grpc = grpc;
+    let req = Request::from_parts(parts, body);
+    let response = match inner.call(req).await {
+        Ok(r) => r,
+        Err(e) => {
+            settlement.release();
+            return Err(e);
+        }
+    };
+    let (mut parts, body) = response.into_parts();
+    if let Some(usage) = parts.extensions.get::<Usage>().copied() {
+        settlement.finish_with(Some(usage));
+    } else if !parts.status.is_success() && !request_headers_grpc {
+        settlement.release();
+    } else {
+        let content_type = parts.headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes);
+        settlement.scan = match content_type {
+            Some(ct) if ct.starts_with(b"text/event-stream") => Scan::Sse(SseScanner::default()),
+            Some(ct) if ct.starts_with(b"application/json") && !streaming => {
+                Scan::json(config.max_scan)
+            }
+            _ => Scan::Nothing,
+        };
+    }
+    if let Some(s) = tokens_status {
+        put_token_headers(&mut parts.headers, s.limit, s.remaining, s.reset);
+    }
+    let settlement = (!settlement_done(&settlement)).then_some(settlement);
+    Ok(Response::from_parts(
+        parts,
+        ResponseBody::inner(TokenBody::new(body, settlement)),
+    ))
+}
+
+fn settlement_done(s: &Settlement) -> bool {
+    s.done
+}
+
+async fn read_body<B>(body: B, max: usize) -> Result<Bytes, &'static str>
+where
+    B: Body<Data = Bytes>,
+{
+    let mut body = std::pin::pin!(body);
+    let mut first: Option<Bytes> = None;
+    let mut rest: Option<BytesMut> = None;
+    let mut len = 0usize;
+    while let Some(frame) = body.as_mut().frame().await {
+        let frame = frame.map_err(|_| "unreadable_body")?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        len += data.len();
+        if len > max {
+            return Err("request_too_large");
+        }
+        match (&mut first, &mut rest) {
+            (None, _) => first = Some(data),
+            (Some(f), None) => {
+                let mut all = BytesMut::with_capacity(len);
+                all.extend_from_slice(f);
+                all.extend_from_slice(&data);
+                rest = Some(all);
+            }
+            (Some(_), Some(all)) => all.extend_from_slice(&data),
+        }
+    }
+    Ok(match (first, rest) {
+        (_, Some(all)) => all.freeze(),
+        (Some(f), None) => f,
+        (None, None) => Bytes::new(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Actual;
+    use crate::price::Price;
+    use crate::test_support::*;
+    use futures_util::stream;
+    use http_body::Frame;
+    use http_body_util::StreamBody;
+    use keygate_core::{Budget, ManualClock, Money, Period, Timestamp};
+    use std::convert::Infallible;
+    use std::num::NonZeroU64;
+    use std::sync::Mutex;
+    use tower::{ServiceBuilder, ServiceExt};
+
+    const MINI: &str = "gpt-4o-mini";
+
+    fn prices() -> PriceTable {
+        PriceTable::new()
+            .with_price(
+                MINI,
+                Price::per_million(Money::from_micros(150_000), Money::from_micros(600_000)),
+            )
+            .unwrap()
+    }
+
+    fn start() -> Timestamp {
+        Timestamp::parse_rfc3339("2026-03-31T23:59:00Z").unwrap()
+    }
+
+    fn layer(manual: &ManualClock) -> TokenLimitLayer {
+        TokenLimitLayer::default()
+            .with_clock(manual.clock())
+            .with_prices(prices())
+    }
+
+    fn day_budget(dollars_nanos: u64) -> Budget {
+        Budget {
+            amount: Money::from_nanos(dollars_nanos),
+            period: Period::Day,
+            model: None,
+        }
+    }
+
+    fn budget_used(layer: &TokenLimitLayer, owner: &str, now: Timestamp) -> u64 {
+        let (start, end) = Period::Day.window(now);
+        let key = format!("key\u{1f}{owner}\u{1f}budget\u{1f}day\u{1f}*");
+        layer
+            .backend()
+            .used(&key, Window::Fixed { start, end }, u64::MAX, now)
+            .unwrap_or(0)
+    }
+
+    fn tpm_used(layer: &TokenLimitLayer, owner: &str, now: Timestamp) -> u64 {
+        let key = format!("key\u{1f}{owner}\u{1f}tpm");
+        let window = Window::Rate {
+            per: Duration::from_secs(60),
+        };
+        layer
+            .backend()
+            .used(&key, window, 1_000_000, now)
+            .unwrap_or(0)
+    }
+
+    fn chat(p: &Principal, body: &str) -> Request<Full<Bytes>> {
+        let mut r = Request::post("/v1/chat/completions")
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap();
+        r.extensions_mut().insert(p.clone());
+        r
+    }
+
+    fn json_response(body: &'static str) -> Response<Full<Bytes>> {
+        Response::builder()
+            .header(CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from_static(body.as_bytes())))
+            .unwrap()
+    }
+
+    const USAGE_JSON: &str =
+        r#"{"choices":[],"usage":{"prompt_tokens":100,"completion_tokens":50,"total_tokens":150}}"#;
+    // 100 × $0.15/M + 50 × $0.60/M.
+    const USAGE_COST: u64 = 15_000 + 30_000;
+
+    #[tokio::test]
+    async fn json_response_settles_once_at_actual_usage_and_reports_the_meter() {
+        let manual = ManualClock::new(start());
+        let layer = layer(&manual);
+        let svc = ServiceBuilder::new().layer(layer.clone()).service_fn(
+            |_r: Request<RequestBody<Full<Bytes>>>| async {
+                Ok::<_, Infallible>(json_response(USAGE_JSON))
+            },
+        );
+        let p = principal_with(|k, _| {
+            k.budgets.push(day_budget(1_000_000_000));
+            k.tokens_per_minute = NonZeroU64::new(100_000);
+        });
+        let meter = UsageMeter::new();
+        let mut req = chat(&p, r#"{"model":"gpt-4o-mini","max_tokens":1000}"#);
+        req.extensions_mut().insert(meter.clone());
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["x-ratelimit-limit-tokens"], "100000");
+        // Reserved while the body is unread: more than the actual.
+        assert!(budget_used(&layer, "key_a", manual.now()) > USAGE_COST);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, USAGE_JSON.as_bytes());
+        assert_eq!(budget_used(&layer, "key_a", manual.now()), USAGE_COST);
+        assert_eq!(tpm_used(&layer, "key_a", manual.now()), 150);
+        assert_eq!(meter.usage(), Some(Usage::new(100, 50)));
+        assert_eq!(meter.cost(), Some(Money::from_nanos(USAGE_COST)));
+    }
+
+    #[tokio::test]
+    async fn usage_extension_from_the_handler_settles_at_once() {
+        let manual = ManualClock::new(start());
+        let layer = layer(&manual);
+        let svc = ServiceBuilder::new().layer(layer.clone()).service_fn(
+            |_r: Request<RequestBody<Full<Bytes>>>| async {
+                let mut res = Response::new(Full::new(Bytes::from_static(b"x")));
+                res.extensions_mut().insert(Usage::new(10, 0));
+                Ok::<_, Infallible>(res)
+            },
+        );
+        let p = principal_with(|k, _| k.budgets.push(day_budget(1_000_000)));
+        let res = svc
+            .oneshot(chat(&p, r#"{"model":"gpt-4o-mini","max_tokens":1}"#))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(budget_used(&layer, "key_a", manual.now()), 1500);
+        drop(res);
+        assert_eq!(budget_used(&layer, "key_a", manual.now()), 1500);
+    }
+
+    fn sse_frames() -> Vec<&'static str> {
+        vec![
+            "data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n",
+            "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":",
+            "100,\"completion_tokens\":50,\"total_tokens\":150}}\n\ndata: [DONE]\n\n",
+        ]
+    }
+
+    type Sse = StreamBody<stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+    fn sse_response() -> Response<Sse> {
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> = sse_frames()
+            .into_iter()
+            .map(|f| Ok(Frame::data(Bytes::from_static(f.as_bytes()))))
+            .collect();
+        Response::builder()
+            .header(CONTENT_TYPE, "text/event-stream")
+            .body(StreamBody::new(stream::iter(frames)))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn streamed_response_settles_from_its_usage_chunk_and_gets_include_usage() {
+        let manual = ManualClock::new(start());
+        let layer = layer(&manual);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        let svc = ServiceBuilder::new().layer(layer.clone()).service_fn(
+            move |r: Request<RequestBody<Full<Bytes>>>| {
+                let seen = seen2.clone();
+                async move {
+                    let len = r.headers()[CONTENT_LENGTH].clone();
+                    let body = r.into_body().collect().await.unwrap().to_bytes();
+                    assert_eq!(len, body.len().to_string().as_str());
+                    seen.lock().unwrap().push(body);
+                    Ok::<_, Infallible>(sse_response())
+                }
+            },
+        );
+        let p = principal_with(|k, _| k.budgets.push(day_budget(1_000_000_000)));
+        let sent = r#"{"model":"gpt-4o-mini","stream":true}"#;
+        let mut req = chat(&p, sent);
+        req.headers_mut()
+            .insert(CONTENT_LENGTH, HeaderValue::from(sent.len()));
+        let res = svc.oneshot(req).await.unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, sse_frames().concat().as_bytes());
+        assert_eq!(budget_used(&layer, "key_a", manual.now()), USAGE_COST);
+        assert_eq!(
+            seen.lock().unwrap()[0],
+            br#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true}}"#[..]
+        );
+    }
+
+    async fn disconnect_after_first_frame(layer: &TokenLimitLayer, p: &Principal) {
+        let svc = ServiceBuilder::new().layer(layer.clone()).service_fn(
+            |_r: Request<RequestBody<Full<Bytes>>>| async { Ok::<_, Infallible>(sse_response()) },
+        );
+        let res = svc
+            .oneshot(chat(
+                p,
+                r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":100}"#,
+            ))
+            .await
+            .unwrap();
+        let mut body = res.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(first.is_data());
+        drop(body);
+    }
+
+    #[tokio::test]
+    async fn disconnect_mid_stream_settles_once_at_the_reservation() {
+        let manual = ManualClock::new(start());
+        let layer = layer(&manual);
+        let p = principal_with(|k, _| k.budgets.push(day_budget(1_000_000_000)));
+        disconnect_after_first_frame(&layer, &p).await;
+        let body_len = r#"{"model":"gpt-4o-mini","stream":true,"max_tokens":100}"#.len() as u64;
+        let estimate = Usage::new(body_len.div_ceil(4), 100);
+        let cost = prices().price(MINI).unwrap().cost(estimate).as_nanos();
+        assert_eq!(budget_used(&layer, "key_a", manual.now()), cost);
+    }
+
+    #[tokio::test]
+    async fn disconnect_after_the_usage_chunk_can_settle_at_usage_seen() {
+        let manual = ManualClock::new(start());
+        let layer = layer(&manual).with_on_disconnect(OnDisconnect::UsageSeen);
+        let svc = ServiceBuilder::new().layer(layer.clone()).service_fn(
+            |_r: Request<RequestBody<Full<Bytes>>>| async { Ok::<_, Infallible>(sse_response()) },
+        );
+        let p = principal_with(|k, _| k.budgets.push(day_budget(1_000_000_000)));
+        let res = svc
+            .oneshot(chat(&p, r#"{"model":"gpt-4o-mini","stream":true}"#))
+            .await
+            .unwrap();
+        let mut body = res.into_body();
+        for _ in 0..3 {
+            body.frame().await.unwrap().unwrap();
+        }
+        drop(body);
+        assert_eq!(budget_used(&layer, "key_a", manual.now()), USAGE_COST);
+    }
+
+    #[tokio::test]
+    async fn budget_refuses_with_insufficient_quota_until_the_utc_day_turns() {
+        let manual = ManualClock::new(start());
+        let layer = layer(&manual).with_default_output_tokens(0);
+        let svc = ServiceBuilder::new().layer(layer.clone()).service_fn(
+            |_r: Request<RequestBody<Full<Bytes>>>| async {
+                Ok::<_, Infallible>(json_response(USAGE_JSON))
+            },
+        );
+        let p = principal_with(|k, _| k.budgets.push(day_budget(USAGE_COST + 10)));
+        let body = r#"{"model":"gpt-4o-mini","max_tokens":1}"#;
+        let res = svc.clone().oneshot(chat(&p, body)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        res.into_body().collect().await.unwrap();
+        let res = svc.clone().oneshot(chat(&p, body)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        let denial = res.extensions().get::<Denial>().unwrap();
+        assert_eq!(denial.code(), "insufficient_quota");
+        // Until 00:00 UTC: 60 s away.
+        assert_eq!(res.headers()["retry-after"], "60");
+        manual.advance(Duration::from_secs(59));
+        let res = svc.clone().oneshot(chat(&p, body)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        manual.advance(Duration::from_secs(1));
+        let res = svc.clone().oneshot(chat(&p, body)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn token_rate_refuses_with_rate_limit_exceeded_and_token_headers() {
+        let manual = ManualClock::new(start());
+        let layer = layer(&manual);
+        let svc = ServiceBuilder::new().layer(layer.clone()).service_fn(
+            |_r: Request<RequestBody<Full<Bytes>>>| async {
+                Ok::<_, Infallible>(json_response(
+                    r#"{"usage":{"prompt_tokens":10,"completion_tokens":90}}"#,
+                ))
+            },
+        );
+        let p = principal_with(|k, _| k.tokens_per_minute = NonZeroU64::new(150));
+        let body = r#"{"model":"gpt-4o-mini","max_tokens":92}"#; // 40 bytes: 10 + 92
+        let res = svc.clone().oneshot(chat(&p, body)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "48");
+        res.into_body().collect().await.unwrap();
+        let res = svc.clone().oneshot(chat(&p, body)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            res.extensions().get::<Denial>().unwrap().code(),
+            "rate_limit_exceeded"
+        );
+        assert_eq!(res.headers()["x-ratelimit-limit-tokens"], "150");
+        assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "50");
+        // 52 tokens over at 150/min: 20.8 s.
+        assert_eq!(res.headers()["retry-after-ms"], "20800");
+        assert_eq!(res.headers()["retry-after"], "21");
+    }
+
+    #[tokio::test]
+    async fn unpriced_model_under_a_budget_is_denied_or_counted_by_tokens() {
+        let manual = ManualClock::new(start());
+        let p = principal_with(|k, _| k.budgets.push(day_budget(1_000)));
+        let handler = |_r: Request<RequestBody<Full<Bytes>>>| async {
+            Ok::<_, Infallible>(json_response("{}"))
+        };
+        let deny = ServiceBuilder::new()
+            .layer(layer(&manual))
+            .service_fn(handler);
+        let res = deny.oneshot(chat(&p, r#"{"model":"o9"}"#)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            res.extensions().get::<Denial>().unwrap().code(),
+            "model_not_priced"
+        );
+        let count = ServiceBuilder::new()
+            .layer(layer(&manual).with_unpriced(Unpriced::CountTokensOnly))
+            .service_fn(handler);
+        let res = count.oneshot(chat(&p, r#"{"model":"o9"}"#)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn bad_bodies_are_refused() {
+        let manual = ManualClock::new(start());
+        let p = principal_with(|k, _| k.tokens_per_minute = NonZeroU64::new(1_000_000));
+        let svc = ServiceBuilder::new()
+            .layer(layer(&manual).with_max_body(64))
+            .service_fn(|_r: Request<RequestBody<Full<Bytes>>>| async {
+                Ok::<_, Infallible>(json_response("{}"))
+            });
+        let dup = r#"{"max_tokens":1,"max_tokens":100000}"#;
+        assert_eq!(
+            svc.clone().oneshot(chat(&p, dup)).await.unwrap().status(),
+            400
+        );
+        let big = format!(r#"{{"x":"{}"}}"#, "a".repeat(100));
+        assert_eq!(
+            svc.clone().oneshot(chat(&p, &big)).await.unwrap().status(),
+            413
+        );
+        let mut gz = chat(&p, "{}");
+        gz.headers_mut()
+            .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        assert_eq!(svc.clone().oneshot(gz).await.unwrap().status(), 415);
+    }
+
+    #[tokio::test]
+    async fn upstream_error_status_releases_the_reservation() {
+        let manual = ManualClock::new(start());
+        let layer = layer(&manual);
+        let svc = ServiceBuilder::new().layer(layer.clone()).service_fn(
+            |_r: Request<RequestBody<Full<Bytes>>>| async {
+                let mut res = json_response(r#"{"error":{}}"#);
+                *res.status_mut() = StatusCode::BAD_GATEWAY;
+                Ok::<_, Infallible>(res)
+            },
+        );
+        let p = principal_with(|k, _| k.budgets.push(day_budget(1_000_000_000)));
+        let res = svc
+            .oneshot(chat(&p, r#"{"model":"gpt-4o-mini"}"#))
+            .await
+            .unwrap();
+        res.into_body().collect().await.unwrap();
+        assert_eq!(budget_used(&layer, "key_a", manual.now()), 0);
+    }
+
+    #[tokio::test]
+    async fn key_without_token_limits_passes_untouched_and_missing_principal_is_401() {
+        let manual = ManualClock::new(start());
+        let svc = ServiceBuilder::new().layer(layer(&manual)).service_fn(
+            |r: Request<RequestBody<Full<Bytes>>>| async move {
+                // The original body, not a buffered copy.
+                assert!(format!("{:?}", r.body()).contains("Inner"));
+                Ok::<_, Infallible>(json_response("{}"))
+            },
+        );
+        let p = principal_with(|_, _| {});
+        assert_eq!(
+            svc.clone().oneshot(chat(&p, "{}")).await.unwrap().status(),
+            200
+        );
+        let res = svc.oneshot(Request::new(empty())).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    }
+
+    #[tokio::test]
+    async fn suspended_key_is_refused_and_a_spike_suspends() {
+        let manual = ManualClock::new(start());
+        let guard = WalletGuard::new()
+            .with_clock(manual.clock())
+            .with_ceiling(Some(200), None);
+        let layer = layer(&manual).with_guard(guard.clone());
+        let svc = ServiceBuilder::new().layer(layer).service_fn(
+            |_r: Request<RequestBody<Full<Bytes>>>| async {
+                Ok::<_, Infallible>(json_response(USAGE_JSON))
+            },
+        );
+        let p = principal_with(|_, _| {});
+        for _ in 0..2 {
+            let res = svc.clone().oneshot(chat(&p, "{}")).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            res.into_body().collect().await.unwrap();
+        }
+        assert!(guard.is_suspended("key_a"));
+        let res = svc.clone().oneshot(chat(&p, "{}")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            res.extensions().get::<Denial>().unwrap().code(),
+            "key_suspended"
+        );
+        guard.reinstate("key_a");
+        assert_eq!(
+            svc.oneshot(chat(&p, "{}")).await.unwrap().status(),
+            StatusCode::OK
+        );
+    }
+
+    #[test]
+    fn thousand_concurrent_requests_admit_exactly_what_fits() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .build()
+            .unwrap();
+        let body = r#"{"model":"gpt-4o-mini","max_tokens":100}"#;
+        let estimate = Usage::new((body.len() as u64).div_ceil(4), 100);
+        let cost = prices().price(MINI).unwrap().cost(estimate).as_nanos();
+        let fits = 137u64;
+        type Setup = fn(&mut Limits, u64, u64);
+        let cases: [(Setup, &str); 2] = [
+            (
+                |k, _tokens, cost| k.budgets.push(day_budget(cost * 137 + cost / 2)),
+                "budget",
+            ),
+            (
+                |k, tokens, _cost| k.tokens_per_minute = NonZeroU64::new(tokens * 137 + 1),
+                "tpm",
+            ),
+        ];
+        for (setup, name) in cases {
+            let manual = ManualClock::new(start());
+            let layer = layer(&manual);
+            let p = principal_with(|k, _| setup(k, estimate.total_tokens, cost));
+            let admitted = rt.block_on(async {
+                let svc = ServiceBuilder::new().layer(layer.clone()).service_fn(
+                    move |_r: Request<RequestBody<Full<Bytes>>>| async move {
+                        tokio::task::yield_now().await;
+                        let mut res = Response::new(Full::new(Bytes::new()));
+                        res.extensions_mut().insert(estimate);
+                        Ok::<_, Infallible>(res)
+                    },
+                );
+                let tasks: Vec<_> = (0..1000)
+                    .map(|_| {
+                        let svc = svc.clone();
+                        let req = chat(&p, body);
+                        tokio::spawn(async move {
+                            let res = svc.oneshot(req).await.unwrap();
+                            res.status() == StatusCode::OK
+                        })
+                    })
+                    .collect();
+                let mut n = 0u64;
+                for t in tasks {
+                    n += u64::from(t.await.unwrap());
+                }
+                n
+            });
+            assert_eq!(admitted, fits, "{name}");
+            if name == "budget" {
+                assert_eq!(budget_used(&layer, "key_a", manual.now()), cost * fits);
+            } else {
+                assert_eq!(
+                    tpm_used(&layer, "key_a", manual.now()),
+                    estimate.total_tokens * fits
+                );
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn works_under_axum_with_the_rate_layer() {
+        use axum::routing::post;
+        let manual = ManualClock::new(start());
+        let layer = layer(&manual);
+        let router = axum::Router::new().route(
+            "/v1/chat/completions",
+            post(|| async { ([(CONTENT_TYPE, "application/json")], USAGE_JSON) }),
+        );
+        let p = principal_with(|k, _| {
+            k.budgets.push(day_budget(1_000_000_000));
+            k.requests_per_minute = std::num::NonZeroU32::new(5);
+        });
+        let svc = ServiceBuilder::new()
+            .layer(crate::RateLimitLayer::new().with_clock(manual.clock()))
+            .layer(layer.clone())
+            .service(router);
+        let res = svc
+            .oneshot(chat(&p, r#"{"model":"gpt-4o-mini"}"#))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["x-ratelimit-remaining-requests"], "4");
+        res.into_body().collect().await.unwrap();
+        assert_eq!(budget_used(&layer, "key_a", manual.now()), USAGE_COST);
+    }
+
+    #[tokio::test]
+    async fn grpc_passes_both_layers_without_buffering() {
+        let manual = ManualClock::new(start());
+        let (_reporter, health) = tonic_health::server::health_reporter();
+        let p = principal_with(|k, _| {
+            k.tokens_per_minute = NonZeroU64::new(10_000);
+            k.requests_per_minute = std::num::NonZeroU32::new(5);
+        });
+        let layer = layer(&manual).with_default_output_tokens(10);
+        let svc = ServiceBuilder::new()
+            .layer(crate::RateLimitLayer::new().with_clock(manual.clock()))
+            .layer(layer.clone())
+            .service(health);
+        let mut req = Request::post("/grpc.health.v1.Health/Check")
+            .header(CONTENT_TYPE, "application/grpc")
+            .header("te", "trailers")
+            .body(Full::new(Bytes::from_static(&[0, 0, 0, 0, 0])))
+            .unwrap();
+        req.extensions_mut().insert(p.clone());
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["x-ratelimit-remaining-requests"], "4");
+        let collected = res.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        // No usage reported: settled at the reservation (the default output ceiling).
+        assert_eq!(tpm_used(&layer, "key_a", manual.now()), 10);
+    }
+
+    /// Counts how reservations end, over the memory backend.
+    #[derive(Default)]
+    struct Counting {
+        inner: MemoryBackend,
+        reserved: std::sync::atomic::AtomicUsize,
+        ended: std::sync::atomic::AtomicUsize,
+        fail: bool,
+    }
+
+    impl LimitBackend for Counting {
+        fn reserve(
+            &self,
+            charges: Vec<Charge>,
+            now: keygate_core::Timestamp,
+        ) -> impl Future<Output = Result<crate::backend::Reservation, ReserveError>> + Send + 'static
+        {
+            let r = if self.fail {
+                Err(ReserveError::Backend(crate::backend::BackendError(
+                    "down".into(),
+                )))
+            } else {
+                self.reserved
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.inner
+                    .reserve_now(charges, now)
+                    .map_err(ReserveError::Exceeded)
+            };
+            std::future::ready(r)
+        }
+        fn settle(
+            &self,
+            reservation: crate::backend::Reservation,
+            actual: Actual,
+            now: keygate_core::Timestamp,
+        ) -> impl Future<Output = Result<(), crate::backend::BackendError>> + Send + 'static
+        {
+            self.ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.settle_now(reservation, actual, now);
+            std::future::ready(Ok(()))
+        }
+        fn release(
+            &self,
+            reservation: crate::backend::Reservation,
+            now: keygate_core::Timestamp,
+        ) -> impl Future<Output = Result<(), crate::backend::BackendError>> + Send + 'static
+        {
+            self.ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.release_now(reservation, now);
+            std::future::ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn every_kind_of_response_ends_its_reservation_exactly_once() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let manual = ManualClock::new(start());
+        let backend = Arc::new(Counting::default());
+        let layer = TokenLimitLayer::with_shared_backend(backend.clone())
+            .with_clock(manual.clock())
+            .with_prices(prices());
+        let p = principal_with(|k, _| k.budgets.push(day_budget(1_000_000_000)));
+        let svc = ServiceBuilder::new().layer(layer).service_fn(
+            |r: Request<RequestBody<Full<Bytes>>>| async move {
+                let streaming = r.into_body().collect().await.unwrap().to_bytes();
+                let res = if memchr::memmem::find(&streaming, b"stream").is_some() {
+                    sse_response().map(http_body_util::Either::Left)
+                } else {
+                    json_response(USAGE_JSON).map(http_body_util::Either::Right)
+                };
+                Ok::<_, Infallible>(res)
+            },
+        );
+        // Non-streaming, read to the end and then dropped.
+        let res = svc
+            .clone()
+            .oneshot(chat(&p, r#"{"model":"gpt-4o-mini"}"#))
+            .await
+            .unwrap();
+        res.into_body().collect().await.unwrap();
+        assert_eq!(
+            (backend.reserved.load(SeqCst), backend.ended.load(SeqCst)),
+            (1, 1)
+        );
+        // Streaming, read to the end.
+        let res = svc
+            .clone()
+            .oneshot(chat(&p, r#"{"model":"gpt-4o-mini","stream":true}"#))
+            .await
+            .unwrap();
+        res.into_body().collect().await.unwrap();
+        assert_eq!(
+            (backend.reserved.load(SeqCst), backend.ended.load(SeqCst)),
+            (2, 2)
+        );
+        // Streaming, dropped after one frame.
+        let res = svc
+            .clone()
+            .oneshot(chat(&p, r#"{"model":"gpt-4o-mini","stream":true}"#))
+            .await
+            .unwrap();
+        let mut body = res.into_body();
+        body.frame().await.unwrap().unwrap();
+        assert_eq!(backend.ended.load(SeqCst), 2);
+        drop(body);
+        assert_eq!(
+            (backend.reserved.load(SeqCst), backend.ended.load(SeqCst)),
+            (3, 3)
+        );
+        // Response never polled: dropped with its body unread.
+        let res = svc
+            .clone()
+            .oneshot(chat(&p, r#"{"model":"gpt-4o-mini"}"#))
+            .await
+            .unwrap();
+        drop(res);
+        assert_eq!(
+            (backend.reserved.load(SeqCst), backend.ended.load(SeqCst)),
+            (4, 4)
+        );
+        // All of it settled at the actual usage but the dropped ones.
+        let used = backend.inner.used(
+            "key\u{1f}key_a\u{1f}budget\u{1f}day\u{1f}*",
+            {
+                let (start, end) = Period::Day.window(manual.now());
+                Window::Fixed { start, end }
+            },
+            u64::MAX,
+            manual.now(),
+        );
+        assert!(used.unwrap() > 2 * USAGE_COST);
+    }
+
+    #[tokio::test]
+    async fn backend_failure_fails_closed_with_503() {
+        let manual = ManualClock::new(start());
+        let backend = Counting {
+            fail: true,
+            ..Counting::default()
+        };
+        let layer = TokenLimitLayer::new(backend)
+            .with_clock(manual.clock())
+            .with_prices(prices());
+        let svc = ServiceBuilder::new().layer(layer).service_fn(
+            |_r: Request<RequestBody<Full<Bytes>>>| async {
+                Ok::<_, Infallible>(json_response("{}"))
+            },
+        );
+        let p = principal_with(|k, _| k.tokens_per_minute = NonZeroU64::new(1_000_000));
+        let res = svc.oneshot(chat(&p, "{}")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn non_json_bodies_pass_unread_and_reserve_the_output_ceiling() {
+        let manual = ManualClock::new(start());
+        let layer = layer(&manual).with_default_output_tokens(7);
+        let svc = ServiceBuilder::new().layer(layer.clone()).service_fn(
+            |r: Request<RequestBody<Full<Bytes>>>| async move {
+                assert!(format!("{:?}", r.body()).contains("Inner"));
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            },
+        );
+        let p = principal_with(|k, _| k.tokens_per_minute = NonZeroU64::new(1_000));
+        let mut req = Request::post("/v1/audio/transcriptions")
+            .header(CONTENT_TYPE, "multipart/form-data; boundary=x")
+            .body(Full::new(Bytes::from(vec![b'x'; 100_000])))
+            .unwrap();
+        req.extensions_mut().insert(p.clone());
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        res.into_body().collect().await.unwrap();
+        assert_eq!(tpm_used(&layer, "key_a", manual.now()), 7);
+    }
+
+    #[test]
+    fn reserved_amounts_are_what_a_dropped_settlement_charges() {
+        let r = crate::backend::Reservation::default();
+        assert_eq!(crate::backend::reserved_amounts(&r), Actual::default());
+    }
+}

@@ -1,0 +1,229 @@
+//! [`ScopeLayer`]: configuration of the scope check.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use keygate_core::{ClientIp, Clock};
+use tower_layer::Layer;
+
+use crate::ip::TrustedProxies;
+use crate::policy::{Policy, PolicyConfig, PolicyConfigError};
+use crate::route::{RouteConfig, RouteError, RouteSpec, RouteTable};
+use crate::service::Scope;
+
+/// The default body limit for reading a request's model: 8 MiB.
+pub const DEFAULT_BODY_LIMIT: usize = 8 * 1024 * 1024;
+
+/// Reads the connection's peer address from request extensions.
+pub type PeerAddrFn = fn(&http::Extensions) -> Option<IpAddr>;
+
+/// The default peer reader: a [`ClientIp`] the host inserted, then (with the `axum` feature)
+/// `axum::extract::ConnectInfo<SocketAddr>`, then a bare `SocketAddr` extension.
+pub fn default_peer_addr(ext: &http::Extensions) -> Option<IpAddr> {
+    if let Some(ClientIp(ip)) = ext.get::<ClientIp>() {
+        return Some(*ip);
+    }
+    #[cfg(feature = "axum")]
+    if let Some(info) = ext.get::<axum::extract::ConnectInfo<std::net::SocketAddr>>() {
+        return Some(info.0.ip());
+    }
+    ext.get::<std::net::SocketAddr>().map(|a| a.ip())
+}
+
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) routes: RouteTable,
+    pub(crate) body_limit: usize,
+    pub(crate) proxies: TrustedProxies,
+    pub(crate) peer: PeerAddrFn,
+    pub(crate) policies: Vec<Arc<dyn Policy>>,
+    pub(crate) clock: Clock,
+}
+
+/// Checks every request against the caller's rights: route → endpoint group and access,
+/// permission, client address, model, and policies. See the [crate docs](crate).
+#[derive(Clone)]
+#[must_use]
+pub struct ScopeLayer {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl fmt::Debug for ScopeLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScopeLayer")
+            .field("routes", &self.shared.routes.len())
+            .field("body_limit", &self.shared.body_limit)
+            .field("trusted_proxies", &self.shared.proxies)
+            .field("policies", &self.shared.policies.len())
+            .finish()
+    }
+}
+
+impl ScopeLayer {
+    /// Checks requests against `routes`.
+    pub fn new(routes: RouteTable) -> Self {
+        ScopeLayer {
+            shared: Arc::new(Shared {
+                routes,
+                body_limit: DEFAULT_BODY_LIMIT,
+                proxies: TrustedProxies::default(),
+                peer: default_peer_addr,
+                policies: Vec::new(),
+                clock: Clock::system(),
+            }),
+        }
+    }
+
+    /// Checks requests against the [`RouteTable::openai`] preset.
+    pub fn openai() -> Self {
+        ScopeLayer::new(RouteTable::openai())
+    }
+
+    fn shared_mut(&mut self) -> &mut Shared {
+        Arc::make_mut(&mut self.shared)
+    }
+
+    /// The most bytes of a body read to find its model (default [`DEFAULT_BODY_LIMIT`]);
+    /// larger bodies on model routes get 413.
+    pub fn with_body_limit(mut self, limit: usize) -> Self {
+        self.shared_mut().body_limit = limit;
+        self
+    }
+
+    /// Believes the forwarding header from these proxies.
+    ///
+    /// # Security
+    ///
+    /// See [`TrustedProxies`]: a trusted address can claim to forward for any client.
+    pub fn with_trusted_proxies(mut self, proxies: TrustedProxies) -> Self {
+        self.shared_mut().proxies = proxies;
+        self
+    }
+
+    /// Reads the connection's peer address with `peer` instead of [`default_peer_addr`]
+    /// (for example from tonic's `TcpConnectInfo`).
+    pub fn with_peer_addr(mut self, peer: PeerAddrFn) -> Self {
+        self.shared_mut().peer = peer;
+        self
+    }
+
+    /// Adds a policy, evaluated after the built-in checks; every policy must allow.
+    pub fn with_policy(mut self, policy: impl Policy) -> Self {
+        self.shared_mut().policies.push(Arc::new(policy));
+        self
+    }
+
+    /// The clock policies see.
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.shared_mut().clock = clock;
+        self
+    }
+
+    /// The route table.
+    pub fn routes(&self) -> &RouteTable {
+        &self.shared.routes
+    }
+}
+
+/// The scope layer as written in config.
+///
+/// ```toml
+/// openai_preset = true        # default true
+/// body_limit = 8388608        # bytes; default 8 MiB
+///
+/// [trusted_proxies]
+/// ranges = ["10.0.0.0/8"]
+/// header = "x_forwarded_for"  # or "forwarded"
+///
+/// [[routes]]
+/// method = "POST"
+/// path = "/openai/deployments/{model}/chat/completions"
+/// group = "chat.completions"
+/// model = [{ path = "model" }, "json"]
+///
+/// [[policies]]
+/// type = "require_group"
+/// group = "ml"
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeConfig {
+    /// Start from the OpenAI preset (default true).
+    #[serde(default = "yes")]
+    pub openai_preset: bool,
+    /// Routes, added to the preset if it is on.
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+    /// Body limit in bytes for reading a model.
+    #[serde(default = "default_limit")]
+    pub body_limit: usize,
+    /// Proxies whose forwarding header is believed.
+    #[serde(default)]
+    pub trusted_proxies: TrustedProxies,
+    /// Built-in policies.
+    #[serde(default)]
+    pub policies: Vec<PolicyConfig>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_limit() -> usize {
+    DEFAULT_BODY_LIMIT
+}
+
+impl Default for ScopeConfig {
+    fn default() -> Self {
+        ScopeConfig {
+            openai_preset: true,
+            routes: Vec::new(),
+            body_limit: DEFAULT_BODY_LIMIT,
+            trusted_proxies: TrustedProxies::default(),
+            policies: Vec::new(),
+        }
+    }
+}
+
+/// Why a [`ScopeConfig`] is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScopeConfigError {
+    /// A bad route.
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    /// A bad policy.
+    #[error(transparent)]
+    Policy(#[from] PolicyConfigError),
+}
+
+impl ScopeLayer {
+    /// A layer from config (the clock is the system clock; see [`ScopeLayer::with_clock`]).
+    ///
+    /// # Errors
+    ///
+    /// A bad route or policy.
+    pub fn from_config(config: &ScopeConfig) -> Result<Self, ScopeConfigError> {
+        let routes = RouteTable::from_config(&RouteConfig {
+            openai_preset: config.openai_preset,
+            routes: config.routes.clone(),
+        })?;
+        let mut layer = ScopeLayer::new(routes)
+            .with_body_limit(config.body_limit)
+            .with_trusted_proxies(config.trusted_proxies.clone());
+        for p in &config.policies {
+            let policy = p.build()?;
+            layer.shared_mut().policies.push(policy);
+        }
+        Ok(layer)
+    }
+}
+
+impl<S> Layer<S> for ScopeLayer {
+    type Service = Scope<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Scope::new(inner, self.shared.clone())
+    }
+}

@@ -1,0 +1,230 @@
+//! The path check: a path is accepted only when every router and upstream reads it the same.
+
+/// Why a path was refused as ambiguous.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PathError {
+    /// The path does not start with `/`.
+    #[error("the path must start with '/'")]
+    NotAbsolute,
+    /// A `\` (raw or percent-encoded).
+    #[error("the path contains a backslash")]
+    Backslash,
+    /// A percent-encoded `/`.
+    #[error("the path contains an encoded slash")]
+    EncodedSlash,
+    /// A percent-encoded character that needs no encoding (`%2e`, `%61`), an encoded `%`, or
+    /// an encoded control or non-ASCII byte: each is read differently by different servers.
+    #[error("the path contains an ambiguous percent-encoding")]
+    EncodedUnreserved,
+    /// A `%` not followed by two hex digits.
+    #[error("the path contains an invalid percent-encoding")]
+    BadPercent,
+    /// A `.` or `..` segment (or any segment of dots only).
+    #[error("the path contains a dot segment")]
+    DotSegment,
+    /// An empty segment inside the path (`//`).
+    #[error("the path contains an empty segment")]
+    EmptySegment,
+    /// A `;` (path parameters, read by some servers only).
+    #[error("the path contains ';'")]
+    Semicolon,
+    /// A byte outside printable ASCII.
+    #[error("the path contains a byte outside printable ASCII")]
+    NonAscii,
+}
+
+impl PathError {
+    /// A short machine-readable name, for audit details.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PathError::NotAbsolute => "path_not_absolute",
+            PathError::Backslash => "path_backslash",
+            PathError::EncodedSlash => "path_encoded_slash",
+            PathError::EncodedUnreserved => "path_ambiguous_encoding",
+            PathError::BadPercent => "path_bad_percent_encoding",
+            PathError::DotSegment => "path_dot_segment",
+            PathError::EmptySegment => "path_empty_segment",
+            PathError::Semicolon => "path_semicolon",
+            PathError::NonAscii => "path_non_ascii",
+        }
+    }
+}
+
+#[inline]
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Checks that `path` (the raw path of the request URI, without the query) is unambiguous.
+///
+/// Accepted: `/` followed by segments of printable ASCII, where a percent-encoding is allowed
+/// only for characters that must be encoded anyway (reserved or unsafe punctuation such as
+/// `%20`, `%3A`). A trailing `/` is allowed here (it simply matches no route that lacks it,
+/// as in axum). Everything else is an error.
+///
+/// # Errors
+///
+/// The first ambiguity found.
+pub fn check_path(path: &str) -> Result<(), PathError> {
+    let bytes = path.as_bytes();
+    let n = bytes.len();
+    if bytes.first() != Some(&b'/') {
+        return Err(PathError::NotAbsolute);
+    }
+    let mut seg_start = 1;
+    let mut only_dots = true;
+    let mut i = 1;
+    loop {
+        let run = i;
+        while i < n && PLAIN[bytes[i] as usize] {
+            i += 1;
+        }
+        if i > run {
+            only_dots = false;
+        }
+        if i == n {
+            // The end: an empty last segment is a trailing slash (allowed).
+            if i > seg_start && only_dots {
+                return Err(PathError::DotSegment);
+            }
+            return Ok(());
+        }
+        match bytes[i] {
+            b'/' => {
+                if i == seg_start {
+                    return Err(PathError::EmptySegment);
+                }
+                if only_dots {
+                    return Err(PathError::DotSegment);
+                }
+                i += 1;
+                seg_start = i;
+                only_dots = true;
+            }
+            b'.' => i += 1,
+            b'\\' => return Err(PathError::Backslash),
+            b';' => return Err(PathError::Semicolon),
+            b'%' => {
+                only_dots = false;
+                let (Some(h), Some(l)) = (
+                    bytes.get(i + 1).copied().and_then(hex),
+                    bytes.get(i + 2).copied().and_then(hex),
+                ) else {
+                    return Err(PathError::BadPercent);
+                };
+                match (h << 4) | l {
+                    b'/' => return Err(PathError::EncodedSlash),
+                    b'\\' => return Err(PathError::Backslash),
+                    c if c.is_ascii_alphanumeric()
+                        || matches!(c, b'-' | b'.' | b'_' | b'~' | b'%')
+                        || !(0x20..0x7f).contains(&c) =>
+                    {
+                        return Err(PathError::EncodedUnreserved);
+                    }
+                    _ => {}
+                }
+                i += 3;
+            }
+            _ => return Err(PathError::NonAscii),
+        }
+    }
+}
+
+/// Printable ASCII that needs no further look: not `/`, `.`, `\\`, `;` or `%`.
+const PLAIN: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0x21;
+    while b < 0x7f {
+        t[b] = !matches!(b as u8, b'/' | b'.' | b'\\' | b';' | b'%');
+        b += 1;
+    }
+    t
+};
+
+/// Percent-decodes a path segment or query value that [`check_path`] (or the query parser)
+/// accepted. `None` if the result is not UTF-8.
+pub(crate) fn decode(s: &str) -> Option<std::borrow::Cow<'_, str>> {
+    percent_encoding::percent_decode_str(s).decode_utf8().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_paths_pass() {
+        for p in [
+            "/v1/chat/completions",
+            "/v1/models/gpt-4o",
+            "/v1/models/ft:gpt-4o:acme:x",
+            "/v1/models/",
+            "/",
+            "/v1/files/a%20b",
+            "/a/.b/c..d",
+        ] {
+            assert_eq!(check_path(p), Ok(()), "{p}");
+        }
+    }
+
+    #[test]
+    fn encoded_slash_is_rejected_in_any_case() {
+        assert_eq!(check_path("/v1/models/a%2fb"), Err(PathError::EncodedSlash));
+        assert_eq!(check_path("/v1/models/a%2Fb"), Err(PathError::EncodedSlash));
+    }
+
+    #[test]
+    fn backslash_raw_or_encoded_is_rejected() {
+        assert_eq!(check_path("/v1\\models"), Err(PathError::Backslash));
+        assert_eq!(check_path("/v1/%5cmodels"), Err(PathError::Backslash));
+        assert_eq!(check_path("/v1/%5Cmodels"), Err(PathError::Backslash));
+    }
+
+    #[test]
+    fn encoded_dot_and_unreserved_are_rejected() {
+        assert_eq!(
+            check_path("/v1/%2e%2e/x"),
+            Err(PathError::EncodedUnreserved)
+        );
+        assert_eq!(check_path("/v1/%2E/x"), Err(PathError::EncodedUnreserved));
+        assert_eq!(check_path("/v1/%63hat"), Err(PathError::EncodedUnreserved));
+        assert_eq!(check_path("/v1/%252e"), Err(PathError::EncodedUnreserved));
+        assert_eq!(check_path("/v1/%00"), Err(PathError::EncodedUnreserved));
+        assert_eq!(check_path("/v1/%C3%A9"), Err(PathError::EncodedUnreserved));
+    }
+
+    #[test]
+    fn dot_segments_are_rejected() {
+        assert_eq!(check_path("/v1/../admin"), Err(PathError::DotSegment));
+        assert_eq!(check_path("/v1/./models"), Err(PathError::DotSegment));
+        assert_eq!(check_path("/v1/models/.."), Err(PathError::DotSegment));
+        assert_eq!(check_path("/v1/models/."), Err(PathError::DotSegment));
+        assert_eq!(check_path("/v1/.../x"), Err(PathError::DotSegment));
+    }
+
+    #[test]
+    fn empty_interior_segments_are_rejected() {
+        assert_eq!(check_path("//v1/models"), Err(PathError::EmptySegment));
+        assert_eq!(check_path("/v1//models"), Err(PathError::EmptySegment));
+        assert_eq!(check_path("/v1/models//"), Err(PathError::EmptySegment));
+    }
+
+    #[test]
+    fn semicolon_and_bad_percent_are_rejected() {
+        assert_eq!(check_path("/v1/models;x=1"), Err(PathError::Semicolon));
+        assert_eq!(check_path("/v1/a%zz"), Err(PathError::BadPercent));
+        assert_eq!(check_path("/v1/a%2"), Err(PathError::BadPercent));
+        assert_eq!(check_path("v1/models"), Err(PathError::NotAbsolute));
+    }
+
+    #[test]
+    fn non_ascii_is_rejected() {
+        assert_eq!(check_path("/v1/mod\u{e9}ls"), Err(PathError::NonAscii));
+        assert_eq!(check_path("/v1/a b"), Err(PathError::NonAscii));
+    }
+}

@@ -1,0 +1,1087 @@
+//! The route table: method + path → endpoint group, needed access, and where the model is.
+
+use std::sync::Arc;
+
+use http::Method;
+use keygate_core::{Access, EndpointGroup};
+use serde::{Deserialize, Serialize};
+
+/// Where a route's request names its model.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ModelIn {
+    /// The top-level `model` of a JSON object body.
+    Json,
+    /// The `model` field of a `multipart/form-data` body.
+    Multipart,
+    /// A JSON or multipart body, told apart by `Content-Type`.
+    Body,
+    /// The path parameter of this name (`{model}` in the route pattern).
+    Path(String),
+    /// The query parameter of this name.
+    Query(String),
+}
+
+/// One route as written in code or config.
+///
+/// ```toml
+/// [[routes]]
+/// method = "POST"
+/// path = "/v1/chat/completions"
+/// group = "chat.completions"
+/// model = ["json"]
+///
+/// [[routes]]
+/// method = "GET"
+/// path = "/v1/models/{model}"
+/// group = "models"
+/// model = [{ path = "model" }]
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// HTTP method (`GET`, `POST`, ...). A `GET` route also serves `HEAD`, as in axum.
+    pub method: String,
+    /// Path pattern: literal segments, `{name}` segments (optionally followed by a literal
+    /// suffix such as `{model}:generateContent`), and a trailing `{*name}` wildcard.
+    pub path: String,
+    /// The endpoint group the route belongs to.
+    pub group: String,
+    /// The access needed; by default Read for GET/HEAD/OPTIONS and Write otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<Access>,
+    /// Where the route's requests name their model (empty: the route carries none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub model: Vec<ModelIn>,
+    /// Whether a request to this route must name a model when the caller has model rules
+    /// (default true). Set false where the API has a default or inherits one (moderations,
+    /// runs inheriting the assistant's model).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub model_required: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+/// A route table as written in config: `routes = [...]`, optionally on top of the OpenAI preset.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// Start from [`RouteTable::openai`] and add `routes` to it.
+    #[serde(default)]
+    pub openai_preset: bool,
+    /// The routes.
+    #[serde(default)]
+    pub routes: Vec<RouteSpec>,
+}
+
+/// Why a route table could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouteError {
+    /// The method is not a valid HTTP method.
+    #[error("route {path}: invalid method {method:?}")]
+    BadMethod {
+        /// The route's path.
+        path: String,
+        /// The method as given.
+        method: String,
+    },
+    /// The pattern is malformed.
+    #[error("route {path}: {reason}")]
+    BadPattern {
+        /// The route's path.
+        path: String,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// Two routes with the same method and the same pattern shape.
+    #[error("route {method} {path} is defined twice")]
+    Duplicate {
+        /// The method.
+        method: String,
+        /// The path.
+        path: String,
+    },
+    /// A `model = { path = .. }` that names no parameter of the pattern.
+    #[error("route {path}: no path parameter named {name:?}")]
+    UnknownParam {
+        /// The route's path.
+        path: String,
+        /// The parameter named.
+        name: String,
+    },
+}
+
+/// Where, compiled, a route's model is to be found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ModelSources {
+    pub(crate) json: bool,
+    pub(crate) multipart: bool,
+    /// (segment index, suffix length) of the path parameter.
+    pub(crate) path: Option<(usize, usize)>,
+    pub(crate) query: Option<Box<str>>,
+    pub(crate) required: bool,
+}
+
+impl ModelSources {
+    /// Whether requests to the route name a model anywhere.
+    pub(crate) fn carries(&self) -> bool {
+        self.body() || self.path.is_some() || self.query.is_some()
+    }
+
+    pub(crate) fn body(&self) -> bool {
+        self.json || self.multipart
+    }
+}
+
+/// A compiled route.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    pub(crate) pattern: Arc<str>,
+    pub(crate) group: EndpointGroup,
+    pub(crate) access: Access,
+    pub(crate) model: ModelSources,
+}
+
+#[derive(Debug, Clone, Default)]
+struct MethodMap {
+    get: Option<u32>,
+    post: Option<u32>,
+    put: Option<u32>,
+    patch: Option<u32>,
+    delete: Option<u32>,
+    other: Vec<(Method, u32)>,
+}
+
+impl MethodMap {
+    fn slot(&mut self, method: &Method) -> Option<&mut Option<u32>> {
+        Some(match *method {
+            Method::GET => &mut self.get,
+            Method::POST => &mut self.post,
+            Method::PUT => &mut self.put,
+            Method::PATCH => &mut self.patch,
+            Method::DELETE => &mut self.delete,
+            _ => return None,
+        })
+    }
+
+    fn insert(&mut self, method: Method, id: u32) -> bool {
+        match self.slot(&method) {
+            Some(slot) => slot.replace(id).is_none(),
+            None => {
+                if self.other.iter().any(|(m, _)| *m == method) {
+                    return false;
+                }
+                self.other.push((method, id));
+                true
+            }
+        }
+    }
+
+    #[inline]
+    fn get(&self, method: &Method) -> Option<u32> {
+        match *method {
+            Method::GET => self.get,
+            Method::POST => self.post,
+            Method::PUT => self.put,
+            Method::PATCH => self.patch,
+            Method::DELETE => self.delete,
+            // axum answers HEAD with the GET route unless HEAD has its own.
+            Method::HEAD => self
+                .other
+                .iter()
+                .find(|(m, _)| m == method)
+                .map(|(_, id)| *id)
+                .or(self.get),
+            _ => self
+                .other
+                .iter()
+                .find(|(m, _)| m == method)
+                .map(|(_, id)| *id),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.get.is_none()
+            && self.post.is_none()
+            && self.put.is_none()
+            && self.patch.is_none()
+            && self.delete.is_none()
+            && self.other.is_empty()
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Node {
+    literals: Vec<(Box<str>, usize)>,
+    /// Parameter children: (literal suffix, child). An empty suffix is a plain `{name}`.
+    params: Vec<(Box<str>, usize)>,
+    wildcard: MethodMap,
+    end: MethodMap,
+}
+
+/// Method + path → route. Literal segments win over parameters, parameters over a wildcard;
+/// the match backtracks like axum's router. Case-sensitive; a trailing `/` is part of the
+/// path (`/v1/models/` is not `/v1/models`), as in axum.
+///
+/// Build one in code with [`RouteTable::builder`], from config with
+/// [`RouteTable::from_config`], or take the [`RouteTable::openai`] preset.
+#[derive(Debug, Clone)]
+pub struct RouteTable {
+    nodes: Vec<Node>,
+    routes: Vec<Route>,
+}
+
+/// A matched route.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Matched<'a> {
+    pub(crate) id: u32,
+    pub(crate) route: &'a Route,
+}
+
+enum Seg<'a> {
+    Literal(&'a str),
+    Param { name: &'a str, suffix: &'a str },
+    Wildcard,
+}
+
+fn parse_segment<'a>(seg: &'a str, path: &str, last: bool) -> Result<Seg<'a>, RouteError> {
+    let bad = |reason| RouteError::BadPattern {
+        path: path.to_owned(),
+        reason,
+    };
+    if seg.is_empty() {
+        return Err(bad("empty segment"));
+    }
+    if let Some(rest) = seg.strip_prefix('{') {
+        let Some(close) = rest.find('}') else {
+            return Err(bad("unclosed '{'"));
+        };
+        let (name, suffix) = (&rest[..close], &rest[close + 1..]);
+        if let Some(wild) = name.strip_prefix('*') {
+            if !last || !suffix.is_empty() || wild.is_empty() {
+                return Err(bad("a wildcard must be the whole last segment"));
+            }
+            return Ok(Seg::Wildcard);
+        }
+        if name.is_empty() || suffix.contains(['{', '}']) {
+            return Err(bad("bad parameter"));
+        }
+        return Ok(Seg::Param { name, suffix });
+    }
+    if seg.contains(['{', '}']) {
+        return Err(bad("a parameter must start its segment"));
+    }
+    if crate::path::check_path(&format!("/{seg}")).is_err() {
+        return Err(bad("literal segments must be plain printable ASCII"));
+    }
+    Ok(Seg::Literal(seg))
+}
+
+/// Builds a [`RouteTable`] in code.
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct RouteTableBuilder {
+    specs: Vec<RouteSpec>,
+}
+
+impl RouteTableBuilder {
+    /// Adds a route with the default access for its method and no model.
+    pub fn route(mut self, method: Method, path: &str, group: &str) -> Self {
+        self.specs.push(RouteSpec {
+            method: method.as_str().to_owned(),
+            path: path.to_owned(),
+            group: group.to_owned(),
+            access: None,
+            model: Vec::new(),
+            model_required: true,
+        });
+        self
+    }
+
+    /// Adds a route whose requests name a model in `model`.
+    pub fn model_route(mut self, method: Method, path: &str, group: &str, model: ModelIn) -> Self {
+        self = self.route(method, path, group);
+        if let Some(last) = self.specs.last_mut() {
+            last.model.push(model);
+        }
+        self
+    }
+
+    /// Adds a route as written in config.
+    pub fn spec(mut self, spec: RouteSpec) -> Self {
+        self.specs.push(spec);
+        self
+    }
+
+    /// Overrides the access of the route added last.
+    pub fn access(mut self, access: Access) -> Self {
+        if let Some(last) = self.specs.last_mut() {
+            last.access = Some(access);
+        }
+        self
+    }
+
+    /// Compiles the table.
+    ///
+    /// # Errors
+    ///
+    /// A bad method, a malformed pattern, a route defined twice, or a model parameter that
+    /// the pattern lacks.
+    pub fn build(self) -> Result<RouteTable, RouteError> {
+        let mut table = RouteTable {
+            nodes: vec![Node::default()],
+            routes: Vec::with_capacity(self.specs.len()),
+        };
+        for spec in self.specs {
+            table.add(spec)?;
+        }
+        Ok(table)
+    }
+}
+
+impl RouteTable {
+    /// An empty builder.
+    pub fn builder() -> RouteTableBuilder {
+        RouteTableBuilder::default()
+    }
+
+    /// A table from config.
+    ///
+    /// # Errors
+    ///
+    /// As [`RouteTableBuilder::build`].
+    pub fn from_config(config: &RouteConfig) -> Result<RouteTable, RouteError> {
+        let mut builder = if config.openai_preset {
+            RouteTableBuilder {
+                specs: openai_specs(),
+            }
+        } else {
+            RouteTable::builder()
+        };
+        builder.specs.extend(config.routes.iter().cloned());
+        builder.build()
+    }
+
+    /// The OpenAI API (`/v1/...`) with the endpoint groups of OpenAI's restricted keys:
+    /// `chat.completions`, `completions`, `responses`, `embeddings`, `images`,
+    /// `audio.transcriptions`, `audio.translations`, `audio.speech`, `moderations`,
+    /// `fine_tuning`, `files`, `uploads`, `batches`, `assistants`, `threads`,
+    /// `vector_stores`, `models`.
+    pub fn openai() -> RouteTable {
+        RouteTableBuilder {
+            specs: openai_specs(),
+        }
+        .build()
+        .expect("the OpenAI preset is valid")
+    }
+
+    /// The route specs of the OpenAI preset, to extend or edit before building.
+    pub fn openai_specs() -> Vec<RouteSpec> {
+        openai_specs()
+    }
+
+    fn add(&mut self, spec: RouteSpec) -> Result<(), RouteError> {
+        let method =
+            Method::from_bytes(spec.method.as_bytes()).map_err(|_| RouteError::BadMethod {
+                path: spec.path.clone(),
+                method: spec.method.clone(),
+            })?;
+        let Some(rest) = spec.path.strip_prefix('/') else {
+            return Err(RouteError::BadPattern {
+                path: spec.path.clone(),
+                reason: "a pattern must start with '/'",
+            });
+        };
+        let segs: Vec<&str> = rest.split('/').collect();
+        let mut node = 0usize;
+        let mut params = Vec::new();
+        let mut wildcard = false;
+        for (i, raw) in segs.iter().enumerate() {
+            match parse_segment(raw, &spec.path, i + 1 == segs.len())? {
+                Seg::Literal(lit) => {
+                    node = match self.nodes[node].literals.iter().find(|(l, _)| &**l == lit) {
+                        Some(&(_, child)) => child,
+                        None => {
+                            let child = self.nodes.len();
+                            self.nodes.push(Node::default());
+                            self.nodes[node].literals.push((lit.into(), child));
+                            child
+                        }
+                    };
+                }
+                Seg::Param { name, suffix } => {
+                    params.push((name, i, suffix.len()));
+                    node = match self.nodes[node].params.iter().find(|(s, _)| &**s == suffix) {
+                        Some(&(_, child)) => child,
+                        None => {
+                            let child = self.nodes.len();
+                            self.nodes.push(Node::default());
+                            // Longer suffixes first: the most specific wins.
+                            let list = &mut self.nodes[node].params;
+                            list.push((suffix.into(), child));
+                            list.sort_by_key(|(s, _)| std::cmp::Reverse(s.len()));
+                            child
+                        }
+                    };
+                }
+                Seg::Wildcard => wildcard = true,
+            }
+        }
+        let mut sources = ModelSources {
+            required: spec.model_required,
+            ..ModelSources::default()
+        };
+        for m in &spec.model {
+            match m {
+                ModelIn::Json => sources.json = true,
+                ModelIn::Multipart => sources.multipart = true,
+                ModelIn::Body => {
+                    sources.json = true;
+                    sources.multipart = true;
+                }
+                ModelIn::Path(name) => {
+                    let Some(&(_, i, suffix)) = params.iter().find(|(n, _, _)| n == name) else {
+                        return Err(RouteError::UnknownParam {
+                            path: spec.path.clone(),
+                            name: name.clone(),
+                        });
+                    };
+                    sources.path = Some((i, suffix));
+                }
+                ModelIn::Query(name) => sources.query = Some(name.as_str().into()),
+            }
+        }
+        let access = spec.access.unwrap_or(match method {
+            Method::GET | Method::HEAD | Method::OPTIONS => Access::Read,
+            _ => Access::Write,
+        });
+        let id = u32::try_from(self.routes.len()).expect("fewer than 2^32 routes");
+        self.routes.push(Route {
+            pattern: spec.path.as_str().into(),
+            group: EndpointGroup::new(spec.group.as_str()),
+            access,
+            model: sources,
+        });
+        let map = if wildcard {
+            &mut self.nodes[node].wildcard
+        } else {
+            &mut self.nodes[node].end
+        };
+        if !map.insert(method, id) {
+            return Err(RouteError::Duplicate {
+                method: spec.method,
+                path: spec.path,
+            });
+        }
+        Ok(())
+    }
+
+    /// Finds the route for `method` and `path` (a path [`check_path`](crate::check_path)
+    /// accepted). No allocation.
+    #[inline]
+    pub(crate) fn find(&self, method: &Method, path: &str) -> Option<Matched<'_>> {
+        let rest = path.strip_prefix('/')?;
+        let id = self.walk(0, rest.as_bytes(), method)?;
+        Some(Matched {
+            id,
+            route: &self.routes[id as usize],
+        })
+    }
+
+    fn walk(&self, node: usize, rest: &[u8], method: &Method) -> Option<u32> {
+        let n = &self.nodes[node];
+        let (seg, tail) = match rest.iter().position(|&b| b == b'/') {
+            Some(i) => (&rest[..i], Some(&rest[i + 1..])),
+            None => (rest, None),
+        };
+        let next = |child: usize| match tail {
+            Some(tail) => self.walk(child, tail, method),
+            None => self.nodes[child].end.get(method),
+        };
+        if let Some((_, child)) = n.literals.iter().find(|(lit, _)| same(lit.as_bytes(), seg))
+            && let Some(id) = next(*child)
+        {
+            return Some(id);
+        }
+        if !seg.is_empty() {
+            for (suffix, child) in &n.params {
+                if seg.len() > suffix.len()
+                    && same(suffix.as_bytes(), &seg[seg.len() - suffix.len()..])
+                    && let Some(id) = next(*child)
+                {
+                    return Some(id);
+                }
+            }
+            if !n.wildcard.is_empty() {
+                return n.wildcard.get(method);
+            }
+        }
+        None
+    }
+
+    pub(crate) fn route(&self, id: u32) -> &Route {
+        &self.routes[id as usize]
+    }
+
+    /// The route pattern, group and access for `method` and `path`, if any route matches.
+    /// For inspection and tests; the layer itself also checks the path first.
+    pub fn lookup(&self, method: &Method, path: &str) -> Option<(&str, &EndpointGroup, Access)> {
+        self.find(method, path)
+            .map(|m| (&*m.route.pattern, &m.route.group, m.route.access))
+    }
+
+    /// The number of routes.
+    pub fn len(&self) -> usize {
+        self.routes.len()
+    }
+
+    /// Whether the table has no routes.
+    pub fn is_empty(&self) -> bool {
+        self.routes.is_empty()
+    }
+}
+
+/// Byte equality without a `memcmp` call: segments are short, and the call costs more than
+/// the comparison.
+#[inline]
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x == y)
+}
+
+/// Extracts the path parameter at segment `index` (with `suffix_len` bytes of literal suffix)
+/// from `path`.
+pub(crate) fn path_param(path: &str, index: usize, suffix_len: usize) -> Option<&str> {
+    let seg = path.strip_prefix('/')?.split('/').nth(index)?;
+    seg.get(..seg.len().checked_sub(suffix_len)?)
+}
+
+fn openai_specs() -> Vec<RouteSpec> {
+    use ModelIn::{Body, Json, Multipart};
+    let mut specs = Vec::new();
+    let mut add =
+        |method: &str, path: &str, group: &str, model: Option<ModelIn>, required: bool| {
+            specs.push(RouteSpec {
+                method: method.to_owned(),
+                path: path.to_owned(),
+                group: group.to_owned(),
+                access: None,
+                model: model.into_iter().collect(),
+                model_required: required,
+            })
+        };
+    // Model-carrying routes.
+    add(
+        "POST",
+        "/v1/chat/completions",
+        "chat.completions",
+        Some(Json),
+        true,
+    );
+    add("POST", "/v1/completions", "completions", Some(Json), true);
+    add("POST", "/v1/responses", "responses", Some(Json), true);
+    add(
+        "POST",
+        "/v1/responses/input_tokens",
+        "responses",
+        Some(Json),
+        true,
+    );
+    add("POST", "/v1/embeddings", "embeddings", Some(Json), true);
+    add(
+        "POST",
+        "/v1/images/generations",
+        "images",
+        Some(Json),
+        false,
+    );
+    add("POST", "/v1/images/edits", "images", Some(Body), false);
+    add(
+        "POST",
+        "/v1/images/variations",
+        "images",
+        Some(Multipart),
+        false,
+    );
+    add(
+        "POST",
+        "/v1/audio/transcriptions",
+        "audio.transcriptions",
+        Some(Multipart),
+        true,
+    );
+    add(
+        "POST",
+        "/v1/audio/translations",
+        "audio.translations",
+        Some(Multipart),
+        true,
+    );
+    add("POST", "/v1/audio/speech", "audio.speech", Some(Json), true);
+    add("POST", "/v1/moderations", "moderations", Some(Json), false);
+    add(
+        "POST",
+        "/v1/fine_tuning/jobs",
+        "fine_tuning",
+        Some(Json),
+        true,
+    );
+    add("POST", "/v1/assistants", "assistants", Some(Json), true);
+    add(
+        "POST",
+        "/v1/assistants/{assistant_id}",
+        "assistants",
+        Some(Json),
+        false,
+    );
+    add("POST", "/v1/threads/runs", "threads", Some(Json), false);
+    add(
+        "POST",
+        "/v1/threads/{thread_id}/runs",
+        "threads",
+        Some(Json),
+        false,
+    );
+    add(
+        "GET",
+        "/v1/models/{model}",
+        "models",
+        Some(ModelIn::Path("model".into())),
+        true,
+    );
+    add(
+        "DELETE",
+        "/v1/models/{model}",
+        "models",
+        Some(ModelIn::Path("model".into())),
+        true,
+    );
+    // Routes without a model.
+    let plain: &[(&str, &str, &str)] = &[
+        ("GET", "/v1/models", "models"),
+        ("GET", "/v1/chat/completions", "chat.completions"),
+        (
+            "GET",
+            "/v1/chat/completions/{completion_id}",
+            "chat.completions",
+        ),
+        (
+            "POST",
+            "/v1/chat/completions/{completion_id}",
+            "chat.completions",
+        ),
+        (
+            "DELETE",
+            "/v1/chat/completions/{completion_id}",
+            "chat.completions",
+        ),
+        (
+            "GET",
+            "/v1/chat/completions/{completion_id}/messages",
+            "chat.completions",
+        ),
+        ("GET", "/v1/responses/{response_id}", "responses"),
+        ("DELETE", "/v1/responses/{response_id}", "responses"),
+        ("POST", "/v1/responses/{response_id}/cancel", "responses"),
+        (
+            "GET",
+            "/v1/responses/{response_id}/input_items",
+            "responses",
+        ),
+        ("GET", "/v1/fine_tuning/jobs", "fine_tuning"),
+        ("GET", "/v1/fine_tuning/jobs/{job_id}", "fine_tuning"),
+        ("GET", "/v1/fine_tuning/jobs/{job_id}/events", "fine_tuning"),
+        (
+            "GET",
+            "/v1/fine_tuning/jobs/{job_id}/checkpoints",
+            "fine_tuning",
+        ),
+        (
+            "POST",
+            "/v1/fine_tuning/jobs/{job_id}/cancel",
+            "fine_tuning",
+        ),
+        ("POST", "/v1/fine_tuning/jobs/{job_id}/pause", "fine_tuning"),
+        (
+            "POST",
+            "/v1/fine_tuning/jobs/{job_id}/resume",
+            "fine_tuning",
+        ),
+        (
+            "GET",
+            "/v1/fine_tuning/checkpoints/{checkpoint}/permissions",
+            "fine_tuning",
+        ),
+        (
+            "POST",
+            "/v1/fine_tuning/checkpoints/{checkpoint}/permissions",
+            "fine_tuning",
+        ),
+        (
+            "DELETE",
+            "/v1/fine_tuning/checkpoints/{checkpoint}/permissions/{permission_id}",
+            "fine_tuning",
+        ),
+        ("POST", "/v1/files", "files"),
+        ("GET", "/v1/files", "files"),
+        ("GET", "/v1/files/{file_id}", "files"),
+        ("DELETE", "/v1/files/{file_id}", "files"),
+        ("GET", "/v1/files/{file_id}/content", "files"),
+        ("POST", "/v1/uploads", "uploads"),
+        ("POST", "/v1/uploads/{upload_id}/parts", "uploads"),
+        ("POST", "/v1/uploads/{upload_id}/complete", "uploads"),
+        ("POST", "/v1/uploads/{upload_id}/cancel", "uploads"),
+        ("POST", "/v1/batches", "batches"),
+        ("GET", "/v1/batches", "batches"),
+        ("GET", "/v1/batches/{batch_id}", "batches"),
+        ("POST", "/v1/batches/{batch_id}/cancel", "batches"),
+        ("GET", "/v1/assistants", "assistants"),
+        ("GET", "/v1/assistants/{assistant_id}", "assistants"),
+        ("DELETE", "/v1/assistants/{assistant_id}", "assistants"),
+        ("POST", "/v1/threads", "threads"),
+        ("GET", "/v1/threads/{thread_id}", "threads"),
+        ("POST", "/v1/threads/{thread_id}", "threads"),
+        ("DELETE", "/v1/threads/{thread_id}", "threads"),
+        ("GET", "/v1/threads/{thread_id}/messages", "threads"),
+        ("POST", "/v1/threads/{thread_id}/messages", "threads"),
+        (
+            "GET",
+            "/v1/threads/{thread_id}/messages/{message_id}",
+            "threads",
+        ),
+        (
+            "POST",
+            "/v1/threads/{thread_id}/messages/{message_id}",
+            "threads",
+        ),
+        (
+            "DELETE",
+            "/v1/threads/{thread_id}/messages/{message_id}",
+            "threads",
+        ),
+        ("GET", "/v1/threads/{thread_id}/runs", "threads"),
+        ("GET", "/v1/threads/{thread_id}/runs/{run_id}", "threads"),
+        ("POST", "/v1/threads/{thread_id}/runs/{run_id}", "threads"),
+        (
+            "POST",
+            "/v1/threads/{thread_id}/runs/{run_id}/cancel",
+            "threads",
+        ),
+        (
+            "POST",
+            "/v1/threads/{thread_id}/runs/{run_id}/submit_tool_outputs",
+            "threads",
+        ),
+        (
+            "GET",
+            "/v1/threads/{thread_id}/runs/{run_id}/steps",
+            "threads",
+        ),
+        (
+            "GET",
+            "/v1/threads/{thread_id}/runs/{run_id}/steps/{step_id}",
+            "threads",
+        ),
+        ("POST", "/v1/vector_stores", "vector_stores"),
+        ("GET", "/v1/vector_stores", "vector_stores"),
+        (
+            "GET",
+            "/v1/vector_stores/{vector_store_id}",
+            "vector_stores",
+        ),
+        (
+            "POST",
+            "/v1/vector_stores/{vector_store_id}",
+            "vector_stores",
+        ),
+        (
+            "DELETE",
+            "/v1/vector_stores/{vector_store_id}",
+            "vector_stores",
+        ),
+        (
+            "POST",
+            "/v1/vector_stores/{vector_store_id}/search",
+            "vector_stores",
+        ),
+        (
+            "GET",
+            "/v1/vector_stores/{vector_store_id}/files",
+            "vector_stores",
+        ),
+        (
+            "POST",
+            "/v1/vector_stores/{vector_store_id}/files",
+            "vector_stores",
+        ),
+        (
+            "GET",
+            "/v1/vector_stores/{vector_store_id}/files/{file_id}",
+            "vector_stores",
+        ),
+        (
+            "POST",
+            "/v1/vector_stores/{vector_store_id}/files/{file_id}",
+            "vector_stores",
+        ),
+        (
+            "DELETE",
+            "/v1/vector_stores/{vector_store_id}/files/{file_id}",
+            "vector_stores",
+        ),
+        (
+            "GET",
+            "/v1/vector_stores/{vector_store_id}/files/{file_id}/content",
+            "vector_stores",
+        ),
+        (
+            "POST",
+            "/v1/vector_stores/{vector_store_id}/file_batches",
+            "vector_stores",
+        ),
+        (
+            "GET",
+            "/v1/vector_stores/{vector_store_id}/file_batches/{batch_id}",
+            "vector_stores",
+        ),
+        (
+            "POST",
+            "/v1/vector_stores/{vector_store_id}/file_batches/{batch_id}/cancel",
+            "vector_stores",
+        ),
+        (
+            "GET",
+            "/v1/vector_stores/{vector_store_id}/file_batches/{batch_id}/files",
+            "vector_stores",
+        ),
+    ];
+    for (method, path, group) in plain {
+        add(method, path, group, None, true);
+    }
+    specs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn table() -> RouteTable {
+        RouteTable::openai()
+    }
+
+    #[test]
+    fn literal_routes_match_with_method_access() {
+        let t = table();
+        let (pattern, group, access) = t.lookup(&Method::POST, "/v1/chat/completions").unwrap();
+        assert_eq!(
+            (pattern, group.as_str(), access),
+            ("/v1/chat/completions", "chat.completions", Access::Write)
+        );
+        let (_, group, access) = t.lookup(&Method::GET, "/v1/models").unwrap();
+        assert_eq!((group.as_str(), access), ("models", Access::Read));
+    }
+
+    #[test]
+    fn param_routes_match_and_literals_win() {
+        let t = table();
+        let (pattern, _, access) = t
+            .lookup(&Method::GET, "/v1/files/file-abc/content")
+            .unwrap();
+        assert_eq!(
+            (pattern, access),
+            ("/v1/files/{file_id}/content", Access::Read)
+        );
+        let (pattern, ..) = t.lookup(&Method::POST, "/v1/threads/runs").unwrap();
+        assert_eq!(pattern, "/v1/threads/runs");
+        let (pattern, ..) = t.lookup(&Method::POST, "/v1/threads/thread_1").unwrap();
+        assert_eq!(pattern, "/v1/threads/{thread_id}");
+        let (pattern, _, access) = t
+            .lookup(&Method::POST, "/v1/fine_tuning/jobs/ftjob-1/cancel")
+            .unwrap();
+        assert_eq!(
+            (pattern, access),
+            ("/v1/fine_tuning/jobs/{job_id}/cancel", Access::Write)
+        );
+    }
+
+    #[test]
+    fn literal_miss_backtracks_to_param() {
+        let t = RouteTable::builder()
+            .route(Method::GET, "/a/fixed/x", "one")
+            .route(Method::GET, "/a/{p}/y", "two")
+            .build()
+            .unwrap();
+        assert_eq!(
+            t.lookup(&Method::GET, "/a/fixed/y").unwrap().1.as_str(),
+            "two"
+        );
+        assert_eq!(
+            t.lookup(&Method::GET, "/a/fixed/x").unwrap().1.as_str(),
+            "one"
+        );
+    }
+
+    #[test]
+    fn head_uses_the_get_route_and_needs_read() {
+        let t = table();
+        let (pattern, _, access) = t.lookup(&Method::HEAD, "/v1/files/f/content").unwrap();
+        assert_eq!(
+            (pattern, access),
+            ("/v1/files/{file_id}/content", Access::Read)
+        );
+        assert!(
+            t.lookup(&Method::HEAD, "/v1/chat/completions/x/messages")
+                .is_some()
+        );
+        assert!(t.lookup(&Method::HEAD, "/v1/embeddings").is_none());
+    }
+
+    #[test]
+    fn unknown_method_path_case_and_trailing_slash_do_not_match() {
+        let t = table();
+        assert!(t.lookup(&Method::PUT, "/v1/chat/completions").is_none());
+        assert!(t.lookup(&Method::POST, "/V1/chat/completions").is_none());
+        assert!(t.lookup(&Method::GET, "/v1/models/").is_none());
+        assert!(t.lookup(&Method::POST, "/v1/chat/completions/").is_none());
+        assert!(t.lookup(&Method::GET, "/v2/models").is_none());
+        assert!(t.lookup(&Method::GET, "/").is_none());
+    }
+
+    #[test]
+    fn delete_model_needs_write_and_access_can_be_overridden() {
+        let t = table();
+        assert_eq!(
+            t.lookup(&Method::DELETE, "/v1/models/ft:x").unwrap().2,
+            Access::Write
+        );
+        let t = RouteTable::builder()
+            .route(Method::POST, "/v1/search", "search")
+            .access(Access::Read)
+            .build()
+            .unwrap();
+        assert_eq!(
+            t.lookup(&Method::POST, "/v1/search").unwrap().2,
+            Access::Read
+        );
+    }
+
+    #[test]
+    fn wildcard_and_suffix_params_match() {
+        let t = RouteTable::builder()
+            .model_route(
+                Method::POST,
+                "/v1beta/models/{model}:generateContent",
+                "gemini",
+                ModelIn::Path("model".into()),
+            )
+            .route(Method::GET, "/static/{*rest}", "static")
+            .build()
+            .unwrap();
+        assert!(
+            t.lookup(&Method::POST, "/v1beta/models/gemini-pro:generateContent")
+                .is_some()
+        );
+        assert!(
+            t.lookup(&Method::POST, "/v1beta/models/:generateContent")
+                .is_none()
+        );
+        assert!(
+            t.lookup(&Method::POST, "/v1beta/models/gemini-pro")
+                .is_none()
+        );
+        assert!(t.lookup(&Method::GET, "/static/a/b/c").is_some());
+        assert!(t.lookup(&Method::GET, "/static/").is_none());
+        assert_eq!(
+            path_param(
+                "/v1beta/models/gemini-pro:generateContent",
+                2,
+                ":generateContent".len()
+            ),
+            Some("gemini-pro")
+        );
+    }
+
+    #[test]
+    fn bad_tables_fail_to_build() {
+        assert!(matches!(
+            RouteTable::builder()
+                .route(Method::GET, "/a", "x")
+                .route(Method::GET, "/a", "y")
+                .build(),
+            Err(RouteError::Duplicate { .. })
+        ));
+        assert!(matches!(
+            RouteTable::builder().route(Method::GET, "a", "x").build(),
+            Err(RouteError::BadPattern { .. })
+        ));
+        assert!(matches!(
+            RouteTable::builder()
+                .route(Method::GET, "/a/{*r}/b", "x")
+                .build(),
+            Err(RouteError::BadPattern { .. })
+        ));
+        assert!(matches!(
+            RouteTable::builder()
+                .model_route(Method::GET, "/a/{id}", "x", ModelIn::Path("model".into()))
+                .build(),
+            Err(RouteError::UnknownParam { .. })
+        ));
+    }
+
+    #[test]
+    fn table_loads_from_toml() {
+        let config: RouteConfig = toml::from_str(
+            r#"
+            openai_preset = true
+            [[routes]]
+            method = "POST"
+            path = "/openai/deployments/{model}/chat/completions"
+            group = "chat.completions"
+            model = [{ path = "model" }, "json"]
+            "#,
+        )
+        .unwrap();
+        let t = RouteTable::from_config(&config).unwrap();
+        let m = t
+            .find(&Method::POST, "/openai/deployments/gpt-4o/chat/completions")
+            .unwrap();
+        assert!(m.route.model.json);
+        assert_eq!(m.route.model.path, Some((2, 0)));
+        assert!(t.lookup(&Method::GET, "/v1/models").is_some());
+    }
+
+    #[test]
+    fn preset_covers_every_group() {
+        let t = table();
+        let groups: std::collections::BTreeSet<&str> =
+            t.routes.iter().map(|r| r.group.as_str()).collect();
+        for g in [
+            "chat.completions",
+            "completions",
+            "responses",
+            "embeddings",
+            "images",
+            "audio.transcriptions",
+            "audio.translations",
+            "audio.speech",
+            "moderations",
+            "fine_tuning",
+            "files",
+            "uploads",
+            "batches",
+            "assistants",
+            "threads",
+            "vector_stores",
+            "models",
+        ] {
+            assert!(groups.contains(g), "{g}");
+        }
+    }
+}

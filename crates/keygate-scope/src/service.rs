@@ -1,0 +1,667 @@
+//! [`Scope`]: the service, and its [`ResponseFuture`].
+
+// Refusals are the cold path and are built once per request; boxing them would only add an
+// allocation to it.
+#![allow(clippy::result_large_err)]
+
+use std::borrow::Cow;
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderName};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::Body;
+use http_body_util::combinators::Collect;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use keygate_core::{
+    ClientIp, Denial, EndpointMatch, Principal, RequestedModel, ResponseBody, Stage,
+};
+use pin_project_lite::pin_project;
+use tower_service::Service;
+
+use crate::body::BodyFromBytes;
+use crate::json::{JsonModelError, find_json_model};
+use crate::layer::Shared;
+use crate::multipart::{self, FormError};
+use crate::path::{check_path, decode};
+use crate::policy::PolicyContext;
+use crate::route::{Route, path_param};
+
+/// Headers that ask a server to act as if the method were another; never believed, always
+/// removed before the request goes inward.
+pub const METHOD_OVERRIDE_HEADERS: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The scope-checking service made by [`ScopeLayer`](crate::ScopeLayer).
+#[derive(Clone)]
+pub struct Scope<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S: std::fmt::Debug> std::fmt::Debug for Scope<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Scope")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> Scope<S> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared>) -> Self {
+        Scope { inner, shared }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The inner service, unwrapped.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+fn scope_denial(
+    status: StatusCode,
+    code: &'static str,
+    message: impl Into<Cow<'static, str>>,
+) -> Denial {
+    Denial::new(Stage::Scope, status, code, message)
+}
+
+fn bad_model(code: &'static str, message: &'static str) -> Denial {
+    scope_denial(StatusCode::BAD_REQUEST, code, message).with_param("model")
+}
+
+fn too_large() -> Denial {
+    scope_denial(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request_too_large",
+        "The request body is too large.",
+    )
+}
+
+fn unsupported(code: &'static str, message: &'static str) -> Denial {
+    scope_denial(StatusCode::UNSUPPORTED_MEDIA_TYPE, code, message)
+}
+
+/// How a model-carrying body is to be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum BodyKind {
+    Json,
+    Multipart(Box<str>),
+}
+
+/// What the synchronous part of the check decided.
+struct Checked<'r> {
+    route_id: u32,
+    route: &'r Route,
+    client_ip: Option<IpAddr>,
+    url_model: Option<Cow<'r, str>>,
+    body: Option<BodyKind>,
+}
+
+fn json_content_type(ct: &str) -> bool {
+    let mime = ct.split(';').next().unwrap_or("").trim();
+    let Some((top, sub)) = mime.split_once('/') else {
+        return false;
+    };
+    top.eq_ignore_ascii_case("application")
+        && (sub.eq_ignore_ascii_case("json")
+            || sub.len() > 5 && sub[sub.len() - 5..].eq_ignore_ascii_case("+json"))
+}
+
+/// The value of query parameter `name`, percent-decoded; ambiguous if given twice or under
+/// a name equal apart from case.
+fn query_param<'q>(query: &'q str, name: &str) -> Result<Option<Cow<'q, str>>, Denial> {
+    if query.contains(';') {
+        // Some servers split the query on ';' as well as '&'.
+        return Err(bad_model(
+            "ambiguous_query",
+            "The query string is ambiguous: ';' is refused.",
+        ));
+    }
+    let mut found = None;
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = decode_form(k)
+            .ok_or_else(|| bad_model("invalid_query", "The query string is not valid."))?;
+        if k.eq_ignore_ascii_case(name) {
+            if k != name || found.is_some() {
+                return Err(bad_model(
+                    "ambiguous_model",
+                    "The model is given more than once.",
+                ));
+            }
+            found = Some(
+                decode_form(v)
+                    .ok_or_else(|| bad_model("invalid_query", "The query string is not valid."))?,
+            );
+        }
+    }
+    Ok(found)
+}
+
+fn decode_form(s: &str) -> Option<Cow<'_, str>> {
+    if s.contains('+') {
+        decode(&s.replace('+', " ")).map(|c| Cow::Owned(c.into_owned()))
+    } else {
+        decode(s)
+    }
+}
+
+fn same_model(a: &str, b: &str) -> bool {
+    a == b
+}
+
+impl<S> Scope<S> {
+    /// Everything decided from the head of the request.
+    fn check_head<'r>(
+        shared: &'r Shared,
+        principal: &Principal,
+        method: &Method,
+        uri: &'r http::Uri,
+        headers: &HeaderMap,
+        extensions: &http::Extensions,
+    ) -> Result<Checked<'r>, Denial> {
+        let path = uri.path();
+        if let Err(e) = check_path(path) {
+            return Err(scope_denial(
+                StatusCode::BAD_REQUEST,
+                "ambiguous_path",
+                "The request path is ambiguous: encoded slashes, backslashes, dot segments, empty segments, ';' and needless percent-encodings are refused.",
+            )
+            .with_detail(e.as_str()));
+        }
+        let Some(matched) = shared.routes.find(method, path) else {
+            return Err(scope_denial(
+                StatusCode::NOT_FOUND,
+                "unknown_route",
+                format!("Unknown request URL: {method} {}.", truncate(path, 200)),
+            ));
+        };
+        let route = matched.route;
+        let have = principal.access(route.group.as_str());
+        if !have.grants(route.access) {
+            return Err(scope_denial(
+                StatusCode::FORBIDDEN,
+                "insufficient_permissions",
+                format!(
+                    "This key lacks {} access to the '{}' endpoint group.",
+                    route.access, route.group
+                ),
+            ));
+        }
+        let client_ip = shared.proxies.client_ip((shared.peer)(extensions), headers);
+        if principal.has_ip_rules() {
+            match client_ip {
+                None => {
+                    return Err(scope_denial(
+                        StatusCode::FORBIDDEN,
+                        "ip_not_allowed",
+                        "This key may not be used from this address.",
+                    )
+                    .with_detail("client address unknown"));
+                }
+                Some(ip) if !principal.allows_ip(ip) => {
+                    return Err(scope_denial(
+                        StatusCode::FORBIDDEN,
+                        "ip_not_allowed",
+                        "This key may not be used from this address.",
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        let sources = &route.model;
+        let mut url_model: Option<Cow<'r, str>> = None;
+        if let Some((index, suffix)) = sources.path {
+            let raw = path_param(path, index, suffix).unwrap_or("");
+            let value = decode(raw)
+                .ok_or_else(|| bad_model("invalid_model", "The model name is not valid."))?;
+            url_model = Some(value);
+        }
+        if let Some(name) = &sources.query
+            && let Some(value) = query_param(uri.query().unwrap_or(""), name)?
+        {
+            if url_model.as_deref().is_some_and(|m| !same_model(m, &value)) {
+                return Err(bad_model(
+                    "ambiguous_model",
+                    "The model is given in two places with different values.",
+                ));
+            }
+            url_model = Some(value);
+        }
+        let mut body = None;
+        if sources.body() {
+            let encoding = headers.get_all(CONTENT_ENCODING);
+            if encoding
+                .iter()
+                .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
+            {
+                return Err(unsupported(
+                    "unsupported_content_encoding",
+                    "Compressed request bodies are not accepted on this endpoint.",
+                ));
+            }
+            let mut types = headers.get_all(CONTENT_TYPE).iter();
+            let ct = types.next().and_then(|v| v.to_str().ok()).unwrap_or("");
+            if types.next().is_some() {
+                return Err(unsupported(
+                    "unsupported_media_type",
+                    "The request has more than one Content-Type.",
+                ));
+            }
+            body = if sources.json && json_content_type(ct) {
+                Some(BodyKind::Json)
+            } else if let Some(b) = multipart::boundary(ct).filter(|_| sources.multipart) {
+                Some(BodyKind::Multipart(b.into()))
+            } else {
+                return Err(unsupported(
+                    "unsupported_media_type",
+                    if sources.json {
+                        "This endpoint takes a JSON body (Content-Type: application/json)."
+                    } else {
+                        "This endpoint takes a multipart/form-data body."
+                    },
+                ));
+            };
+            if let Some(len) = headers.get(CONTENT_LENGTH) {
+                let len: u64 = len
+                    .to_str()
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| {
+                        scope_denial(
+                            StatusCode::BAD_REQUEST,
+                            "invalid_content_length",
+                            "Invalid Content-Length.",
+                        )
+                    })?;
+                if len > shared.body_limit as u64 {
+                    return Err(too_large());
+                }
+            }
+        }
+        Ok(Checked {
+            route_id: matched.id,
+            route,
+            client_ip,
+            url_model,
+            body,
+        })
+    }
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        s
+    } else {
+        let mut end = max;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        &s[..end]
+    }
+}
+
+/// The model check and policies; on success, the extensions to insert.
+fn finish(
+    shared: &Shared,
+    principal: &Principal,
+    route: &Route,
+    client_ip: Option<IpAddr>,
+    model: Option<&str>,
+    method: &Method,
+    path: &str,
+) -> Result<EndpointMatch, Denial> {
+    match model {
+        Some(m) if principal.has_model_rules() && !principal.allows_model(m) => {
+            return Err(scope_denial(
+                StatusCode::FORBIDDEN,
+                "model_not_allowed",
+                "This key may not use the requested model.",
+            )
+            .with_param("model"));
+        }
+        None if route.model.required && route.model.carries() && principal.has_model_rules() => {
+            return Err(bad_model(
+                "model_required",
+                "This key may use only some models: name the model in the request.",
+            ));
+        }
+        _ => {}
+    }
+    let endpoint = EndpointMatch {
+        group: route.group.clone(),
+        access: route.access,
+        route: route.pattern.clone(),
+    };
+    if !shared.policies.is_empty() {
+        let ctx = PolicyContext::new(
+            principal,
+            &endpoint,
+            model,
+            client_ip,
+            shared.clock.now(),
+            method,
+            path,
+        );
+        for policy in &shared.policies {
+            if let Err(d) = policy.check(&ctx) {
+                return Err(Denial::new(Stage::Policy, d.status, d.code, d.message));
+            }
+        }
+    }
+    Ok(endpoint)
+}
+
+fn insert(
+    ext: &mut http::Extensions,
+    endpoint: EndpointMatch,
+    client_ip: Option<IpAddr>,
+    model: Option<&str>,
+) {
+    ext.insert(endpoint);
+    if let Some(ip) = client_ip {
+        ext.insert(ClientIp(ip));
+    }
+    if let Some(m) = model {
+        ext.insert(RequestedModel::new(m));
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Scope<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    ReqBody: Body + BodyFromBytes,
+    ReqBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        for name in METHOD_OVERRIDE_HEADERS {
+            req.headers_mut().remove(HeaderName::from_static(name));
+        }
+        let shared = &*self.shared;
+        let Some(principal) = req.extensions().get::<Principal>() else {
+            return ResponseFuture::denied(
+                Denial::missing_credential().with_detail("no principal reached the scope layer"),
+                req.headers(),
+            );
+        };
+        let checked = match Self::check_head(
+            shared,
+            principal,
+            req.method(),
+            req.uri(),
+            req.headers(),
+            req.extensions(),
+        ) {
+            Ok(c) => c,
+            Err(d) => return ResponseFuture::denied(d, req.headers()),
+        };
+        if let Some(kind) = checked.body {
+            let pending = Pending {
+                principal: principal.clone(),
+                route: checked.route_id,
+                client_ip: checked.client_ip,
+                url_model: checked.url_model.map(Cow::into_owned),
+                kind,
+            };
+            let (parts, body) = req.into_parts();
+            let clone = self.inner.clone();
+            let inner = std::mem::replace(&mut self.inner, clone);
+            return ResponseFuture {
+                state: State::Reading {
+                    collect: Limited::new(body, shared.body_limit).collect(),
+                    rest: Some((parts, inner, self.shared.clone(), pending)),
+                },
+            };
+        }
+        let result = finish(
+            shared,
+            principal,
+            checked.route,
+            checked.client_ip,
+            checked.url_model.as_deref(),
+            req.method(),
+            req.uri().path(),
+        );
+        match result {
+            Ok(endpoint) => {
+                let model = checked.url_model.map(|m| RequestedModel::new(&*m));
+                let ip = checked.client_ip;
+                let ext = req.extensions_mut();
+                insert(ext, endpoint, ip, None);
+                if let Some(m) = model {
+                    ext.insert(m);
+                }
+                ResponseFuture::inner(self.inner.call(req))
+            }
+            Err(d) => ResponseFuture::denied(d, req.headers()),
+        }
+    }
+}
+
+/// What the body-reading state needs to finish the check.
+struct Pending {
+    principal: Principal,
+    route: u32,
+    client_ip: Option<IpAddr>,
+    url_model: Option<String>,
+    kind: BodyKind,
+}
+
+pin_project! {
+    /// Response future of [`Scope`]: a ready refusal, the inner service's future, or (on
+    /// routes whose body names the model) reading the body first.
+    pub struct ResponseFuture<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+        ReqBody: Body,
+        ReqBody::Error: Into<BoxError>,
+    {
+        #[pin]
+        state: State<S, ReqBody>,
+    }
+}
+
+type Rest<S> = (http::request::Parts, S, Arc<Shared>, Pending);
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, ReqBody>
+    where
+        S: Service<Request<ReqBody>>,
+        ReqBody: Body,
+        ReqBody::Error: Into<BoxError>,
+    {
+        Denied { response: Option<Response<Full<Bytes>>> },
+        Inner { #[pin] future: S::Future },
+        Reading { #[pin] collect: Collect<Limited<ReqBody>>, rest: Option<Rest<S>> },
+    }
+}
+
+impl<S, ReqBody> ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>>,
+    ReqBody: Body,
+    ReqBody::Error: Into<BoxError>,
+{
+    fn denied(denial: Denial, headers: &HeaderMap) -> Self {
+        ResponseFuture {
+            state: State::Denied {
+                response: Some(denial.into_response(headers)),
+            },
+        }
+    }
+
+    fn inner(future: S::Future) -> Self {
+        ResponseFuture {
+            state: State::Inner { future },
+        }
+    }
+}
+
+/// Reads the model from a collected body and runs the rest of the check.
+fn check_body(
+    shared: &Shared,
+    parts: &http::request::Parts,
+    pending: &Pending,
+    bytes: &[u8],
+) -> Result<(EndpointMatch, Option<String>), Denial> {
+    let body_model: Option<Cow<'_, str>> = match &pending.kind {
+        BodyKind::Json => find_json_model(bytes).map_err(|e| match e {
+            JsonModelError::Invalid => scope_denial(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "The request body is not valid JSON.",
+            ),
+            JsonModelError::NotObject => scope_denial(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                "The request body must be a JSON object.",
+            ),
+            JsonModelError::DuplicateKey => scope_denial(
+                StatusCode::BAD_REQUEST,
+                "duplicate_key",
+                "The request body has a key more than once.",
+            ),
+            JsonModelError::AmbiguousModel => bad_model(
+                "ambiguous_model",
+                "The request body names the model more than once.",
+            ),
+            JsonModelError::ModelNotString => {
+                bad_model("invalid_model", "The model must be a string.")
+            }
+        })?,
+        BodyKind::Multipart(boundary) => {
+            multipart::find_model(bytes, boundary).map_err(|e| match e {
+                FormError::Invalid => scope_denial(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_form",
+                    "The multipart form is malformed.",
+                ),
+                FormError::AmbiguousModel => bad_model(
+                    "ambiguous_model",
+                    "The form names the model more than once.",
+                ),
+                FormError::ModelNotText => bad_model("invalid_model", "The model must be text."),
+            })?
+        }
+    };
+    let model = match (pending.url_model.as_deref(), body_model.as_deref()) {
+        (Some(a), Some(b)) if !same_model(a, b) => {
+            return Err(bad_model(
+                "ambiguous_model",
+                "The model is given in two places with different values.",
+            ));
+        }
+        (Some(a), _) => Some(a),
+        (None, b) => b,
+    };
+    let route = shared.routes.route(pending.route);
+    let endpoint = finish(
+        shared,
+        &pending.principal,
+        route,
+        pending.client_ip,
+        model,
+        &parts.method,
+        parts.uri.path(),
+    )?;
+    Ok((endpoint, model.map(str::to_owned)))
+}
+
+impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ReqBody: Body + BodyFromBytes,
+    ReqBody::Error: Into<BoxError>,
+{
+    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        loop {
+            let next = match self.as_mut().project().state.project() {
+                StateProj::Denied { response } => {
+                    let response = response
+                        .take()
+                        .expect("ResponseFuture polled after completion");
+                    return Poll::Ready(Ok(response.map(ResponseBody::denied)));
+                }
+                StateProj::Inner { future } => {
+                    return future
+                        .poll(cx)
+                        .map(|r| r.map(|res| res.map(ResponseBody::inner)));
+                }
+                StateProj::Reading { collect, rest } => {
+                    let collected = ready!(collect.poll(cx));
+                    let (mut parts, mut inner, shared, pending) =
+                        rest.take().expect("ResponseFuture polled after completion");
+                    let bytes = match collected {
+                        Ok(c) => c.to_bytes(),
+                        Err(e) => {
+                            let denial = if e.is::<LengthLimitError>() {
+                                too_large()
+                            } else {
+                                scope_denial(
+                                    StatusCode::BAD_REQUEST,
+                                    "body_unreadable",
+                                    "The request body could not be read.",
+                                )
+                            };
+                            let response = Some(denial.into_response(&parts.headers));
+                            self.as_mut()
+                                .project()
+                                .state
+                                .set(State::Denied { response });
+                            continue;
+                        }
+                    };
+                    match check_body(&shared, &parts, &pending, &bytes) {
+                        Ok((endpoint, model)) => {
+                            insert(
+                                &mut parts.extensions,
+                                endpoint,
+                                pending.client_ip,
+                                model.as_deref(),
+                            );
+                            let req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
+                            State::Inner {
+                                future: inner.call(req),
+                            }
+                        }
+                        Err(d) => State::Denied {
+                            response: Some(d.into_response(&parts.headers)),
+                        },
+                    }
+                }
+            };
+            self.as_mut().project().state.set(next);
+        }
+    }
+}

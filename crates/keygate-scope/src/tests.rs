@@ -1,0 +1,1177 @@
+//! Behaviour of the whole layer.
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full};
+use keygate_core::{
+    Access, ClientIp, Credential, Denial, EndpointMatch, KeyDigest, KeyId, KeyRecord, ManualClock,
+    ModelPattern, ModelRules, Permissions, Principal, ProjectRecord, RequestedModel, Secret, Stage,
+    Timestamp,
+};
+use tower::{Layer, Service, ServiceExt, service_fn};
+
+use crate::*;
+
+pub(crate) fn principal_with(perms: Permissions, models: &[&str], ips: &[&str]) -> Principal {
+    let mut key = KeyRecord::new(
+        KeyId::new("key_t"),
+        "p",
+        KeyDigest::of("t"),
+        Timestamp::UNIX_EPOCH,
+    );
+    key.permissions = perms;
+    if !models.is_empty() {
+        key.models = ModelRules::allow_only(models.iter().map(|m| ModelPattern::new(m).unwrap()));
+    }
+    key.allowed_ips = ips.iter().map(|n| n.parse().unwrap()).collect();
+    key.groups = vec!["staff".into()];
+    Principal::new(
+        Arc::new(key),
+        Arc::new(ProjectRecord::new("p")),
+        Credential::ApiKey(Secret::Current),
+    )
+}
+
+fn restricted(groups: &[(&str, Access)]) -> Permissions {
+    Permissions::Restricted(groups.iter().map(|(g, a)| (g.to_string(), *a)).collect())
+}
+
+/// Echoes the body, and reports what the layer put in extensions as headers.
+async fn echo(req: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let mut res = Response::builder();
+    if let Some(m) = req.extensions().get::<RequestedModel>() {
+        res = res.header("x-model", m.as_str());
+    }
+    if let Some(e) = req.extensions().get::<EndpointMatch>() {
+        res = res.header("x-group", e.group.as_str());
+        res = res.header("x-access", e.access.as_str());
+    }
+    if let Some(ClientIp(ip)) = req.extensions().get::<ClientIp>() {
+        res = res.header("x-ip", ip.to_string());
+    }
+    for h in METHOD_OVERRIDE_HEADERS {
+        if req.headers().contains_key(h) {
+            res = res.header("x-override-seen", h);
+        }
+    }
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    Ok(res.body(Full::new(body)).unwrap())
+}
+
+struct Call {
+    status: StatusCode,
+    headers: http::HeaderMap,
+    denial: Option<Denial>,
+    body: Bytes,
+}
+
+async fn run(layer: &ScopeLayer, req: Request<Full<Bytes>>) -> Call {
+    let svc = layer.layer(service_fn(echo));
+    let res = svc.oneshot(req).await.unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let denial = res.extensions().get::<Denial>().cloned();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    Call {
+        status,
+        headers,
+        denial,
+        body,
+    }
+}
+
+fn req(method: Method, path: &str, principal: &Principal) -> http::request::Builder {
+    let _ = principal;
+    Request::builder().method(method).uri(path)
+}
+
+fn with(p: &Principal, mut r: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    r.extensions_mut().insert(p.clone());
+    r
+}
+
+fn get(path: &str, p: &Principal) -> Request<Full<Bytes>> {
+    with(p, req(Method::GET, path, p).body(Full::default()).unwrap())
+}
+
+fn json(path: &str, body: &str, p: &Principal) -> Request<Full<Bytes>> {
+    with(
+        p,
+        Request::post(path)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_owned())))
+            .unwrap(),
+    )
+}
+
+fn code(c: &Call) -> &str {
+    c.denial.as_ref().map_or("", |d| d.code())
+}
+
+fn all() -> Principal {
+    principal_with(Permissions::All, &[], &[])
+}
+
+// ---- principal, routes, permissions ----
+
+#[tokio::test]
+async fn missing_principal_is_refused_with_401() {
+    let r = Request::get("/v1/models").body(Full::default()).unwrap();
+    let c = run(&ScopeLayer::openai(), r).await;
+    assert_eq!(c.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn unknown_route_is_refused_with_404() {
+    let c = run(&ScopeLayer::openai(), get("/v1/admin/keys", &all())).await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::NOT_FOUND, "unknown_route")
+    );
+    let c = run(
+        &ScopeLayer::openai(),
+        with(
+            &all(),
+            Request::put("/v1/models").body(Full::default()).unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::NOT_FOUND, "unknown_route")
+    );
+}
+
+#[tokio::test]
+async fn endpoint_match_reaches_the_inner_service() {
+    let c = run(
+        &ScopeLayer::openai(),
+        get("/v1/files/file-1/content", &all()),
+    )
+    .await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert_eq!(c.headers["x-group"], "files");
+    assert_eq!(c.headers["x-access"], "read");
+}
+
+#[tokio::test]
+async fn restricted_key_gets_exactly_its_groups() {
+    let p = principal_with(
+        restricted(&[
+            ("chat.completions", Access::Write),
+            ("models", Access::Read),
+        ]),
+        &[],
+        &[],
+    );
+    let layer = ScopeLayer::openai();
+    assert_eq!(
+        run(&layer, get("/v1/models", &p)).await.status,
+        StatusCode::OK
+    );
+    let c = run(&layer, json("/v1/chat/completions", r#"{"model":"m"}"#, &p)).await;
+    assert_eq!(c.status, StatusCode::OK);
+    let c = run(&layer, get("/v1/files", &p)).await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::FORBIDDEN, "insufficient_permissions")
+    );
+    let msg = c.denial.unwrap().message().to_owned();
+    assert!(msg.contains("'files'") && msg.contains("read"), "{msg}");
+    let c = run(
+        &layer,
+        with(
+            &p,
+            Request::delete("/v1/models/ft:x")
+                .body(Full::default())
+                .unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(
+        c.status,
+        StatusCode::FORBIDDEN,
+        "models: Read does not allow DELETE"
+    );
+}
+
+#[tokio::test]
+async fn read_only_key_cannot_write() {
+    let p = principal_with(Permissions::ReadOnly, &[], &[]);
+    let layer = ScopeLayer::openai();
+    assert_eq!(
+        run(&layer, get("/v1/files", &p)).await.status,
+        StatusCode::OK
+    );
+    let c = run(&layer, json("/v1/chat/completions", r#"{"model":"m"}"#, &p)).await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::FORBIDDEN, "insufficient_permissions")
+    );
+}
+
+#[tokio::test]
+async fn head_needs_read_like_get() {
+    let none = principal_with(restricted(&[("chat.completions", Access::Write)]), &[], &[]);
+    let read = principal_with(restricted(&[("models", Access::Read)]), &[], &[]);
+    let head = |p: &Principal| {
+        with(
+            p,
+            Request::head("/v1/models").body(Full::default()).unwrap(),
+        )
+    };
+    let layer = ScopeLayer::openai();
+    assert_eq!(run(&layer, head(&none)).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(run(&layer, head(&read)).await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn method_override_headers_do_not_change_the_decision_and_are_removed() {
+    let read = principal_with(restricted(&[("files", Access::Read)]), &[], &[]);
+    let layer = ScopeLayer::openai();
+    for h in METHOD_OVERRIDE_HEADERS {
+        // A POST that claims to be a GET is still a POST.
+        let r = with(
+            &read,
+            Request::post("/v1/files")
+                .header(h, "GET")
+                .body(Full::default())
+                .unwrap(),
+        );
+        assert_eq!(run(&layer, r).await.status, StatusCode::FORBIDDEN, "{h}");
+        // A GET that claims to be a DELETE is allowed as the GET it is, without the header.
+        let r = with(
+            &read,
+            Request::get("/v1/files/f")
+                .header(h, "DELETE")
+                .body(Full::default())
+                .unwrap(),
+        );
+        let c = run(&layer, r).await;
+        assert_eq!(c.status, StatusCode::OK, "{h}");
+        assert!(
+            !c.headers.contains_key("x-override-seen"),
+            "{h} reached the inner service"
+        );
+    }
+}
+
+#[tokio::test]
+async fn ambiguous_paths_are_refused_with_400() {
+    let layer = ScopeLayer::openai();
+    for path in [
+        "/v1/models/a%2fb",
+        "/v1/models/a%2Fb",
+        "/v1/%2e%2e/models",
+        "/v1/models/%2E",
+        "/v1/./models",
+        "/v1/x/../models",
+        "/v1//models",
+        "//v1/models",
+        "/v1/models;x",
+        "/v1/models/a%5cb",
+        "/v1/%6dodels",
+        "/v1/models/%ff",
+        "/v1/models/%zz",
+    ] {
+        let c = run(&layer, get(path, &all())).await;
+        assert_eq!(
+            (c.status, code(&c)),
+            (StatusCode::BAD_REQUEST, "ambiguous_path"),
+            "{path}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn case_and_trailing_slash_decisions_match_axum() {
+    // An axum router serving exactly the preset's GET routes.
+    let mut router = axum::Router::new();
+    for spec in RouteTable::openai_specs() {
+        if spec.method == "GET" {
+            router = router.route(&spec.path, axum::routing::get(|| async { "served" }));
+        }
+    }
+    let layer = ScopeLayer::openai();
+    for path in [
+        "/v1/models",
+        "/v1/models/",
+        "/V1/models",
+        "/v1/Models",
+        "/v1/models/gpt-4o",
+        "/v1/models/gpt-4o/",
+        "/v1/files/f/content",
+        "/v1/files/f/content/",
+        "/v1/files/F",
+        "/v1/models/ft:gpt-4o:acme:x",
+        "/v1/models/a%20b",
+    ] {
+        let served = router
+            .clone()
+            .oneshot(Request::get(path).body(axum::body::Body::empty()).unwrap())
+            .await
+            .unwrap()
+            .status()
+            == StatusCode::OK;
+        let allowed = run(&layer, get(path, &all())).await.status == StatusCode::OK;
+        assert_eq!(
+            allowed, served,
+            "{path}: scope allows {allowed}, axum serves {served}"
+        );
+    }
+}
+
+// ---- JSON model ----
+
+#[tokio::test]
+async fn allowed_json_model_passes_with_requested_model() {
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let c = run(
+        &ScopeLayer::openai(),
+        json("/v1/chat/completions", r#"{"model":"gpt-4o-mini"}"#, &p),
+    )
+    .await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert_eq!(c.headers["x-model"], "gpt-4o-mini");
+}
+
+#[tokio::test]
+async fn requested_model_is_set_without_model_rules() {
+    let c = run(
+        &ScopeLayer::openai(),
+        json(
+            "/v1/embeddings",
+            r#"{"model":"text-embedding-3-small","input":"x"}"#,
+            &all(),
+        ),
+    )
+    .await;
+    assert_eq!(c.headers["x-model"], "text-embedding-3-small");
+}
+
+#[tokio::test]
+async fn disallowed_json_model_is_refused_with_403() {
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let c = run(
+        &ScopeLayer::openai(),
+        json("/v1/chat/completions", r#"{"model":"gpt-4o"}"#, &p),
+    )
+    .await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::FORBIDDEN, "model_not_allowed")
+    );
+    let d = c.denial.unwrap();
+    assert_eq!((d.param(), d.stage()), (Some("model"), Stage::Scope));
+}
+
+#[tokio::test]
+async fn body_reaches_the_inner_service_byte_identical() {
+    let body = "{ \"messages\" : [ {\"content\": \"h\\u00e9llo \\\"x\\\"\"} ],\n\t\"model\":\"gpt-4o-mini\" }  ";
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let c = run(
+        &ScopeLayer::openai(),
+        json("/v1/chat/completions", body, &p),
+    )
+    .await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert_eq!(c.body, body.as_bytes());
+}
+
+#[tokio::test]
+async fn ambiguous_json_bodies_are_refused_with_400() {
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let layer = ScopeLayer::openai();
+    for (body, want) in [
+        (
+            r#"{"model":"gpt-4o-mini","model":"gpt-4o"}"#,
+            "ambiguous_model",
+        ),
+        (
+            r#"{"model":"gpt-4o-mini","Model":"gpt-4o"}"#,
+            "ambiguous_model",
+        ),
+        (
+            r#"{"model":"gpt-4o-mini","mod\u0065l":"gpt-4o"}"#,
+            "ambiguous_model",
+        ),
+        (r#"{"model":["gpt-4o-mini"]}"#, "invalid_model"),
+        (r#"{"model":1}"#, "invalid_model"),
+        (
+            r#"{"model":"gpt-4o-mini","stream":true,"stream":false}"#,
+            "duplicate_key",
+        ),
+        (r#"{"model":"gpt-4o-mini",}"#, "invalid_json"),
+        (r#"["gpt-4o-mini"]"#, "invalid_json"),
+    ] {
+        let c = run(&layer, json("/v1/chat/completions", body, &p)).await;
+        assert_eq!(
+            (c.status, code(&c)),
+            (StatusCode::BAD_REQUEST, want),
+            "{body}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn escaped_model_value_is_decoded_before_the_check() {
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let c = run(
+        &ScopeLayer::openai(),
+        json("/v1/chat/completions", r#"{"model":"gpt-4\u006f"}"#, &p),
+    )
+    .await;
+    assert_eq!(code(&c), "model_not_allowed");
+}
+
+#[tokio::test]
+async fn missing_model_with_model_rules_is_refused() {
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let c = run(
+        &ScopeLayer::openai(),
+        json("/v1/chat/completions", r#"{"messages":[]}"#, &p),
+    )
+    .await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::BAD_REQUEST, "model_required")
+    );
+    // Where the API has a default, a missing model passes.
+    let c = run(
+        &ScopeLayer::openai(),
+        json("/v1/moderations", r#"{"input":"x"}"#, &p),
+    )
+    .await;
+    assert_eq!(c.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn routes_without_a_model_need_none_under_model_rules() {
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let c = run(&ScopeLayer::openai(), get("/v1/models", &p)).await;
+    assert_eq!(c.status, StatusCode::OK, "{:?}", c.denial);
+    let c = run(
+        &ScopeLayer::openai(),
+        with(
+            &p,
+            Request::post("/v1/files").body(Full::default()).unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(c.status, StatusCode::OK, "{:?}", c.denial);
+}
+
+#[tokio::test]
+async fn non_json_content_type_on_json_route_is_415() {
+    let r = with(
+        &all(),
+        Request::post("/v1/chat/completions")
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from(r#"{"model":"x"}"#)))
+            .unwrap(),
+    );
+    let c = run(&ScopeLayer::openai(), r).await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+    );
+    let r = with(
+        &all(),
+        Request::post("/v1/chat/completions")
+            .body(Full::new(Bytes::from(r#"{"model":"x"}"#)))
+            .unwrap(),
+    );
+    assert_eq!(
+        run(&ScopeLayer::openai(), r).await.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+}
+
+#[tokio::test]
+async fn two_content_types_are_415() {
+    let r = with(
+        &all(),
+        Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from(r#"{"model":"x"}"#)))
+            .unwrap(),
+    );
+    assert_eq!(
+        run(&ScopeLayer::openai(), r).await.status,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE
+    );
+}
+
+#[tokio::test]
+async fn compressed_body_is_415() {
+    let r = with(
+        &all(),
+        Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(Full::new(Bytes::from_static(b"\x1f\x8b")))
+            .unwrap(),
+    );
+    let c = run(&ScopeLayer::openai(), r).await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_content_encoding"
+        )
+    );
+}
+
+#[tokio::test]
+async fn content_length_over_limit_is_413_before_reading() {
+    let layer = ScopeLayer::openai().with_body_limit(16);
+    let r = with(
+        &all(),
+        Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header("content-length", "17")
+            .body(Full::new(Bytes::from(r#"{"model":"abcdef"}"#)))
+            .unwrap(),
+    );
+    let c = run(&layer, r).await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large")
+    );
+}
+
+/// A body of `chunks` chunks of `size` bytes with no length, counting what was polled.
+struct Chunked {
+    left: usize,
+    size: usize,
+    polled: Arc<AtomicUsize>,
+}
+
+impl Body for Chunked {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        if self.left == 0 {
+            return Poll::Ready(None);
+        }
+        self.left -= 1;
+        self.polled.fetch_add(self.size, Ordering::SeqCst);
+        Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b' '; self.size])))))
+    }
+}
+
+impl BodyFromBytes for Chunked {
+    fn from_bytes(_: Bytes) -> Self {
+        unreachable!("never rebuilt in these tests")
+    }
+}
+
+#[tokio::test]
+async fn chunked_body_over_limit_is_413_without_buffering_past_the_limit() {
+    let polled = Arc::new(AtomicUsize::new(0));
+    let body = Chunked {
+        left: 1_000_000,
+        size: 1024,
+        polled: polled.clone(),
+    };
+    let mut r = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(body)
+        .unwrap();
+    r.extensions_mut().insert(all());
+    let inner = service_fn(|_: Request<Chunked>| async {
+        Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+    });
+    let res = ScopeLayer::openai()
+        .with_body_limit(64 * 1024)
+        .layer(inner)
+        .oneshot(r)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    assert!(
+        polled.load(Ordering::SeqCst) <= 64 * 1024 + 1024,
+        "read {} bytes",
+        polled.load(Ordering::SeqCst)
+    );
+}
+
+// ---- other model sources ----
+
+#[tokio::test]
+async fn path_model_is_checked_on_retrieve() {
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let c = run(&ScopeLayer::openai(), get("/v1/models/gpt-4o", &p)).await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::FORBIDDEN, "model_not_allowed")
+    );
+    let c = run(&ScopeLayer::openai(), get("/v1/models/gpt-4o-mini", &p)).await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert_eq!(c.headers["x-model"], "gpt-4o-mini");
+}
+
+fn azure_layer() -> ScopeLayer {
+    let table = RouteTable::builder()
+        .spec(RouteSpec {
+            method: "POST".into(),
+            path: "/openai/deployments/{model}/chat/completions".into(),
+            group: "chat.completions".into(),
+            access: None,
+            model: vec![
+                ModelIn::Path("model".into()),
+                ModelIn::Json,
+                ModelIn::Query("model".into()),
+            ],
+            model_required: true,
+        })
+        .model_route(Method::GET, "/q", "q", ModelIn::Query("model".into()))
+        .build()
+        .unwrap();
+    ScopeLayer::new(table)
+}
+
+#[tokio::test]
+async fn model_in_two_places_must_agree() {
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let layer = azure_layer();
+    let c = run(
+        &layer,
+        json(
+            "/openai/deployments/gpt-4o-mini/chat/completions",
+            r#"{"model":"gpt-4o"}"#,
+            &p,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::BAD_REQUEST, "ambiguous_model")
+    );
+    let c = run(
+        &layer,
+        json(
+            "/openai/deployments/gpt-4o-mini/chat/completions?model=gpt-4o",
+            r#"{}"#,
+            &p,
+        ),
+    )
+    .await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::BAD_REQUEST, "ambiguous_model")
+    );
+    let c = run(
+        &layer,
+        json(
+            "/openai/deployments/gpt-4o-mini/chat/completions",
+            r#"{"model":"gpt-4o-mini"}"#,
+            &p,
+        ),
+    )
+    .await;
+    assert_eq!(c.status, StatusCode::OK);
+    let c = run(
+        &layer,
+        json("/openai/deployments/gpt-4o/chat/completions", r#"{}"#, &p),
+    )
+    .await;
+    assert_eq!(code(&c), "model_not_allowed");
+}
+
+#[tokio::test]
+async fn query_model_is_checked_and_duplicates_are_ambiguous() {
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let layer = azure_layer();
+    assert_eq!(
+        run(&layer, get("/q?model=gpt-4o-mini", &p)).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        code(&run(&layer, get("/q?model=gpt-4o", &p)).await),
+        "model_not_allowed"
+    );
+    assert_eq!(
+        code(&run(&layer, get("/q?model=gpt-4o-mini&model=gpt-4o", &p)).await),
+        "ambiguous_model"
+    );
+    assert_eq!(
+        code(&run(&layer, get("/q?model=gpt-4o-mini&Model=gpt-4o", &p)).await),
+        "ambiguous_model"
+    );
+    assert_eq!(
+        code(&run(&layer, get("/q?mod%65l=gpt-4o", &p)).await),
+        "model_not_allowed"
+    );
+}
+
+fn form(model_fields: &[&str]) -> Request<Full<Bytes>> {
+    let mut body = String::from(
+        "--B0\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\nContent-Type: audio/wav\r\n\r\nRIFF....\r\n",
+    );
+    for m in model_fields {
+        body.push_str(&format!(
+            "--B0\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{m}\r\n"
+        ));
+    }
+    body.push_str("--B0--\r\n");
+    Request::post("/v1/audio/transcriptions")
+        .header("content-type", "multipart/form-data; boundary=B0")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn multipart_model_is_checked() {
+    let p = principal_with(Permissions::All, &["whisper-1"], &[]);
+    let layer = ScopeLayer::openai();
+    let c = run(&layer, with(&p, form(&["whisper-1"]))).await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert_eq!(c.headers["x-model"], "whisper-1");
+    assert_eq!(
+        code(&run(&layer, with(&p, form(&["gpt-4o-transcribe"]))).await),
+        "model_not_allowed"
+    );
+    assert_eq!(
+        code(&run(&layer, with(&p, form(&["whisper-1", "gpt-4o-transcribe"]))).await),
+        "ambiguous_model"
+    );
+}
+
+// ---- gRPC ----
+
+#[cfg(feature = "tonic")]
+struct Untouchable(Arc<AtomicUsize>);
+
+#[cfg(feature = "tonic")]
+impl Body for Untouchable {
+    type Data = Bytes;
+    type Error = Infallible;
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Poll::Ready(None)
+    }
+}
+
+#[cfg(feature = "tonic")]
+#[tokio::test]
+async fn grpc_requests_are_never_buffered() {
+    let polled = Arc::new(AtomicUsize::new(0));
+    let table = RouteTable::builder()
+        .route(Method::POST, "/pkg.Chat/Complete", "chat.completions")
+        .build()
+        .unwrap();
+    let inner = service_fn(|req: Request<tonic::body::Body>| async move {
+        drop(req);
+        Ok::<_, Infallible>(Response::new(tonic::body::Body::empty()))
+    });
+    let svc = ScopeLayer::new(table).layer(inner);
+    let mut r = Request::post("/pkg.Chat/Complete")
+        .header("content-type", "application/grpc")
+        .body(tonic::body::Body::new(Untouchable(polled.clone())))
+        .unwrap();
+    r.extensions_mut().insert(all());
+    assert_eq!(
+        svc.clone().oneshot(r).await.unwrap().status(),
+        StatusCode::OK
+    );
+    // A gRPC request to a JSON-model route is refused unread, never buffered.
+    let svc = ScopeLayer::openai().layer(service_fn(|_: Request<tonic::body::Body>| async {
+        Ok::<_, Infallible>(Response::new(tonic::body::Body::empty()))
+    }));
+    let mut r = Request::post("/v1/chat/completions")
+        .header("content-type", "application/grpc")
+        .body(tonic::body::Body::new(Untouchable(polled.clone())))
+        .unwrap();
+    r.extensions_mut().insert(all());
+    let res = svc.oneshot(r).await.unwrap();
+    assert_eq!(res.headers()["grpc-status"], "3");
+    assert_eq!(polled.load(Ordering::SeqCst), 0);
+}
+
+#[cfg(feature = "tonic")]
+#[tokio::test]
+async fn grpc_denials_are_grpc_statuses() {
+    let svc = ScopeLayer::openai().layer(service_fn(|_: Request<tonic::body::Body>| async {
+        Ok::<_, Infallible>(Response::new(tonic::body::Body::empty()))
+    }));
+    let mut r = Request::post("/pkg.Unknown/Method")
+        .header("content-type", "application/grpc")
+        .body(tonic::body::Body::empty())
+        .unwrap();
+    r.extensions_mut().insert(all());
+    let res = svc.oneshot(r).await.unwrap();
+    assert_eq!(res.headers()["grpc-status"], "12");
+}
+
+// ---- axum ----
+
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn works_as_an_axum_layer() {
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let router = axum::Router::new()
+        .route(
+            "/v1/chat/completions",
+            axum::routing::post(
+                |model: Option<axum::Extension<RequestedModel>>, body: String| async move {
+                    format!(
+                        "{}|{body}",
+                        model.map(|m| m.0.as_str().to_owned()).unwrap_or_default()
+                    )
+                },
+            ),
+        )
+        .layer(ScopeLayer::openai());
+    let mut r = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(r#"{"model":"gpt-4o-mini"}"#))
+        .unwrap();
+    r.extensions_mut().insert(p.clone());
+    let res = router.clone().oneshot(r).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, r#"gpt-4o-mini|{"model":"gpt-4o-mini"}"#);
+    let mut r = Request::post("/v1/chat/completions")
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(r#"{"model":"gpt-4o"}"#))
+        .unwrap();
+    r.extensions_mut().insert(p);
+    assert_eq!(
+        router.oneshot(r).await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
+}
+
+#[cfg(feature = "axum")]
+#[tokio::test]
+async fn axum_connect_info_is_the_peer() {
+    let p = principal_with(Permissions::All, &[], &["10.0.0.0/8"]);
+    let mut r = get("/v1/models", &p);
+    r.extensions_mut()
+        .insert(axum::extract::ConnectInfo(std::net::SocketAddr::from((
+            [10, 1, 1, 1],
+            9,
+        ))));
+    let c = run(&ScopeLayer::openai(), r).await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert_eq!(c.headers["x-ip"], "10.1.1.1");
+}
+
+// ---- IP ----
+
+fn from(ip: &str, mut r: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    r.extensions_mut().insert(ClientIp(ip.parse().unwrap()));
+    r
+}
+
+#[tokio::test]
+async fn client_address_must_be_in_range() {
+    let p = principal_with(Permissions::All, &[], &["10.0.0.0/8"]);
+    let layer = ScopeLayer::openai();
+    assert_eq!(
+        run(&layer, from("10.2.3.4", get("/v1/models", &p)))
+            .await
+            .status,
+        StatusCode::OK
+    );
+    let c = run(&layer, from("192.168.1.1", get("/v1/models", &p))).await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::FORBIDDEN, "ip_not_allowed")
+    );
+    assert_eq!(
+        run(&layer, from("::ffff:10.2.3.4", get("/v1/models", &p)))
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn unknown_client_address_with_ip_rules_is_refused() {
+    let p = principal_with(Permissions::All, &[], &["10.0.0.0/8"]);
+    let c = run(&ScopeLayer::openai(), get("/v1/models", &p)).await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::FORBIDDEN, "ip_not_allowed")
+    );
+    // Without rules, an unknown address is fine.
+    assert_eq!(
+        run(&ScopeLayer::openai(), get("/v1/models", &all()))
+            .await
+            .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn forwarded_for_is_believed_only_from_trusted_proxies() {
+    let p = principal_with(Permissions::All, &[], &["10.0.0.0/8"]);
+    let layer = ScopeLayer::openai()
+        .with_trusted_proxies(TrustedProxies::new(["192.168.0.0/16".parse().unwrap()]));
+    let xff = |peer: &str, xff: &str| {
+        let mut r = from(peer, get("/v1/models", &p));
+        r.headers_mut()
+            .insert("x-forwarded-for", xff.parse().unwrap());
+        r
+    };
+    assert_eq!(
+        run(&layer, xff("192.168.0.1", "10.1.1.1")).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        run(&layer, xff("192.168.0.1", "10.1.1.1, 8.8.8.8"))
+            .await
+            .status,
+        StatusCode::FORBIDDEN
+    );
+    // An untrusted peer cannot claim an address.
+    assert_eq!(
+        run(&layer, xff("8.8.8.8", "10.1.1.1")).await.status,
+        StatusCode::FORBIDDEN
+    );
+}
+
+// ---- policies ----
+
+#[tokio::test]
+async fn policy_denial_carries_its_code_and_stage() {
+    let layer = ScopeLayer::openai().with_policy(|ctx: &PolicyContext<'_>| {
+        if ctx.model() == Some("o1") {
+            Err(PolicyDenial::new("no_o1_here", "o1 is off today"))
+        } else {
+            Ok(())
+        }
+    });
+    let c = run(
+        &layer,
+        json("/v1/chat/completions", r#"{"model":"o1"}"#, &all()),
+    )
+    .await;
+    assert_eq!((c.status, code(&c)), (StatusCode::FORBIDDEN, "no_o1_here"));
+    assert_eq!(c.denial.unwrap().stage(), Stage::Policy);
+    assert_eq!(
+        run(
+            &layer,
+            json("/v1/chat/completions", r#"{"model":"o3"}"#, &all())
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn policies_see_the_layer_clock_and_all_must_allow() {
+    use time::macros::time;
+    // 2026-11-28 is a Saturday.
+    let clock = ManualClock::new(Timestamp::parse_rfc3339("2026-11-28T12:00:00Z").unwrap());
+    let layer = ScopeLayer::openai()
+        .with_clock(clock.clock())
+        .with_policy(RequireGroup::new("staff"))
+        .with_policy(TimeWindow::weekdays(time!(9:00), time!(17:00)));
+    let c = run(&layer, get("/v1/models", &all())).await;
+    assert_eq!(code(&c), "outside_time_window");
+    clock.set(Timestamp::parse_rfc3339("2026-11-30T12:00:00Z").unwrap());
+    assert_eq!(
+        run(&layer, get("/v1/models", &all())).await.status,
+        StatusCode::OK
+    );
+    let layer = layer.with_policy(MembersOnly::new("research").endpoint("models"));
+    assert_eq!(
+        code(&run(&layer, get("/v1/models", &all())).await),
+        "members_only"
+    );
+}
+
+// ---- models list ----
+
+#[tokio::test]
+async fn models_list_shows_only_allowed_models() {
+    let upstream = service_fn(|_: Request<Full<Bytes>>| async {
+        let body = r#"{"object":"list","data":[{"id":"gpt-4o","object":"model"},{"id":"gpt-4o-mini","object":"model"},{"id":"o1","object":"model"}]}"#;
+        Ok::<_, Infallible>(
+            Response::builder()
+                .header("content-type", "application/json")
+                .header("content-length", body.len())
+                .body(Full::new(Bytes::from(body)))
+                .unwrap(),
+        )
+    });
+    let svc = ModelListLayer::new().layer(upstream);
+    let p = principal_with(Permissions::All, &["gpt-4o-mini", "o1*"], &[]);
+    let res = svc.clone().oneshot(get("/v1/models", &p)).await.unwrap();
+    let len: usize = res.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(len, body.len());
+    let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let ids: Vec<&str> = doc["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gpt-4o-mini", "o1"]);
+    // Without model rules the answer is untouched.
+    let res = svc.oneshot(get("/v1/models", &all())).await.unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap()["data"]
+            .as_array()
+            .unwrap()
+            .len(),
+        3
+    );
+}
+
+#[tokio::test]
+async fn unreadable_models_list_is_not_passed_to_restricted_callers() {
+    let upstream = service_fn(|_: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(
+            Response::builder()
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(Full::new(Bytes::from_static(b"\x1f\x8b...")))
+                .unwrap(),
+        )
+    });
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let res = ModelListLayer::new()
+        .layer(upstream)
+        .oneshot(get("/v1/models", &p))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test]
+async fn service_poll_ready_forwards_to_inner() {
+    let mut svc = ScopeLayer::openai().layer(service_fn(echo));
+    std::future::poll_fn(|cx| Service::<Request<Full<Bytes>>>::poll_ready(&mut svc, cx))
+        .await
+        .unwrap();
+}
+
+// ---- raw vs canonical ----
+
+/// RFC 3986 normalisation: decode unreserved escapes, remove dot segments, collapse `//`.
+fn canonical(raw: &str) -> String {
+    let mut decoded = String::new();
+    let b = raw.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&raw[i + 1..i + 3], 16)
+            && (v.is_ascii_alphanumeric() || matches!(v, b'-' | b'.' | b'_' | b'~'))
+        {
+            decoded.push(v as char);
+            i += 3;
+            continue;
+        }
+        decoded.push(b[i] as char);
+        i += 1;
+    }
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/').skip(1) {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let trailing = decoded.ends_with('/') && !out.is_empty();
+    format!("/{}{}", out.join("/"), if trailing { "/" } else { "" })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+    #[test]
+    fn decision_on_raw_equals_decision_on_canonical_or_raw_is_rejected(
+        segs in proptest::collection::vec(
+            proptest::sample::select(vec![
+                "v1", "models", "files", "f", "content", "chat", "completions", "gpt-4o",
+                ".", "..", "", "%2e", "%2E%2e", "%76%31", "%6dodels", "V1", "%2f", "x;y", "%20",
+            ]),
+            1..6,
+        ),
+        delete in proptest::bool::ANY,
+    ) {
+        let raw = format!("/{}", segs.join("/"));
+        let Ok(uri) = raw.parse::<http::Uri>() else { return Ok(()); };
+        let p = principal_with(restricted(&[("models", Access::Read), ("files", Access::Write)]), &["gpt-4o-mini"], &[]);
+        let method = if delete { Method::DELETE } else { Method::GET };
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let decide = |path: String| {
+            let r = with(&p, Request::builder().method(method.clone()).uri(path).body(Full::default()).unwrap());
+            rt.block_on(run(&ScopeLayer::openai(), r)).status
+        };
+        let raw_status = decide(uri.path().to_owned());
+        if raw_status != StatusCode::BAD_REQUEST {
+            let canon = canonical(uri.path());
+            proptest::prop_assert_eq!(raw_status, decide(canon.clone()), "raw {} canonical {}", raw, canon);
+        }
+    }
+}
+
+#[tokio::test]
+async fn layer_loads_from_config() {
+    let config: ScopeConfig = toml::from_str(
+        r#"
+        body_limit = 32
+        [trusted_proxies]
+        ranges = ["192.168.0.0/16"]
+        [[routes]]
+        method = "GET"
+        path = "/internal/stats"
+        group = "stats"
+        [[policies]]
+        type = "require_group"
+        group = "ops"
+        "#,
+    )
+    .unwrap();
+    let layer = ScopeLayer::from_config(&config).unwrap();
+    let p = principal_with(Permissions::All, &[], &[]);
+    assert_eq!(
+        code(&run(&layer, get("/internal/stats", &p)).await),
+        "group_required"
+    );
+    assert_eq!(
+        code(&run(&layer, get("/v1/nope", &p)).await),
+        "unknown_route"
+    );
+    let big = json(
+        "/v1/embeddings",
+        &format!(r#"{{"model":"m","input":"{}"}}"#, "x".repeat(64)),
+        &p,
+    );
+    assert_eq!(code(&run(&layer, big).await), "request_too_large");
+    let bad: ScopeConfig =
+        toml::from_str("[[routes]]\nmethod = \"GET\"\npath = \"nope\"\ngroup = \"g\"").unwrap();
+    assert!(matches!(
+        ScopeLayer::from_config(&bad),
+        Err(ScopeConfigError::Route(_))
+    ));
+}

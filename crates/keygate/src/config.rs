@@ -1,0 +1,725 @@
+//! [`Config`]: the whole stack from a TOML file.
+//!
+//! Every key is optional; an empty file is a working configuration (the key file
+//! `keygate-keys.toml`, the OpenAI routes, audit to `tracing`, tokens signed with a random
+//! per-process secret). Unknown keys are errors, so a typo never silently falls back to a
+//! default.
+//!
+//! ```toml
+//! keys_file = "keys.toml"
+//! body_limit = 1048576
+//!
+//! [routes]
+//! preset = "openai"
+//!
+//! [limits]
+//! unpriced = "deny"
+//!
+//! [prices."gpt-4o-mini"]
+//! input_per_million = "0.15"
+//! output_per_million = "0.60"
+//!
+//! [audit.jsonl]
+//! path = "audit.jsonl"
+//!
+//! [trusted_proxies]
+//! ranges = ["10.0.0.0/8"]
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keygate_audit::{
+    AuditSink, Backpressure, DEFAULT_CAPACITY, DEFAULT_KEEP, DEFAULT_MAX_BYTES, FanOut, JsonlSink,
+    NoopSink, TracingSink,
+};
+use keygate_core::{
+    FileStore, FileStoreError, KeyFormat, KeyFormatConfigError, KeyStore, Money, Principal,
+    Timestamp, TokenError, TokenVerifier,
+};
+use keygate_jwt::{JwtVerifier, KeySet, SigningKey, TokenExchange};
+use keygate_limit::{Price, PriceTable, Unpriced};
+use keygate_scope::{DEFAULT_BODY_LIMIT, RouteError, RouteSpec, RouteTable, TrustedProxies};
+use serde::{Deserialize, Serialize};
+
+use crate::builder::{BuildError, Keygate, KeygateBuilder, KeygateLayer};
+
+/// The keygate configuration file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// The key file (written by the `keygate` CLI; digests only) served by a
+    /// [`FileStore`]. Default `keygate-keys.toml`, relative to the working directory.
+    pub keys_file: PathBuf,
+    /// Seconds between checks of the key file for changes; 0 turns polling off (the gateway
+    /// still reloads on SIGHUP). Default 2.
+    pub reload_interval_secs: u64,
+    /// The prefix of keys (default `sk-kg-`); must match the prefix keys were created with.
+    pub key_prefix: String,
+    /// Keep the client's credential headers on the request handed to the service (default
+    /// false: they are removed, so an upstream never sees the client's key).
+    pub keep_credential_headers: bool,
+    /// The most bytes of a request body read to find its model and estimate its tokens;
+    /// larger bodies on model routes get 413. Default 8 MiB.
+    pub body_limit: usize,
+    /// Filter the answer of `GET /v1/models` down to the models the caller may use (default
+    /// true).
+    pub model_list_filter: bool,
+    /// Which routes exist and which endpoint group each belongs to.
+    pub routes: RoutesConfig,
+    /// How limits are enforced (the limits themselves are on keys and projects).
+    pub limits: LimitsConfig,
+    /// Prices per model pattern (`"gpt-4o-mini"`, `"gpt-4o*"`), in dollars per million
+    /// tokens; the most specific pattern wins. Budgets are charged from these.
+    pub prices: BTreeMap<String, PriceConfig>,
+    /// Where audit records go.
+    pub audit: AuditConfig,
+    /// Proxies whose forwarding header is believed for the client address (for IP rules):
+    /// `ranges = ["10.0.0.0/8"]`, `header = "x_forwarded_for"` (default) or `"forwarded"`.
+    /// Default: none; the connection's peer address is the client.
+    pub trusted_proxies: TrustedProxies,
+    /// Short-lived tokens (JWT) exchanged for keys.
+    pub jwt: JwtConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            keys_file: PathBuf::from("keygate-keys.toml"),
+            reload_interval_secs: 2,
+            key_prefix: keygate_core::DEFAULT_PREFIX.to_owned(),
+            keep_credential_headers: false,
+            body_limit: DEFAULT_BODY_LIMIT,
+            model_list_filter: true,
+            routes: RoutesConfig::default(),
+            limits: LimitsConfig::default(),
+            prices: BTreeMap::new(),
+            audit: AuditConfig::default(),
+            trusted_proxies: TrustedProxies::default(),
+            jwt: JwtConfig::default(),
+        }
+    }
+}
+
+/// `[routes]`: the route table.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutesConfig {
+    /// `"openai"` (default): the OpenAI API's routes and endpoint groups; `"none"`: only the
+    /// `custom` routes.
+    pub preset: RoutePreset,
+    /// Routes added to the preset (`[[routes.custom]]` with `method`, `path`, `group`, and
+    /// optionally `access` (`"read"`/`"write"`), `model` (`["json"]`, `["multipart"]`,
+    /// `["body"]`, `[{ path = "name" }]`, `[{ query = "name" }]`) and `model_required`).
+    pub custom: Vec<RouteSpec>,
+}
+
+/// The route table a configuration starts from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RoutePreset {
+    /// [`RouteTable::openai`].
+    #[default]
+    Openai,
+    /// No routes but the custom ones.
+    None,
+}
+
+/// `[limits]`: how limits are enforced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// When a money budget applies to a model with no price: `"deny"` (default; 403
+    /// `model_not_priced`) or `"count_tokens_only"`.
+    pub unpriced: UnpricedConfig,
+    /// Output tokens reserved for a request that sets no `max_tokens` (default 4096).
+    pub default_output_tokens: u64,
+    /// Request body bytes per estimated prompt token (default 4).
+    pub bytes_per_token: NonZeroU32,
+    /// At most this many keys (and projects) tracked by the request rate limiter at once
+    /// (default 4,000,000; at least 64).
+    pub max_rate_entries: usize,
+    /// Add `x-ratelimit-*-requests` headers to allowed responses (default true).
+    pub rate_limit_headers: bool,
+    /// Add `stream_options.include_usage` to streaming chat requests so their usage can be
+    /// settled (default true).
+    pub include_usage: bool,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            unpriced: UnpricedConfig::Deny,
+            default_output_tokens: 4096,
+            bytes_per_token: NonZeroU32::new(4).unwrap_or(NonZeroU32::MIN),
+            max_rate_entries: 4_000_000,
+            rate_limit_headers: true,
+            include_usage: true,
+        }
+    }
+}
+
+/// What to do with an unpriced model under a budget.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum UnpricedConfig {
+    /// Refuse (403 `model_not_priced`).
+    #[default]
+    Deny,
+    /// Count tokens against token rates only.
+    CountTokensOnly,
+}
+
+/// A model's price, in dollars per million tokens (`"0.15"`, `0.15` or `"$0.15"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriceConfig {
+    /// Dollars per million input (prompt) tokens.
+    pub input_per_million: Money,
+    /// Dollars per million output (completion) tokens.
+    pub output_per_million: Money,
+}
+
+/// `[audit]`: where audit records go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// Emit every record as a `tracing` event (target `keygate::audit`; default true).
+    pub tracing: bool,
+    /// Record metrics (`keygate_requests_total`, ...) through the `metrics` facade (default
+    /// true).
+    pub metrics: bool,
+    /// `"drop_and_count"` (default): serve and count records a full sink drops;
+    /// `"fail_closed"`: refuse requests with 503 while the JSON Lines sink cannot take them.
+    pub backpressure: BackpressureConfig,
+    /// Keep a valid `x-request-id` the client sends (default true).
+    pub accept_request_id: bool,
+    /// Also write records as JSON Lines to a file (`[audit.jsonl]`).
+    pub jsonl: Option<JsonlConfig>,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            tracing: true,
+            metrics: true,
+            backpressure: BackpressureConfig::DropAndCount,
+            accept_request_id: true,
+            jsonl: None,
+        }
+    }
+}
+
+/// The audit layer's backpressure mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum BackpressureConfig {
+    /// [`Backpressure::DropAndCount`].
+    #[default]
+    DropAndCount,
+    /// [`Backpressure::FailClosed`].
+    FailClosed,
+}
+
+/// `[audit.jsonl]`: a JSON Lines audit file with size-based rotation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JsonlConfig {
+    /// The file (appended to; created if missing).
+    pub path: PathBuf,
+    /// Rotate when the file reaches this many bytes (default 64 MiB).
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files kept (`audit.jsonl.1`, ...; default 10).
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+    /// Records that may wait for the writer before new ones are dropped (default 8192).
+    #[serde(default = "default_capacity")]
+    pub capacity: usize,
+}
+
+fn default_max_bytes() -> u64 {
+    DEFAULT_MAX_BYTES
+}
+fn default_keep() -> usize {
+    DEFAULT_KEEP
+}
+fn default_capacity() -> usize {
+    DEFAULT_CAPACITY
+}
+
+/// `[jwt]`: short-lived tokens exchanged for keys (`POST /v1/tokens` in the gateway) and
+/// accepted in their place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JwtConfig {
+    /// Accept and issue tokens (default true).
+    pub enabled: bool,
+    /// The `iss` of issued tokens, required of presented ones (default `"keygate"`).
+    pub issuer: String,
+    /// The `aud` of issued tokens, required of presented ones (default `"keygate"`).
+    pub audience: String,
+    /// The key id (`kid`) of the signing key (default `"k1"`).
+    pub kid: String,
+    /// The environment variable holding the HS256 secret (32 bytes or more). Unset (the
+    /// default): a random secret per process, so tokens die with the process and are not
+    /// shared between instances.
+    pub secret_env: Option<String>,
+    /// Lifetime of a token when the request names none, in seconds (default 900).
+    pub default_ttl_secs: u64,
+    /// Longest lifetime a request may ask for, in seconds (default 3600).
+    pub max_ttl_secs: u64,
+}
+
+impl Default for JwtConfig {
+    fn default() -> Self {
+        JwtConfig {
+            enabled: true,
+            issuer: "keygate".to_owned(),
+            audience: "keygate".to_owned(),
+            kid: "k1".to_owned(),
+            secret_env: None,
+            default_ttl_secs: 900,
+            max_ttl_secs: 3600,
+        }
+    }
+}
+
+/// Why a configuration could not be loaded or built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The text is not a valid configuration.
+    #[error("invalid configuration: {0}")]
+    Parse(String),
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// The route table is invalid.
+    #[error("routes: {0}")]
+    Routes(#[from] RouteError),
+    /// The key file could not be loaded.
+    #[error(transparent)]
+    KeyFile(#[from] FileStoreError),
+    /// The JSON Lines audit file could not be opened.
+    #[error("audit file {path}: {source}")]
+    AuditFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The JWT settings are unusable.
+    #[error("jwt: {0}")]
+    Jwt(#[from] keygate_jwt::ConfigError),
+    /// The layers could not be built.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+}
+
+impl From<KeyFormatConfigError> for ConfigError {
+    fn from(e: KeyFormatConfigError) -> Self {
+        ConfigError::Invalid(format!("key_prefix: {e}"))
+    }
+}
+
+impl Config {
+    /// Parses TOML text.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Parse`] for TOML that is not a configuration (unknown keys included).
+    pub fn from_toml_str(text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))
+    }
+
+    /// Reads and parses the file at `path`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Io`] or [`ConfigError::Parse`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Config, ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml_str(&text)
+    }
+
+    /// The route table this configuration names.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Routes`] for an invalid custom route.
+    pub fn route_table(&self) -> Result<RouteTable, ConfigError> {
+        let mut specs = match self.routes.preset {
+            RoutePreset::Openai => crate::builder::openai_specs(),
+            RoutePreset::None => Vec::new(),
+        };
+        specs.extend(self.routes.custom.iter().cloned());
+        Ok(crate::builder::routes_from(specs)?)
+    }
+
+    /// The price table this configuration names.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] for a price pattern that is not a model pattern.
+    pub fn price_table(&self) -> Result<PriceTable, ConfigError> {
+        self.prices
+            .iter()
+            .try_fold(PriceTable::new(), |table, (pattern, p)| {
+                table
+                    .with_price(
+                        pattern,
+                        Price::per_million(p.input_per_million, p.output_per_million),
+                    )
+                    .map_err(|e| ConfigError::Invalid(format!("prices.{pattern:?}: {e}")))
+            })
+    }
+
+    /// The key-file polling interval, if polling is on.
+    pub fn reload_interval(&self) -> Option<Duration> {
+        (self.reload_interval_secs > 0).then(|| Duration::from_secs(self.reload_interval_secs))
+    }
+
+    /// Applies every setting except the audit sink and the token verifier to `builder`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] for invalid routes, prices or key prefix.
+    pub fn apply<K: KeyStore, T: TokenVerifier>(
+        &self,
+        builder: KeygateBuilder<K, T>,
+    ) -> Result<KeygateBuilder<K, T>, ConfigError> {
+        let limits = &self.limits;
+        let unpriced = match limits.unpriced {
+            UnpricedConfig::Deny => Unpriced::Deny,
+            UnpricedConfig::CountTokensOnly => Unpriced::CountTokensOnly,
+        };
+        let backpressure = match self.audit.backpressure {
+            BackpressureConfig::DropAndCount => Backpressure::DropAndCount,
+            BackpressureConfig::FailClosed => Backpressure::FailClosed,
+        };
+        Ok(builder
+            .routes(self.route_table()?)
+            .prices(self.price_table()?)
+            .unpriced(unpriced)
+            .default_output_tokens(limits.default_output_tokens)
+            .bytes_per_token(limits.bytes_per_token)
+            .max_rate_entries(limits.max_rate_entries)
+            .rate_limit_headers(limits.rate_limit_headers)
+            .include_usage(limits.include_usage)
+            .key_format(KeyFormat::with_prefix(&self.key_prefix)?)
+            .keep_credential_headers(self.keep_credential_headers)
+            .body_limit(self.body_limit)
+            .model_list_path(self.model_list_filter.then_some("/v1/models"))
+            .trusted_proxies(self.trusted_proxies.clone())
+            .audit_backpressure(backpressure)
+            .metrics(self.audit.metrics)
+            .accept_request_id(self.audit.accept_request_id))
+    }
+
+    /// Opens the key file and the audit sinks and builds the whole stack.
+    ///
+    /// # Errors
+    ///
+    /// Any [`ConfigError`]: an unreadable key file, an audit file that cannot be opened, a
+    /// JWT secret that is missing or too short, invalid routes or prices.
+    pub fn build(&self) -> Result<Built, ConfigError> {
+        let store = FileStore::open(&self.keys_file)?;
+        let jsonl = match &self.audit.jsonl {
+            Some(j) => Some(
+                JsonlSink::builder(&j.path)
+                    .with_max_bytes(j.max_bytes)
+                    .with_keep(j.keep)
+                    .with_capacity(j.capacity)
+                    .open()
+                    .map_err(|source| ConfigError::AuditFile {
+                        path: j.path.clone(),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        let sink: Box<dyn AuditSink> = match (&jsonl, self.audit.tracing) {
+            (Some(file), true) => Box::new(
+                FanOut::new()
+                    .with(file.clone())
+                    .with_optional(TracingSink::new()),
+            ),
+            (Some(file), false) => Box::new(file.clone()),
+            (None, true) => Box::new(TracingSink::new()),
+            (None, false) => Box::new(NoopSink),
+        };
+
+        let (verifier, exchange) = if self.jwt.enabled {
+            let secret = self.jwt_secret()?;
+            let j = &self.jwt;
+            let keys = KeySet::new().with_hs256(&j.kid, &secret)?;
+            let verifier = JwtVerifier::new(store.clone(), &j.issuer, &j.audience, keys)?;
+            let exchange =
+                TokenExchange::new(&j.issuer, &j.audience, SigningKey::hs256(&j.kid, &secret)?)?
+                    .with_ttl(
+                        Duration::from_secs(j.default_ttl_secs),
+                        Duration::from_secs(j.max_ttl_secs),
+                    )?;
+            (ConfigTokens(Some(verifier)), Some(exchange))
+        } else {
+            (ConfigTokens(None), None)
+        };
+
+        let builder = Keygate::builder(store.clone())
+            .audit_sink(BoxedSink(sink))
+            .token_verifier(verifier);
+        let layer = self.apply(builder)?.build()?;
+        Ok(Built {
+            layer,
+            store,
+            exchange,
+            jsonl,
+        })
+    }
+
+    fn jwt_secret(&self) -> Result<Vec<u8>, ConfigError> {
+        match &self.jwt.secret_env {
+            Some(var) => std::env::var(var).map(String::into_bytes).map_err(|_| {
+                ConfigError::Invalid(format!(
+                    "jwt.secret_env: environment variable {var} is not set"
+                ))
+            }),
+            None => {
+                let mut secret = vec![0u8; 32];
+                getrandom::fill(&mut secret)
+                    .map_err(|e| ConfigError::Invalid(format!("jwt: no random secret: {e}")))?;
+                Ok(secret)
+            }
+        }
+    }
+}
+
+struct BoxedSink(Box<dyn AuditSink>);
+
+impl AuditSink for BoxedSink {
+    fn record(&self, event: &keygate_audit::AuditEvent) {
+        self.0.record(event);
+    }
+    fn record_owned(&self, event: keygate_audit::AuditEvent) {
+        self.0.record_owned(event);
+    }
+    fn can_accept(&self) -> bool {
+        self.0.can_accept()
+    }
+}
+
+/// The token verifier of a configured stack: keygate JWTs when `[jwt]` is enabled, none
+/// otherwise.
+#[derive(Clone)]
+pub struct ConfigTokens(Option<JwtVerifier<FileStore>>);
+
+impl fmt::Debug for ConfigTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("ConfigTokens")
+            .field(&self.0.is_some())
+            .finish()
+    }
+}
+
+impl TokenVerifier for ConfigTokens {
+    fn accepts(&self, credential: &str) -> bool {
+        self.0.as_ref().is_some_and(|v| v.accepts(credential))
+    }
+
+    async fn verify(&self, token: &str, now: Timestamp) -> Result<Principal, TokenError> {
+        match &self.0 {
+            Some(v) => v.verify(token, now).await,
+            None => Err(TokenError::Invalid("tokens not accepted")),
+        }
+    }
+}
+
+/// What [`Config::build`] made: the layer, the key store it serves (to reload or watch), the
+/// token exchange service (to mount) and the audit file (to flush at shutdown).
+#[derive(Debug)]
+pub struct Built {
+    layer: KeygateLayer<FileStore, ConfigTokens>,
+    store: FileStore,
+    exchange: Option<TokenExchange>,
+    jsonl: Option<JsonlSink>,
+}
+
+impl Built {
+    /// The stack.
+    pub fn layer(&self) -> &KeygateLayer<FileStore, ConfigTokens> {
+        &self.layer
+    }
+
+    /// The key file store (call [`FileStore::reload`] or [`FileStore::watch`]).
+    pub fn store(&self) -> &FileStore {
+        &self.store
+    }
+
+    /// The token exchange service, when `[jwt]` is enabled: mount it behind audit and key
+    /// extraction (the gateway uses `POST /v1/tokens`).
+    pub fn token_exchange(&self) -> Option<&TokenExchange> {
+        self.exchange.as_ref()
+    }
+
+    /// The JSON Lines audit sink, when configured.
+    pub fn audit_file(&self) -> Option<&JsonlSink> {
+        self.jsonl.as_ref()
+    }
+
+    /// Writes out queued audit records and flushes the audit file (call at shutdown).
+    pub fn flush_audit(&self) {
+        if let Some(file) = &self.jsonl {
+            file.flush();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_text_is_the_default_config() {
+        assert_eq!(Config::from_toml_str("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected() {
+        let e = Config::from_toml_str("keys_flie = \"x\"").unwrap_err();
+        assert!(e.to_string().contains("keys_flie"), "{e}");
+        assert!(Config::from_toml_str("[audit]\ntracin = true").is_err());
+    }
+
+    #[test]
+    fn every_section_parses() {
+        let text = r#"
+            keys_file = "keys.toml"
+            reload_interval_secs = 0
+            key_prefix = "sk-acme-"
+            keep_credential_headers = false
+            body_limit = 1024
+            model_list_filter = false
+
+            [routes]
+            preset = "none"
+            [[routes.custom]]
+            method = "POST"
+            path = "/v1/chat/completions"
+            group = "chat"
+            model = ["json"]
+
+            [limits]
+            unpriced = "count_tokens_only"
+            default_output_tokens = 100
+            bytes_per_token = 3
+            max_rate_entries = 1000
+            rate_limit_headers = false
+            include_usage = false
+
+            [prices."gpt-4o*"]
+            input_per_million = "2.50"
+            output_per_million = 10
+
+            [audit]
+            tracing = false
+            metrics = false
+            backpressure = "fail_closed"
+            accept_request_id = false
+            [audit.jsonl]
+            path = "audit.jsonl"
+            max_bytes = 1000
+            keep = 2
+            capacity = 16
+
+            [trusted_proxies]
+            ranges = ["10.0.0.0/8"]
+            header = "forwarded"
+
+            [jwt]
+            enabled = true
+            issuer = "gw"
+            audience = "api"
+            kid = "k2"
+            secret_env = "MY_SECRET"
+            default_ttl_secs = 60
+            max_ttl_secs = 120
+        "#;
+        let c = Config::from_toml_str(text).unwrap();
+        assert_eq!(c.body_limit, 1024);
+        assert_eq!(c.routes.preset, RoutePreset::None);
+        assert_eq!(c.limits.unpriced, UnpricedConfig::CountTokensOnly);
+        assert_eq!(
+            c.prices["gpt-4o*"].output_per_million,
+            Money::from_dollars(10)
+        );
+        assert_eq!(c.audit.jsonl.as_ref().unwrap().keep, 2);
+        assert_eq!(c.jwt.secret_env.as_deref(), Some("MY_SECRET"));
+        let table = c.route_table().unwrap();
+        assert_eq!(table.len(), 1);
+        let prices = c.price_table().unwrap();
+        assert_eq!(
+            prices.price("gpt-4o-mini").unwrap().input_per_million,
+            Money::from_micros(2_500_000)
+        );
+        assert_eq!(c.reload_interval(), None);
+    }
+
+    #[test]
+    fn invalid_routes_and_prices_are_errors() {
+        let c = Config::from_toml_str(
+            "[[routes.custom]]\nmethod = \"GET\"\npath = \"nope\"\ngroup = \"g\"",
+        )
+        .unwrap();
+        assert!(matches!(c.route_table(), Err(ConfigError::Routes(_))));
+        let c =
+            Config::from_toml_str("[prices.\"\"]\ninput_per_million = 1\noutput_per_million = 1")
+                .unwrap();
+        assert!(matches!(c.price_table(), Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn missing_key_file_fails_to_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Config {
+            keys_file: dir.path().join("absent.toml"),
+            ..Config::default()
+        };
+        assert!(matches!(c.build(), Err(ConfigError::KeyFile(_))));
+    }
+
+    #[test]
+    fn jwt_secret_from_an_unset_variable_fails_to_build() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys.toml");
+        keygate_core::KeyFile::default().save_atomic(&keys).unwrap();
+        let mut c = Config {
+            keys_file: keys,
+            ..Config::default()
+        };
+        c.jwt.secret_env = Some("KEYGATE_TEST_SURELY_UNSET_VARIABLE".to_owned());
+        assert!(matches!(c.build(), Err(ConfigError::Invalid(_))));
+        c.jwt.enabled = false;
+        let built = c.build().unwrap();
+        assert!(built.token_exchange().is_none());
+        assert!(built.audit_file().is_none());
+    }
+}

@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# Loopback load test of the example gateway, with and without the keygate stack.
+#
+# Builds the gateway example (embedded mock upstream) and the `keygate` CLI in release mode,
+# creates a throw-away key with all permissions and no limits, then for each mode
+# (`keygate`: the full stack; `bare`: the same proxy and listener started with
+# `--without-keygate`) starts the gateway on 127.0.0.1 (a free port), drives it with `wrk`
+# for DURATION per scenario, and stops it. Prints requests/s, p50 and p99 latency per
+# scenario and the ratio keygate/bare. Everything stays on loopback and stops by itself.
+#
+#   scripts/load.sh                         # 10 s per scenario and mode, 32 connections
+#   DURATION=5s CONNECTIONS=64 scripts/load.sh
+#
+# Needs `wrk` (Debian/Ubuntu: `apt-get install -y wrk`).
+set -euo pipefail
+
+DURATION=${DURATION:-10s}
+CONNECTIONS=${CONNECTIONS:-32}
+THREADS=${THREADS:-1}
+# Scenarios: NAME METHOD PATH (POST bodies are a small chat request).
+SCENARIOS=("models GET /v1/models" "chat POST /v1/chat/completions")
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+
+if ! command -v wrk >/dev/null 2>&1; then
+    echo "error: wrk not found (Debian/Ubuntu: apt-get install -y wrk)" >&2
+    exit 1
+fi
+
+echo "building the gateway example and the keygate CLI (release)..." >&2
+cargo build --quiet --release --example gateway
+cargo build --quiet --release -p keygate-cli --bin keygate
+target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+gateway_bin="$target_dir/release/examples/gateway"
+keygate_bin="$target_dir/release/keygate"
+
+work=$(mktemp -d)
+gateway_pid=""
+cleanup() {
+    if [[ -n "$gateway_pid" ]] && kill -0 "$gateway_pid" 2>/dev/null; then
+        kill "$gateway_pid" 2>/dev/null || true
+        wait "$gateway_pid" 2>/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
+
+# A key with every permission and no limits: the run measures the stack, not its refusals.
+secret=$("$keygate_bin" --file "$work/keys.toml" --json keys create \
+    --project load --create-project --name load --permissions all |
+    grep -o '"secret": *"[^"]*"' | sed 's/.*"\([^"]*\)"$/\1/')
+if [[ -z "$secret" ]]; then
+    echo "error: could not create a key with $keygate_bin" >&2
+    exit 1
+fi
+
+cat >"$work/chat.lua" <<EOF
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer $secret"
+wrk.body = '{"model":"gpt-4o-mini","max_tokens":16,"messages":[{"role":"user","content":"Say hello to the load test."}]}'
+EOF
+cat >"$work/get.lua" <<EOF
+wrk.headers["Authorization"] = "Bearer $secret"
+EOF
+
+has_bare_mode=1
+if ! "$gateway_bin" --help 2>/dev/null | grep -q -- '--without-keygate'; then
+    has_bare_mode=0
+    echo "note: the gateway has no --without-keygate flag yet; measuring the keygate mode only" >&2
+fi
+
+# Starts the gateway in mode $1 (keygate|bare) and sets $addr.
+start_gateway() {
+    local mode=$1 extra=()
+    [[ "$mode" == bare ]] && extra=(--without-keygate)
+    "$gateway_bin" --listen 127.0.0.1:0 --keys-file "$work/keys.toml" "${extra[@]}" \
+        >"$work/gateway.out" 2>"$work/gateway.err" &
+    gateway_pid=$!
+    addr=""
+    for _ in $(seq 1 100); do
+        addr=$(sed -n 's/^keygate gateway listening on \(http:\/\/[0-9.:]*\).*/\1/p' "$work/gateway.out" | head -1)
+        [[ -n "$addr" ]] && return 0
+        if ! kill -0 "$gateway_pid" 2>/dev/null; then break; fi
+        sleep 0.1
+    done
+    echo "error: the gateway ($mode) did not start:" >&2
+    cat "$work/gateway.err" >&2
+    exit 1
+}
+
+stop_gateway() {
+    kill "$gateway_pid" 2>/dev/null || true
+    wait "$gateway_pid" 2>/dev/null || true
+    gateway_pid=""
+}
+
+# wrk's latency ("850.00us", "1.23ms", "2.00s") in milliseconds.
+to_ms() {
+    awk -v v="$1" 'BEGIN {
+        if (v ~ /us$/) { sub(/us$/, "", v); printf "%.3f", v / 1000 }
+        else if (v ~ /ms$/) { sub(/ms$/, "", v); printf "%.3f", v }
+        else if (v ~ /s$/) { sub(/s$/, "", v); printf "%.3f", v * 1000 }
+        else { printf "%s", v }
+    }'
+}
+
+declare -A RPS P50 P99 ERRS
+run_mode() {
+    local mode=$1
+    start_gateway "$mode"
+    for scenario in "${SCENARIOS[@]}"; do
+        read -r name method path <<<"$scenario"
+        local script="$work/get.lua"
+        [[ "$method" == POST ]] && script="$work/chat.lua"
+        # A short warm-up (connections, caches), then the measured run.
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s "$script" "$addr$path" >/dev/null
+        wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$script" "$addr$path" >"$work/wrk.out"
+        RPS[$mode.$name]=$(awk '/^Requests\/sec:/ {print $2}' "$work/wrk.out")
+        P50[$mode.$name]=$(to_ms "$(awk '$1 == "50%" {print $2}' "$work/wrk.out")")
+        P99[$mode.$name]=$(to_ms "$(awk '$1 == "99%" {print $2}' "$work/wrk.out")")
+        ERRS[$mode.$name]=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$work/wrk.out")
+        ERRS[$mode.$name]=${ERRS[$mode.$name]:-0}
+        echo "$mode $name: ${RPS[$mode.$name]} req/s, p50 ${P50[$mode.$name]} ms, p99 ${P99[$mode.$name]} ms, non-2xx ${ERRS[$mode.$name]}" >&2
+    done
+    stop_gateway
+}
+
+modes=(keygate)
+[[ $has_bare_mode == 1 ]] && modes=(bare keygate)
+for mode in "${modes[@]}"; do
+    run_mode "$mode"
+done
+
+echo
+echo "## Gateway load ($(nproc) cores, wrk -t$THREADS -c$CONNECTIONS, $DURATION per run, loopback, mock upstream)"
+echo
+echo "| scenario | mode | requests/s | p50 | p99 | non-2xx |"
+echo "| --- | --- | --- | --- | --- | --- |"
+for scenario in "${SCENARIOS[@]}"; do
+    read -r name method path <<<"$scenario"
+    for mode in "${modes[@]}"; do
+        echo "| $method $path | $mode | ${RPS[$mode.$name]} | ${P50[$mode.$name]} ms | ${P99[$mode.$name]} ms | ${ERRS[$mode.$name]} |"
+    done
+done
+if [[ $has_bare_mode == 1 ]]; then
+    echo
+    for scenario in "${SCENARIOS[@]}"; do
+        read -r name method path <<<"$scenario"
+        awk -v n="$method $path" -v k="${RPS[keygate.$name]}" -v b="${RPS[bare.$name]}" \
+            -v k50="${P50[keygate.$name]}" -v b50="${P50[bare.$name]}" \
+            -v k99="${P99[keygate.$name]}" -v b99="${P99[bare.$name]}" 'BEGIN {
+            printf "%s: throughput keygate/bare = %.2f (target >= 0.90); p50 +%.3f ms; p99 +%.3f ms\n",
+                n, k / b, k50 - b50, k99 - b99
+        }'
+    done
+fi

@@ -1,0 +1,366 @@
+//! The example gateway (`cargo run --release --example gateway`): the full keygate stack in
+//! front of an OpenAI-compatible upstream (the embedded [mock](crate::mock_upstream), or a real
+//! one with `--upstream`). Here as library code so the integration tests start the very same
+//! gateway in-process.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post_service};
+use keygate::proxy::UpstreamProxy;
+use keygate::{Built, Config, ConfigError, JsonlConfig, PriceConfig};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tower::ServiceBuilder;
+
+pub mod demo;
+
+/// The key file the gateway creates with demo keys when run with no key file named.
+pub const DEMO_KEYS_FILE: &str = "keygate-demo-keys.toml";
+
+/// The environment variable holding the provider key sent to a real `--upstream`.
+pub const UPSTREAM_KEY_ENV: &str = "KEYGATE_UPSTREAM_API_KEY";
+
+/// Command-line options of the gateway.
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "gateway",
+    about = "An OpenAI-compatible gateway guarded by keygate"
+)]
+pub struct GatewayOptions {
+    /// The address to listen on (port 0: any free port; the first line printed names it).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// An OpenAI-compatible upstream (`http://host:port`, optionally with a base path) to
+    /// proxy to instead of the embedded mock; the provider key comes from the environment
+    /// variable `KEYGATE_UPSTREAM_API_KEY`.
+    #[arg(long)]
+    pub upstream: Option<String>,
+    /// A TOML configuration file (see the README's config reference).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The key file (overrides the config's `keys_file`). Default, with no config:
+    /// `keygate-demo-keys.toml`, created with demo keys if missing.
+    #[arg(long)]
+    pub keys_file: Option<PathBuf>,
+    /// Also write audit records as JSON Lines to this file (overrides `[audit.jsonl]`).
+    #[arg(long)]
+    pub audit_jsonl: Option<PathBuf>,
+    /// The provider key for `--upstream` (the binary reads it from
+    /// `KEYGATE_UPSTREAM_API_KEY`; never a flag, so it stays out of process listings).
+    #[arg(skip)]
+    pub upstream_api_key: Option<String>,
+}
+
+impl GatewayOptions {
+    /// Options with the defaults, listening on `listen`.
+    pub fn new(listen: SocketAddr) -> Self {
+        GatewayOptions {
+            listen,
+            upstream: None,
+            config: None,
+            keys_file: None,
+            audit_jsonl: None,
+            upstream_api_key: None,
+        }
+    }
+}
+
+/// Why the gateway could not start.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum GatewayError {
+    /// The configuration (or key file, or audit file) is unusable.
+    Config(ConfigError),
+    /// The upstream URL is unusable.
+    Upstream(keygate::proxy::UpstreamError),
+    /// Binding a socket, or writing the demo key file, failed.
+    Io(std::io::Error),
+}
+
+impl std::fmt::Display for GatewayError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GatewayError::Config(e) => write!(f, "{e}"),
+            GatewayError::Upstream(e) => write!(f, "--upstream: {e}"),
+            GatewayError::Io(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+impl std::error::Error for GatewayError {}
+
+impl From<std::io::Error> for GatewayError {
+    fn from(e: std::io::Error) -> Self {
+        GatewayError::Io(e)
+    }
+}
+
+impl From<ConfigError> for GatewayError {
+    fn from(e: ConfigError) -> Self {
+        GatewayError::Config(e)
+    }
+}
+
+/// Default prices (dollars per million tokens) for the mock's models, used when no config
+/// file is given, so the demo's budgets can be charged.
+pub fn demo_prices() -> Vec<(&'static str, &'static str, &'static str)> {
+    vec![
+        ("gpt-4o", "2.50", "10.00"),
+        ("gpt-4o-mini", "0.15", "0.60"),
+        ("gpt-4.1", "2.00", "8.00"),
+        ("o3-mini", "1.10", "4.40"),
+        ("text-embedding-3-small", "0.02", "0"),
+    ]
+}
+
+/// The configuration the options name: the config file (or the defaults with the demo key
+/// file and prices), then the flags on top.
+///
+/// # Errors
+///
+/// When the config file cannot be read or parsed.
+pub fn config_for(options: &GatewayOptions) -> Result<Config, ConfigError> {
+    let mut config = match &options.config {
+        Some(path) => Config::load(path)?,
+        None => {
+            let mut config = Config {
+                keys_file: PathBuf::from(DEMO_KEYS_FILE),
+                ..Config::default()
+            };
+            for (model, input, output) in demo_prices() {
+                let price = PriceConfig {
+                    input_per_million: keygate::Money::parse(input).unwrap_or_default(),
+                    output_per_million: keygate::Money::parse(output).unwrap_or_default(),
+                };
+                config.prices.insert(model.to_owned(), price);
+            }
+            config
+        }
+    };
+    if let Some(keys) = &options.keys_file {
+        config.keys_file = keys.clone();
+    }
+    if let Some(path) = &options.audit_jsonl {
+        config.audit.jsonl = Some(JsonlConfig {
+            path: path.clone(),
+            max_bytes: keygate::audit::DEFAULT_MAX_BYTES,
+            keep: keygate::audit::DEFAULT_KEEP,
+            capacity: keygate::audit::DEFAULT_CAPACITY,
+        });
+    }
+    Ok(config)
+}
+
+/// The process-wide Prometheus recorder (installed once; later gateways in the same process
+/// share it).
+fn prometheus() -> &'static PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE.get_or_init(|| {
+        let recorder = PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        // Fails only if the host installed another recorder: then /metrics shows this one's
+        // (empty) view and the host's recorder gets the metrics.
+        let _ = metrics::set_global_recorder(recorder);
+        keygate::audit::metrics::describe_metrics();
+        handle
+    })
+}
+
+/// The gateway's HTTP app: `/healthz` and `/metrics` (unauthenticated), `POST /v1/tokens`
+/// (audit → key extraction → request rate → token exchange), and everything else through the
+/// full keygate stack to `upstream`.
+pub fn app(built: &Built, upstream: UpstreamProxy) -> Router {
+    let layer = built.layer();
+    let mut router = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(|| async { prometheus().render() }));
+    if let Some(exchange) = built.token_exchange() {
+        let tokens = ServiceBuilder::new()
+            .layer(layer.audit_layer().clone())
+            .layer(layer.extract_layer().clone())
+            .layer(layer.rate_limit_layer().clone())
+            .service(exchange.clone());
+        router = router.route("/v1/tokens", post_service(tokens));
+    }
+    router.fallback_service(ServiceBuilder::new().layer(layer.clone()).service(upstream))
+}
+
+/// A running gateway.
+#[derive(Debug)]
+pub struct Gateway {
+    addr: SocketAddr,
+    built: Arc<Built>,
+    stop: Option<oneshot::Sender<()>>,
+    server: JoinHandle<std::io::Result<()>>,
+    background: Vec<JoinHandle<()>>,
+}
+
+/// Starts the gateway: loads the config (creating the demo key file if it is the default and
+/// missing), starts the mock upstream unless `--upstream` is given, binds, and prints the
+/// first line `keygate gateway listening on http://ADDR` and then the demo keys to `out`.
+///
+/// # Errors
+///
+/// [`GatewayError`] when the configuration, key file, upstream URL or socket is unusable.
+pub async fn start(
+    options: GatewayOptions,
+    out: &mut (dyn Write + Send),
+) -> Result<Gateway, GatewayError> {
+    let config = config_for(&options)?;
+    let demo_file = options.config.is_none()
+        && options.keys_file.is_none()
+        && config.keys_file == std::path::Path::new(DEMO_KEYS_FILE);
+    let created = if demo_file && !config.keys_file.exists() {
+        Some(demo::create(&config.keys_file)?)
+    } else {
+        None
+    };
+    let built = Arc::new(config.build()?);
+    let mut background = Vec::new();
+
+    let upstream = match &options.upstream {
+        Some(url) => UpstreamProxy::new(url, options.upstream_api_key.as_deref())
+            .map_err(GatewayError::Upstream)?,
+        None => {
+            let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+            let mock_addr = listener.local_addr()?;
+            background.push(tokio::spawn(async move {
+                let _ = axum::serve(listener, crate::mock_upstream::router()).await;
+            }));
+            UpstreamProxy::new(&format!("http://{mock_addr}"), None)
+                .map_err(GatewayError::Upstream)?
+        }
+    };
+
+    if let Some(interval) = config.reload_interval() {
+        background.push(built.store().watch(interval));
+    }
+    background.push(reload_on_sighup(built.clone()));
+    background.push(tokio::spawn(async {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            prometheus().run_upkeep();
+        }
+    }));
+    // Install the recorder before the first request is counted.
+    let _ = prometheus();
+
+    let listener = tokio::net::TcpListener::bind(options.listen).await?;
+    let addr = listener.local_addr()?;
+    let app = app(&built, upstream);
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = stopped.await;
+        })
+        .await
+    });
+
+    writeln!(out, "keygate gateway listening on http://{addr}")?;
+    match (&options.upstream, &created) {
+        (Some(url), _) => writeln!(out, "upstream: {url}")?,
+        (None, _) => writeln!(out, "upstream: the embedded mock OpenAI server")?,
+    }
+    if demo_file {
+        demo::print(out, addr, &config.keys_file, created.as_deref())?;
+    } else {
+        writeln!(out, "keys: {}", config.keys_file.display())?;
+    }
+    out.flush()?;
+
+    Ok(Gateway {
+        addr,
+        built,
+        stop: Some(stop),
+        server,
+        background,
+    })
+}
+
+fn reload_on_sighup(built: Arc<Built>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let Ok(mut hup) = signal(SignalKind::hangup()) else {
+                return;
+            };
+            while hup.recv().await.is_some() {
+                let b = built.clone();
+                match tokio::task::spawn_blocking(move || b.store().reload()).await {
+                    Ok(Ok(outcome)) => tracing::info!(?outcome, "SIGHUP: key file reloaded"),
+                    Ok(Err(error)) => {
+                        tracing::error!(%error, "SIGHUP: key file reload failed; the previous keys stay in use");
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        drop(built);
+    })
+}
+
+impl Gateway {
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The built stack (layer, key store, audit file).
+    pub fn built(&self) -> &Built {
+        &self.built
+    }
+
+    /// Stops accepting connections, waits for requests in flight to finish, flushes the audit
+    /// file and stops the background tasks.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.server).await;
+        self.built.flush_audit();
+        for task in &self.background {
+            task.abort();
+        }
+    }
+
+    /// Serves until Ctrl-C or SIGTERM, then shuts down gracefully.
+    pub async fn run_until_signal(self) {
+        shutdown_signal().await;
+        eprintln!("keygate gateway: shutting down (draining requests, flushing audit)");
+        self.shutdown().await;
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+}
