@@ -18,7 +18,7 @@ use http_body::Body;
 use http_body_util::combinators::Collect;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use keygate_core::{
-    ClientIp, Denial, EndpointMatch, Principal, RequestedModel, ResponseBody, Stage,
+    ClientIp, Denial, EndpointMatch, Principal, RequestTrace, RequestedModel, ResponseBody, Stage,
 };
 use pin_project_lite::pin_project;
 use tower_service::Service;
@@ -197,6 +197,10 @@ impl<S> Scope<S> {
             ));
         };
         let route = matched.route;
+        let trace = extensions.get::<RequestTrace>();
+        if let Some(trace) = trace {
+            trace.set_endpoint_group(&route.group);
+        }
         let have = principal.access(route.group.as_str());
         if !have.grants(route.access) {
             return Err(scope_denial(
@@ -209,6 +213,9 @@ impl<S> Scope<S> {
             ));
         }
         let client_ip = shared.proxies.client_ip((shared.peer)(extensions), headers);
+        if let (Some(trace), Some(ip)) = (trace, client_ip) {
+            trace.set_client_ip(ip);
+        }
         if principal.has_ip_rules() {
             match client_ip {
                 None => {
@@ -247,6 +254,9 @@ impl<S> Scope<S> {
                 ));
             }
             url_model = Some(value);
+        }
+        if let (Some(trace), Some(m)) = (trace, url_model.as_deref()) {
+            trace.set_model(m);
         }
         let mut body = None;
         if sources.body() {
@@ -583,6 +593,9 @@ fn check_body(
         (Some(a), _) => Some(a),
         (None, b) => b,
     };
+    if let (Some(trace), Some(m)) = (parts.extensions.get::<RequestTrace>(), model) {
+        trace.set_model(m);
+    }
     let route = shared.routes.route(pending.route);
     let endpoint = finish(
         shared,

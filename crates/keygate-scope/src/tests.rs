@@ -1175,3 +1175,47 @@ async fn layer_loads_from_config() {
         Err(ScopeConfigError::Route(_))
     ));
 }
+
+#[tokio::test]
+async fn records_group_and_model_in_the_request_trace_even_when_denied() {
+    let mini = principal_with(
+        restricted(&[("chat.completions", Access::Write)]),
+        &["gpt-4o-mini"],
+        &[],
+    );
+    // Allowed: the group and the body's model are recorded for the outer audit layer.
+    let trace = keygate_core::RequestTrace::new();
+    let mut r = json(
+        "/v1/chat/completions",
+        r#"{"model":"gpt-4o-mini","messages":[]}"#,
+        &mini,
+    );
+    r.extensions_mut().insert(trace.clone());
+    let c = run(&ScopeLayer::openai(), r).await;
+    assert_eq!(c.status, StatusCode::OK);
+    assert_eq!(
+        trace.endpoint_group().map(|g| g.as_str()),
+        Some("chat.completions")
+    );
+    assert_eq!(trace.model().map(|m| &**m), Some("gpt-4o-mini"));
+
+    // Denied for the model: the audit record still says which model was refused.
+    let trace = keygate_core::RequestTrace::new();
+    let mut r = json("/v1/chat/completions", r#"{"model":"gpt-4o"}"#, &mini);
+    r.extensions_mut().insert(trace.clone());
+    let c = run(&ScopeLayer::openai(), r).await;
+    assert_eq!(code(&c), "model_not_allowed");
+    assert_eq!(trace.model().map(|m| &**m), Some("gpt-4o"));
+
+    // Denied for the group: the group is recorded, no model was read.
+    let trace = keygate_core::RequestTrace::new();
+    let mut r = json("/v1/embeddings", r#"{"model":"gpt-4o-mini"}"#, &mini);
+    r.extensions_mut().insert(trace.clone());
+    let c = run(&ScopeLayer::openai(), r).await;
+    assert_eq!(code(&c), "insufficient_permissions");
+    assert_eq!(
+        trace.endpoint_group().map(|g| g.as_str()),
+        Some("embeddings")
+    );
+    assert!(trace.model().is_none());
+}
