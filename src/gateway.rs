@@ -51,6 +51,11 @@ pub struct GatewayOptions {
     /// Also write audit records as JSON Lines to this file (overrides `[audit.jsonl]`).
     #[arg(long)]
     pub audit_jsonl: Option<PathBuf>,
+    /// Serve the same routes and proxy with no keygate layer at all: every request goes
+    /// straight to the upstream. Only for measuring what the stack costs (`scripts/load.sh`);
+    /// never expose a gateway started this way.
+    #[arg(long)]
+    pub without_keygate: bool,
     /// The provider key for `--upstream` (the binary reads it from
     /// `KEYGATE_UPSTREAM_API_KEY`; never a flag, so it stays out of process listings).
     #[arg(skip)]
@@ -66,6 +71,7 @@ impl GatewayOptions {
             config: None,
             keys_file: None,
             audit_jsonl: None,
+            without_keygate: false,
             upstream_api_key: None,
         }
     }
@@ -191,6 +197,14 @@ pub fn app(built: &Built, upstream: UpstreamProxy) -> Router {
     router.fallback_service(ServiceBuilder::new().layer(layer.clone()).service(upstream))
 }
 
+/// The same listener and proxy with no keygate layer: the baseline `scripts/load.sh` compares
+/// the full stack against.
+pub fn bare_app(upstream: UpstreamProxy) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .fallback_service(upstream)
+}
+
 /// A running gateway.
 #[derive(Debug)]
 pub struct Gateway {
@@ -254,7 +268,11 @@ pub async fn start(
 
     let listener = tokio::net::TcpListener::bind(options.listen).await?;
     let addr = listener.local_addr()?;
-    let app = app(&built, upstream);
+    let app = if options.without_keygate {
+        bare_app(upstream)
+    } else {
+        app(&built, upstream)
+    };
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         axum::serve(
@@ -268,6 +286,12 @@ pub async fn start(
     });
 
     writeln!(out, "keygate gateway listening on http://{addr}")?;
+    if options.without_keygate {
+        writeln!(
+            out,
+            "WARNING: --without-keygate: no key is checked, for load measurements only"
+        )?;
+    }
     match (&options.upstream, &created) {
         (Some(url), _) => writeln!(out, "upstream: {url}")?,
         (None, _) => writeln!(out, "upstream: the embedded mock OpenAI server")?,

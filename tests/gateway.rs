@@ -352,3 +352,22 @@ fn without_a_config_the_gateway_uses_the_demo_key_file_and_prices() {
     assert!(config.price_table().unwrap().price("gpt-4o-mini").is_some());
     assert!(config.jwt.enabled && config.jwt.secret_env.is_none());
 }
+
+#[tokio::test]
+async fn without_keygate_the_same_routes_are_served_with_no_check() {
+    // The load script's baseline: the same proxy with no layer, so a request with no key
+    // reaches the mock upstream. The keygate mode refuses the very same request.
+    let setup = Setup::new();
+    create_key(&setup.keys(), &["--permissions", "all"]);
+    let (bare, out) = setup.start_with("", |o| o.without_keygate = true).await;
+    assert!(out.contains("--without-keygate"), "{out}");
+    let a = call(bare.addr(), "GET", "/v1/models", None, None).await;
+    assert_eq!(a.status, 200);
+    assert!(a.header("x-request-id").is_none());
+    bare.shutdown().await;
+
+    let (gw, _) = setup.start("").await;
+    let a = call(gw.addr(), "GET", "/v1/models", None, None).await;
+    assert_eq!(a.status, 401);
+    gw.shutdown().await;
+}

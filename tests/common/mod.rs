@@ -67,6 +67,15 @@ impl Setup {
     /// Starts the gateway with this setup's files and `extra` config; returns it and what it
     /// printed.
     pub async fn start(&self, extra: &str) -> (Gateway, String) {
+        self.start_with(extra, |_| {}).await
+    }
+
+    /// As [`Setup::start`], with the command-line options edited by `edit`.
+    pub async fn start_with(
+        &self,
+        extra: &str,
+        edit: impl FnOnce(&mut GatewayOptions),
+    ) -> (Gateway, String) {
         let config = self.dir.path().join("keygate.toml");
         let text = format!(
             "keys_file = {:?}\nreload_interval_secs = 0\n{extra}\n[audit]\ntracing = false\n[audit.jsonl]\npath = {:?}\n",
@@ -76,6 +85,7 @@ impl Setup {
         std::fs::write(&config, text).unwrap();
         let mut options = GatewayOptions::new("127.0.0.1:0".parse().unwrap());
         options.config = Some(config);
+        edit(&mut options);
         let mut out = Vec::new();
         let gw = gateway::start(options, &mut out).await.unwrap();
         (gw, String::from_utf8(out).unwrap())

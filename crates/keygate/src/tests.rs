@@ -249,3 +249,265 @@ async fn a_config_built_stack_serves_keys_from_the_file_and_accepts_its_tokens()
     assert_eq!(audit.lines().count(), 2);
     assert!(!audit.contains(secret.expose()) && !audit.contains(&token));
 }
+
+/// Keys for the cross-layer test, one per kind of refusal that needs its own limits.
+fn keys() -> (MemoryStore, Vec<SecretKey>) {
+    use keygate_core::{Access, Budget, ModelPattern, ModelRules, Money, Period};
+    let mut out = Vec::new();
+    let mut records = Vec::new();
+    let edits: [fn(&mut KeyRecord); 4] = [
+        // 0: chat write + models read, two models.
+        |k| {
+            k.permissions = Permissions::Restricted(
+                [
+                    ("chat.completions".to_owned(), Access::Write),
+                    ("models".to_owned(), Access::Read),
+                ]
+                .into(),
+            );
+            k.models = ModelRules::allow_only(
+                ["gpt-4o-mini", "o3-mini"].map(|m| ModelPattern::new(m).unwrap()),
+            );
+        },
+        // 1: only from 10.0.0.0/8.
+        |k| k.allowed_ips = vec!["10.0.0.0/8".parse().unwrap()],
+        // 2: one request per minute.
+        |k| k.limits.requests_per_minute = std::num::NonZeroU32::new(1),
+        // 3: a budget of one micro-dollar.
+        |k| {
+            k.limits.budgets = vec![Budget {
+                amount: Money::from_micros(1),
+                period: Period::Day,
+                model: None,
+            }]
+        },
+    ];
+    for (i, edit) in edits.into_iter().enumerate() {
+        let secret = KeyFormat::default().generate().unwrap();
+        let mut key = KeyRecord::new(
+            KeyId::new(format!("key_{i}")),
+            "p",
+            secret.digest(),
+            Timestamp::UNIX_EPOCH,
+        );
+        key.permissions = Permissions::All;
+        edit(&mut key);
+        records.push(key);
+        out.push(secret);
+    }
+    let store = MemoryStore::from_records([ProjectRecord::new("p")], records).unwrap();
+    (store, out)
+}
+
+fn post(path: &str, secret: &SecretKey, body: &str) -> Request<Full<Bytes>> {
+    Request::post(path)
+        .header("authorization", format!("Bearer {}", secret.expose()))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .unwrap()
+}
+
+fn chat(model: &str) -> String {
+    format!(
+        r#"{{"model":"{model}","max_tokens":100,"messages":[{{"role":"user","content":"hi"}}]}}"#
+    )
+}
+
+#[tokio::test]
+async fn every_refusal_of_every_layer_is_one_audit_event_with_its_layer_and_reason() {
+    use crate::limit::{Price, PriceTable};
+    use crate::scope::PolicyDenial;
+    use keygate_core::ClientIp;
+    use keygate_core::Money;
+
+    let (store, keys) = keys();
+    let (events, sink) = recorder();
+    let prices = PriceTable::new()
+        .with_price(
+            "*",
+            Price::per_million(Money::from_dollars(1), Money::from_dollars(1)),
+        )
+        .unwrap();
+    let layer = Keygate::builder(store)
+        .clock(ManualClock::new(Timestamp::from_unix_secs(1_000_000)).clock())
+        .audit_sink(sink)
+        .prices(prices)
+        .policy(|ctx: &crate::scope::PolicyContext<'_>| {
+            if ctx.model() == Some("o3-mini") {
+                return Err(PolicyDenial::new("reasoning_models_off", "Not today."));
+            }
+            Ok(())
+        })
+        .build()
+        .unwrap();
+    let svc = ServiceBuilder::new().layer(layer).service_fn(ok);
+    let from = |ip: &str, mut r: Request<Full<Bytes>>| {
+        r.extensions_mut().insert(ClientIp(ip.parse().unwrap()));
+        r
+    };
+    let local = |r| from("127.0.0.1", r);
+    let bad = KeyFormat::default().generate().unwrap();
+
+    // (request, status, stage, reason, group, model); `None` stage: allowed.
+    type Case = (
+        Request<Full<Bytes>>,
+        u16,
+        Option<Stage>,
+        &'static str,
+        Option<&'static str>,
+        Option<&'static str>,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            local(get("/v1/models", None)),
+            401,
+            Some(Stage::Extract),
+            "missing_api_key",
+            None,
+            None,
+        ),
+        (
+            local(get("/v1/models", Some(&bad))),
+            401,
+            Some(Stage::Extract),
+            "invalid_api_key",
+            None,
+            None,
+        ),
+        (
+            local(get("/v1/nothing", Some(&keys[0]))),
+            404,
+            Some(Stage::Scope),
+            "unknown_route",
+            None,
+            None,
+        ),
+        (
+            local(post(
+                "/v1/embeddings",
+                &keys[0],
+                r#"{"model":"gpt-4o-mini","input":"x"}"#,
+            )),
+            403,
+            Some(Stage::Scope),
+            "insufficient_permissions",
+            Some("embeddings"),
+            None,
+        ),
+        (
+            local(post("/v1/chat/completions", &keys[0], &chat("gpt-4o"))),
+            403,
+            Some(Stage::Scope),
+            "model_not_allowed",
+            Some("chat.completions"),
+            Some("gpt-4o"),
+        ),
+        (
+            local(post("/v1/chat/completions", &keys[0], "{not json")),
+            400,
+            Some(Stage::Scope),
+            "invalid_json",
+            Some("chat.completions"),
+            None,
+        ),
+        (
+            local(post("/v1/chat/completions", &keys[0], &chat("o3-mini"))),
+            403,
+            Some(Stage::Policy),
+            "reasoning_models_off",
+            Some("chat.completions"),
+            Some("o3-mini"),
+        ),
+        (
+            local(get("/v1/models", Some(&keys[1]))),
+            403,
+            Some(Stage::Scope),
+            "ip_not_allowed",
+            Some("models"),
+            None,
+        ),
+        (
+            from("10.1.2.3", get("/v1/models", Some(&keys[1]))),
+            200,
+            None,
+            "",
+            Some("models"),
+            None,
+        ),
+        (
+            local(get("/v1/models", Some(&keys[2]))),
+            200,
+            None,
+            "",
+            Some("models"),
+            None,
+        ),
+        (
+            local(get("/v1/models", Some(&keys[2]))),
+            429,
+            Some(Stage::RateLimit),
+            "rate_limit_exceeded",
+            Some("models"),
+            None,
+        ),
+        (
+            local(post("/v1/chat/completions", &keys[3], &chat("gpt-4o-mini"))),
+            429,
+            Some(Stage::TokenLimit),
+            "insufficient_quota",
+            Some("chat.completions"),
+            Some("gpt-4o-mini"),
+        ),
+        (
+            local(post("/v1/chat/completions", &keys[0], &chat("gpt-4o-mini"))),
+            200,
+            None,
+            "",
+            Some("chat.completions"),
+            Some("gpt-4o-mini"),
+        ),
+    ];
+    let n = cases.len();
+    let mut expected = Vec::new();
+    for (i, (req, status, stage, reason, group, model)) in cases.into_iter().enumerate() {
+        let res = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status().as_u16(), status, "case {i}");
+        res.into_body().collect().await.unwrap();
+        expected.push((stage, reason, group, model));
+    }
+
+    let events = events.lock().unwrap();
+    assert_eq!(events.len(), n, "exactly one event per request");
+    for (i, (event, (stage, reason, group, model))) in events.iter().zip(expected).enumerate() {
+        let e = event.as_request().expect("a request event");
+        match (&e.decision, stage) {
+            (
+                keygate_audit::Decision::Denied {
+                    stage: s,
+                    reason: r,
+                    ..
+                },
+                Some(stage),
+            ) => {
+                assert_eq!((*s, r.as_str()), (stage, reason), "case {i}");
+            }
+            (keygate_audit::Decision::Allowed, None) => {}
+            (d, s) => panic!("case {i}: decision {d:?}, expected stage {s:?}"),
+        }
+        assert_eq!(
+            e.endpoint_group.as_ref().map(|g| g.as_str()),
+            group,
+            "case {i}"
+        );
+        assert_eq!(e.model.as_deref(), model, "case {i}");
+    }
+    // Nothing secret in any event, in its JSON or its Debug form.
+    for event in events.iter() {
+        let json = serde_json::to_string(event).unwrap();
+        let debug = format!("{event:?}");
+        for secret in keys.iter().chain([&bad]) {
+            assert!(!json.contains(secret.expose()), "{json}");
+            assert!(!debug.contains(secret.expose()), "{debug}");
+        }
+    }
+}
