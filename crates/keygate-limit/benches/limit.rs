@@ -139,6 +139,29 @@ fn layers(c: &mut Criterion) {
         )
     });
 
+    // Token limits apply but there is no body to read (a GET, or a body that is not JSON):
+    // reserve the default output ceiling, settle at it when the (non-JSON) response ends.
+    let tpm = principal("key_tpm", |l| {
+        l.tokens_per_minute = NonZeroU64::new(u64::MAX / 2);
+    });
+    let mut token = TokenLimitLayer::default().layer(tower::service_fn(bare));
+    g.bench_function("token_layer_tpm_no_body", |b| {
+        b.iter_batched(
+            || {
+                let mut r = Request::get("/v1/models")
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                r.extensions_mut().insert(tpm.clone());
+                r
+            },
+            |req| {
+                let res = now(token.call(req)).unwrap();
+                drain(res.into_body());
+            },
+            BatchSize::SmallInput,
+        )
+    });
+
     let prices = PriceTable::new()
         .with_price(
             "gpt-4o-mini",

@@ -887,7 +887,7 @@ mod tests {
 
     fn op() -> impl Strategy<Value = Op> {
         prop_oneof![
-            (prop::collection::vec(0..3usize, 1..3), 1..60u64)
+            (prop::collection::vec(0..4usize, 1..4), 1..60u64)
                 .prop_map(|(counters, amount)| Op::Reserve(counters, amount)),
             (any::<usize>(), 0..100u64).prop_map(|(i, f)| Op::Settle(i, f)),
             any::<usize>().prop_map(Op::Release),
@@ -899,11 +899,19 @@ mod tests {
         fn any_interleaving_stays_within_limits_and_ends_at_the_settled_total(
             ops in prop::collection::vec(op(), 1..80),
         ) {
-            let limits = [100u64, 150, 80];
+            // Three budgets and a token rate (the clock does not move: it never drains).
+            let limits = [100u64, 150, 80, 120];
+            let charge = |i: usize, limit: u64, amount: u64| {
+                if i == 3 {
+                    rate(&format!("c{i}"), limit, amount)
+                } else {
+                    budget(&format!("c{i}"), limit, amount, 0)
+                }
+            };
             let b = MemoryBackend::new();
             let now = t(0);
             let mut open: Vec<Reservation> = Vec::new();
-            let mut settled = [0u64; 3];
+            let mut settled = [0u64; 4];
             let key = |i: usize| format!("c{i}");
             for op in ops {
                 match op {
@@ -912,7 +920,7 @@ mod tests {
                         counters.dedup();
                         let charges = counters
                             .iter()
-                            .map(|&i| budget(&key(i), limits[i], amount, 0))
+                            .map(|&i| charge(i, limits[i], amount))
                             .collect();
                         if let Ok(r) = b.reserve_now(charges, now) {
                             open.push(r);
@@ -922,13 +930,14 @@ mod tests {
                         let r = open.swap_remove(i % open.len());
                         // Actual at most the reservation: a settle never pushes a counter
                         // past its limit then.
-                        let held = reserved_amounts(&r).cost.as_nanos();
+                        let held = r.charges[0].amount;
                         let actual = held * fraction / 100;
                         for c in &r.charges {
                             let n: usize = c.key[1..].parse().unwrap();
                             settled[n] += actual;
                         }
-                        b.settle_now(r, Actual { tokens: 0, cost: Money::from_nanos(actual) }, now);
+                        let actual = Actual { tokens: actual, cost: Money::from_nanos(actual) };
+                        b.settle_now(r, actual, now);
                     }
                     Op::Release(i) if !open.is_empty() => {
                         let r = open.swap_remove(i % open.len());
@@ -937,7 +946,7 @@ mod tests {
                     _ => {}
                 }
                 for (i, limit) in limits.iter().enumerate() {
-                    let w = budget(&key(i), 0, 0, 0).window;
+                    let w = charge(i, 0, 0).window;
                     let used = b.used(&key(i), w, *limit, now).unwrap_or(0);
                     prop_assert!(used <= *limit);
                 }
@@ -946,7 +955,7 @@ mod tests {
                 b.release_now(r, now);
             }
             for (i, limit) in limits.iter().enumerate() {
-                let w = budget(&key(i), 0, 0, 0).window;
+                let w = charge(i, 0, 0).window;
                 prop_assert_eq!(b.used(&key(i), w, *limit, now).unwrap_or(0), settled[i]);
             }
         }

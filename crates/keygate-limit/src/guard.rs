@@ -22,6 +22,34 @@ pub enum GuardConfigError {
     BadSmoothing,
 }
 
+/// A change of a key's suspension, for a [`SuspensionHook`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Suspension {
+    /// The key was suspended.
+    Suspended,
+    /// The key was reinstated.
+    Reinstated,
+}
+
+/// Where a host persists suspensions, for example by marking the key disabled in its key
+/// store so that the suspension outlives the process and holds on every replica. Called once
+/// per change, synchronously, on the request path that caused it: keep it quick (hand slow
+/// work to a task). Implemented for closures `Fn(&KeyId, Suspension)`.
+pub trait SuspensionHook: Send + Sync + 'static {
+    /// `key_id`'s suspension changed.
+    fn changed(&self, key_id: &KeyId, change: Suspension);
+}
+
+impl<F> SuspensionHook for F
+where
+    F: Fn(&KeyId, Suspension) + Send + Sync + 'static,
+{
+    fn changed(&self, key_id: &KeyId, change: Suspension) {
+        self(key_id, change);
+    }
+}
+
 /// The denial-of-wallet guard, shared by every clone (cheap to clone).
 ///
 /// Usage is counted per key in windows of [`with_window`](WalletGuard::with_window) (default
@@ -30,8 +58,8 @@ pub enum GuardConfigError {
 /// baseline (after `warmup` windows of history, and above a floor), or an absolute ceiling,
 /// is suspended: the token layer answers it with 403 `key_suspended` until
 /// [`reinstate`](WalletGuard::reinstate). Each suspension emits an [`Alert`] to the
-/// configured [`AlertSink`]; that sink is also the hook where a host persists it (for example
-/// marks the key disabled in its store).
+/// configured [`AlertSink`] (for the audit layer), and calls the [`SuspensionHook`] where a
+/// host persists it (see [`with_suspension_hook`](WalletGuard::with_suspension_hook)).
 #[derive(Clone)]
 pub struct WalletGuard {
     inner: Arc<Inner>,
@@ -48,6 +76,7 @@ struct Inner {
 struct Settings {
     config: Config,
     sink: Option<Arc<dyn AlertSink>>,
+    hook: Option<Arc<dyn SuspensionHook>>,
     clock: Clock,
 }
 
@@ -109,6 +138,7 @@ impl WalletGuard {
                         ceiling_spend: None,
                     },
                     sink: None,
+                    hook: None,
                     clock: Clock::system(),
                 }),
                 rates: Mutex::default(),
@@ -182,9 +212,23 @@ impl WalletGuard {
         self.edit(|i| i.sink = Some(sink))
     }
 
+    /// Where suspensions and reinstatements are persisted (for example: mark the key
+    /// disabled in the key store).
+    pub fn with_suspension_hook(self, hook: impl SuspensionHook) -> Self {
+        let hook: Arc<dyn SuspensionHook> = Arc::new(hook);
+        self.edit(|i| i.hook = Some(hook))
+    }
+
     /// The clock.
     pub fn with_clock(self, clock: Clock) -> Self {
         self.edit(|i| i.clock = clock)
+    }
+
+    fn persist(&self, key_id: &KeyId, change: Suspension) {
+        let hook = read(&self.inner.settings).hook.clone();
+        if let Some(hook) = hook {
+            hook.changed(key_id, change);
+        }
     }
 
     /// Whether `key_id` is suspended.
@@ -199,6 +243,7 @@ impl WalletGuard {
         let newly = write(&self.inner.suspended).insert(key_id.clone());
         if newly {
             self.inner.suspended_count.fetch_add(1, Ordering::AcqRel);
+            self.persist(key_id, Suspension::Suspended);
             self.emit(AlertKind::KeySuspended, key_id, project, reason, message);
         }
     }
@@ -210,6 +255,7 @@ impl WalletGuard {
         let Some(id) = removed else { return false };
         self.inner.suspended_count.fetch_sub(1, Ordering::AcqRel);
         lock(&self.inner.rates).remove(key_id);
+        self.persist(&id, Suspension::Reinstated);
         self.emit(
             AlertKind::KeyReinstated,
             &id,
@@ -400,6 +446,32 @@ mod tests {
         assert!(guard.reinstate("key_a"));
         assert!(!guard.is_suspended("key_a"));
         assert_eq!(alerts.lock().unwrap()[1].kind, AlertKind::KeyReinstated);
+    }
+
+    #[test]
+    fn suspension_and_reinstatement_reach_the_persistence_hook_once() {
+        let (_manual, guard, alerts) = setup();
+        let persisted = Arc::new(Mutex::new(Vec::new()));
+        let store = persisted.clone();
+        let guard =
+            guard
+                .with_ceiling(Some(100), None)
+                .with_suspension_hook(move |k: &KeyId, change| {
+                    store.lock().unwrap().push((k.as_str().to_owned(), change))
+                });
+        let key = KeyId::new("key_h");
+        for _ in 0..3 {
+            guard.record(&key, "p", 101, Money::ZERO);
+        }
+        guard.reinstate("key_h");
+        assert_eq!(
+            persisted.lock().unwrap()[..],
+            [
+                ("key_h".to_owned(), Suspension::Suspended),
+                ("key_h".to_owned(), Suspension::Reinstated)
+            ]
+        );
+        assert_eq!(alerts.lock().unwrap().len(), 2);
     }
 
     #[test]

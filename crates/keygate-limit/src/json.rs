@@ -20,6 +20,9 @@ pub(crate) struct RequestFields {
     close: usize,
     /// Where the `stream_options` object's opening `{` is.
     stream_options_open: Option<usize>,
+    /// The byte ranges of the non-null `max_tokens` / `max_completion_tokens` /
+    /// `max_output_tokens` values, in body order.
+    pub(crate) max_output_at: Vec<Range<usize>>,
 }
 
 /// A body that is not one JSON object, or that repeats a key.
@@ -48,6 +51,7 @@ pub(crate) fn request_fields(body: &[u8]) -> Result<RequestFields, BadJson> {
                 if let Some(v) = v {
                     // Several given: the upstream uses one of them; reserve for the largest.
                     fields.max_output = Some(fields.max_output.map_or(v, |m| m.max(v)));
+                    fields.max_output_at.push(value.clone());
                 }
             }
             "stream" => {
@@ -105,6 +109,21 @@ pub(crate) fn with_include_usage(body: &[u8], fields: &RequestFields) -> Option<
     out.extend_from_slice(insert);
     out.extend_from_slice(&body[at..]);
     Some(out)
+}
+
+/// The body with every `max_tokens` / `max_completion_tokens` / `max_output_tokens` value
+/// replaced by `to`; every other byte stays as it was.
+pub(crate) fn with_max_output(body: &[u8], fields: &RequestFields, to: u64) -> Vec<u8> {
+    let value = to.to_string();
+    let mut out = Vec::with_capacity(body.len() + 20);
+    let mut at = 0;
+    for range in &fields.max_output_at {
+        out.extend_from_slice(&body[at..range.start]);
+        out.extend_from_slice(value.as_bytes());
+        at = range.end;
+    }
+    out.extend_from_slice(&body[at..]);
+    out
 }
 
 fn decode_key(raw: &[u8]) -> Result<String, BadJson> {
@@ -374,6 +393,33 @@ mod tests {
                 None
             );
         }
+    }
+
+    #[test]
+    fn every_output_cap_field_is_read_and_the_largest_reserved() {
+        for field in ["max_tokens", "max_completion_tokens", "max_output_tokens"] {
+            let body = format!(r#"{{"model":"m","{field}":77}}"#);
+            assert_eq!(
+                request_fields(body.as_bytes()).unwrap().max_output,
+                Some(77)
+            );
+        }
+        let body = br#"{"max_tokens":5,"max_output_tokens":null,"max_completion_tokens":9}"#;
+        assert_eq!(request_fields(body).unwrap().max_output, Some(9));
+        assert_eq!(
+            request_fields(br#"{"model":"m"}"#).unwrap().max_output,
+            None
+        );
+    }
+
+    #[test]
+    fn lowering_the_output_cap_rewrites_only_its_values() {
+        let body = br#"{"max_tokens": 500 ,"messages":[],"max_completion_tokens":900}"#;
+        let out = with_max_output(body, &request_fields(body).unwrap(), 42);
+        assert_eq!(
+            out,
+            br#"{"max_tokens": 42 ,"messages":[],"max_completion_tokens":42}"#
+        );
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! - [`TokenLimitLayer`]: tokens per minute and money budgets (UTC day / week / month /
 //!   lifetime) against a [`LimitBackend`] ([`MemoryBackend`] here; Redis or SQL backends
 //!   implement the same trait); prices from a [`PriceTable`]; usage from JSON or SSE
-//!   response bodies; the [`WalletGuard`] that suspends a key whose spend spikes.
+//!   response bodies; the [`WalletGuard`] that suspends a key whose spend spikes (alerts
+//!   through an [`AlertSink`](keygate_core::AlertSink), persists through a
+//!   [`SuspensionHook`]).
 //!
 //! Both read the [`Principal`](keygate_core::Principal) the extraction layer put in the
 //! request (and the scope layer's [`RequestedModel`](keygate_core::RequestedModel)); without
@@ -79,7 +81,7 @@ mod token;
 
 pub use backend::{LimitBackend, MemoryBackend};
 pub use body::{OnDisconnect, RequestBody, TokenBody};
-pub use guard::{GuardConfigError, WalletGuard};
+pub use guard::{GuardConfigError, Suspension, SuspensionHook, WalletGuard};
 pub use price::{Price, PriceTable};
 pub use rate::{RateConfigError, RateLimit, RateLimitLayer, ResponseFuture as RateResponseFuture};
 pub use token::{ResponseFuture as TokenResponseFuture, TokenLimit, TokenLimitLayer, Unpriced};

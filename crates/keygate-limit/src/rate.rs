@@ -415,8 +415,19 @@ fn openai_duration(nanos: u64) -> String {
     String::from_utf8_lossy(&buf[..n]).into_owned()
 }
 
-/// The header value of [`openai_duration`], formatted on the stack (one allocation).
+/// The header value of [`openai_duration`]: sub-second values (whole milliseconds, the
+/// common case of a key well under its rate) are made once and shared; others are formatted
+/// on the stack (one allocation).
 pub(crate) fn duration_header(nanos: u64) -> Option<HeaderValue> {
+    static MILLIS: OnceLock<Box<[HeaderValue]>> = OnceLock::new();
+    if nanos < 1_000_000_000 {
+        let millis = MILLIS.get_or_init(|| {
+            (0..=1000u64)
+                .map(|ms| HeaderValue::from_str(&format!("{ms}ms")).expect("ascii"))
+                .collect()
+        });
+        return millis.get(nanos.div_ceil(1_000_000) as usize).cloned();
+    }
     let mut buf = [0u8; 40];
     let n = write_duration(&mut buf, nanos);
     HeaderValue::from_bytes(&buf[..n]).ok()
@@ -497,6 +508,8 @@ pub(crate) fn num_header(n: u64) -> HeaderValue {
 }
 
 fn put_headers(headers: &mut HeaderMap, status: Status) {
+    // One growth of the map instead of up to three.
+    headers.reserve(3);
     headers.insert(LIMIT_REQUESTS.clone(), num_header(u64::from(status.limit)));
     headers.insert(REMAINING_REQUESTS.clone(), num_header(status.remaining));
     if let Some(v) = duration_header(status.reset) {
@@ -626,6 +639,31 @@ mod tests {
         );
         manual.advance(Duration::from_secs(20));
         let res = svc.clone().oneshot(request(&p)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn sub_second_wait_rounds_retry_after_up_to_one_second() {
+        let manual = ManualClock::new(Timestamp::from_unix_secs(1_700_000_000));
+        let layer = RateLimitLayer::new().with_clock(manual.clock());
+        let svc = ServiceBuilder::new().layer(layer).service_fn(ok_handler);
+        // 120 a minute: one every 500 ms once the burst is spent.
+        let p = principal_with(|k, _| k.requests_per_minute = rpm(120));
+        for _ in 0..120 {
+            let res = svc.clone().oneshot(request(&p)).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+        }
+        let res = svc.clone().oneshot(request(&p)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(res.headers()["retry-after"], "1");
+        assert_eq!(res.headers()["retry-after-ms"], "500");
+        manual.advance(Duration::from_millis(499));
+        let res = svc.clone().oneshot(request(&p)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(res.headers()["retry-after"], "1");
+        assert_eq!(res.headers()["retry-after-ms"], "1");
+        manual.advance(Duration::from_millis(1));
+        let res = svc.oneshot(request(&p)).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
     }
 
@@ -788,6 +826,23 @@ mod tests {
     #[test]
     fn durations_are_written_like_openai() {
         assert_eq!(openai_duration(20_000_000), "20ms");
+        for nanos in [
+            0,
+            1,
+            20_000_000,
+            999_000_001,
+            999_999_999,
+            1_000_000_000,
+            61_500_000_000,
+        ] {
+            let expected = openai_duration(nanos);
+            assert_eq!(
+                duration_header(nanos).unwrap(),
+                expected.as_str(),
+                "{nanos}"
+            );
+        }
+        assert_eq!(openai_duration(999_999_999), "1000ms");
         assert_eq!(openai_duration(1_000_000_000), "1s");
         assert_eq!(openai_duration(1_500_000_000), "1.5s");
         assert_eq!(openai_duration(1_050_000_000), "1.05s");

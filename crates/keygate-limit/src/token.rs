@@ -27,8 +27,8 @@ use crate::backend::{
 };
 use crate::body::{OnDisconnect, RequestBody, Scan, Settlement, TokenBody};
 use crate::guard::WalletGuard;
-use crate::json::{SseScanner, request_fields, with_include_usage};
-use crate::price::PriceTable;
+use crate::json::{RequestFields, SseScanner, request_fields, with_include_usage, with_max_output};
+use crate::price::{Price, PriceTable};
 use crate::rate::{duration_header, missing_principal, num_header, owner, scope_name};
 
 /// What to do when a budget applies to a request whose model has no price.
@@ -69,6 +69,10 @@ pub enum Unpriced {
 ///
 /// Non-success responses release the reservation (unless they carry a [`Usage`]).
 ///
+/// Optionally ([`with_max_tokens_lowering`](TokenLimitLayer::with_max_tokens_lowering), off
+/// by default), a request whose explicit output cap does not fit is forwarded with the cap
+/// lowered to what still fits, instead of being refused.
+///
 /// Concurrency: every limit that applies is reserved in one backend call, so concurrent
 /// requests can never be admitted past a limit (see [`LimitBackend`]); the reservation ends
 /// exactly once, through a guard that settles it at the reserved amounts if dropped.
@@ -107,6 +111,7 @@ struct Config<B> {
     max_scan: usize,
     on_disconnect: OnDisconnect,
     include_usage: bool,
+    lower_max_tokens: bool,
     guard: Option<WalletGuard>,
 }
 
@@ -123,6 +128,7 @@ impl<B> Clone for Config<B> {
             max_scan: self.max_scan,
             on_disconnect: self.on_disconnect,
             include_usage: self.include_usage,
+            lower_max_tokens: self.lower_max_tokens,
             guard: self.guard.clone(),
         }
     }
@@ -155,6 +161,7 @@ impl<B: LimitBackend> TokenLimitLayer<B> {
                 max_scan: 16 << 20,
                 on_disconnect: OnDisconnect::Reservation,
                 include_usage: true,
+                lower_max_tokens: false,
                 guard: None,
             }),
         }
@@ -214,6 +221,15 @@ impl<B: LimitBackend> TokenLimitLayer<B> {
     /// Whether to add `stream_options.include_usage` to streaming chat requests (default on).
     pub fn with_include_usage(self, on: bool) -> Self {
         self.edit(|c| c.include_usage = on)
+    }
+
+    /// Whether to lower a request's explicit `max_tokens` / `max_completion_tokens` /
+    /// `max_output_tokens` to what its tightest token rate or budget can still hold, instead
+    /// of refusing it (default off). The cap is rewritten in the forwarded body (nothing else
+    /// changes); a request without an explicit cap, or that fits no output at all, is refused
+    /// as usual.
+    pub fn with_max_tokens_lowering(self, on: bool) -> Self {
+        self.edit(|c| c.lower_max_tokens = on)
     }
 
     /// The denial-of-wallet guard: settled usage is fed to it, and suspended keys get 403
@@ -517,6 +533,7 @@ static REMAINING_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-remai
 static RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tokens");
 
 fn put_token_headers(headers: &mut HeaderMap, limit: u64, remaining: u64, reset: Duration) {
+    headers.reserve(3);
     headers.insert(LIMIT_TOKENS.clone(), num_header(limit));
     headers.insert(REMAINING_TOKENS.clone(), num_header(remaining));
     let reset = u64::try_from(reset.as_nanos()).unwrap_or(u64::MAX);
@@ -584,6 +601,71 @@ fn is_json(headers: &HeaderMap) -> bool {
     })
 }
 
+/// The largest output a request of `prompt` tokens may ask for to fit the counter `e` refused.
+fn output_that_fits(e: &Exceeded, meta: Meta, prompt: u64, price: Option<Price>) -> Option<u64> {
+    if !meta.budget {
+        return e.remaining.checked_sub(prompt);
+    }
+    let price = price?;
+    let per_million = u128::from(price.output_per_million.as_nanos());
+    if per_million == 0 {
+        return None;
+    }
+    let left = e
+        .remaining
+        .checked_sub(price.cost(Usage::new(prompt, 0)).as_nanos())?;
+    // `Price::cost` rounds each part up: ceil(o × p / 10⁶) ≤ left ⇔ o × p ≤ left × 10⁶.
+    u64::try_from(u128::from(left) * 1_000_000 / per_million).ok()
+}
+
+/// The bytes to forward: as read, with the output cap lowered if it was, and with
+/// `stream_options.include_usage` added to a streaming completion that does not say.
+fn forward_body<B>(
+    config: &Config<B>,
+    parts: &mut http::request::Parts,
+    bytes: Bytes,
+    fields: Option<RequestFields>,
+    lowered: Option<u64>,
+) -> Bytes {
+    let Some(mut fields) = fields else {
+        return bytes;
+    };
+    let mut forward = bytes;
+    let mut changed = false;
+    if let Some(to) = lowered {
+        forward = Bytes::from(with_max_output(&forward, &fields, to));
+        changed = true;
+        match request_fields(&forward) {
+            Ok(f) => fields = f,
+            // Cannot happen (one number replaced another); then add nothing more.
+            Err(_) => fields.stream = false,
+        }
+    }
+    let path = parts.uri.path();
+    if config.include_usage
+        && parts.method == Method::POST
+        && path.ends_with("/completions")
+        && let Some(with_usage) = with_include_usage(&forward, &fields)
+    {
+        forward = Bytes::from(with_usage);
+        changed = true;
+    }
+    if changed && parts.headers.contains_key(CONTENT_LENGTH) {
+        parts
+            .headers
+            .insert(CONTENT_LENGTH, HeaderValue::from(forward.len()));
+    }
+    forward
+}
+
+/// The request body as the layer holds it before forwarding.
+enum Incoming<B> {
+    /// Not read (gRPC, not JSON): handed on untouched.
+    Unread(B),
+    /// Read; its fields when it was not empty.
+    Read(Bytes, Option<RequestFields>),
+}
+
 async fn run<S, B, ReqBody, ResBody>(
     config: Arc<Config<B>>,
     mut inner: S,
@@ -608,10 +690,10 @@ where
     let mut prompt = 0;
     let mut max_output = None;
     let mut streaming = false;
-    let body = if grpc || !is_json(&parts.headers) {
+    let incoming = if grpc || !is_json(&parts.headers) {
         // Never buffer a gRPC call; other bodies (multipart uploads, binary) are not counted
         // and pass untouched: they reserve the default output ceiling.
-        RequestBody::inner(body)
+        Incoming::Unread(body)
     } else {
         if parts
             .headers
@@ -647,57 +729,44 @@ where
                 return Ok(bad_request(code, message, &parts.headers));
             }
         };
-        let mut forward = bytes.clone();
-        if !bytes.is_empty() {
-            let fields = match request_fields(&bytes) {
-                Ok(f) => f,
-                Err(_) => {
-                    return Ok(bad_request(
-                        "invalid_json",
-                        "The request body is not a valid JSON object (or repeats a key).",
-                        &parts.headers,
-                    ));
-                }
+        if bytes.is_empty() {
+            Incoming::Read(bytes, None)
+        } else {
+            let Ok(fields) = request_fields(&bytes) else {
+                return Ok(bad_request(
+                    "invalid_json",
+                    "The request body is not a valid JSON object (or repeats a key).",
+                    &parts.headers,
+                ));
             };
             prompt = (bytes.len() as u64).div_ceil(config.bytes_per_token);
             max_output = fields.max_output;
             streaming = fields.stream;
             if model.is_none() {
-                model = fields.model.clone();
+                model.clone_from(&fields.model);
             }
-            let path = parts.uri.path();
-            if config.include_usage
-                && parts.method == Method::POST
-                && (path.ends_with("/chat/completions") || path.ends_with("/completions"))
-                && let Some(changed) = with_include_usage(&bytes, &fields)
-            {
-                forward = Bytes::from(changed);
-                if parts.headers.contains_key(CONTENT_LENGTH) {
-                    parts
-                        .headers
-                        .insert(CONTENT_LENGTH, HeaderValue::from(forward.len()));
-                }
-            }
+            Incoming::Read(bytes, Some(fields))
         }
-        RequestBody::buffered(forward)
     };
-    let estimate = Usage::new(prompt, max_output.unwrap_or(config.default_output));
     let price = model.as_deref().and_then(|m| config.prices.price(m));
-    let cost = match (price, config.unpriced) {
-        (Some(p), _) => Some(p.cost(estimate).as_nanos()),
-        (None, Unpriced::CountTokensOnly) => Some(0),
-        (None, Unpriced::Deny) => None,
-    };
     let now = config.clock.now();
-    let (charges, metas) = match charges(
-        &principal,
-        model.as_deref(),
-        estimate.total_tokens,
-        cost,
-        now,
-    ) {
-        Ok(c) => c,
-        Err(()) => {
+    let mut output = max_output.unwrap_or(config.default_output);
+    let mut lowered = None;
+    let mut attempts = 0;
+    let (reservation, estimate) = loop {
+        let estimate = Usage::new(prompt, output);
+        let cost = match (price, config.unpriced) {
+            (Some(p), _) => Some(p.cost(estimate).as_nanos()),
+            (None, Unpriced::CountTokensOnly) => Some(0),
+            (None, Unpriced::Deny) => None,
+        };
+        let Ok((charges, metas)) = charges(
+            &principal,
+            model.as_deref(),
+            estimate.total_tokens,
+            cost,
+            now,
+        ) else {
             let denial = Denial::new(
                 Stage::TokenLimit,
                 StatusCode::FORBIDDEN,
@@ -706,19 +775,29 @@ where
             )
             .with_param("model");
             return Ok(deny(denial, &parts.headers));
+        };
+        if charges.is_empty() {
+            break (Default::default(), estimate);
         }
-    };
-    let reservation = if charges.is_empty() {
-        Default::default()
-    } else {
         match config.backend.reserve(charges, now).await {
-            Ok(r) => r,
+            Ok(r) => break (r, estimate),
             Err(ReserveError::Exceeded(e)) => {
                 let meta = metas.get(e.index).copied().unwrap_or(Meta {
                     scope: LimitScope::Key,
                     budget: false,
                 });
-                return Ok(exceeded_response(&e, meta, &parts.headers));
+                attempts += 1;
+                // Lower an explicit output cap to what fits, rather than refuse (opt-in).
+                let fits = (config.lower_max_tokens && max_output.is_some() && attempts <= 8)
+                    .then(|| output_that_fits(&e, meta, prompt, price))
+                    .flatten();
+                match fits {
+                    Some(fits) if fits > 0 && fits < output => {
+                        output = fits;
+                        lowered = Some(fits);
+                    }
+                    _ => return Ok(exceeded_response(&e, meta, &parts.headers)),
+                }
             }
             Err(_) => {
                 return Ok(deny(
@@ -726,6 +805,12 @@ where
                     &parts.headers,
                 ));
             }
+        }
+    };
+    let body = match incoming {
+        Incoming::Unread(body) => RequestBody::inner(body),
+        Incoming::Read(bytes, fields) => {
+            RequestBody::buffered(forward_body(&config, &mut parts, bytes, fields, lowered))
         }
     };
     let tokens_status: Option<CounterStatus> = reservation.tokens;
@@ -817,7 +902,6 @@ where
 mod tests {
     use super::*;
     use crate::backend::Actual;
-    use crate::price::Price;
     use crate::test_support::*;
     use futures_util::stream;
     use http_body::Frame;
@@ -1229,6 +1313,213 @@ mod tests {
         );
     }
 
+    /// A service answering `USAGE_JSON` that records every body it was sent.
+    #[allow(clippy::type_complexity)]
+    fn recording(
+        layer: TokenLimitLayer,
+    ) -> (
+        impl Service<
+            Request<Full<Bytes>>,
+            Response = Out<Full<Bytes>>,
+            Error = Infallible,
+            Future = impl Send,
+        > + Clone,
+        Arc<Mutex<Vec<Bytes>>>,
+    ) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let seen2 = seen.clone();
+        let svc = ServiceBuilder::new().layer(layer).service_fn(
+            move |r: Request<RequestBody<Full<Bytes>>>| {
+                let seen = seen2.clone();
+                async move {
+                    let body = r.into_body().collect().await.unwrap().to_bytes();
+                    seen.lock().unwrap().push(body);
+                    Ok::<_, Infallible>(json_response(USAGE_JSON))
+                }
+            },
+        );
+        (svc, seen)
+    }
+
+    const CAPPED: &str = r#"{"model":"gpt-4o-mini","max_tokens":1000}"#;
+
+    fn capped_prompt() -> u64 {
+        (CAPPED.len() as u64).div_ceil(4)
+    }
+
+    #[tokio::test]
+    async fn output_cap_lowering_is_off_by_default() {
+        let manual = ManualClock::new(start());
+        // Room for the prompt and 100 output tokens only (150 and 600 nano-dollars a token).
+        let budget = capped_prompt() * 150 + 100 * 600;
+        let p = principal_with(|k, _| k.budgets.push(day_budget(budget)));
+        let (svc, seen) = recording(layer(&manual));
+        let res = svc.oneshot(chat(&p, CAPPED)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert!(seen.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn output_cap_is_lowered_to_what_the_tightest_limit_holds_when_enabled() {
+        let manual = ManualClock::new(start());
+        let budget = capped_prompt() * 150 + 100 * 600;
+        // The budget holds 100 output tokens, the token rate 60: 60 it is.
+        let p = principal_with(|k, _| {
+            k.budgets.push(day_budget(budget));
+            k.tokens_per_minute = NonZeroU64::new(capped_prompt() + 60);
+        });
+        let layer = layer(&manual).with_max_tokens_lowering(true);
+        let (svc, seen) = recording(layer.clone());
+        let res = svc.clone().oneshot(chat(&p, CAPPED)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(
+            seen.lock().unwrap()[0],
+            br#"{"model":"gpt-4o-mini","max_tokens":60}"#[..]
+        );
+        assert_eq!(
+            budget_used(&layer, "key_a", manual.now()),
+            capped_prompt() * 150 + 60 * 600
+        );
+        drop(res);
+        // Only the budget binds now: 100 output tokens.
+        let p = principal_named("key_b", "p", |k, _| k.budgets.push(day_budget(budget)));
+        seen.lock().unwrap().clear();
+        let res = svc.clone().oneshot(chat(&p, CAPPED)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        drop(res);
+        // A request without an explicit cap is refused, not rewritten.
+        let res = svc
+            .oneshot(chat(&p, r#"{"model":"gpt-4o-mini"}"#))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            seen.lock().unwrap()[..],
+            [Bytes::from_static(
+                br#"{"model":"gpt-4o-mini","max_tokens":100}"#
+            )]
+        );
+    }
+
+    #[tokio::test]
+    async fn per_model_token_rate_applies_to_matching_models_only() {
+        let manual = ManualClock::new(start());
+        let p = principal_with(|k, _| {
+            k.models.insert(
+                "gpt-4o*".into(),
+                keygate_core::ModelLimits {
+                    requests_per_minute: None,
+                    tokens_per_minute: NonZeroU64::new(200),
+                },
+            );
+        });
+        let layer = layer(&manual).with_unpriced(Unpriced::CountTokensOnly);
+        let (svc, _) = recording(layer.clone());
+        let body = |m: &str| format!(r#"{{"model":"{m}","max_tokens":150}}"#);
+        let res = svc.clone().oneshot(chat(&p, &body(MINI))).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["x-ratelimit-limit-tokens"], "200");
+        drop(res);
+        let res = svc.clone().oneshot(chat(&p, &body(MINI))).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            res.extensions().get::<Denial>().unwrap().code(),
+            "rate_limit_exceeded"
+        );
+        let res = svc.oneshot(chat(&p, &body("o1"))).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(!res.headers().contains_key("x-ratelimit-limit-tokens"));
+    }
+
+    #[tokio::test]
+    async fn project_budget_binds_every_key_of_the_project() {
+        let manual = ManualClock::new(start());
+        let layer = layer(&manual).with_default_output_tokens(0);
+        let (svc, _) = recording(layer.clone());
+        // Each request settles at USAGE_COST; the project holds two of them.
+        let budget = |_: &mut Limits, p: &mut Limits| p.budgets.push(day_budget(2 * USAGE_COST));
+        let a = principal_named("key_a", "p1", budget);
+        let b = principal_named("key_b", "p1", budget);
+        let other = principal_named("key_c", "p2", budget);
+        let body = r#"{"model":"gpt-4o-mini","max_tokens":1}"#;
+        for p in [&a, &b] {
+            let res = svc.clone().oneshot(chat(p, body)).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            res.into_body().collect().await.unwrap();
+        }
+        let res = svc.clone().oneshot(chat(&a, body)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            res.extensions().get::<Denial>().unwrap().code(),
+            "insufficient_quota"
+        );
+        let res = svc.oneshot(chat(&other, body)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn per_model_budget_charges_only_matching_models() {
+        let manual = ManualClock::new(start());
+        let layer = layer(&manual)
+            .with_default_output_tokens(0)
+            .with_unpriced(Unpriced::CountTokensOnly);
+        let (svc, _) = recording(layer.clone());
+        let p = principal_with(|k, _| {
+            k.budgets.push(Budget {
+                amount: Money::from_nanos(USAGE_COST),
+                period: Period::Day,
+                model: Some(keygate_core::ModelPattern::new("gpt-4o*").unwrap()),
+            })
+        });
+        let mini = r#"{"model":"gpt-4o-mini","max_tokens":1}"#;
+        let res = svc.clone().oneshot(chat(&p, mini)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        res.into_body().collect().await.unwrap();
+        let res = svc.clone().oneshot(chat(&p, mini)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        let other = r#"{"model":"o1","max_tokens":1}"#;
+        for _ in 0..3 {
+            let res = svc.clone().oneshot(chat(&p, other)).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+        }
+    }
+
+    #[tokio::test]
+    async fn week_and_month_budgets_reset_at_their_utc_boundary_and_lifetime_never() {
+        let body = r#"{"model":"gpt-4o-mini","max_tokens":1}"#;
+        // Sunday 2026-04-05 and Tuesday 2026-03-31, each one minute before midnight UTC.
+        for (period, at) in [
+            (Period::Week, "2026-04-05T23:59:00Z"),
+            (Period::Month, "2026-03-31T23:59:00Z"),
+            (Period::Lifetime, "2026-03-31T23:59:00Z"),
+        ] {
+            let manual = ManualClock::new(Timestamp::parse_rfc3339(at).unwrap());
+            let layer = layer(&manual).with_default_output_tokens(0);
+            let (svc, _) = recording(layer.clone());
+            let p = principal_with(|k, _| {
+                k.budgets.push(Budget {
+                    amount: Money::from_nanos(USAGE_COST),
+                    period,
+                    model: None,
+                })
+            });
+            let res = svc.clone().oneshot(chat(&p, body)).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK, "{period:?}");
+            res.into_body().collect().await.unwrap();
+            manual.advance(Duration::from_secs(59));
+            let res = svc.clone().oneshot(chat(&p, body)).await.unwrap();
+            assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS, "{period:?}");
+            manual.advance(Duration::from_secs(1));
+            let res = svc.clone().oneshot(chat(&p, body)).await.unwrap();
+            let expected = if period == Period::Lifetime {
+                StatusCode::TOO_MANY_REQUESTS
+            } else {
+                StatusCode::OK
+            };
+            assert_eq!(res.status(), expected, "{period:?}");
+        }
+    }
+
     #[test]
     fn thousand_concurrent_requests_admit_exactly_what_fits() {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1315,6 +1606,80 @@ mod tests {
         assert_eq!(res.status(), StatusCode::OK);
         assert_eq!(res.headers()["x-ratelimit-remaining-requests"], "4");
         res.into_body().collect().await.unwrap();
+        assert_eq!(budget_used(&layer, "key_a", manual.now()), USAGE_COST);
+    }
+
+    /// A real hyper HTTP/1 server on 127.0.0.1 with both layers over `Incoming` bodies, and
+    /// a hyper client: a streamed response settles at its usage chunk, and the next request
+    /// is refused on the wire with the rate headers.
+    #[tokio::test]
+    async fn works_in_a_hyper_server_over_incoming_bodies() {
+        use hyper_util::rt::TokioIo;
+        use hyper_util::service::TowerToHyperService;
+
+        let manual = ManualClock::new(start());
+        let layer = layer(&manual);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let p = principal_with(|k, _| {
+            k.budgets.push(day_budget(1_000_000_000));
+            k.requests_per_minute = std::num::NonZeroU32::new(1);
+        });
+        let server_layer = layer.clone();
+        let rate = crate::RateLimitLayer::new().with_clock(manual.clock());
+        let server = async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let svc = ServiceBuilder::new()
+                .map_request(move |mut req: Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(p.clone());
+                    req
+                })
+                .layer(rate)
+                .layer(server_layer)
+                .service_fn(
+                    |r: Request<RequestBody<hyper::body::Incoming>>| async move {
+                        let body = r.into_body().collect().await.unwrap().to_bytes();
+                        assert!(memchr::memmem::find(&body, b"include_usage").is_some());
+                        Ok::<_, Infallible>(sse_response())
+                    },
+                );
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+                .await
+                .unwrap();
+        };
+        let client = async move {
+            let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+                    .await
+                    .unwrap();
+            let talk = async move {
+                let send = || {
+                    Request::post("/v1/chat/completions")
+                        .header("host", "localhost")
+                        .header(CONTENT_TYPE, "application/json")
+                        .body(Full::new(Bytes::from_static(
+                            br#"{"model":"gpt-4o-mini","stream":true}"#,
+                        )))
+                        .unwrap()
+                };
+                let res = sender.send_request(send()).await.unwrap();
+                assert_eq!(res.status(), StatusCode::OK);
+                assert_eq!(res.headers()["x-ratelimit-remaining-requests"], "0");
+                let body = res.into_body().collect().await.unwrap().to_bytes();
+                assert_eq!(body, sse_frames().concat().as_bytes());
+                let res = sender.send_request(send()).await.unwrap();
+                assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+                assert_eq!(res.headers()["retry-after"], "60");
+                let body = res.into_body().collect().await.unwrap().to_bytes();
+                let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                assert_eq!(doc["error"]["code"], "rate_limit_exceeded");
+            };
+            let (conn, ()) = tokio::join!(conn, talk);
+            conn.unwrap();
+        };
+        tokio::join!(server, client);
         assert_eq!(budget_used(&layer, "key_a", manual.now()), USAGE_COST);
     }
 
