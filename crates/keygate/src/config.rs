@@ -41,7 +41,7 @@ use keygate_core::{
     Timestamp, TokenError, TokenVerifier,
 };
 use keygate_jwt::{JwtVerifier, KeySet, SigningKey, TokenExchange};
-use keygate_limit::{Price, PriceTable, Unpriced};
+use keygate_limit::{Price, PriceTable, Unpriced, WalletGuard};
 use keygate_scope::{DEFAULT_BODY_LIMIT, RouteError, RouteSpec, RouteTable, TrustedProxies};
 use serde::{Deserialize, Serialize};
 
@@ -83,6 +83,8 @@ pub struct Config {
     pub trusted_proxies: TrustedProxies,
     /// Short-lived tokens (JWT) exchanged for keys.
     pub jwt: JwtConfig,
+    /// The denial-of-wallet guard (`[guard]`, off by default).
+    pub guard: GuardConfig,
 }
 
 impl Default for Config {
@@ -100,7 +102,69 @@ impl Default for Config {
             audit: AuditConfig::default(),
             trusted_proxies: TrustedProxies::default(),
             jwt: JwtConfig::default(),
+            guard: GuardConfig::default(),
         }
+    }
+}
+
+/// `[guard]`: the denial-of-wallet guard. A key whose tokens or spend in one window jump past
+/// `multiple` × its own baseline (after `warmup_windows` windows of history, and above the
+/// floors), or past an absolute ceiling, is suspended: 403 `key_suspended` until the process
+/// restarts, with a `key_suspended` alert in the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuardConfig {
+    /// Turn the guard on (default false).
+    pub enabled: bool,
+    /// The window usage is counted in, in seconds (default 60).
+    pub window_secs: u64,
+    /// Suspend past this multiple of the key's baseline (default 10).
+    pub multiple: NonZeroU32,
+    /// Windows of history before the multiple applies (default 5).
+    pub warmup_windows: u32,
+    /// No suspension for the multiple below this many tokens in a window (default 10,000).
+    pub floor_tokens: u64,
+    /// ... or below this spend in a window, in dollars (default 1).
+    pub floor_dollars: Money,
+    /// Suspend any key past this many tokens in one window, whatever its baseline.
+    pub ceiling_tokens: Option<u64>,
+    /// Suspend any key past this spend in one window, in dollars, whatever its baseline.
+    pub ceiling_dollars: Option<Money>,
+}
+
+impl Default for GuardConfig {
+    fn default() -> Self {
+        GuardConfig {
+            enabled: false,
+            window_secs: 60,
+            multiple: NonZeroU32::new(10).unwrap_or(NonZeroU32::MIN),
+            warmup_windows: 5,
+            floor_tokens: 10_000,
+            floor_dollars: Money::from_dollars(1),
+            ceiling_tokens: None,
+            ceiling_dollars: None,
+        }
+    }
+}
+
+impl GuardConfig {
+    /// The guard these settings describe, or `None` when it is off.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] for a zero window.
+    pub fn guard(&self) -> Result<Option<WalletGuard>, ConfigError> {
+        if !self.enabled {
+            return Ok(None);
+        }
+        let guard = WalletGuard::new()
+            .with_window(Duration::from_secs(self.window_secs))
+            .map_err(|e| ConfigError::Invalid(format!("guard.window_secs: {e}")))?
+            .with_multiple(self.multiple)
+            .with_warmup(self.warmup_windows)
+            .with_floor(self.floor_tokens, self.floor_dollars)
+            .with_ceiling(self.ceiling_tokens, self.ceiling_dollars);
+        Ok(Some(guard))
     }
 }
 
@@ -416,6 +480,10 @@ impl Config {
             BackpressureConfig::DropAndCount => Backpressure::DropAndCount,
             BackpressureConfig::FailClosed => Backpressure::FailClosed,
         };
+        let builder = match self.guard.guard()? {
+            Some(guard) => builder.wallet_guard(guard),
+            None => builder,
+        };
         Ok(builder
             .routes(self.route_table()?)
             .prices(self.price_table()?)
@@ -662,6 +730,16 @@ mod tests {
             secret_env = "MY_SECRET"
             default_ttl_secs = 60
             max_ttl_secs = 120
+
+            [guard]
+            enabled = true
+            window_secs = 30
+            multiple = 4
+            warmup_windows = 2
+            floor_tokens = 100
+            floor_dollars = "0.01"
+            ceiling_tokens = 1000000
+            ceiling_dollars = 50
         "#;
         let c = Config::from_toml_str(text).unwrap();
         assert_eq!(c.body_limit, 1024);
@@ -681,6 +759,10 @@ mod tests {
             Money::from_micros(2_500_000)
         );
         assert_eq!(c.reload_interval(), None);
+        assert_eq!(c.guard.multiple.get(), 4);
+        assert_eq!(c.guard.ceiling_dollars, Some(Money::from_dollars(50)));
+        assert!(c.guard.guard().unwrap().is_some());
+        assert!(Config::default().guard.guard().unwrap().is_none());
     }
 
     #[test]

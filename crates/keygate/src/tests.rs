@@ -511,3 +511,69 @@ async fn every_refusal_of_every_layer_is_one_audit_event_with_its_layer_and_reas
         }
     }
 }
+
+#[tokio::test]
+async fn a_configured_wallet_guard_suspends_a_key_past_its_ceiling_and_audits_the_alert() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    let (_, secret, key) = store(|_| {});
+    let mut file = KeyFile::default();
+    file.projects.push(ProjectRecord::new("p"));
+    file.keys.push(key);
+    file.save_atomic(&keys).unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let text = format!(
+        "keys_file = {keys:?}\n[audit]\ntracing = false\n[audit.jsonl]\npath = {audit:?}\n\
+         [guard]\nenabled = true\nceiling_tokens = 150\n"
+    );
+    let built = Config::from_toml_str(&text).unwrap().build().unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(built.layer().clone())
+        .service(service_fn(|_req: Request<_>| async {
+            let body = r#"{"object":"chat.completion","usage":{"prompt_tokens":60,"completion_tokens":40,"total_tokens":100}}"#;
+            let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+            response
+                .headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            Ok::<_, Infallible>(response)
+        }));
+    let chat = || {
+        Request::post("/v1/chat/completions")
+            .header("authorization", format!("Bearer {}", secret.expose()))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(
+                br#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[]}"#,
+            )))
+            .unwrap()
+    };
+    // 100 tokens: under the ceiling of 150 per window.
+    let first = svc.clone().oneshot(chat()).await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    first.into_body().collect().await.unwrap();
+    // 200 tokens in the window: past the ceiling, so the key is suspended once this settles.
+    let second = svc.clone().oneshot(chat()).await.unwrap();
+    assert_eq!(second.status(), StatusCode::OK);
+    second.into_body().collect().await.unwrap();
+    let third = svc.clone().oneshot(chat()).await.unwrap();
+    assert_eq!(third.status(), StatusCode::FORBIDDEN);
+    assert_eq!(
+        third
+            .extensions()
+            .get::<keygate_core::Denial>()
+            .unwrap()
+            .code(),
+        "key_suspended"
+    );
+    third.into_body().collect().await.unwrap();
+
+    built.flush_audit();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&audit)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let alerts: Vec<_> = lines.iter().filter(|l| l["type"] == "alert").collect();
+    assert_eq!(alerts.len(), 1, "{lines:?}");
+    assert_eq!(alerts[0]["key_id"], "key_t");
+    assert_eq!(lines.iter().filter(|l| l["type"] == "request").count(), 3);
+}
