@@ -196,5 +196,48 @@ fn json_model(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, route_and_permission, json_model);
+/// The whole service call with the model check: `POST /v1/chat/completions` with a JSON body
+/// (content type and length checks, collecting the body under the limit, the scan, the model
+/// rules, rebuilding the body for the inner service). Request building is excluded.
+fn service_with_model(c: &mut Criterion) {
+    let p = principal();
+    let mut svc = ScopeLayer::openai().layer(service_fn(|_: Request<Full<Bytes>>| async {
+        Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+    }));
+    let request = |body: &Bytes| {
+        let mut r = Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header("content-length", body.len())
+            .body(Full::new(body.clone()))
+            .unwrap();
+        r.extensions_mut().insert(p.clone());
+        r
+    };
+    let mut g = c.benchmark_group("service_call_json");
+    for size in [1024, 4 * 1024, 16 * 1024, 1024 * 1024] {
+        let body = Bytes::from(chat_body(size));
+        let res = futures_ready(svc.call(request(&body))).unwrap();
+        assert_eq!(
+            res.status(),
+            http::StatusCode::OK,
+            "the bench request must be allowed"
+        );
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(size), &body, |b, body| {
+            b.iter_batched(
+                || request(body),
+                |r| black_box(futures_ready(svc.call(r))),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    route_and_permission,
+    json_model,
+    service_with_model
+);
 criterion_main!(benches);

@@ -56,7 +56,7 @@ pub fn find_json_model(body: &[u8]) -> Result<Option<Cow<'_, str>>, JsonModelErr
     }
     s.i += 1;
     let mut model: Option<Cow<'_, str>> = None;
-    let mut keys: Vec<Cow<'_, str>> = Vec::new();
+    let mut keys = Keys::default();
     s.ws();
     if s.peek() == Some(b'}') {
         s.i += 1;
@@ -71,7 +71,7 @@ pub fn find_json_model(body: &[u8]) -> Result<Option<Cow<'_, str>>, JsonModelErr
             if is_model && (key != "model" || model.is_some()) {
                 return Err(JsonModelError::AmbiguousModel);
             }
-            if keys.contains(&key) {
+            if !keys.insert(key) {
                 return Err(JsonModelError::DuplicateKey);
             }
             s.ws();
@@ -89,7 +89,6 @@ pub fn find_json_model(body: &[u8]) -> Result<Option<Cow<'_, str>>, JsonModelErr
             } else {
                 s.value(1)?;
             }
-            keys.push(key);
             s.ws();
             match s.peek() {
                 Some(b',') => s.i += 1,
@@ -106,6 +105,37 @@ pub fn find_json_model(body: &[u8]) -> Result<Option<Cow<'_, str>>, JsonModelErr
         return Err(JsonModelError::Invalid);
     }
     Ok(model)
+}
+
+/// The top-level keys seen so far: a short list while there are few (no hashing, no
+/// allocation for the usual handful), a hash set past that, so a body of many keys costs
+/// linear time, not quadratic.
+#[derive(Default)]
+struct Keys<'a> {
+    few: Vec<Cow<'a, str>>,
+    many: Option<std::collections::HashSet<Cow<'a, str>>>,
+}
+
+impl<'a> Keys<'a> {
+    const FEW: usize = 16;
+
+    /// Adds `key`; false if it was already there.
+    fn insert(&mut self, key: Cow<'a, str>) -> bool {
+        if let Some(set) = &mut self.many {
+            return set.insert(key);
+        }
+        if self.few.contains(&key) {
+            return false;
+        }
+        if self.few.len() < Self::FEW {
+            self.few.push(key);
+        } else {
+            let mut set: std::collections::HashSet<Cow<'a, str>> = self.few.drain(..).collect();
+            set.insert(key);
+            self.many = Some(set);
+        }
+        true
+    }
 }
 
 impl<'a> Scanner<'a> {
@@ -475,6 +505,17 @@ mod tests {
         });
         let text = serde_json::to_string_pretty(&doc).unwrap();
         assert_eq!(model(&text), Ok(Some("gpt-4o".into())));
+    }
+
+    #[test]
+    fn duplicate_keys_are_found_among_many_keys() {
+        let keys: Vec<String> = (0..1000).map(|i| format!(r#""k{i}":{i}"#)).collect();
+        let body = format!(r#"{{{},"model":"m"}}"#, keys.join(","));
+        assert_eq!(model(&body), Ok(Some("m".into())));
+        let body = format!(r#"{{{},"model":"m","k999":0}}"#, keys.join(","));
+        assert_eq!(model(&body), Err(JsonModelError::DuplicateKey));
+        let body = format!(r#"{{{},"k\u0030":0}}"#, keys.join(","));
+        assert_eq!(model(&body), Err(JsonModelError::DuplicateKey));
     }
 
     #[test]

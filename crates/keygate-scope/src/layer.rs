@@ -102,7 +102,17 @@ impl ScopeLayer {
     }
 
     /// Reads the connection's peer address with `peer` instead of [`default_peer_addr`]
-    /// (for example from tonic's `TcpConnectInfo`).
+    /// (for example from tonic's `TcpConnectInfo`, which tonic's server puts in request
+    /// extensions):
+    ///
+    /// ```
+    /// use keygate_scope::ScopeLayer;
+    /// use tonic::transport::server::TcpConnectInfo;
+    ///
+    /// let layer = ScopeLayer::openai()
+    ///     .with_peer_addr(|ext| ext.get::<TcpConnectInfo>()?.remote_addr().map(|a| a.ip()));
+    /// # drop(layer);
+    /// ```
     pub fn with_peer_addr(mut self, peer: PeerAddrFn) -> Self {
         self.shared_mut().peer = peer;
         self

@@ -73,6 +73,62 @@ fn hex(b: u8) -> Option<u8> {
 /// The first ambiguity found.
 pub fn check_path(path: &str) -> Result<(), PathError> {
     let bytes = path.as_bytes();
+    if bytes.first() == Some(&b'/') && only_plain_segments(bytes) {
+        return Ok(());
+    }
+    check_path_slow(bytes)
+}
+
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+
+/// The high bit of each byte of `w` that equals `c`, exactly (no borrow between bytes).
+#[inline]
+fn eq_mask(w: u64, c: u8) -> u64 {
+    let x = w ^ (ONES * u64::from(c));
+    !(((x & LOW7) + LOW7) | x | LOW7)
+}
+
+/// Whether `bytes` holds only [`PLAIN`] bytes and `/`, with no `//`: such a path is
+/// unambiguous, and this covers nearly every real request eight bytes at a time. Anything
+/// else goes to the byte-by-byte check, which names the problem.
+#[inline]
+fn only_plain_segments(bytes: &[u8]) -> bool {
+    let mut chunks = bytes.chunks_exact(8);
+    let mut prev_slash = false;
+    for chunk in &mut chunks {
+        let w = u64::from_le_bytes(chunk.try_into().expect("8 bytes"));
+        if w & HIGH != 0 {
+            return false;
+        }
+        // With every byte below 0x80, adding cannot carry from one byte into the next.
+        let control = !w.wrapping_add(ONES * (0x80 - 0x21)) & HIGH;
+        let del = w.wrapping_add(ONES) & HIGH;
+        let special = control
+            | del
+            | eq_mask(w, b'.')
+            | eq_mask(w, b'\\')
+            | eq_mask(w, b';')
+            | eq_mask(w, b'%');
+        let slash = eq_mask(w, b'/');
+        if special != 0 || slash & (slash >> 8) != 0 || (prev_slash && slash & 0x80 != 0) {
+            return false;
+        }
+        prev_slash = slash >> 63 != 0;
+    }
+    for &b in chunks.remainder() {
+        let is_slash = b == b'/';
+        if !(PLAIN[b as usize] || is_slash) || (prev_slash && is_slash) {
+            return false;
+        }
+        prev_slash = is_slash;
+    }
+    true
+}
+
+/// The byte-by-byte check: exact about which ambiguity it found.
+fn check_path_slow(bytes: &[u8]) -> Result<(), PathError> {
     let n = bytes.len();
     if bytes.first() != Some(&b'/') {
         return Err(PathError::NotAbsolute);
@@ -209,6 +265,11 @@ mod tests {
 
     #[test]
     fn empty_interior_segments_are_rejected() {
+        // At every offset, including across the eight-byte words of the fast path.
+        for k in 1..20 {
+            let p = format!("/{}//{}", "a".repeat(k), "b".repeat(16));
+            assert_eq!(check_path(&p), Err(PathError::EmptySegment), "{p}");
+        }
         assert_eq!(check_path("//v1/models"), Err(PathError::EmptySegment));
         assert_eq!(check_path("/v1//models"), Err(PathError::EmptySegment));
         assert_eq!(check_path("/v1/models//"), Err(PathError::EmptySegment));
@@ -220,6 +281,59 @@ mod tests {
         assert_eq!(check_path("/v1/a%zz"), Err(PathError::BadPercent));
         assert_eq!(check_path("/v1/a%2"), Err(PathError::BadPercent));
         assert_eq!(check_path("v1/models"), Err(PathError::NotAbsolute));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(1024))]
+        #[test]
+        fn fast_path_agrees_with_the_byte_by_byte_check(
+            plain in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "/", "/", "/", "a", "v1", "models", "-", "_", "~", "{", "\"", "abcdefgh",
+                    "Zz9", "thread_abc", "x.y", "",
+                ]),
+                0..16,
+            ),
+            // At most one fault, anywhere in an otherwise plain path.
+            fault in proptest::sample::select(vec![
+                "", "/", "//", ".", "..", "/.", "/./", "/../", "\\", ";", "%", "%2f", "%20",
+                " ", "\u{7f}", "\u{1}", "\u{e9}",
+            ]),
+            at in proptest::prelude::any::<proptest::sample::Index>(),
+        ) {
+            let mut parts = plain;
+            parts.insert(at.index(parts.len() + 1), fault);
+            let path: String = parts.concat();
+            proptest::prop_assert_eq!(
+                check_path(&path),
+                check_path_slow(path.as_bytes()),
+                "{:?}", path
+            );
+        }
+    }
+
+    #[test]
+    fn long_plain_paths_pass_and_faults_are_found_at_any_offset() {
+        let plain = "/v1/threads/thread_abc/runs/run_abc/submit_tool_outputs";
+        assert_eq!(check_path(plain), Ok(()));
+        for i in 1..plain.len() {
+            for (insert, want) in [
+                ("/", PathError::EmptySegment),
+                (";", PathError::Semicolon),
+                ("\\", PathError::Backslash),
+                ("\u{7f}", PathError::NonAscii),
+            ] {
+                let mut p = plain.to_owned();
+                p.insert_str(i, insert);
+                if insert == "/" && (plain.as_bytes()[i] != b'/' && plain.as_bytes()[i - 1] != b'/')
+                {
+                    // A new segment boundary, not an empty segment.
+                    assert_eq!(check_path(&p), Ok(()), "{p:?}");
+                    continue;
+                }
+                assert_eq!(check_path(&p), Err(want), "{p:?}");
+            }
+        }
     }
 
     #[test]

@@ -233,6 +233,36 @@ async fn head_needs_read_like_get() {
 }
 
 #[tokio::test]
+async fn head_on_a_model_route_checks_the_model() {
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let head = |path: &str| with(&p, Request::head(path).body(Full::default()).unwrap());
+    let layer = ScopeLayer::openai();
+    let c = run(&layer, head("/v1/models/gpt-4o")).await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::FORBIDDEN, "model_not_allowed")
+    );
+    assert_eq!(
+        run(&layer, head("/v1/models/gpt-4o-mini")).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn write_implies_read_and_a_missing_group_is_none() {
+    let p = principal_with(restricted(&[("chat.completions", Access::Write)]), &[], &[]);
+    let layer = ScopeLayer::openai();
+    let c = run(&layer, get("/v1/chat/completions", &p)).await;
+    assert_eq!(c.status, StatusCode::OK, "{:?}", c.denial);
+    assert_eq!(c.headers["x-access"], "read");
+    let c = run(&layer, get("/v1/models", &p)).await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::FORBIDDEN, "insufficient_permissions")
+    );
+}
+
+#[tokio::test]
 async fn method_override_headers_do_not_change_the_decision_and_are_removed() {
     let read = principal_with(restricted(&[("files", Access::Read)]), &[], &[]);
     let layer = ScopeLayer::openai();
@@ -280,6 +310,10 @@ async fn ambiguous_paths_are_refused_with_400() {
         "/v1/%6dodels",
         "/v1/models/%ff",
         "/v1/models/%zz",
+        // Non-ASCII bytes: `http` accepts raw UTF-8 in a path; routers and upstreams do not
+        // agree on it.
+        "/v1/mod\u{e9}ls",
+        "/v1/models/gpt-4o\u{e9}",
     ] {
         let c = run(&layer, get(path, &all())).await;
         assert_eq!(
@@ -325,6 +359,118 @@ async fn case_and_trailing_slash_decisions_match_axum() {
             allowed, served,
             "{path}: scope allows {allowed}, axum serves {served}"
         );
+    }
+}
+
+/// Whether `axum_router` serves `method path` (200), and whether `layer` found a route for it
+/// (anything but 404 `unknown_route` or 400 `ambiguous_path`).
+async fn routed_vs_served(
+    layer: &ScopeLayer,
+    router: &axum::Router,
+    method: &Method,
+    path: &str,
+) -> (bool, bool) {
+    let served = router
+        .clone()
+        .oneshot(
+            Request::builder()
+                .method(method.clone())
+                .uri(path)
+                .body(axum::body::Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap()
+        .status()
+        == StatusCode::OK;
+    let r = Request::builder()
+        .method(method.clone())
+        .uri(path)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(br#"{"model":"m"}"#)))
+        .unwrap();
+    let c = run(layer, with(&all(), r)).await;
+    let routed = !matches!(code(&c), "unknown_route" | "ambiguous_path");
+    (routed, served)
+}
+
+#[tokio::test]
+async fn every_preset_route_and_its_variants_are_routed_exactly_when_axum_serves_them() {
+    use std::collections::BTreeMap;
+    let specs = RouteTable::openai_specs();
+    let mut by_path: BTreeMap<String, axum::routing::MethodRouter> = BTreeMap::new();
+    for spec in &specs {
+        let method: Method = spec.method.parse().unwrap();
+        let filter = axum::routing::MethodFilter::try_from(method).unwrap();
+        let mr = by_path.remove(&spec.path).unwrap_or_default();
+        by_path.insert(spec.path.clone(), mr.on(filter, || async { "served" }));
+    }
+    let router = by_path
+        .into_iter()
+        .fold(axum::Router::new(), |r, (path, mr)| r.route(&path, mr));
+    let layer = ScopeLayer::openai();
+    let mut checked = 0;
+    for spec in &specs {
+        let concrete: String = spec
+            .path
+            .split('/')
+            .map(|seg| if seg.starts_with('{') { "id-1" } else { seg })
+            .collect::<Vec<_>>()
+            .join("/");
+        let method: Method = spec.method.parse().unwrap();
+        let mut methods = vec![method.clone(), Method::PUT, Method::OPTIONS];
+        if method == Method::GET {
+            methods.push(Method::HEAD);
+        }
+        for path in [
+            concrete.clone(),
+            format!("{concrete}/"),
+            concrete.to_uppercase(),
+            concrete.replacen("/v1/", "/V1/", 1),
+            format!("{concrete}/extra"),
+        ] {
+            for m in &methods {
+                let (routed, served) = routed_vs_served(&layer, &router, m, &path).await;
+                assert_eq!(
+                    routed, served,
+                    "{m} {path}: scope routes it {routed}, axum serves it {served}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 500, "{checked}");
+}
+
+#[tokio::test]
+async fn wildcard_routes_match_axum() {
+    let table = RouteTable::builder()
+        .route(Method::GET, "/static/{*rest}", "static")
+        .route(Method::GET, "/static/fixed", "static")
+        .build()
+        .unwrap();
+    let layer = ScopeLayer::new(table);
+    let router = axum::Router::new()
+        .route("/static/{*rest}", axum::routing::get(|| async { "served" }))
+        .route("/static/fixed", axum::routing::get(|| async { "served" }));
+    for path in [
+        "/static",
+        "/static/",
+        "/static/a",
+        "/static/a/",
+        "/static/a/b/c",
+        "/static/fixed",
+        "/static/fixed/",
+        "/static/fixed/x",
+        "/Static/a",
+    ] {
+        for m in [Method::GET, Method::HEAD, Method::POST] {
+            let (routed, served) = routed_vs_served(&layer, &router, &m, path).await;
+            assert_eq!(
+                routed, served,
+                "{m} {path}: scope routes it {routed}, axum serves it {served}"
+            );
+        }
     }
 }
 
@@ -417,6 +563,41 @@ async fn ambiguous_json_bodies_are_refused_with_400() {
             (StatusCode::BAD_REQUEST, want),
             "{body}"
         );
+    }
+}
+
+#[tokio::test]
+async fn project_and_key_model_rules_intersect_and_deny_wins() {
+    // Project: any gpt-4o*, but never the realtime models. Key: gpt-4o-mini* and o1.
+    let mut key = KeyRecord::new(
+        KeyId::new("key_m"),
+        "p",
+        KeyDigest::of("m"),
+        Timestamp::UNIX_EPOCH,
+    );
+    key.permissions = Permissions::All;
+    key.models =
+        ModelRules::allow_only(["gpt-4o-mini*", "o1"].map(|m| ModelPattern::new(m).unwrap()));
+    let mut project = ProjectRecord::new("p");
+    project.models = ModelRules::allow_only([ModelPattern::new("gpt-4o*").unwrap()]);
+    project.models.deny = vec![ModelPattern::new("gpt-4o-mini-realtime*").unwrap()];
+    let p = Principal::new(
+        Arc::new(key),
+        Arc::new(project),
+        Credential::ApiKey(Secret::Current),
+    );
+    let layer = ScopeLayer::openai();
+    for (model, allowed) in [
+        ("gpt-4o-mini", true),
+        ("gpt-4o-mini-2024-07-18", true),
+        ("gpt-4o", false), // the project allows it, the key does not
+        ("o1", false),     // the key allows it, the project does not
+        ("gpt-4o-mini-realtime-preview", false), // both allow, the project denies
+    ] {
+        let body = format!(r#"{{"model":"{model}"}}"#);
+        let c = run(&layer, json("/v1/chat/completions", &body, &p)).await;
+        let want = if allowed { "" } else { "model_not_allowed" };
+        assert_eq!(code(&c), want, "{model}");
     }
 }
 
@@ -736,9 +917,15 @@ fn form(model_fields: &[&str]) -> Request<Full<Bytes>> {
 async fn multipart_model_is_checked() {
     let p = principal_with(Permissions::All, &["whisper-1"], &[]);
     let layer = ScopeLayer::openai();
-    let c = run(&layer, with(&p, form(&["whisper-1"]))).await;
+    let sent = form(&["whisper-1"]);
+    let bytes = sent.body().clone().collect().await.unwrap().to_bytes();
+    let c = run(&layer, with(&p, sent)).await;
     assert_eq!(c.status, StatusCode::OK);
     assert_eq!(c.headers["x-model"], "whisper-1");
+    assert_eq!(
+        c.body, bytes,
+        "the form reaches the inner service byte-identical"
+    );
     assert_eq!(
         code(&run(&layer, with(&p, form(&["gpt-4o-transcribe"]))).await),
         "model_not_allowed"
@@ -870,6 +1057,109 @@ async fn axum_connect_info_is_the_peer() {
     let c = run(&ScopeLayer::openai(), r).await;
     assert_eq!(c.status, StatusCode::OK);
     assert_eq!(c.headers["x-ip"], "10.1.1.1");
+}
+
+// ---- hyper ----
+
+/// A real hyper HTTP/1 server on 127.0.0.1 and a hyper client: the peer address comes from
+/// the connection, `Incoming` is mapped into a boxed body before the layer, the body reaches
+/// the handler byte-identical, and a denial is an OpenAI JSON error on the wire.
+#[tokio::test]
+async fn works_in_a_hyper_server() {
+    use http_body_util::combinators::BoxBody;
+    use hyper_util::rt::TokioIo;
+    use hyper_util::service::TowerToHyperService;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &["127.0.0.0/8"]);
+    let server = async move {
+        let (stream, peer) = listener.accept().await.unwrap();
+        let svc = tower::ServiceBuilder::new()
+            .map_request(move |req: Request<hyper::body::Incoming>| {
+                let mut req = req.map(BodyExt::boxed);
+                // What an extract layer and the accept loop put there.
+                req.extensions_mut().insert(p.clone());
+                req.extensions_mut().insert(peer);
+                req
+            })
+            .layer(ScopeLayer::openai())
+            .service(service_fn(
+                |req: Request<BoxBody<Bytes, hyper::Error>>| async move {
+                    let model = req.extensions().get::<RequestedModel>().unwrap().clone();
+                    let ip = req.extensions().get::<ClientIp>().unwrap().0;
+                    let body = req.into_body().collect().await.unwrap().to_bytes();
+                    let res = Response::builder()
+                        .header("x-model", model.as_str())
+                        .header("x-ip", ip.to_string())
+                        .body(Full::new(body))
+                        .unwrap();
+                    Ok::<_, Infallible>(res)
+                },
+            ));
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc))
+            .await
+            .unwrap();
+    };
+    let client = async move {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+                .await
+                .unwrap();
+        let talk = async move {
+            let send = |body: &'static str| {
+                Request::post("/v1/chat/completions")
+                    .header("host", "localhost")
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from_static(body.as_bytes())))
+                    .unwrap()
+            };
+            let sent = "{\"model\" : \"gpt-4o-mini\", \"messages\":[]}\n";
+            let res = sender.send_request(send(sent)).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            assert_eq!(res.headers()["x-model"], "gpt-4o-mini");
+            assert_eq!(res.headers()["x-ip"], "127.0.0.1");
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, sent.as_bytes());
+
+            let res = sender
+                .send_request(send(r#"{"model":"gpt-4o"}"#))
+                .await
+                .unwrap();
+            assert_eq!(res.status(), StatusCode::FORBIDDEN);
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            let doc: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(doc["error"]["code"], "model_not_allowed");
+            // Dropping the sender closes the connection, which ends the server.
+        };
+        let (conn, ()) = tokio::join!(conn, talk);
+        conn.unwrap();
+    };
+    tokio::join!(server, client);
+}
+
+#[cfg(feature = "tonic")]
+#[tokio::test]
+async fn tonic_connect_info_can_be_the_peer() {
+    use tonic::transport::server::TcpConnectInfo;
+    fn tonic_peer(ext: &http::Extensions) -> Option<std::net::IpAddr> {
+        ext.get::<TcpConnectInfo>()?.remote_addr().map(|a| a.ip())
+    }
+    let p = principal_with(Permissions::All, &[], &["10.0.0.0/8"]);
+    let layer = ScopeLayer::openai().with_peer_addr(tonic_peer);
+    let mut r = get("/v1/models", &p);
+    r.extensions_mut().insert(TcpConnectInfo {
+        local_addr: None,
+        remote_addr: Some(std::net::SocketAddr::from(([10, 0, 0, 9], 50051))),
+    });
+    let c = run(&layer, r).await;
+    assert_eq!(c.status, StatusCode::OK, "{:?}", c.denial);
+    assert_eq!(c.headers["x-ip"], "10.0.0.9");
+    // The reader replaces the default: a bare `ClientIp` is not read any more.
+    let c = run(&layer, from("10.0.0.9", get("/v1/models", &p))).await;
+    assert_eq!(code(&c), "ip_not_allowed");
 }
 
 // ---- IP ----
