@@ -5,7 +5,7 @@
 use std::convert::Infallible;
 use std::hint::black_box;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use futures_util::FutureExt;
 use http::{Request, Response};
@@ -58,7 +58,56 @@ where
     svc.call(request).now_or_never().unwrap().unwrap()
 }
 
+/// A request shaped as hyper hands it over: the URI shares the connection's read buffer (so
+/// cloning it does not allocate) and the header map already holds a few headers.
+fn realistic_request() -> Request<Full<Bytes>> {
+    let mut line = BytesMut::from(&b"/v1/chat/completions?stream=true"[..]);
+    let uri = http::Uri::from_maybe_shared(line.split().freeze()).unwrap();
+    Request::post(uri)
+        .header("host", "api.example.com")
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer sk-kg-not-a-real-key")
+        .header("user-agent", "bench/1.0")
+        .body(Full::new(Bytes::new()))
+        .unwrap()
+}
+
+/// A handler whose response has a header map already (as nearly every real one does).
+fn json_handler()
+-> impl Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone
+{
+    service_fn(|_req: Request<Full<Bytes>>| async {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"{}")));
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/json"),
+        );
+        Ok::<_, Infallible>(response)
+    })
+}
+
 fn bench(c: &mut Criterion) {
+    let mut group = c.benchmark_group("audit_request_path_realistic");
+    let mut bare = json_handler();
+    group.bench_function("bare_handler", |b| {
+        b.iter_batched(
+            realistic_request,
+            |r| head_only(&mut bare, r),
+            BatchSize::PerIteration,
+        )
+    });
+    let mut noop = AuditLayer::new(NoopSink)
+        .with_metrics(false)
+        .layer(json_handler());
+    group.bench_function("noop_sink", |b| {
+        b.iter_batched(
+            realistic_request,
+            |r| head_only(&mut noop, r),
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+
     let mut group = c.benchmark_group("audit_request_path");
     let mut bare = handler();
     group.bench_function("bare_handler", |b| {
@@ -78,7 +127,24 @@ fn bench(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+    let dir = tempfile::tempdir().unwrap();
+    let jsonl = JsonlSink::builder(dir.path().join("audit.jsonl"))
+        .with_max_bytes(16 << 20)
+        .with_keep(1)
+        .open()
+        .unwrap();
+    let mut file = AuditLayer::new(jsonl.clone())
+        .with_metrics(false)
+        .layer(handler());
+    group.bench_function("jsonl_sink", |b| {
+        b.iter_batched(
+            request,
+            |r| head_only(&mut file, r),
+            BatchSize::PerIteration,
+        )
+    });
     group.finish();
+    jsonl.shutdown();
 
     let mut group = c.benchmark_group("audit");
 

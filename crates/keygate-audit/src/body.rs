@@ -17,7 +17,7 @@ pin_project! {
     pub struct AuditBody<B> {
         #[pin]
         inner: Option<ResponseBody<B>>,
-        pending: Option<Box<Pending>>,
+        pending: Option<Pending>,
     }
 
     impl<B> PinnedDrop for AuditBody<B> {
@@ -35,7 +35,7 @@ pin_project! {
 }
 
 impl<B> AuditBody<B> {
-    pub(crate) fn new(inner: ResponseBody<B>, pending: Box<Pending>) -> Self {
+    pub(crate) fn new(inner: ResponseBody<B>, pending: Pending) -> Self {
         AuditBody {
             inner: Some(inner),
             pending: Some(pending),

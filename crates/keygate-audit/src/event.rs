@@ -7,6 +7,7 @@ use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{HeaderValue, Method};
 use keygate_core::{Alert, EndpointGroup, KeyId, Money, Stage, Timestamp, Usage};
 use serde::{Serialize, Serializer};
@@ -206,22 +207,29 @@ impl RequestId {
     }
 
     /// A fresh id: a per-process random prefix and a counter (`kg3fz0q8m2c1x-1f`).
+    ///
+    /// One allocation, shared by every clone (request header, response header, extension and
+    /// event all point at it).
     pub fn generate() -> Self {
         static COUNTER: AtomicU64 = AtomicU64::new(1);
-        let prefix = process_prefix();
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let mut buf = [0u8; PREFIX_LEN + 1 + 16];
-        buf[..PREFIX_LEN].copy_from_slice(prefix);
-        buf[PREFIX_LEN] = b'-';
+        let mut id = IdBuf {
+            buf: [0; ID_MAX_LEN],
+            len: 0,
+        };
+        id.buf[..PREFIX_LEN].copy_from_slice(process_prefix());
+        id.buf[PREFIX_LEN] = b'-';
         let digits = (64 - n.leading_zeros()).div_ceil(4).max(1) as usize;
         for i in 0..digits {
             let nibble = (n >> (4 * (digits - 1 - i))) & 0xf;
-            buf[PREFIX_LEN + 1 + i] = b"0123456789abcdef"[nibble as usize];
+            id.buf[PREFIX_LEN + 1 + i] = b"0123456789abcdef"[nibble as usize];
         }
-        let len = PREFIX_LEN + 1 + digits;
+        id.len = (PREFIX_LEN + 1 + digits) as u8;
+        // `from_owner` puts the buffer and its reference count in one allocation, so clones
+        // never copy or allocate (a `Vec`-backed `Bytes` allocates again on its first clone).
         // Only base32 letters, digits and '-': always a valid header value.
         RequestId(
-            HeaderValue::from_bytes(&buf[..len])
+            HeaderValue::from_maybe_shared(Bytes::from_owner(id))
                 .unwrap_or_else(|_| HeaderValue::from_static("kg-invalid")),
         )
     }
@@ -239,6 +247,20 @@ impl RequestId {
 }
 
 const PREFIX_LEN: usize = 12;
+/// Prefix, `-`, and up to 16 hex digits of the counter.
+const ID_MAX_LEN: usize = PREFIX_LEN + 1 + 16;
+
+/// A generated id, formatted on the stack and handed whole to [`Bytes::from_owner`].
+struct IdBuf {
+    buf: [u8; ID_MAX_LEN],
+    len: u8,
+}
+
+impl AsRef<[u8]> for IdBuf {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+}
 
 fn process_prefix() -> &'static [u8; PREFIX_LEN] {
     static PREFIX: OnceLock<[u8; PREFIX_LEN]> = OnceLock::new();

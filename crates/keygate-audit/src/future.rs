@@ -7,7 +7,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::{Method, Response};
+use http::uri::PathAndQuery;
+use http::{Method, Response, Uri};
 use http_body::Body;
 use http_body_util::Full;
 use keygate_core::{Denial, RequestTrace, ResponseBody, Timestamp, Usage, UsageMeter};
@@ -17,24 +18,59 @@ use crate::body::AuditBody;
 use crate::event::{AuditEvent, Completion, Decision, RequestEvent, RequestId};
 use crate::layer::{Shared, X_REQUEST_ID};
 
-/// What the audit layer knows about a request until its event is emitted. Boxed: the response
-/// that carries it is moved several times on its way out.
+/// What the audit layer knows about a request until its event is emitted.
+///
+/// Carried inline (not boxed) by the response future and then the response body: one
+/// allocation fewer per request, and measured no slower than a box despite the copies on each
+/// move (so keep it small). Holds only cheap clones; every `String` of the event is made in
+/// [`Pending::emit`], when the response ends.
 pub(crate) struct Pending {
     pub(crate) shared: Arc<Shared>,
     pub(crate) start: Timestamp,
     pub(crate) request_id: RequestId,
     pub(crate) method: Method,
-    pub(crate) path: String,
+    pub(crate) path: RequestPath,
     pub(crate) meter: UsageMeter,
     pub(crate) trace: RequestTrace,
     pub(crate) client_ip: Option<IpAddr>,
     pub(crate) head: Option<Head>,
 }
 
+/// A request's path without copying it: the URI's path-and-query bytes are reference-counted
+/// (shared with the connection's read buffer under hyper), so cloning them does not allocate.
+pub(crate) enum RequestPath {
+    Shared(PathAndQuery),
+    Empty,
+    /// Never expected (a URI whose path is not its path-and-query's); kept for exactness.
+    Owned(Box<str>),
+}
+
+impl RequestPath {
+    pub(crate) fn of(uri: &Uri) -> Self {
+        let path = uri.path();
+        if path.is_empty() {
+            return RequestPath::Empty;
+        }
+        match uri.path_and_query() {
+            Some(pq) if pq.path() == path => RequestPath::Shared(pq.clone()),
+            _ => RequestPath::Owned(path.into()),
+        }
+    }
+
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            RequestPath::Shared(pq) => pq.path(),
+            RequestPath::Empty => "",
+            RequestPath::Owned(p) => p,
+        }
+    }
+}
+
 pub(crate) struct Head {
     at: Timestamp,
     status: u16,
-    denial: Option<Denial>,
+    /// Boxed: only denials pay for it, and it keeps `Pending` small to move.
+    denial: Option<Box<Denial>>,
     usage: Option<Usage>,
     pub(crate) ended: bool,
 }
@@ -47,7 +83,7 @@ impl Pending {
         self.head = Some(Head {
             at: self.shared.clock.now(),
             status: response.status().as_u16(),
-            denial: response.extensions().get::<Denial>().cloned(),
+            denial: response.extensions().get::<Denial>().cloned().map(Box::new),
             usage: response.extensions().get::<Usage>().copied(),
             ended: response.body().is_end_stream(),
         });
@@ -55,7 +91,7 @@ impl Pending {
 
     /// Builds the event and hands it to the sink. Call only after the inner body or future is
     /// dropped or finished, so whatever it reports into the meter is in.
-    pub(crate) fn emit(self: Box<Self>, completion: Completion) {
+    pub(crate) fn emit(self, completion: Completion) {
         let Pending {
             shared,
             start,
@@ -66,7 +102,7 @@ impl Pending {
             trace,
             client_ip,
             head,
-        } = *self;
+        } = self;
         let end = shared.clock.now();
         let (status, time_to_head, decision, usage_ext) = match head {
             Some(h) => (
@@ -89,7 +125,7 @@ impl Pending {
             timestamp: start,
             request_id,
             method,
-            path,
+            path: path.as_str().to_owned(),
             key_id: key.map(|k| k.id.clone()),
             key_name: key.filter(|k| !k.name.is_empty()).map(|k| k.name.clone()),
             project: trace.project().map(|p| p.id.clone()),
@@ -117,7 +153,7 @@ pin_project! {
     pub struct ResponseFuture<F> {
         #[pin]
         kind: Kind<F>,
-        pending: Option<Box<Pending>>,
+        pending: Option<Pending>,
     }
 
     impl<F> PinnedDrop for ResponseFuture<F> {
@@ -142,14 +178,14 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn inner(future: F, pending: Box<Pending>) -> Self {
+    pub(crate) fn inner(future: F, pending: Pending) -> Self {
         ResponseFuture {
             kind: Kind::Inner { future },
             pending: Some(pending),
         }
     }
 
-    pub(crate) fn denied(response: Response<Full<Bytes>>, pending: Box<Pending>) -> Self {
+    pub(crate) fn denied(response: Response<Full<Bytes>>, pending: Pending) -> Self {
         ResponseFuture {
             kind: Kind::Denied {
                 response: Some(response),

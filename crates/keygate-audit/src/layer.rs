@@ -10,7 +10,7 @@ use tower_service::Service;
 
 use crate::body::AuditBody;
 use crate::event::{AuditEvent, RequestId};
-use crate::future::{Pending, ResponseFuture};
+use crate::future::{Pending, RequestPath, ResponseFuture};
 use crate::sink::AuditSink;
 
 /// The request id header, read from requests and set on responses.
@@ -250,17 +250,17 @@ where
         ext.insert(trace.clone());
         ext.insert(request_id.clone());
         let client_ip = ext.get::<ClientIp>().map(|c| c.0);
-        let pending = Box::new(Pending {
+        let pending = Pending {
             shared: self.shared.clone(),
             start,
             request_id,
             method: req.method().clone(),
-            path: req.uri().path().to_owned(),
+            path: RequestPath::of(req.uri()),
             meter,
             trace,
             client_ip,
             head: None,
-        });
+        };
 
         if self.fail_closed && !self.shared.sink.can_accept() {
             let denial = Denial::unavailable(Stage::Audit, "audit_sink_unavailable");

@@ -26,12 +26,27 @@ use crate::{
 
 type Events = Arc<Mutex<Vec<AuditEvent>>>;
 
+/// A sink that keeps every event, after checking that neither its JSON record nor its `Debug`
+/// output holds anything shaped like a keygate secret: every test that records events scans
+/// them.
 fn recorder() -> (Events, impl Fn(&AuditEvent) + Send + Sync + 'static) {
     let events: Events = Default::default();
     let seen = events.clone();
     (events, move |e: &AuditEvent| {
+        assert_no_secret(e);
         seen.lock().unwrap().push(e.clone())
     })
+}
+
+fn assert_no_secret(e: &AuditEvent) {
+    let json = serde_json::to_string(e).unwrap();
+    let debug = format!("{e:?}");
+    for text in [&json, &debug] {
+        assert!(
+            !text.contains("sk-kg-"),
+            "secret-shaped text in an event: {text}"
+        );
+    }
 }
 
 fn requests(events: &Events) -> Vec<RequestEvent> {
@@ -460,6 +475,128 @@ async fn drop_mode_serves_requests_and_counts_dropped_events() {
     assert_eq!(calls.load(Ordering::SeqCst), 5);
     let stats = sink.stats();
     assert_eq!((stats.accepted, stats.dropped), (1, 4));
+}
+
+#[tokio::test]
+async fn grpc_denial_is_recorded_with_its_reason_and_stage() {
+    // A gRPC refusal is HTTP 200 with a `grpc-status` trailer: the decision comes from the
+    // `Denial` extension, not from the status.
+    let (events, sink) = recorder();
+    let svc = AuditLayer::new(sink).with_metrics(false).layer(service_fn(
+        |req: Request<Full<Bytes>>| async move {
+            let d = Denial::new(
+                Stage::Scope,
+                StatusCode::FORBIDDEN,
+                "endpoint_not_allowed",
+                "no",
+            );
+            Ok::<_, Infallible>(deny::<Full<Bytes>>(d, req.headers()))
+        },
+    ));
+    let mut req = get("/inference.Chat/Complete");
+    req.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    let response = finish(svc.oneshot(req).await.unwrap()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let events = requests(&events);
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0].decision,
+        Decision::Denied {
+            stage: Stage::Scope,
+            reason: "endpoint_not_allowed".into(),
+            detail: None,
+        }
+    );
+    assert_eq!(events[0].path, "/inference.Chat/Complete");
+}
+
+#[tokio::test]
+async fn fail_closed_refusal_is_one_audit_stage_denial_for_sinks_that_accept() {
+    let (full, _rx) = ChannelSink::bounded(1);
+    full.record_owned(AuditEvent::Alert(Alert {
+        at: Timestamp::UNIX_EPOCH,
+        kind: AlertKind::KeySuspended,
+        key_id: KeyId::new("key_fill"),
+        project: "p".into(),
+        reason: "fill".into(),
+        message: String::new(),
+    }));
+    let (events, record) = recorder();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = AuditLayer::new(FanOut::new().with(full.clone()).with_optional(record))
+        .with_metrics(false)
+        .with_backpressure(Backpressure::FailClosed)
+        .layer(counting_service(calls.clone()));
+    let r = finish(svc.oneshot(get("/v1/models")).await.unwrap()).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(calls.load(Ordering::SeqCst), 0);
+    let events = requests(&events);
+    assert_eq!(events.len(), 1);
+    assert_eq!(
+        events[0].decision,
+        Decision::Denied {
+            stage: Stage::Audit,
+            reason: "service_unavailable".into(),
+            detail: Some("audit_sink_unavailable"),
+        }
+    );
+    assert_eq!(events[0].status, Some(503));
+    assert_eq!(full.stats().dropped, 1, "the full required sink counted it");
+}
+
+#[tokio::test]
+async fn path_has_no_query_for_origin_absolute_and_authority_forms() {
+    for (uri, method, path) in [
+        (
+            "/v1/models?limit=2&key=sk-kg-x",
+            http::Method::GET,
+            "/v1/models",
+        ),
+        (
+            "https://api.example.com/v1/chat/completions?stream=true",
+            http::Method::POST,
+            "/v1/chat/completions",
+        ),
+        ("https://api.example.com", http::Method::GET, "/"),
+        ("api.example.com:443", http::Method::CONNECT, ""),
+    ] {
+        let (events, sink) = recorder();
+        let svc = AuditLayer::new(sink).with_metrics(false).layer(service_fn(
+            |_req: Request<Full<Bytes>>| async { ok_response() },
+        ));
+        let req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(Full::default())
+            .unwrap();
+        assert_eq!(req.uri().path(), path, "{uri}");
+        finish(svc.oneshot(req).await.unwrap()).await;
+        assert_eq!(requests(&events)[0].path, path, "{uri}");
+    }
+}
+
+#[tokio::test]
+async fn generated_request_id_is_the_same_everywhere() {
+    let (events, sink) = recorder();
+    let seen = Arc::new(Mutex::new(None));
+    let inner_seen = seen.clone();
+    let svc = AuditLayer::new(sink).with_metrics(false).layer(service_fn(
+        move |req: Request<Full<Bytes>>| {
+            let header = req.headers()[X_REQUEST_ID].clone();
+            let ext = req.extensions().get::<RequestId>().unwrap().clone();
+            assert_eq!(&header, ext.header_value());
+            *inner_seen.lock().unwrap() = Some(ext);
+            async { ok_response() }
+        },
+    ));
+    let response = finish(svc.oneshot(get("/")).await.unwrap()).await;
+    let id = seen.lock().unwrap().clone().unwrap();
+    assert_eq!(&response.headers()[X_REQUEST_ID], id.header_value());
+    assert_eq!(requests(&events)[0].request_id, id);
+    assert!(id.as_str().starts_with('k'));
 }
 
 #[test]
