@@ -234,10 +234,62 @@ fn service_with_model(c: &mut Criterion) {
     g.finish();
 }
 
+/// The whole service call on a gzip body (decoded only to be inspected, the compressed bytes
+/// handed on); throughput in decoded bytes.
+#[cfg(feature = "decompression")]
+fn service_with_gzip_model(c: &mut Criterion) {
+    use std::io::Write;
+
+    use keygate_scope::Decompression;
+
+    let p = principal();
+    let mut svc = ScopeLayer::openai()
+        .with_decompression(Decompression::new())
+        .layer(service_fn(|_: Request<Full<Bytes>>| async {
+            Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+        }));
+    let request = |body: &Bytes| {
+        let mut r = Request::post("/v1/chat/completions")
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .header("content-length", body.len())
+            .body(Full::new(body.clone()))
+            .unwrap();
+        r.extensions_mut().insert(p.clone());
+        r
+    };
+    let mut g = c.benchmark_group("service_call_gzip_json");
+    for size in [4 * 1024, 16 * 1024, 1024 * 1024] {
+        let plain = chat_body(size);
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(&plain).unwrap();
+        let body = Bytes::from(e.finish().unwrap());
+        let res = futures_ready(svc.call(request(&body))).unwrap();
+        assert_eq!(
+            res.status(),
+            http::StatusCode::OK,
+            "the bench request must be allowed"
+        );
+        g.throughput(Throughput::Bytes(plain.len() as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(size), &body, |b, body| {
+            b.iter_batched(
+                || request(body),
+                |r| black_box(futures_ready(svc.call(r))),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+#[cfg(not(feature = "decompression"))]
+fn service_with_gzip_model(_: &mut Criterion) {}
+
 criterion_group!(
     benches,
     route_and_permission,
     json_model,
-    service_with_model
+    service_with_model,
+    service_with_gzip_model
 );
 criterion_main!(benches);

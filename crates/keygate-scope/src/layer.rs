@@ -7,6 +7,8 @@ use std::sync::Arc;
 use keygate_core::{ClientIp, Clock};
 use tower_layer::Layer;
 
+#[cfg(feature = "decompression")]
+use crate::decompress::Decompression;
 use crate::ip::TrustedProxies;
 use crate::policy::{Policy, PolicyConfig, PolicyConfigError};
 use crate::route::{RouteConfig, RouteError, RouteSpec, RouteTable};
@@ -39,6 +41,8 @@ pub(crate) struct Shared {
     pub(crate) peer: PeerAddrFn,
     pub(crate) policies: Vec<Arc<dyn Policy>>,
     pub(crate) clock: Clock,
+    #[cfg(feature = "decompression")]
+    pub(crate) decompression: Option<Decompression>,
 }
 
 /// Checks every request against the caller's rights: route → endpoint group and access,
@@ -51,12 +55,14 @@ pub struct ScopeLayer {
 
 impl fmt::Debug for ScopeLayer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ScopeLayer")
-            .field("routes", &self.shared.routes.len())
+        let mut d = f.debug_struct("ScopeLayer");
+        d.field("routes", &self.shared.routes.len())
             .field("body_limit", &self.shared.body_limit)
             .field("trusted_proxies", &self.shared.proxies)
-            .field("policies", &self.shared.policies.len())
-            .finish()
+            .field("policies", &self.shared.policies.len());
+        #[cfg(feature = "decompression")]
+        d.field("decompression", &self.shared.decompression);
+        d.finish()
     }
 }
 
@@ -71,6 +77,8 @@ impl ScopeLayer {
                 peer: default_peer_addr,
                 policies: Vec::new(),
                 clock: Clock::system(),
+                #[cfg(feature = "decompression")]
+                decompression: None,
             }),
         }
     }
@@ -124,6 +132,43 @@ impl ScopeLayer {
         self
     }
 
+    /// Reads the model from compressed bodies (`Content-Encoding`) of the codings
+    /// `decompression` accepts, instead of refusing them with 415.
+    ///
+    /// Only on routes whose body carries the model. The compressed body is read under the
+    /// body limit ([`ScopeLayer::with_body_limit`]; 413 past it), then decoded only to be
+    /// inspected, into a buffer that stops at [`Decompression::max_decompressed`] (default:
+    /// the body limit): a body that decodes to more is refused with 413 once the cap is
+    /// reached, so a small "zip bomb" costs no more memory than the cap. Data that is not
+    /// valid for its coding (corrupt, truncated, or with bytes after the end of the stream,
+    /// such as a second gzip member) is refused with 400 `invalid_body_encoding`; a coding
+    /// not accepted, or more than one coding stacked, stays 415
+    /// `unsupported_content_encoding`. The model is then found in the decoded bytes exactly
+    /// as in an uncompressed body, and the request goes inward with the **compressed** body,
+    /// byte-identical, and its `Content-Encoding` untouched.
+    ///
+    /// # Security
+    ///
+    /// The check reads the decoded body, and the inner service is handed the encoded one: turn
+    /// this on only if what lies behind decodes the same codings the same way (RFC 9110: a
+    /// single gzip member, `deflate` as a zlib stream). One that ignored `Content-Encoding`
+    /// would act on bytes that were not checked.
+    ///
+    /// ```
+    /// use keygate_scope::{ContentCoding, Decompression, ScopeLayer};
+    ///
+    /// let layer = ScopeLayer::openai().with_decompression(
+    ///     Decompression::only([ContentCoding::Gzip]).with_max_decompressed(4 * 1024 * 1024),
+    /// );
+    /// # drop(layer);
+    /// ```
+    #[cfg(feature = "decompression")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "decompression")))]
+    pub fn with_decompression(mut self, decompression: Decompression) -> Self {
+        self.shared_mut().decompression = Some(decompression);
+        self
+    }
+
     /// The clock policies see.
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.shared_mut().clock = clock;
@@ -155,6 +200,10 @@ impl ScopeLayer {
 /// [[policies]]
 /// type = "require_group"
 /// group = "ml"
+///
+/// [decompression]                 # feature `decompression`; absent = compressed bodies get 415
+/// encodings = ["gzip", "deflate"] # default: both
+/// max_decompressed = 8388608      # bytes; default: body_limit
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -174,6 +223,12 @@ pub struct ScopeConfig {
     /// Built-in policies.
     #[serde(default)]
     pub policies: Vec<PolicyConfig>,
+    /// Reading the model from compressed bodies ([`ScopeLayer::with_decompression`]);
+    /// absent, they are refused with 415.
+    #[cfg(feature = "decompression")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "decompression")))]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decompression: Option<Decompression>,
 }
 
 fn yes() -> bool {
@@ -192,6 +247,8 @@ impl Default for ScopeConfig {
             body_limit: DEFAULT_BODY_LIMIT,
             trusted_proxies: TrustedProxies::default(),
             policies: Vec::new(),
+            #[cfg(feature = "decompression")]
+            decompression: None,
         }
     }
 }
@@ -222,6 +279,10 @@ impl ScopeLayer {
         let mut layer = ScopeLayer::new(routes)
             .with_body_limit(config.body_limit)
             .with_trusted_proxies(config.trusted_proxies.clone());
+        #[cfg(feature = "decompression")]
+        if let Some(d) = &config.decompression {
+            layer = layer.with_decompression(d.clone());
+        }
         for p in &config.policies {
             let policy = p.build()?;
             layer.shared_mut().policies.push(policy);

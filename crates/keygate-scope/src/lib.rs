@@ -67,7 +67,9 @@
 //!    multipart, read up to the body limit: 413 `request_too_large` past it); ambiguity is
 //!    400; a disallowed model is 403 `model_not_allowed` with `param: "model"`. Routes
 //!    without a model never read the body; gRPC requests are never buffered (they are
-//!    refused with 415 on routes that need a JSON or form body).
+//!    refused with 415 on routes that need a JSON or form body). A compressed body is
+//!    refused with 415 `unsupported_content_encoding` unless decompression is configured
+//!    (see [Compressed bodies](#compressed-bodies)).
 //! 8. Policies ([`Policy`]), each of which must allow; a refusal carries the policy's code
 //!    and stage `policy`.
 //!
@@ -90,6 +92,30 @@
 //! features `axum::body::Body` and `tonic::body::Body`). Map hyper's `Incoming` into one of
 //! these before this layer.
 //!
+//! # Compressed bodies
+//!
+//! By default a model-carrying body with a `Content-Encoding` other than `identity` is
+//! refused with 415 `unsupported_content_encoding`: the layer cannot read the model in it.
+//! With the `decompression` feature (on by default; pure Rust, `flate2` with `miniz_oxide`)
+//! and [`ScopeLayer::with_decompression`] (or `[decompression]` in [`ScopeConfig`]), bodies
+//! in the accepted codings (`gzip`, `deflate`; not `br` or `zstd`) are read instead:
+//!
+//! - the compressed body is read under the body limit (413 past it, chunked or not);
+//! - it is decoded only to be inspected, into a buffer that stops at the cap
+//!   ([`Decompression::with_max_decompressed`], default the body limit): a body that
+//!   decodes to more is 413 `request_too_large` once the cap is reached, so a "zip bomb"
+//!   never costs more memory than the cap plus the decoder's fixed state;
+//! - corrupt or truncated data, raw deflate sent as `deflate`, and bytes past the end of the
+//!   stream (a second gzip member included) are 400 `invalid_body_encoding`; a coding not
+//!   accepted, or codings stacked (`gzip, gzip`, two header lines, `identity, gzip`), stay
+//!   415;
+//! - the model is found in the decoded bytes with every rule of an uncompressed body;
+//! - the inner service gets the **compressed** bytes as sent, and `Content-Encoding`
+//!   untouched.
+//!
+//! Turn it on only if what lies behind the layer decodes the same codings: one that ignored
+//! `Content-Encoding` would act on bytes that were not checked.
+//!
 //! # Client address
 //!
 //! Read by [`default_peer_addr`]: a [`ClientIp`](keygate_core::ClientIp) the host inserted,
@@ -100,7 +126,9 @@
 //! # Deployment caveats
 //!
 //! - Compressed request bodies (`Content-Encoding` other than `identity`) on model routes
-//!   are refused with 415; there is no decompression option yet.
+//!   are refused with 415 unless [decompression](#compressed-bodies) is configured; then
+//!   the service behind must decode them as RFC 9110 says (one gzip member; `deflate` as
+//!   zlib), and each one costs a decode of up to the cap on the request's task.
 //! - Put this layer where the path it sees is the path the inner service routes on (no
 //!   path rewriting between them).
 //! - On routes where the model is optional ([`RouteSpec::model_required`] false: moderations,
@@ -112,6 +140,8 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 mod body;
+#[cfg(feature = "decompression")]
+mod decompress;
 mod ip;
 mod json;
 mod layer;
@@ -123,6 +153,9 @@ mod route;
 mod service;
 
 pub use body::BodyFromBytes;
+#[cfg(feature = "decompression")]
+#[cfg_attr(docsrs, doc(cfg(feature = "decompression")))]
+pub use decompress::{ContentCoding, Decompression};
 pub use ip::{ForwardedHeader, TrustedProxies};
 pub use json::{JsonModelError, find_json_model};
 pub use layer::{

@@ -24,6 +24,8 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::body::BodyFromBytes;
+#[cfg(feature = "decompression")]
+use crate::decompress::{self, DecodeError};
 use crate::json::{JsonModelError, find_json_model};
 use crate::layer::Shared;
 use crate::multipart::{self, FormError};
@@ -101,6 +103,66 @@ fn unsupported(code: &'static str, message: &'static str) -> Denial {
     scope_denial(StatusCode::UNSUPPORTED_MEDIA_TYPE, code, message)
 }
 
+/// The content coding of a body the layer decodes to find its model.
+#[cfg(feature = "decompression")]
+type Coding = crate::decompress::ContentCoding;
+
+/// Without the `decompression` feature no body is ever decoded.
+#[cfg(not(feature = "decompression"))]
+#[derive(Debug, Clone, Copy)]
+enum Coding {}
+
+/// The coding a model-carrying body must be decoded with: `None` for an absent or `identity`
+/// `Content-Encoding`; with decompression configured, one accepted coding, alone; anything
+/// else (another coding, codings stacked, an empty value) is refused with 415.
+fn body_coding(shared: &Shared, headers: &HeaderMap) -> Result<Option<Coding>, Denial> {
+    let mut found: Option<Coding> = None;
+    let mut tokens = 0usize;
+    for value in headers.get_all(CONTENT_ENCODING) {
+        for token in value.as_bytes().split(|&b| b == b',') {
+            tokens += 1;
+            let token = token.trim_ascii();
+            if token.eq_ignore_ascii_case(b"identity") {
+                continue;
+            }
+            found = Some(accepted_coding(shared, token)?);
+        }
+    }
+    if found.is_some() && tokens > 1 {
+        return Err(unsupported(
+            "unsupported_content_encoding",
+            "Only one content coding is accepted on request bodies.",
+        ));
+    }
+    Ok(found)
+}
+
+#[cfg(feature = "decompression")]
+fn accepted_coding(shared: &Shared, token: &[u8]) -> Result<Coding, Denial> {
+    let Some(config) = &shared.decompression else {
+        return Err(not_decoded());
+    };
+    match Coding::from_token(token) {
+        Some(c) if config.accepts(c) => Ok(c),
+        _ => Err(unsupported(
+            "unsupported_content_encoding",
+            "This content coding is not accepted on request bodies.",
+        )),
+    }
+}
+
+#[cfg(not(feature = "decompression"))]
+fn accepted_coding(_: &Shared, _: &[u8]) -> Result<Coding, Denial> {
+    Err(not_decoded())
+}
+
+fn not_decoded() -> Denial {
+    unsupported(
+        "unsupported_content_encoding",
+        "Compressed request bodies are not accepted on this endpoint.",
+    )
+}
+
 /// How a model-carrying body is to be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum BodyKind {
@@ -114,7 +176,7 @@ struct Checked<'r> {
     route: &'r Route,
     client_ip: Option<IpAddr>,
     url_model: Option<Cow<'r, str>>,
-    body: Option<BodyKind>,
+    body: Option<(BodyKind, Option<Coding>)>,
 }
 
 fn json_content_type(ct: &str) -> bool {
@@ -260,16 +322,7 @@ impl<S> Scope<S> {
         }
         let mut body = None;
         if sources.body() {
-            let encoding = headers.get_all(CONTENT_ENCODING);
-            if encoding
-                .iter()
-                .any(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"))
-            {
-                return Err(unsupported(
-                    "unsupported_content_encoding",
-                    "Compressed request bodies are not accepted on this endpoint.",
-                ));
-            }
+            let coding = body_coding(shared, headers)?;
             let mut types = headers.get_all(CONTENT_TYPE).iter();
             let ct = types.next().and_then(|v| v.to_str().ok()).unwrap_or("");
             if types.next().is_some() {
@@ -278,10 +331,10 @@ impl<S> Scope<S> {
                     "The request has more than one Content-Type.",
                 ));
             }
-            body = if sources.json && json_content_type(ct) {
-                Some(BodyKind::Json)
+            let kind = if sources.json && json_content_type(ct) {
+                BodyKind::Json
             } else if let Some(b) = multipart::boundary(ct).filter(|_| sources.multipart) {
-                Some(BodyKind::Multipart(b.into()))
+                BodyKind::Multipart(b.into())
             } else {
                 return Err(unsupported(
                     "unsupported_media_type",
@@ -292,6 +345,7 @@ impl<S> Scope<S> {
                     },
                 ));
             };
+            body = Some((kind, coding));
             if let Some(len) = headers.get(CONTENT_LENGTH) {
                 let len: u64 = len
                     .to_str()
@@ -433,13 +487,14 @@ where
             Ok(c) => c,
             Err(d) => return ResponseFuture::denied(d, req.headers()),
         };
-        if let Some(kind) = checked.body {
+        if let Some((kind, coding)) = checked.body {
             let pending = Pending {
                 principal: principal.clone(),
                 route: checked.route_id,
                 client_ip: checked.client_ip,
                 url_model: checked.url_model.map(Cow::into_owned),
                 kind,
+                coding,
             };
             let (parts, body) = req.into_parts();
             let clone = self.inner.clone();
@@ -483,6 +538,7 @@ struct Pending {
     client_ip: Option<IpAddr>,
     url_model: Option<String>,
     kind: BodyKind,
+    coding: Option<Coding>,
 }
 
 pin_project! {
@@ -543,6 +599,33 @@ fn check_body(
     pending: &Pending,
     bytes: &[u8],
 ) -> Result<(EndpointMatch, Option<String>), Denial> {
+    // Decoded only to be inspected; the encoded bytes are what goes inward.
+    #[cfg(feature = "decompression")]
+    let decoded;
+    let bytes = match pending.coding {
+        None => bytes,
+        #[cfg(feature = "decompression")]
+        Some(coding) => {
+            let cap = shared
+                .decompression
+                .as_ref()
+                .and_then(|d| d.max_decompressed)
+                .unwrap_or(shared.body_limit);
+            let mut out = Vec::new();
+            decompress::decode(coding, bytes, cap, &mut out).map_err(|e| match e {
+                DecodeError::TooLarge => too_large().with_detail("decompressed body over the cap"),
+                DecodeError::Corrupt => scope_denial(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body_encoding",
+                    format!("The request body is not valid {coding} data."),
+                ),
+            })?;
+            decoded = out;
+            &decoded[..]
+        }
+        #[cfg(not(feature = "decompression"))]
+        Some(never) => match never {},
+    };
     let body_model: Option<Cow<'_, str>> = match &pending.kind {
         BodyKind::Json => find_json_model(bytes).map_err(|e| match e {
             JsonModelError::Invalid => scope_denial(

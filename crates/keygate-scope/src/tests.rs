@@ -56,6 +56,9 @@ async fn echo(req: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infall
     if let Some(ClientIp(ip)) = req.extensions().get::<ClientIp>() {
         res = res.header("x-ip", ip.to_string());
     }
+    if let Some(ce) = req.headers().get(http::header::CONTENT_ENCODING) {
+        res = res.header("x-content-encoding", ce);
+    }
     for h in METHOD_OVERRIDE_HEADERS {
         if req.headers().contains_key(h) {
             res = res.header("x-override-seen", h);
@@ -709,6 +712,298 @@ async fn compressed_body_is_415() {
             "unsupported_content_encoding"
         )
     );
+}
+
+// ---- compressed bodies (feature `decompression`) ----
+
+#[cfg(feature = "decompression")]
+mod compressed {
+    use std::io::Write;
+
+    use flate2::Compression;
+    use flate2::write::{GzEncoder, ZlibEncoder};
+
+    use super::*;
+
+    fn gzip(data: &[u8]) -> Bytes {
+        let mut e = GzEncoder::new(Vec::new(), Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap().into()
+    }
+
+    fn zlib(data: &[u8]) -> Bytes {
+        let mut e = ZlibEncoder::new(Vec::new(), Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap().into()
+    }
+
+    fn encoded(
+        path: &str,
+        content_type: &str,
+        encoding: &str,
+        body: Bytes,
+        p: &Principal,
+    ) -> Request<Full<Bytes>> {
+        with(
+            p,
+            Request::post(path)
+                .header("content-type", content_type)
+                .header("content-encoding", encoding)
+                .body(Full::new(body))
+                .unwrap(),
+        )
+    }
+
+    fn chat(encoding: &str, body: Bytes, p: &Principal) -> Request<Full<Bytes>> {
+        encoded(
+            "/v1/chat/completions",
+            "application/json",
+            encoding,
+            body,
+            p,
+        )
+    }
+
+    fn layer() -> ScopeLayer {
+        ScopeLayer::openai().with_decompression(Decompression::new())
+    }
+
+    fn mini() -> Principal {
+        principal_with(Permissions::All, &["gpt-4o-mini"], &[])
+    }
+
+    #[tokio::test]
+    async fn gzip_json_with_allowed_model_passes_with_the_compressed_body_and_header() {
+        let body = gzip(br#"{"model":"gpt-4o-mini","messages":[]}"#);
+        let c = run(&layer(), chat("gzip", body.clone(), &mini())).await;
+        assert_eq!(c.status, StatusCode::OK);
+        assert_eq!(c.headers["x-model"], "gpt-4o-mini");
+        assert_eq!(c.headers["x-content-encoding"], "gzip");
+        assert_eq!(c.body, body);
+    }
+
+    #[tokio::test]
+    async fn gzip_json_with_disallowed_model_is_403() {
+        let body = gzip(br#"{"model":"gpt-4o","messages":[]}"#);
+        let c = run(&layer(), chat("gzip", body, &mini())).await;
+        assert_eq!(
+            (c.status, code(&c)),
+            (StatusCode::FORBIDDEN, "model_not_allowed")
+        );
+    }
+
+    #[tokio::test]
+    async fn deflate_json_is_decoded_as_zlib_and_checked() {
+        let ok = zlib(br#"{"model":"gpt-4o-mini"}"#);
+        let c = run(&layer(), chat("deflate", ok.clone(), &mini())).await;
+        assert_eq!(c.status, StatusCode::OK);
+        assert_eq!(c.headers["x-content-encoding"], "deflate");
+        assert_eq!(c.body, ok);
+        let bad = zlib(br#"{"model":"gpt-4o"}"#);
+        let c = run(&layer(), chat("Deflate", bad, &mini())).await;
+        assert_eq!(code(&c), "model_not_allowed");
+    }
+
+    #[tokio::test]
+    async fn decompression_bomb_is_413_at_the_cap() {
+        // 10 MiB of zeros inside `{"model":"gpt-4o-mini","x":"…"}`: about 10 KiB compressed.
+        let mut e = GzEncoder::new(Vec::new(), Compression::best());
+        e.write_all(br#"{"model":"gpt-4o-mini","x":""#).unwrap();
+        let zeros = [b'0'; 64 * 1024];
+        for _ in 0..160 {
+            e.write_all(&zeros).unwrap();
+        }
+        e.write_all(br#""}"#).unwrap();
+        let bomb = Bytes::from(e.finish().unwrap());
+        assert!(bomb.len() < 64 * 1024, "bomb is {} bytes", bomb.len());
+        let layer = ScopeLayer::openai()
+            .with_decompression(Decompression::new().with_max_decompressed(1024 * 1024));
+        let c = run(&layer, chat("gzip", bomb, &mini())).await;
+        assert_eq!(
+            (c.status, code(&c)),
+            (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large")
+        );
+    }
+
+    #[tokio::test]
+    async fn decompressed_cap_defaults_to_the_body_limit() {
+        let body = format!(r#"{{"model":"gpt-4o-mini","x":"{}"}}"#, "a".repeat(4096));
+        let small = gzip(body.as_bytes());
+        assert!(small.len() < 1024);
+        let layer = ScopeLayer::openai()
+            .with_body_limit(1024)
+            .with_decompression(Decompression::new());
+        let c = run(&layer, chat("gzip", small.clone(), &mini())).await;
+        assert_eq!(c.status, StatusCode::PAYLOAD_TOO_LARGE);
+        let roomy = layer.with_decompression(Decompression::new().with_max_decompressed(8192));
+        let c = run(&roomy, chat("gzip", small, &mini())).await;
+        assert_eq!(c.status, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn compressed_body_over_the_body_limit_is_413() {
+        let body = gzip(
+            &(0..4096u32)
+                .flat_map(|i| i.to_le_bytes())
+                .collect::<Vec<_>>(),
+        );
+        let layer = ScopeLayer::openai()
+            .with_body_limit(1024)
+            .with_decompression(Decompression::new().with_max_decompressed(1 << 20));
+        let c = run(&layer, chat("gzip", body, &mini())).await;
+        assert_eq!(c.status, StatusCode::PAYLOAD_TOO_LARGE);
+    }
+
+    #[tokio::test]
+    async fn corrupt_or_trailing_gzip_is_400() {
+        let good = gzip(br#"{"model":"gpt-4o-mini"}"#);
+        let mut trailing = good.to_vec();
+        trailing.extend_from_slice(&gzip(br#"{"model":"gpt-4o"}"#));
+        let truncated = good.slice(..good.len() - 4);
+        for body in [
+            Bytes::from_static(b"\x1f\x8b\x08\x00garbage"),
+            Bytes::from(br#"{"model":"gpt-4o-mini"}"#.to_vec()),
+            truncated,
+            trailing.into(),
+        ] {
+            let c = run(&layer(), chat("gzip", body, &mini())).await;
+            assert_eq!(
+                (c.status, code(&c)),
+                (StatusCode::BAD_REQUEST, "invalid_body_encoding")
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn codings_not_accepted_or_stacked_are_415() {
+        let gz = gzip(br#"{"model":"gpt-4o-mini"}"#);
+        let only_deflate =
+            ScopeLayer::openai().with_decompression(Decompression::only([ContentCoding::Deflate]));
+        for (layer, encoding) in [
+            (layer(), "br"),
+            (layer(), "zstd"),
+            (layer(), "gzip, gzip"),
+            (layer(), "identity, gzip"),
+            (layer(), ""),
+            (only_deflate, "gzip"),
+        ] {
+            let c = run(&layer, chat(encoding, gz.clone(), &mini())).await;
+            assert_eq!(
+                (c.status, code(&c)),
+                (
+                    StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                    "unsupported_content_encoding"
+                ),
+                "{encoding}"
+            );
+        }
+        // Two header lines stack as well.
+        let mut r = chat("gzip", gz, &mini());
+        r.headers_mut()
+            .append("content-encoding", "gzip".parse().unwrap());
+        let c = run(&layer(), r).await;
+        assert_eq!(c.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[tokio::test]
+    async fn identity_is_still_accepted_with_decompression_on() {
+        let body = r#"{"model":"gpt-4o-mini"}"#;
+        let c = run(&layer(), chat("identity", Bytes::from(body), &mini())).await;
+        assert_eq!((c.status, c.body), (StatusCode::OK, Bytes::from(body)));
+    }
+
+    #[tokio::test]
+    async fn decoded_json_keeps_the_ambiguity_rules() {
+        for body in [
+            r#"{"model":"gpt-4o-mini","model":"gpt-4o"}"#,
+            r#"{"model":"gpt-4o-mini","Model":"gpt-4o"}"#,
+            r#"{"model":1}"#,
+        ] {
+            let c = run(&layer(), chat("gzip", gzip(body.as_bytes()), &mini())).await;
+            assert_eq!(c.status, StatusCode::BAD_REQUEST, "{body}");
+        }
+        let c = run(&layer(), chat("gzip", gzip(b"not json"), &mini())).await;
+        assert_eq!(code(&c), "invalid_json");
+    }
+
+    #[tokio::test]
+    async fn gzip_multipart_model_is_checked() {
+        let form = |model: &str| {
+            format!(
+                "--b\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{model}\r\n--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.wav\"\r\n\r\nRIFF\r\n--b--\r\n"
+            )
+        };
+        let p = principal_with(Permissions::All, &["whisper-1"], &[]);
+        let call = |model: &str| {
+            encoded(
+                "/v1/audio/transcriptions",
+                "multipart/form-data; boundary=b",
+                "gzip",
+                gzip(form(model).as_bytes()),
+                &p,
+            )
+        };
+        let c = run(&layer(), call("whisper-1")).await;
+        assert_eq!(c.status, StatusCode::OK);
+        assert_eq!(c.headers["x-model"], "whisper-1");
+        let c = run(&layer(), call("gpt-4o-transcribe")).await;
+        assert_eq!(code(&c), "model_not_allowed");
+    }
+
+    #[tokio::test]
+    async fn routes_without_a_model_never_decode() {
+        // The body is not gzip at all: it is never read.
+        let r = with(
+            &all(),
+            Request::delete("/v1/files/file-1")
+                .header("content-encoding", "br")
+                .body(Full::new(Bytes::from_static(b"junk")))
+                .unwrap(),
+        );
+        let c = run(&layer(), r).await;
+        assert_eq!(
+            (c.status, c.body),
+            (StatusCode::OK, Bytes::from_static(b"junk"))
+        );
+    }
+
+    #[tokio::test]
+    async fn decompression_loads_from_config() {
+        let config: ScopeConfig = toml::from_str(
+            r#"
+            [decompression]
+            encodings = ["deflate"]
+            max_decompressed = 64
+            "#,
+        )
+        .unwrap();
+        let layer = ScopeLayer::from_config(&config).unwrap();
+        let p = mini();
+        let ok = zlib(br#"{"model":"gpt-4o-mini"}"#);
+        assert_eq!(
+            run(&layer, chat("deflate", ok, &p)).await.status,
+            StatusCode::OK
+        );
+        let big = zlib(format!(r#"{{"model":"gpt-4o-mini","x":"{}"}}"#, "a".repeat(64)).as_bytes());
+        assert_eq!(
+            run(&layer, chat("deflate", big, &p)).await.status,
+            StatusCode::PAYLOAD_TOO_LARGE
+        );
+        let gz = gzip(br#"{"model":"gpt-4o-mini"}"#);
+        assert_eq!(
+            run(&layer, chat("gzip", gz.clone(), &p)).await.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
+        // Defaults: both codings, and without the table none.
+        let defaults: ScopeConfig = toml::from_str("[decompression]").unwrap();
+        assert_eq!(defaults.decompression, Some(Decompression::new()));
+        let off = ScopeLayer::from_config(&ScopeConfig::default()).unwrap();
+        assert_eq!(
+            run(&off, chat("gzip", gz, &p)).await.status,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE
+        );
+        assert!(toml::from_str::<ScopeConfig>("[decompression]\nencodings = [\"br\"]").is_err());
+    }
 }
 
 #[tokio::test]
