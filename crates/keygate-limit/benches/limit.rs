@@ -246,6 +246,51 @@ fn backend(c: &mut Criterion) {
     });
 }
 
+/// Where the rate headers' time goes: three inserts (and the drop) into a response map that
+/// already holds a content type, with the `x-ratelimit-*` names (hashed byte by byte) and
+/// with three standard names (hashed as an enum tag), values shared and static.
+fn header_inserts(c: &mut Criterion) {
+    use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+    static CUSTOM: [HeaderName; 3] = [
+        HeaderName::from_static("x-ratelimit-limit-requests"),
+        HeaderName::from_static("x-ratelimit-remaining-requests"),
+        HeaderName::from_static("x-ratelimit-reset-requests"),
+    ];
+    let standard = [header::ETAG, header::EXPIRES, header::AGE];
+    let base = || {
+        let mut map = HeaderMap::new();
+        map.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        map
+    };
+    let value = HeaderValue::from_static("600");
+    let mut g = c.benchmark_group("headers");
+    g.bench_function("insert_3_ratelimit_names", |b| {
+        b.iter_batched(
+            base,
+            |mut map| {
+                for name in &CUSTOM {
+                    map.insert(name.clone(), value.clone());
+                }
+                map
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("insert_3_standard_names", |b| {
+        b.iter_batched(
+            base,
+            |mut map| {
+                for name in &standard {
+                    map.insert(name.clone(), value.clone());
+                }
+                map
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
 fn rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -303,6 +348,6 @@ fn memory_per_key(_c: &mut Criterion) {
 #[allow(missing_docs, unreachable_pub)]
 mod group {
     use super::*;
-    criterion_group!(benches, memory_per_key, layers, backend);
+    criterion_group!(benches, memory_per_key, layers, header_inserts, backend);
 }
 criterion_main!(group::benches);

@@ -7,13 +7,14 @@
 //! scripts over the same counter keys, so limits hold exactly across replicas without any
 //! change to the layers.
 
-use std::collections::HashMap;
 use std::future::{Future, ready};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use hashbrown::hash_table::{Entry, HashTable};
 use keygate_core::{Money, Timestamp};
+use smallvec::SmallVec;
 
 /// The name of one counter, stable across processes (a Redis key suffix, a SQL primary key).
 pub type CounterKey = Arc<str>;
@@ -171,6 +172,12 @@ pub enum ReserveError {
 /// The returned futures are `'static` so that a reservation can be settled from a `Drop`
 /// (the layers poll such a future once and spawn it on the current Tokio runtime if it is not
 /// ready at once; the in-memory backend is always ready at once).
+///
+/// A backend that can answer without waiting (an in-process one) also implements
+/// [`reserve_at_once`](LimitBackend::reserve_at_once) and
+/// [`end_at_once`](LimitBackend::end_at_once), which spare the layers a future (and an
+/// allocation) per call; a network backend leaves their defaults, which defer to the three
+/// calls above.
 pub trait LimitBackend: Send + Sync + 'static {
     /// Reserves every charge, or none.
     fn reserve(
@@ -193,6 +200,34 @@ pub trait LimitBackend: Send + Sync + 'static {
         reservation: Reservation,
         now: Timestamp,
     ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static;
+
+    /// Reserves without waiting, if this backend can answer at once (the in-memory one
+    /// always can); otherwise hands the charges back (`Err`) for
+    /// [`reserve`](LimitBackend::reserve). The layers try it first, which spares them a
+    /// future per request. The default hands them back: a network backend needs not
+    /// implement it.
+    fn reserve_at_once(
+        &self,
+        charges: Vec<Charge>,
+        now: Timestamp,
+    ) -> Result<Result<Reservation, ReserveError>, Vec<Charge>> {
+        let _ = now;
+        Err(charges)
+    }
+
+    /// Settles at `actual` (`Some`) or releases (`None`) without waiting, if this backend can
+    /// (returns `None`); otherwise hands the reservation back for
+    /// [`settle`](LimitBackend::settle) / [`release`](LimitBackend::release). The default
+    /// hands it back.
+    fn end_at_once(
+        &self,
+        reservation: Reservation,
+        actual: Option<Actual>,
+        now: Timestamp,
+    ) -> Option<Reservation> {
+        let _ = (actual, now);
+        Some(reservation)
+    }
 }
 
 impl<T: LimitBackend> LimitBackend for Arc<T> {
@@ -218,9 +253,30 @@ impl<T: LimitBackend> LimitBackend for Arc<T> {
     ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
         (**self).release(reservation, now)
     }
+    fn reserve_at_once(
+        &self,
+        charges: Vec<Charge>,
+        now: Timestamp,
+    ) -> Result<Result<Reservation, ReserveError>, Vec<Charge>> {
+        (**self).reserve_at_once(charges, now)
+    }
+    fn end_at_once(
+        &self,
+        reservation: Reservation,
+        actual: Option<Actual>,
+        now: Timestamp,
+    ) -> Option<Reservation> {
+        (**self).end_at_once(reservation, actual, now)
+    }
 }
 
+/// At most 64: a reservation's shards are one bit each of a `u64`.
 const SHARDS: usize = 64;
+
+/// Each charge's key hash and index among the locked shards.
+type Slots = SmallVec<[(u64, u8); 8]>;
+/// The locked shards, in index order.
+type Guards<'a> = SmallVec<[MutexGuard<'a, ShardMap>; 4]>;
 
 /// In-process counters: a mutex per shard of a hash map, held only for the few arithmetic
 /// operations of one call. Reservations spanning several shards lock them in index order, so
@@ -242,7 +298,8 @@ struct Shard {
 
 #[derive(Debug, Default)]
 struct ShardMap {
-    counters: HashMap<CounterKey, Counter>,
+    /// Keyed by the backend's hash of the key's text, computed once per charge.
+    counters: HashTable<(CounterKey, Counter)>,
     sweep_at: usize,
 }
 
@@ -275,23 +332,38 @@ impl MemoryBackend {
         }
     }
 
-    fn shard_of(&self, key: &str) -> usize {
-        (self.hasher.hash_one(key) as usize) % SHARDS
+    fn hash_of(&self, key: &str) -> u64 {
+        self.hasher.hash_one(key)
     }
 
-    fn lock_all<'a>(
-        &'a self,
-        keys: &[&str],
-    ) -> (Vec<usize>, Vec<(usize, MutexGuard<'a, ShardMap>)>) {
-        let idx: Vec<usize> = keys.iter().map(|k| self.shard_of(k)).collect();
-        let mut order = idx.clone();
-        order.sort_unstable();
-        order.dedup();
-        let guards = order
-            .into_iter()
-            .map(|i| (i, lock(&self.shards[i].map)))
-            .collect();
-        (idx, guards)
+    /// Middle bits: the table uses the low bits (bucket) and the top 7 (tag).
+    fn shard_of(hash: u64) -> usize {
+        ((hash >> 32) as usize) % SHARDS
+    }
+
+    /// Locks the shards of `charges` in index order (so concurrent reservations never
+    /// deadlock); returns each charge's slot in the guards.
+    fn lock_all<'a>(&'a self, charges: &[Charge]) -> (Slots, Guards<'a>) {
+        let mut shards: Slots = SmallVec::with_capacity(charges.len());
+        let mut set = 0u64;
+        for charge in charges {
+            let hash = self.hash_of(&charge.key);
+            let shard = Self::shard_of(hash);
+            set |= 1 << shard;
+            shards.push((hash, shard as u8));
+        }
+        let mut guards = Guards::new();
+        let mut rest = set;
+        while rest != 0 {
+            let i = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            guards.push(lock(&self.shards[i].map));
+        }
+        // A shard's slot: how many locked shards come before it.
+        for (_, shard) in &mut shards {
+            *shard = (set & ((1u64 << *shard) - 1)).count_ones() as u8;
+        }
+        (shards, guards)
     }
 
     /// Reserves synchronously (what [`LimitBackend::reserve`] does).
@@ -305,17 +377,12 @@ impl MemoryBackend {
         now: Timestamp,
     ) -> Result<Reservation, Exceeded> {
         let now = now.as_unix_nanos();
-        let keys: Vec<&str> = charges.iter().map(|c| &*c.key).collect();
-        let (idx, mut guards) = self.lock_all(&keys);
-        let slot = |guards: &[(usize, MutexGuard<'_, ShardMap>)], shard: usize| {
-            guards.iter().position(|(i, _)| *i == shard).unwrap_or(0)
-        };
+        let (slots, mut guards) = self.lock_all(&charges);
         // Check every charge first (earlier charges on the same counter count too).
         for (n, charge) in charges.iter().enumerate() {
-            let map = &guards[slot(&guards, idx[n])].1;
-            let current = map
-                .counters
-                .get(&charge.key)
+            let (hash, slot) = slots[n];
+            let current = guards[usize::from(slot)]
+                .find(hash, &charge.key)
                 .map_or(0, |c| refreshed(*c, charge.window, charge.limit, now).used);
             let earlier: u64 = charges[..n]
                 .iter()
@@ -335,41 +402,45 @@ impl MemoryBackend {
             }
         }
         let mut tokens: Option<CounterStatus> = None;
-        let mut reserved = Vec::with_capacity(charges.len());
-        for (n, charge) in charges.into_iter().enumerate() {
-            let g = slot(&guards, idx[n]);
-            let map = &mut guards[g].1;
-            let counter = map.counters.entry(charge.key.clone()).or_default();
-            *counter = refreshed(*counter, charge.window, charge.limit, now);
-            counter.used = counter.used.saturating_add(charge.amount);
-            if charge.window.is_rate() && charge.unit == Unit::Tokens {
-                let status = CounterStatus {
-                    limit: charge.limit,
-                    remaining: charge.limit.saturating_sub(counter.used),
-                    reset: reset_after(charge.window, charge.limit, counter.used, now),
-                };
-                if tokens.is_none_or(|t| status.remaining < t.remaining) {
-                    tokens = Some(status);
+        // Same layout: collected in place, in the charges' own allocation.
+        let reserved: Vec<Reserved> = charges
+            .into_iter()
+            .enumerate()
+            .map(|(n, charge)| {
+                let (hash, slot) = slots[n];
+                let counter =
+                    guards[usize::from(slot)].get_or_insert(hash, &charge.key, &self.hasher);
+                *counter = refreshed(*counter, charge.window, charge.limit, now);
+                counter.used = counter.used.saturating_add(charge.amount);
+                if charge.window.is_rate() && charge.unit == Unit::Tokens {
+                    let status = CounterStatus {
+                        limit: charge.limit,
+                        remaining: charge.limit.saturating_sub(counter.used),
+                        reset: reset_after(charge.window, charge.limit, counter.used, now),
+                    };
+                    if tokens.is_none_or(|t| status.remaining < t.remaining) {
+                        tokens = Some(status);
+                    }
                 }
-            }
-            // A counter already in a later period (another replica's clock ran ahead) holds
-            // this charge: settle against the period it was really added to.
-            let window = match charge.window {
-                Window::Fixed { end, .. } => Window::Fixed {
-                    start: Timestamp::from_unix_nanos(counter.stamp),
-                    end,
-                },
-                rate => rate,
-            };
-            reserved.push(Reserved {
-                key: charge.key,
-                window,
-                unit: charge.unit,
-                limit: charge.limit,
-                amount: charge.amount,
-            });
-        }
-        for (_, map) in &mut guards {
+                // A counter already in a later period (another replica's clock ran ahead)
+                // holds this charge: settle against the period it was really added to.
+                let window = match charge.window {
+                    Window::Fixed { end, .. } => Window::Fixed {
+                        start: Timestamp::from_unix_nanos(counter.stamp),
+                        end,
+                    },
+                    rate => rate,
+                };
+                Reserved {
+                    key: charge.key,
+                    window,
+                    unit: charge.unit,
+                    limit: charge.limit,
+                    amount: charge.amount,
+                }
+            })
+            .collect();
+        for map in &mut guards {
             map.maybe_sweep(now);
         }
         Ok(Reservation {
@@ -392,11 +463,12 @@ impl MemoryBackend {
         let now = now.as_unix_nanos();
         for r in reservation.charges {
             let new = actual.map_or(0, |a| a.amount(r.unit));
-            let mut map = lock(&self.shards[self.shard_of(&r.key)].map);
+            let hash = self.hash_of(&r.key);
+            let mut map = lock(&self.shards[Self::shard_of(hash)].map);
             if let Window::Fixed { start, .. } = r.window {
                 // Spend belongs to the period it was admitted in; once that period is over
                 // (the counter moved on or was swept) there is nothing left to correct.
-                match map.counters.get_mut(&r.key) {
+                match map.find_mut(hash, &r.key) {
                     Some(c) if c.stamp == start.as_unix_nanos() => {
                         c.used = c.used.saturating_sub(r.amount).saturating_add(new);
                     }
@@ -404,7 +476,7 @@ impl MemoryBackend {
                 }
                 continue;
             }
-            let counter = map.counters.entry(r.key).or_default();
+            let counter = map.get_or_insert(hash, &r.key, &self.hasher);
             *counter = refreshed(*counter, r.window, r.limit, now);
             counter.used = counter.used.saturating_sub(r.amount).saturating_add(new);
         }
@@ -412,8 +484,9 @@ impl MemoryBackend {
 
     /// The amount a counter holds now (`None` if it holds nothing or does not exist).
     pub fn used(&self, key: &str, window: Window, limit: u64, now: Timestamp) -> Option<u64> {
-        let map = lock(&self.shards[self.shard_of(key)].map);
-        let c = map.counters.get(key)?;
+        let hash = self.hash_of(key);
+        let map = lock(&self.shards[Self::shard_of(hash)].map);
+        let c = map.find(hash, key)?;
         if let Window::Fixed { start, .. } = window
             && c.stamp != start.as_unix_nanos()
         {
@@ -431,8 +504,8 @@ impl MemoryBackend {
                 let map = lock(&s.map);
                 let keys: usize = map
                     .counters
-                    .keys()
-                    .map(|k| (16 + k.len()).next_multiple_of(16))
+                    .iter()
+                    .map(|(k, _)| (16 + k.len()).next_multiple_of(16))
                     .sum();
                 crate::rate::table_bytes(
                     map.counters.capacity(),
@@ -464,6 +537,29 @@ impl MemoryBackend {
 }
 
 impl ShardMap {
+    fn find(&self, hash: u64, key: &str) -> Option<&Counter> {
+        self.counters
+            .find(hash, |(k, _)| **k == *key)
+            .map(|(_, c)| c)
+    }
+
+    fn find_mut(&mut self, hash: u64, key: &str) -> Option<&mut Counter> {
+        self.counters
+            .find_mut(hash, |(k, _)| **k == *key)
+            .map(|(_, c)| c)
+    }
+
+    fn get_or_insert(&mut self, hash: u64, key: &CounterKey, hasher: &RandomState) -> &mut Counter {
+        let entry =
+            self.counters
+                .entry(hash, |(k, _)| **k == **key, |(k, _)| hasher.hash_one(&**k));
+        let (_, counter) = match entry {
+            Entry::Occupied(o) => o.into_mut(),
+            Entry::Vacant(v) => v.insert((key.clone(), Counter::default())).into_mut(),
+        };
+        counter
+    }
+
     fn maybe_sweep(&mut self, now: u64) {
         if self.counters.len() >= self.sweep_at.max(SWEEP_MIN) {
             self.sweep(now);
@@ -472,7 +568,7 @@ impl ShardMap {
     }
 
     fn sweep(&mut self, now: u64) {
-        self.counters.retain(|_, c| {
+        self.counters.retain(|(_, c)| {
             if c.per > 0 {
                 let window = Window::Rate {
                     per: Duration::from_nanos(c.per),
@@ -593,6 +689,26 @@ impl LimitBackend for MemoryBackend {
         self.release_now(reservation, now);
         ready(Ok(()))
     }
+
+    fn reserve_at_once(
+        &self,
+        charges: Vec<Charge>,
+        now: Timestamp,
+    ) -> Result<Result<Reservation, ReserveError>, Vec<Charge>> {
+        Ok(self
+            .reserve_now(charges, now)
+            .map_err(ReserveError::Exceeded))
+    }
+
+    fn end_at_once(
+        &self,
+        reservation: Reservation,
+        actual: Option<Actual>,
+        now: Timestamp,
+    ) -> Option<Reservation> {
+        self.adjust(reservation, actual, now);
+        None
+    }
 }
 
 /// A reservation that must end exactly once: [`settle`](Pending::settle) or
@@ -637,7 +753,10 @@ impl<B: LimitBackend> Pending<B> {
         if let Some(r) = self.reservation.take()
             && !r.charges.is_empty()
         {
-            drive(self.backend.settle(r, actual, self.clock.now()));
+            let now = self.clock.now();
+            if let Some(r) = self.backend.end_at_once(r, Some(actual), now) {
+                drive(self.backend.settle(r, actual, now));
+            }
         }
     }
 
@@ -646,7 +765,10 @@ impl<B: LimitBackend> Pending<B> {
         if let Some(r) = self.reservation.take()
             && !r.charges.is_empty()
         {
-            drive(self.backend.release(r, self.clock.now()));
+            let now = self.clock.now();
+            if let Some(r) = self.backend.end_at_once(r, None, now) {
+                drive(self.backend.release(r, now));
+            }
         }
     }
 
@@ -746,6 +868,34 @@ mod tests {
         assert_eq!(err.index, 1);
         assert_eq!(err.remaining, 10);
         assert_eq!(b.used("b", Window::Rate { per: MIN }, 100, t(0)), None);
+    }
+
+    #[test]
+    fn reservation_over_many_shards_reserves_each_charge_on_its_own_counter() {
+        let b = MemoryBackend::new();
+        // 40 counters: more shards than fit inline, several charges per shard.
+        let charges: Vec<Charge> = (0..40u64)
+            .map(|i| rate(&format!("k{i}"), 1000, i + 1))
+            .collect();
+        let r = b.reserve_now(charges, t(0)).unwrap();
+        assert_eq!(r.charges.len(), 40);
+        for (i, c) in r.charges.iter().enumerate() {
+            assert_eq!(&*c.key, format!("k{i}"));
+            assert_eq!(c.amount, i as u64 + 1);
+            let used = b.used(&c.key, Window::Rate { per: MIN }, 1000, t(0));
+            assert_eq!(used, Some(i as u64 + 1));
+        }
+        // One charge of 40 that does not fit: none of the others is taken.
+        let mut charges: Vec<Charge> = (0..40u64)
+            .map(|i| rate(&format!("k{i}"), 1000, 1))
+            .collect();
+        charges[39].amount = 1000;
+        let err = b.reserve_now(charges, t(0)).unwrap_err();
+        assert_eq!(err.index, 39);
+        assert_eq!(b.used("k0", Window::Rate { per: MIN }, 1000, t(0)), Some(1));
+        b.release_now(r, t(0));
+        let used = b.used("k39", Window::Rate { per: MIN }, 1000, t(0));
+        assert_eq!(used.unwrap_or(0), 0);
     }
 
     #[test]

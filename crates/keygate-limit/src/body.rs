@@ -194,9 +194,9 @@ impl Scan {
     }
 }
 
-/// Everything needed to end one request's reservation.
-pub(crate) struct Settlement {
-    pub(crate) pending: Box<dyn Settle>,
+/// Everything needed to end one request's reservation, in one allocation: built with its
+/// backend's [`Pending`] and held as `Box<Settlement>` (the backend type erased).
+pub(crate) struct Settlement<P: Settle + ?Sized = dyn Settle> {
     pub(crate) estimate: Usage,
     pub(crate) price: Option<Price>,
     pub(crate) meter: Option<UsageMeter>,
@@ -204,9 +204,10 @@ pub(crate) struct Settlement {
     pub(crate) on_disconnect: OnDisconnect,
     pub(crate) scan: Scan,
     pub(crate) done: bool,
+    pub(crate) pending: P,
 }
 
-impl std::fmt::Debug for Settlement {
+impl<P: Settle + ?Sized> std::fmt::Debug for Settlement<P> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Settlement")
             .field("estimate", &self.estimate)
@@ -215,7 +216,7 @@ impl std::fmt::Debug for Settlement {
     }
 }
 
-impl Settlement {
+impl<P: Settle + ?Sized> Settlement<P> {
     /// Ends the reservation at `usage` (or the estimate) and reports it.
     pub(crate) fn finish_with(&mut self, usage: Option<Usage>) {
         if self.done {
@@ -261,7 +262,7 @@ impl Settlement {
     }
 }
 
-impl Drop for Settlement {
+impl<P: Settle + ?Sized> Drop for Settlement<P> {
     fn drop(&mut self) {
         self.finish(false);
     }

@@ -421,11 +421,8 @@ fn openai_duration(nanos: u64) -> String {
 pub(crate) fn duration_header(nanos: u64) -> Option<HeaderValue> {
     static MILLIS: OnceLock<Box<[HeaderValue]>> = OnceLock::new();
     if nanos < 1_000_000_000 {
-        let millis = MILLIS.get_or_init(|| {
-            (0..=1000u64)
-                .map(|ms| HeaderValue::from_str(&format!("{ms}ms")).expect("ascii"))
-                .collect()
-        });
+        let millis =
+            MILLIS.get_or_init(|| static_values((0..=1000u64).map(|ms| format!("{ms}ms"))));
         return millis.get(nanos.div_ceil(1_000_000) as usize).cloned();
     }
     let mut buf = [0u8; 40];
@@ -497,20 +494,65 @@ pub(crate) fn table_bytes(capacity: usize, entry: usize) -> usize {
     buckets * (entry + 1) + 16
 }
 
+/// Header values over one string leaked once per process (a few kilobytes): a clone or drop
+/// of a static value is a plain copy, where a shared one costs two atomic operations.
+fn static_values(values: impl Iterator<Item = String>) -> Box<[HeaderValue]> {
+    let values: Vec<String> = values.collect();
+    let all: &'static str = Box::leak(values.concat().into_boxed_str());
+    let mut at = 0;
+    values
+        .iter()
+        .map(|v| {
+            let text = &all[at..at + v.len()];
+            at += v.len();
+            HeaderValue::from_static(text)
+        })
+        .collect()
+}
+
 /// A header value for a number; small ones are made once and shared.
 pub(crate) fn num_header(n: u64) -> HeaderValue {
     static SMALL: OnceLock<Box<[HeaderValue]>> = OnceLock::new();
-    let small = SMALL.get_or_init(|| (0..1024u64).map(HeaderValue::from).collect());
-    match small.get(n as usize) {
+    let small = SMALL.get_or_init(|| static_values((0..1024u64).map(|n| n.to_string())));
+    match usize::try_from(n).ok().and_then(|i| small.get(i)) {
         Some(v) => v.clone(),
         None => HeaderValue::from(n),
     }
 }
 
+/// The header value of a limit: like [`num_header`], and larger ones are kept in a small
+/// per-thread cache (a key's limit is the same on every response; formatting a new value
+/// costs an allocation).
+pub(crate) fn limit_header(n: u64) -> HeaderValue {
+    const SLOTS: usize = 32;
+    thread_local! {
+        static RECENT: std::cell::RefCell<[Option<(u64, HeaderValue)>; SLOTS]> =
+            const { std::cell::RefCell::new([const { None }; SLOTS]) };
+    }
+    if n < 1024 {
+        return num_header(n);
+    }
+    let slot = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 59) as usize % SLOTS;
+    RECENT.with(|recent| {
+        let mut recent = recent.borrow_mut();
+        match &recent[slot] {
+            Some((cached, value)) if *cached == n => value.clone(),
+            _ => {
+                let value = HeaderValue::from(n);
+                recent[slot] = Some((n, value.clone()));
+                value
+            }
+        }
+    })
+}
+
 fn put_headers(headers: &mut HeaderMap, status: Status) {
     // One growth of the map instead of up to three.
     headers.reserve(3);
-    headers.insert(LIMIT_REQUESTS.clone(), num_header(u64::from(status.limit)));
+    headers.insert(
+        LIMIT_REQUESTS.clone(),
+        limit_header(u64::from(status.limit)),
+    );
     headers.insert(REMAINING_REQUESTS.clone(), num_header(status.remaining));
     if let Some(v) = duration_header(status.reset) {
         headers.insert(RESET_REQUESTS.clone(), v);
@@ -849,6 +891,24 @@ mod tests {
         assert_eq!(openai_duration(1_005_000_000), "1.005s");
         assert_eq!(openai_duration(360_000_000_000), "6m0s");
         assert_eq!(openai_duration(3_723_000_000_000), "1h2m3s");
+    }
+
+    #[test]
+    fn number_headers_are_the_decimal_value_shared_or_not() {
+        for n in [0u64, 7, 600, 1023, 1024, 100_000, u64::MAX] {
+            assert_eq!(num_header(n), n.to_string().as_str(), "{n}");
+            // Twice: the second may come from the cache.
+            assert_eq!(limit_header(n), n.to_string().as_str(), "{n}");
+            assert_eq!(limit_header(n), n.to_string().as_str(), "{n}");
+        }
+        // Values sharing a cache slot replace each other, never answer for each other.
+        for n in (1024..200_000u64).step_by(997) {
+            assert_eq!(limit_header(n), n.to_string().as_str(), "{n}");
+        }
+        // Shared values are independent handles: dropping one leaves the next intact.
+        drop(num_header(5));
+        assert_eq!(num_header(5), "5");
+        assert_eq!(duration_header(100_000_000).unwrap(), "100ms");
     }
 
     #[test]

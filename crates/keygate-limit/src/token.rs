@@ -18,18 +18,21 @@ use keygate_core::{
     UsageMeter, is_grpc,
 };
 use pin_project_lite::pin_project;
+use smallvec::SmallVec;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::backend::{
-    Charge, CounterStatus, Exceeded, LimitBackend, MemoryBackend, Pending, ReserveError, Unit,
-    Window,
+    Charge, CounterStatus, Exceeded, LimitBackend, MemoryBackend, Pending, Reservation,
+    ReserveError, Unit, Window,
 };
 use crate::body::{OnDisconnect, RequestBody, Scan, Settlement, TokenBody};
 use crate::guard::WalletGuard;
 use crate::json::{RequestFields, SseScanner, request_fields, with_include_usage, with_max_output};
 use crate::price::{Price, PriceTable};
-use crate::rate::{duration_header, missing_principal, num_header, owner, scope_name};
+use crate::rate::{
+    duration_header, limit_header, missing_principal, num_header, owner, scope_name,
+};
 
 /// What to do when a budget applies to a request whose model has no price.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -343,8 +346,10 @@ where
         }
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let config = self.config.clone();
-        ResponseFuture::boxed(Box::pin(run(config, inner, req)))
+        if let Some(skip) = skips_body(&req) {
+            return direct(&self.config, inner, req, skip);
+        }
+        ResponseFuture::boxed(Box::pin(run(self.config.clone(), inner, req)))
     }
 }
 
@@ -362,6 +367,12 @@ pin_project! {
     enum Kind<F, ResBody, E> {
         Pass { #[pin] future: F },
         Denied { response: Option<Response<Full<Bytes>>> },
+        Ready { response: Option<Out<ResBody>> },
+        Direct {
+            #[pin]
+            future: F,
+            after: Option<After>,
+        },
         Boxed { future: BoxFuture<Out<ResBody>, E> },
     }
 }
@@ -377,6 +388,23 @@ impl<F, ResBody, E> ResponseFuture<F, ResBody, E> {
         ResponseFuture {
             kind: Kind::Denied {
                 response: Some(denial.into_response(headers)),
+            },
+        }
+    }
+
+    fn ready(response: Out<ResBody>) -> Self {
+        ResponseFuture {
+            kind: Kind::Ready {
+                response: Some(response),
+            },
+        }
+    }
+
+    fn direct(future: F, after: After) -> Self {
+        ResponseFuture {
+            kind: Kind::Direct {
+                future,
+                after: Some(after),
             },
         }
     }
@@ -405,6 +433,16 @@ where
                     .expect("ResponseFuture polled after completion");
                 Poll::Ready(Ok(response.map(ResponseBody::denied)))
             }
+            KindProj::Ready { response } => Poll::Ready(Ok(response
+                .take()
+                .expect("ResponseFuture polled after completion"))),
+            KindProj::Direct { future, after } => {
+                let result = std::task::ready!(future.poll(cx));
+                let after = after
+                    .take()
+                    .expect("ResponseFuture polled after completion");
+                Poll::Ready(after.respond(result))
+            }
             KindProj::Boxed { future } => future.as_mut().poll(cx),
         }
     }
@@ -417,12 +455,31 @@ struct Meta {
     budget: bool,
 }
 
+/// What each charge is, in order.
+type Metas = SmallVec<[Meta; 4]>;
+
 fn deny<ResBody>(denial: Denial, headers: &HeaderMap) -> Out<ResBody> {
     denial.into_response(headers).map(ResponseBody::denied)
 }
 
-fn counter_key(scope: LimitScope, owner: &str, what: std::fmt::Arguments<'_>) -> Arc<str> {
-    format!("{}\u{1f}{owner}\u{1f}{what}", scope_name(scope)).into()
+/// `scope␟owner␟part␟part…`, joined on the stack and copied once into its shared string.
+fn counter_key(scope: LimitScope, owner: &str, parts: &[&str]) -> Arc<str> {
+    const SEP: &str = "\u{1f}";
+    let pieces = [scope_name(scope), SEP, owner]
+        .into_iter()
+        .chain(parts.iter().flat_map(|p| [SEP, *p]));
+    let mut buf = [0u8; 192];
+    let mut len = 0;
+    for piece in pieces.clone() {
+        let Some(slot) = buf.get_mut(len..len + piece.len()) else {
+            // Longer than the buffer (a very long pattern): on the heap.
+            return pieces.collect::<String>().into();
+        };
+        slot.copy_from_slice(piece.as_bytes());
+        len += piece.len();
+    }
+    // Only whole `&str`s were copied: always UTF-8.
+    std::str::from_utf8(&buf[..len]).map_or_else(|_| pieces.collect::<String>().into(), Arc::from)
 }
 
 /// Every charge that applies to a request of `model` estimated at `usage` and `cost`.
@@ -432,9 +489,9 @@ fn charges(
     tokens: u64,
     cost: Option<u64>,
     now: keygate_core::Timestamp,
-) -> Result<(Vec<Charge>, Vec<Meta>), ()> {
+) -> Result<(Vec<Charge>, Metas), ()> {
     let mut charges: Vec<Charge> = Vec::new();
-    let mut metas = Vec::new();
+    let mut metas: Metas = SmallVec::new();
     let mut push = |charge: Charge, meta: Meta| {
         // The same counter twice (two budgets of one period and pattern): the lower limit.
         if let Some(c) = charges.iter_mut().find(|c| c.key == charge.key) {
@@ -460,15 +517,12 @@ fn charges(
             budget: false,
         };
         if let Some(tpm) = limits.tokens_per_minute {
-            push(
-                rate(counter_key(scope, owner, format_args!("tpm")), tpm.get()),
-                meta,
-            );
+            push(rate(counter_key(scope, owner, &["tpm"]), tpm.get()), meta);
         }
         if let Some(model) = model {
             for (pattern, l) in limits.for_model(model) {
                 if let Some(tpm) = l.tokens_per_minute {
-                    let key = counter_key(scope, owner, format_args!("tpm\u{1f}{pattern}"));
+                    let key = counter_key(scope, owner, &["tpm", pattern]);
                     push(rate(key, tpm.get()), meta);
                 }
             }
@@ -485,11 +539,7 @@ fn charges(
                 keygate_core::Period::Month => "month",
                 _ => "lifetime",
             };
-            let key = counter_key(
-                scope,
-                owner,
-                format_args!("budget\u{1f}{period}\u{1f}{pattern}"),
-            );
+            let key = counter_key(scope, owner, &["budget", period, pattern]);
             push(
                 Charge {
                     key,
@@ -534,7 +584,7 @@ static RESET_TOKENS: HeaderName = HeaderName::from_static("x-ratelimit-reset-tok
 
 fn put_token_headers(headers: &mut HeaderMap, limit: u64, remaining: u64, reset: Duration) {
     headers.reserve(3);
-    headers.insert(LIMIT_TOKENS.clone(), num_header(limit));
+    headers.insert(LIMIT_TOKENS.clone(), limit_header(limit));
     headers.insert(REMAINING_TOKENS.clone(), num_header(remaining));
     let reset = u64::try_from(reset.as_nanos()).unwrap_or(u64::MAX);
     if let Some(v) = duration_header(reset) {
@@ -679,7 +729,7 @@ where
 {
     let (mut parts, body) = req.into_parts();
     let principal = match parts.extensions.get::<Principal>() {
-        Some(p) => p.clone(),
+        Some(p) => p,
         None => return Ok(deny(missing_principal(Stage::TokenLimit), &parts.headers)),
     };
     let grpc = is_grpc(&parts.headers);
@@ -754,27 +804,18 @@ where
     let mut lowered = None;
     let mut attempts = 0;
     let (reservation, estimate) = loop {
-        let estimate = Usage::new(prompt, output);
-        let cost = match (price, config.unpriced) {
-            (Some(p), _) => Some(p.cost(estimate).as_nanos()),
-            (None, Unpriced::CountTokensOnly) => Some(0),
-            (None, Unpriced::Deny) => None,
-        };
-        let Ok((charges, metas)) = charges(
-            &principal,
+        let plan = plan(
+            &config,
+            principal,
             model.as_deref(),
-            estimate.total_tokens,
-            cost,
+            price,
+            prompt,
+            output,
             now,
-        ) else {
-            let denial = Denial::new(
-                Stage::TokenLimit,
-                StatusCode::FORBIDDEN,
-                "model_not_priced",
-                "A spending budget applies to this key, but the model has no price.",
-            )
-            .with_param("model");
-            return Ok(deny(denial, &parts.headers));
+        );
+        let (estimate, charges, metas) = match plan {
+            Ok(plan) => plan,
+            Err(denial) => return Ok(deny(denial, &parts.headers)),
         };
         if charges.is_empty() {
             break (Default::default(), estimate);
@@ -782,10 +823,7 @@ where
         match config.backend.reserve(charges, now).await {
             Ok(r) => break (r, estimate),
             Err(ReserveError::Exceeded(e)) => {
-                let meta = metas.get(e.index).copied().unwrap_or(Meta {
-                    scope: LimitScope::Key,
-                    budget: false,
-                });
+                let meta = meta_of(&metas, e.index);
                 attempts += 1;
                 // Lower an explicit output cap to what fits, rather than refuse (opt-in).
                 let fits = (config.lower_max_tokens && max_output.is_some() && attempts <= 8)
@@ -799,68 +837,273 @@ where
                     _ => return Ok(exceeded_response(&e, meta, &parts.headers)),
                 }
             }
-            Err(_) => {
-                return Ok(deny(
-                    Denial::unavailable(Stage::TokenLimit, "limit_backend"),
-                    &parts.headers,
-                ));
-            }
+            Err(e) => return Ok(refused(&e, &metas, &parts.headers)),
         }
     };
+    let guard = config.guard.clone().map(|g| (g, principal.clone()));
     let body = match incoming {
         Incoming::Unread(body) => RequestBody::inner(body),
         Incoming::Read(bytes, fields) => {
             RequestBody::buffered(forward_body(&config, &mut parts, bytes, fields, lowered))
         }
     };
-    let tokens_status: Option<CounterStatus> = reservation.tokens;
-    let pending = Pending::new(config.backend.clone(), reservation, config.clock.clone());
-    let mut settlement = Box::new(Settlement {
-        pending: Box::new(pending),
+    let after = After::new(
+        &config,
+        reservation,
         estimate,
         price,
-        meter: parts.extensions.get::<UsageMeter>().cloned(),
-        guard: config.guard.clone().map(|g| (g, principal)),
-        on_disconnect: config.on_disconnect,
-        scan: Scan::Nothing,
-        done: false,
-    });
-    let request_headers_grpc = grpc;
-    let req = Request::from_parts(parts, body);
-    let response = match inner.call(req).await {
-        Ok(r) => r,
-        Err(e) => {
-            settlement.release();
-            return Err(e);
-        }
-    };
-    let (mut parts, body) = response.into_parts();
-    if let Some(usage) = parts.extensions.get::<Usage>().copied() {
-        settlement.finish_with(Some(usage));
-    } else if !parts.status.is_success() && !request_headers_grpc {
-        settlement.release();
-    } else {
-        let content_type = parts.headers.get(CONTENT_TYPE).map(HeaderValue::as_bytes);
-        settlement.scan = match content_type {
-            Some(ct) if ct.starts_with(b"text/event-stream") => Scan::Sse(SseScanner::default()),
-            Some(ct) if ct.starts_with(b"application/json") && !streaming => {
-                Scan::json(config.max_scan)
-            }
-            _ => Scan::Nothing,
-        };
-    }
-    if let Some(s) = tokens_status {
-        put_token_headers(&mut parts.headers, s.limit, s.remaining, s.reset);
-    }
-    let settlement = (!settlement_done(&settlement)).then_some(settlement);
-    Ok(Response::from_parts(
-        parts,
-        ResponseBody::inner(TokenBody::new(body, settlement)),
-    ))
+        parts.extensions.get::<UsageMeter>().cloned(),
+        guard,
+        grpc,
+        streaming,
+    );
+    after.respond(inner.call(Request::from_parts(parts, body)).await)
 }
 
-fn settlement_done(s: &Settlement) -> bool {
-    s.done
+/// How a request whose body is not read passes: untouched (gRPC, not JSON), or as the empty
+/// body it is (the same bytes a read would have given).
+#[derive(Clone, Copy)]
+enum Skip {
+    Untouched,
+    Empty,
+}
+
+/// Whether the request body can be handed on without reading it: gRPC and non-JSON bodies
+/// are never read; an empty JSON body has nothing to count (once it passes the checks a
+/// read body would).
+fn skips_body<B: Body>(req: &Request<B>) -> Option<Skip> {
+    let headers = req.headers();
+    if is_grpc(headers) || !is_json(headers) {
+        return Some(Skip::Untouched);
+    }
+    let identity = headers
+        .get(CONTENT_ENCODING)
+        .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let length_ok = headers.get(CONTENT_LENGTH).is_none_or(|v| v == "0");
+    (req.body().is_end_stream() && identity && length_ok).then_some(Skip::Empty)
+}
+
+/// A request whose body is not read: planned and, when the backend answers at once
+/// ([`LimitBackend::reserve_at_once`]; the in-memory one always does), reserved right here,
+/// so that the returned future only waits for the inner service: no boxed future, no copy
+/// of the request into one. A backend that must wait gets a boxed future that waits for it.
+fn direct<S, B, ReqBody, ResBody>(
+    config: &Arc<Config<B>>,
+    mut inner: S,
+    req: Request<ReqBody>,
+    skip: Skip,
+) -> ResponseFuture<S::Future, ResBody, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    B: LimitBackend,
+{
+    let headers = req.headers();
+    let Some(principal) = req.extensions().get::<Principal>() else {
+        return ResponseFuture::denied(missing_principal(Stage::TokenLimit), headers);
+    };
+    let grpc = is_grpc(headers);
+    let model = req
+        .extensions()
+        .get::<RequestedModel>()
+        .map(RequestedModel::as_str);
+    let price = model.and_then(|m| config.prices.price(m));
+    let now = config.clock.now();
+    let (estimate, charges, metas) = match plan(
+        config,
+        principal,
+        model,
+        price,
+        0,
+        config.default_output,
+        now,
+    ) {
+        Ok(plan) => plan,
+        Err(denial) => return ResponseFuture::denied(denial, headers),
+    };
+    let guard = config.guard.clone().map(|g| (g, principal.clone()));
+    let meter = req.extensions().get::<UsageMeter>().cloned();
+    let forward = move |req: Request<ReqBody>| {
+        req.map(|body| match skip {
+            Skip::Untouched => RequestBody::inner(body),
+            Skip::Empty => RequestBody::buffered(Bytes::new()),
+        })
+    };
+    let reservation = if charges.is_empty() {
+        Reservation::default()
+    } else {
+        match config.backend.reserve_at_once(charges, now) {
+            Ok(Ok(reservation)) => reservation,
+            Ok(Err(e)) => return ResponseFuture::ready(refused(&e, &metas, headers)),
+            Err(charges) => {
+                let config = config.clone();
+                // Reserved when first polled, as on the read path: a future dropped unpolled
+                // holds nothing.
+                return ResponseFuture::boxed(Box::pin(async move {
+                    let reservation = match config.backend.reserve(charges, now).await {
+                        Ok(reservation) => reservation,
+                        Err(e) => return Ok(refused(&e, &metas, req.headers())),
+                    };
+                    let after = After::new(
+                        &config,
+                        reservation,
+                        estimate,
+                        price,
+                        meter,
+                        guard,
+                        grpc,
+                        false,
+                    );
+                    after.respond(inner.call(forward(req)).await)
+                }));
+            }
+        }
+    };
+    let after = After::new(
+        config,
+        reservation,
+        estimate,
+        price,
+        meter,
+        guard,
+        grpc,
+        false,
+    );
+    ResponseFuture::direct(inner.call(forward(req)), after)
+}
+
+/// The estimate and charges of a request of `prompt` tokens asking for up to `output`;
+/// `Err`: the refusal of an unpriced model under a budget.
+fn plan<B>(
+    config: &Config<B>,
+    principal: &Principal,
+    model: Option<&str>,
+    price: Option<Price>,
+    prompt: u64,
+    output: u64,
+    now: keygate_core::Timestamp,
+) -> Result<(Usage, Vec<Charge>, Metas), Denial> {
+    let estimate = Usage::new(prompt, output);
+    let cost = match (price, config.unpriced) {
+        (Some(p), _) => Some(p.cost(estimate).as_nanos()),
+        (None, Unpriced::CountTokensOnly) => Some(0),
+        (None, Unpriced::Deny) => None,
+    };
+    match charges(principal, model, estimate.total_tokens, cost, now) {
+        Ok((charges, metas)) => Ok((estimate, charges, metas)),
+        Err(()) => Err(Denial::new(
+            Stage::TokenLimit,
+            StatusCode::FORBIDDEN,
+            "model_not_priced",
+            "A spending budget applies to this key, but the model has no price.",
+        )
+        .with_param("model")),
+    }
+}
+
+fn meta_of(metas: &Metas, index: usize) -> Meta {
+    metas.get(index).copied().unwrap_or(Meta {
+        scope: LimitScope::Key,
+        budget: false,
+    })
+}
+
+/// The answer to a reservation that was not made.
+fn refused<ResBody>(e: &ReserveError, metas: &Metas, headers: &HeaderMap) -> Out<ResBody> {
+    match e {
+        ReserveError::Exceeded(e) => exceeded_response(e, meta_of(metas, e.index), headers),
+        _ => deny(
+            Denial::unavailable(Stage::TokenLimit, "limit_backend"),
+            headers,
+        ),
+    }
+}
+
+/// What happens once the inner service answers an admitted request: its reservation ends
+/// (now, or when the response body does) and the token headers are added.
+struct After {
+    settlement: Box<Settlement>,
+    tokens: Option<CounterStatus>,
+    grpc: bool,
+    streaming: bool,
+    max_scan: usize,
+}
+
+impl After {
+    #[allow(clippy::too_many_arguments)]
+    fn new<B: LimitBackend>(
+        config: &Config<B>,
+        reservation: Reservation,
+        estimate: Usage,
+        price: Option<Price>,
+        meter: Option<UsageMeter>,
+        guard: Option<(WalletGuard, Principal)>,
+        grpc: bool,
+        streaming: bool,
+    ) -> Self {
+        let tokens = reservation.tokens;
+        let pending = Pending::new(config.backend.clone(), reservation, config.clock.clone());
+        After {
+            settlement: Box::new(Settlement {
+                pending,
+                estimate,
+                price,
+                meter,
+                guard,
+                on_disconnect: config.on_disconnect,
+                scan: Scan::Nothing,
+                done: false,
+            }),
+            tokens,
+            grpc,
+            streaming,
+            max_scan: config.max_scan,
+        }
+    }
+
+    fn respond<ResBody, E>(self, result: Result<Response<ResBody>, E>) -> Result<Out<ResBody>, E> {
+        let After {
+            mut settlement,
+            tokens,
+            grpc,
+            streaming,
+            max_scan,
+        } = self;
+        let mut response = match result {
+            Ok(response) => response,
+            Err(e) => {
+                settlement.release();
+                return Err(e);
+            }
+        };
+        if let Some(usage) = response.extensions().get::<Usage>().copied() {
+            settlement.finish_with(Some(usage));
+        } else if !response.status().is_success() && !grpc {
+            settlement.release();
+        } else {
+            let content_type = response
+                .headers()
+                .get(CONTENT_TYPE)
+                .map(HeaderValue::as_bytes);
+            settlement.scan = match content_type {
+                Some(ct) if ct.starts_with(b"text/event-stream") => {
+                    Scan::Sse(SseScanner::default())
+                }
+                Some(ct) if ct.starts_with(b"application/json") && !streaming => {
+                    Scan::json(max_scan)
+                }
+                _ => Scan::Nothing,
+            };
+        }
+        if let Some(s) = tokens {
+            put_token_headers(response.headers_mut(), s.limit, s.remaining, s.reset);
+        }
+        let settlement = (!settlement.done).then_some(settlement);
+        Ok(response.map(|body| ResponseBody::inner(TokenBody::new(body, settlement))))
+    }
 }
 
 async fn read_body<B>(body: B, max: usize) -> Result<Bytes, &'static str>
@@ -981,6 +1224,24 @@ mod tests {
         r#"{"choices":[],"usage":{"prompt_tokens":100,"completion_tokens":50,"total_tokens":150}}"#;
     // 100 × $0.15/M + 50 × $0.60/M.
     const USAGE_COST: u64 = 15_000 + 30_000;
+
+    #[test]
+    fn counter_keys_join_scope_owner_and_parts_with_unit_separators() {
+        assert_eq!(
+            &*counter_key(LimitScope::Key, "key_a", &["tpm"]),
+            "key\u{1f}key_a\u{1f}tpm"
+        );
+        assert_eq!(
+            &*counter_key(LimitScope::Project, "p", &["budget", "day", "*"]),
+            "project\u{1f}p\u{1f}budget\u{1f}day\u{1f}*"
+        );
+        // Longer than the stack buffer: the same key, built on the heap.
+        let pattern = "m".repeat(300);
+        assert_eq!(
+            &*counter_key(LimitScope::Token, "tok", &["tpm", &pattern]),
+            format!("token\u{1f}tok\u{1f}tpm\u{1f}{pattern}")
+        );
+    }
 
     #[tokio::test]
     async fn json_response_settles_once_at_actual_usage_and_reports_the_meter() {
@@ -1718,6 +1979,8 @@ mod tests {
         reserved: std::sync::atomic::AtomicUsize,
         ended: std::sync::atomic::AtomicUsize,
         fail: bool,
+        /// Answer `reserve_at_once` / `end_at_once` (as the memory backend does).
+        at_once: bool,
     }
 
     impl LimitBackend for Counting {
@@ -1760,6 +2023,37 @@ mod tests {
             self.ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.inner.release_now(reservation, now);
             std::future::ready(Ok(()))
+        }
+        fn reserve_at_once(
+            &self,
+            charges: Vec<Charge>,
+            now: keygate_core::Timestamp,
+        ) -> Result<Result<Reservation, ReserveError>, Vec<Charge>> {
+            if !self.at_once || self.fail {
+                return Err(charges);
+            }
+            self.reserved
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(self
+                .inner
+                .reserve_now(charges, now)
+                .map_err(ReserveError::Exceeded))
+        }
+        fn end_at_once(
+            &self,
+            reservation: Reservation,
+            actual: Option<Actual>,
+            now: keygate_core::Timestamp,
+        ) -> Option<Reservation> {
+            if !self.at_once {
+                return Some(reservation);
+            }
+            self.ended.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            match actual {
+                Some(actual) => self.inner.settle_now(reservation, actual, now),
+                None => self.inner.release_now(reservation, now),
+            }
+            None
         }
     }
 
@@ -1883,6 +2177,177 @@ mod tests {
         assert_eq!(res.status(), StatusCode::OK);
         res.into_body().collect().await.unwrap();
         assert_eq!(tpm_used(&layer, "key_a", manual.now()), 7);
+    }
+
+    /// The memory backend behind reservations that are not ready at their first poll.
+    #[derive(Default)]
+    struct Slow(MemoryBackend);
+
+    /// Pending once (waking itself), then the value.
+    struct YieldOnce<T>(Option<T>, bool);
+
+    impl<T: Unpin> Future for YieldOnce<T> {
+        type Output = T;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+            if !self.1 {
+                self.1 = true;
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            Poll::Ready(self.0.take().expect("polled after completion"))
+        }
+    }
+
+    impl LimitBackend for Slow {
+        fn reserve(
+            &self,
+            charges: Vec<Charge>,
+            now: keygate_core::Timestamp,
+        ) -> impl Future<Output = Result<Reservation, ReserveError>> + Send + 'static {
+            let r = self.0.reserve_now(charges, now);
+            YieldOnce(Some(r.map_err(ReserveError::Exceeded)), false)
+        }
+        fn settle(
+            &self,
+            reservation: Reservation,
+            actual: Actual,
+            now: keygate_core::Timestamp,
+        ) -> impl Future<Output = Result<(), crate::backend::BackendError>> + Send + 'static
+        {
+            self.0.settle_now(reservation, actual, now);
+            std::future::ready(Ok(()))
+        }
+        fn release(
+            &self,
+            reservation: Reservation,
+            now: keygate_core::Timestamp,
+        ) -> impl Future<Output = Result<(), crate::backend::BackendError>> + Send + 'static
+        {
+            self.0.release_now(reservation, now);
+            std::future::ready(Ok(()))
+        }
+    }
+
+    fn get_models(p: &Principal) -> Request<Full<Bytes>> {
+        let mut r = Request::get("/v1/models").body(empty()).unwrap();
+        r.extensions_mut().insert(p.clone());
+        r
+    }
+
+    #[tokio::test]
+    async fn unread_body_with_a_backend_that_waits_is_reserved_refused_and_settled() {
+        let manual = ManualClock::new(start());
+        let backend = Arc::new(Slow::default());
+        let layer = TokenLimitLayer::with_shared_backend(backend.clone())
+            .with_clock(manual.clock())
+            .with_default_output_tokens(600);
+        let svc = ServiceBuilder::new().layer(layer).service_fn(ok_handler);
+        let p = principal_with(|k, _| k.tokens_per_minute = NonZeroU64::new(1_000));
+        let res = svc.clone().oneshot(get_models(&p)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "400");
+        res.into_body().collect().await.unwrap();
+        let window = Window::Rate {
+            per: Duration::from_secs(60),
+        };
+        let used = |b: &Slow| {
+            b.0.used("key\u{1f}key_a\u{1f}tpm", window, 1_000, manual.now())
+        };
+        assert_eq!(used(&backend), Some(600));
+        let res = svc.oneshot(get_models(&p)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "400");
+        assert_eq!(used(&backend), Some(600));
+    }
+
+    #[tokio::test]
+    async fn empty_bodies_pass_as_empty_and_compressed_empty_json_is_still_refused() {
+        let manual = ManualClock::new(start());
+        let layer = layer(&manual).with_default_output_tokens(7);
+        let svc = ServiceBuilder::new().layer(layer.clone()).service_fn(
+            |r: Request<RequestBody<Full<Bytes>>>| async move {
+                assert!(format!("{:?}", r.body()).contains("Buffered"));
+                assert!(r.body().is_end_stream());
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            },
+        );
+        let p = principal_with(|k, _| k.tokens_per_minute = NonZeroU64::new(1_000));
+        let res = svc.clone().oneshot(chat(&p, "")).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        res.into_body().collect().await.unwrap();
+        assert_eq!(tpm_used(&layer, "key_a", manual.now()), 7);
+        let mut req = chat(&p, "");
+        req.headers_mut()
+            .insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        let res = svc.oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNSUPPORTED_MEDIA_TYPE);
+        assert_eq!(tpm_used(&layer, "key_a", manual.now()), 7);
+    }
+
+    #[tokio::test]
+    async fn response_future_dropped_before_the_answer_settles_at_the_reservation() {
+        use std::sync::atomic::Ordering::SeqCst;
+        // Reserved in `call` (a backend that answers at once) or at the first poll.
+        for at_once in [true, false] {
+            let manual = ManualClock::new(start());
+            let backend = Arc::new(Counting {
+                at_once,
+                ..Counting::default()
+            });
+            let layer = TokenLimitLayer::with_shared_backend(backend.clone())
+                .with_clock(manual.clock())
+                .with_default_output_tokens(9);
+            let mut svc = ServiceBuilder::new().layer(layer).service_fn(
+                |_r: Request<RequestBody<Full<Bytes>>>| {
+                    std::future::pending::<Result<Response<Full<Bytes>>, Infallible>>()
+                },
+            );
+            let p = principal_with(|k, _| k.tokens_per_minute = NonZeroU64::new(1_000));
+            let mut future = svc.ready().await.unwrap().call(get_models(&p));
+            let waker = std::task::Waker::noop();
+            let polled = Pin::new(&mut future).poll(&mut Context::from_waker(waker));
+            assert!(polled.is_pending());
+            assert_eq!(backend.reserved.load(SeqCst), 1, "{at_once}");
+            assert_eq!(backend.ended.load(SeqCst), 0, "{at_once}");
+            drop(future);
+            assert_eq!(backend.ended.load(SeqCst), 1, "{at_once}");
+            let window = Window::Rate {
+                per: Duration::from_secs(60),
+            };
+            let used = backend
+                .inner
+                .used("key\u{1f}key_a\u{1f}tpm", window, 1_000, manual.now());
+            assert_eq!(used, Some(9), "{at_once}");
+        }
+    }
+
+    #[tokio::test]
+    async fn backends_that_answer_at_once_end_each_reservation_once_without_futures() {
+        use std::sync::atomic::Ordering::SeqCst;
+        let manual = ManualClock::new(start());
+        let backend = Arc::new(Counting {
+            at_once: true,
+            ..Counting::default()
+        });
+        let layer = TokenLimitLayer::with_shared_backend(backend.clone())
+            .with_clock(manual.clock())
+            .with_default_output_tokens(600);
+        let svc = ServiceBuilder::new().layer(layer).service_fn(ok_handler);
+        let p = principal_with(|k, _| k.tokens_per_minute = NonZeroU64::new(1_000));
+        let res = svc.clone().oneshot(get_models(&p)).await.unwrap();
+        assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "400");
+        res.into_body().collect().await.unwrap();
+        assert_eq!(
+            (backend.reserved.load(SeqCst), backend.ended.load(SeqCst)),
+            (1, 1)
+        );
+        // Refused: tried (counted), nothing held, nothing to end.
+        let res = svc.oneshot(get_models(&p)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            (backend.reserved.load(SeqCst), backend.ended.load(SeqCst)),
+            (2, 1)
+        );
     }
 
     #[test]
