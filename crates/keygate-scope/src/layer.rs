@@ -154,6 +154,10 @@ impl ScopeLayer {
     /// single gzip member, `deflate` as a zlib stream). One that ignored `Content-Encoding`
     /// would act on bytes that were not checked.
     ///
+    /// `keygate-limit`'s `TokenLimitLayer` does not decode bodies: a compressed JSON request
+    /// from a key with token rates or budgets is still refused there (415), since its tokens
+    /// could not be estimated. The `keygate` facade therefore leaves this off.
+    ///
     /// ```
     /// use keygate_scope::{ContentCoding, Decompression, ScopeLayer};
     ///
