@@ -23,6 +23,12 @@ pub mod demo;
 /// The key file the gateway creates with demo keys when run with no key file named.
 pub const DEMO_KEYS_FILE: &str = "keygate-demo-keys.toml";
 
+/// Histogram buckets of the gateway's latency metrics, in seconds.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 120.0,
+];
+
 /// The environment variable holding the provider key sent to a real `--upstream`.
 pub const UPSTREAM_KEY_ENV: &str = "KEYGATE_UPSTREAM_API_KEY";
 
@@ -168,7 +174,13 @@ pub fn config_for(options: &GatewayOptions) -> Result<Config, ConfigError> {
 fn prometheus() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        let recorder = PrometheusBuilder::new().build_recorder();
+        // Fixed buckets (seconds): Prometheus histograms add up across gateway replicas,
+        // where the exporter's default summaries (quantiles per process) do not.
+        // (`set_buckets` refuses only an empty list.)
+        let builder = PrometheusBuilder::new()
+            .set_buckets(LATENCY_BUCKETS)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
         let handle = recorder.handle();
         // Fails only if the host installed another recorder: then /metrics shows this one's
         // (empty) view and the host's recorder gets the metrics.

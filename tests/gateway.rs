@@ -233,10 +233,12 @@ async fn healthz_and_metrics_need_no_key() {
     assert_eq!(health.status, 200);
     let metrics = call(gw.addr(), "GET", "/metrics", None, None).await;
     assert_eq!(metrics.status, 200);
+    let text = std::str::from_utf8(&metrics.body).unwrap();
+    assert!(text.contains("keygate_requests_total"), "{text}");
+    // Latencies are histograms with fixed buckets (they add up across replicas).
     assert!(
-        std::str::from_utf8(&metrics.body)
-            .unwrap()
-            .contains("keygate_requests_total")
+        text.contains("keygate_request_duration_seconds_bucket{"),
+        "{text}"
     );
     gw.shutdown().await;
 }
