@@ -12,8 +12,10 @@
 //! | `keygate_audit_write_errors_total` | counter | `sink` |
 //! | `keygate_alerts_total` | counter | `kind`, `reason` |
 
+use std::sync::Arc;
+
 use keygate_core::{Alert, AlertKind};
-use metrics::{Unit, counter, describe_counter, describe_histogram, histogram};
+use metrics::{SharedString, Unit, counter, describe_counter, describe_histogram, histogram};
 
 use crate::event::{Decision, RequestEvent};
 
@@ -72,16 +74,17 @@ pub(crate) fn request(event: &RequestEvent) {
         .increment(1),
     }
     if let Some(key) = &event.key_id {
-        let key = key.as_str().to_owned();
+        // Shared strings: a label costs a reference count, not a copy of the text.
+        let key: Arc<str> = key.clone().into();
+        let group = match &event.endpoint_group {
+            Some(g) => SharedString::from_shared(Arc::<str>::from(g.clone())),
+            None => SharedString::const_str(""),
+        };
         counter!(
             KEY_REQUESTS_TOTAL,
             "key_id" => key.clone(),
             "project" => event.project.clone().unwrap_or_default(),
-            "endpoint_group" => event
-                .endpoint_group
-                .as_ref()
-                .map(|g| g.as_str().to_owned())
-                .unwrap_or_default(),
+            "endpoint_group" => group,
             "decision" => decision
         )
         .increment(1);

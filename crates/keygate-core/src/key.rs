@@ -335,6 +335,13 @@ impl fmt::Debug for KeyId {
     }
 }
 
+impl From<KeyId> for std::sync::Arc<str> {
+    /// The shared text, without copying it (for labels, maps keyed by `Arc<str>`).
+    fn from(id: KeyId) -> Self {
+        id.0
+    }
+}
+
 impl std::borrow::Borrow<str> for KeyId {
     fn borrow(&self) -> &str {
         &self.0
@@ -470,6 +477,18 @@ mod tests {
         assert_eq!(KeyDigest::from_hex(&d.to_string()).unwrap(), d);
         assert!(KeyDigest::from_hex("zz").is_err());
         assert!(KeyDigest::from_hex(&"g".repeat(64)).is_err());
+    }
+
+    #[test]
+    fn key_id_and_group_give_their_shared_text_without_copying() {
+        let text: std::sync::Arc<str> = "key_abc".into();
+        let id = KeyId::new(text.clone());
+        let back: std::sync::Arc<str> = id.into();
+        assert!(std::sync::Arc::ptr_eq(&text, &back));
+        let name: std::sync::Arc<str> = "chat.completions".into();
+        let group = crate::EndpointGroup::new(name.clone());
+        let back: std::sync::Arc<str> = group.into();
+        assert!(std::sync::Arc::ptr_eq(&name, &back));
     }
 
     #[test]

@@ -72,6 +72,13 @@ impl fmt::Debug for EndpointGroup {
     }
 }
 
+impl From<EndpointGroup> for Arc<str> {
+    /// The shared name, without copying it.
+    fn from(group: EndpointGroup) -> Self {
+        group.0
+    }
+}
+
 impl std::borrow::Borrow<str> for EndpointGroup {
     fn borrow(&self) -> &str {
         &self.0
