@@ -339,6 +339,19 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// Whether a `Content-Type` value names JSON: `application/json` or `application/*+json`,
+/// any letter case, parameters ignored. The one definition the layers that read JSON bodies
+/// share, so they never disagree on whether a body is JSON.
+pub fn is_json_media_type(content_type: &str) -> bool {
+    let mime = content_type.split(';').next().unwrap_or("").trim();
+    let Some((top, sub)) = mime.split_once('/') else {
+        return false;
+    };
+    top.eq_ignore_ascii_case("application")
+        && (sub.eq_ignore_ascii_case("json")
+            || sub.len() > 5 && sub[sub.len() - 5..].eq_ignore_ascii_case("+json"))
+}
+
 pin_project! {
     /// A response body: the inner service's, or a keygate layer's small buffered refusal.
     ///
@@ -512,6 +525,32 @@ mod tests {
         assert_eq!(v["error"]["type"], "permission_error");
         assert_eq!(v["error"]["param"], "model");
         assert!(v["error"]["message"].as_str().unwrap().contains("gpt-4"));
+    }
+
+    #[test]
+    fn json_media_types_are_recognised_in_one_place() {
+        for ct in [
+            "application/json",
+            "Application/JSON",
+            "application/json; charset=utf-8",
+            " application/json ;charset=utf-8",
+            "application/merge-patch+json",
+            "application/vnd.api+JSON",
+        ] {
+            assert!(is_json_media_type(ct), "{ct}");
+        }
+        for ct in [
+            "",
+            "json",
+            "text/plain",
+            "text/json",
+            "application/jsonx",
+            "application/json-seq",
+            "application/+jsonx",
+            "multipart/form-data; boundary=x",
+        ] {
+            assert!(!is_json_media_type(ct), "{ct}");
+        }
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub use auth::{NoTokens, TokenError, TokenVerifier};
 pub use clock::{Clock, ManualClock, Timestamp};
 pub use denial::{
     Denial, INVALID_CREDENTIAL_MESSAGE, ResponseBody, ResponseFuture, Stage, deny, is_grpc,
-    retry_after_secs,
+    is_json_media_type, retry_after_secs,
 };
 pub use ext::{
     Alert, AlertKind, AlertSink, ClientIp, EndpointMatch, RequestedModel, Usage, UsageMeter,

@@ -644,11 +644,12 @@ fn bad_request<ResBody>(code: &'static str, message: &'static str, h: &HeaderMap
     deny(Denial::new(Stage::TokenLimit, status, code, message), h)
 }
 
+/// A body with no `Content-Type` is read as JSON too (for the estimate); the scope layer
+/// refuses such bodies on routes whose model is in the body.
 fn is_json(headers: &HeaderMap) -> bool {
-    headers.get(CONTENT_TYPE).is_none_or(|v| {
-        let v = v.as_bytes();
-        v.len() >= 16 && v[..16].eq_ignore_ascii_case(b"application/json")
-    })
+    headers
+        .get(CONTENT_TYPE)
+        .is_none_or(|v| v.to_str().is_ok_and(keygate_core::is_json_media_type))
 }
 
 /// The largest output a request of `prompt` tokens may ask for to fit the counter `e` refused.

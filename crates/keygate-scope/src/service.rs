@@ -179,16 +179,6 @@ struct Checked<'r> {
     body: Option<(BodyKind, Option<Coding>)>,
 }
 
-fn json_content_type(ct: &str) -> bool {
-    let mime = ct.split(';').next().unwrap_or("").trim();
-    let Some((top, sub)) = mime.split_once('/') else {
-        return false;
-    };
-    top.eq_ignore_ascii_case("application")
-        && (sub.eq_ignore_ascii_case("json")
-            || sub.len() > 5 && sub[sub.len() - 5..].eq_ignore_ascii_case("+json"))
-}
-
 /// The value of query parameter `name`, percent-decoded; ambiguous if given twice or under
 /// a name equal apart from case.
 fn query_param<'q>(query: &'q str, name: &str) -> Result<Option<Cow<'q, str>>, Denial> {
@@ -331,7 +321,7 @@ impl<S> Scope<S> {
                     "The request has more than one Content-Type.",
                 ));
             }
-            let kind = if sources.json && json_content_type(ct) {
+            let kind = if sources.json && keygate_core::is_json_media_type(ct) {
                 BodyKind::Json
             } else if let Some(b) = multipart::boundary(ct).filter(|_| sources.multipart) {
                 BodyKind::Multipart(b.into())
