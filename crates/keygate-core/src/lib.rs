@@ -56,4 +56,4 @@ pub use store::{
     FileStore, FileStoreError, KEY_FILE_VERSION, KeyFile, KeyStore, Lookup, MemoryStore,
     ReloadOutcome, Snapshot, SnapshotError, StoreError,
 };
-pub use trace::RequestTrace;
+pub use trace::{Cut, RequestTrace};

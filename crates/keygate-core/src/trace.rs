@@ -26,6 +26,49 @@ struct TraceCell {
     endpoint_group: OnceLock<EndpointGroup>,
     model: OnceLock<Arc<str>>,
     client_ip: OnceLock<IpAddr>,
+    cut: OnceLock<Cut>,
+}
+
+/// Why keygate cut a request short: a timeout of the upstream exchange, or the server shutting
+/// down past its drain deadline.
+///
+/// Recorded in the [`RequestTrace`] by whoever cut the request (the upstream proxy, the
+/// server), and put in the extensions of a response keygate made in place of the upstream's
+/// (a 504 after a timeout), so the token layer charges the reservation instead of giving it
+/// back: the upstream may have done the work.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Cut {
+    /// No connection to the upstream within the connect timeout.
+    UpstreamConnect,
+    /// The upstream sent no response head within its timeout.
+    UpstreamHead,
+    /// The upstream's response body paused longer than the idle timeout between chunks.
+    UpstreamIdle,
+    /// The whole exchange took longer than the total timeout.
+    UpstreamTotal,
+    /// The server was shutting down and its drain deadline passed.
+    Shutdown,
+}
+
+impl Cut {
+    /// The name used in records and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cut::UpstreamConnect => "upstream_connect",
+            Cut::UpstreamHead => "upstream_head",
+            Cut::UpstreamIdle => "upstream_idle",
+            Cut::UpstreamTotal => "upstream_total",
+            Cut::Shutdown => "shutdown",
+        }
+    }
+}
+
+impl std::fmt::Display for Cut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 impl RequestTrace {
@@ -56,6 +99,16 @@ impl RequestTrace {
     /// Records the client's address as keygate decided it. Returns `false` if one was already set.
     pub fn set_client_ip(&self, ip: IpAddr) -> bool {
         self.0.client_ip.set(ip).is_ok()
+    }
+
+    /// Records why the request was cut short. Returns `false` if a cut was already recorded.
+    pub fn set_cut(&self, cut: Cut) -> bool {
+        self.0.cut.set(cut).is_ok()
+    }
+
+    /// Why the request was cut short, if it was.
+    pub fn cut(&self) -> Option<Cut> {
+        self.0.cut.get().copied()
     }
 
     /// The caller's key record, if recorded.
@@ -92,6 +145,7 @@ impl std::fmt::Debug for RequestTrace {
             .field("endpoint_group", &self.endpoint_group())
             .field("model", &self.model())
             .field("client_ip", &self.client_ip())
+            .field("cut", &self.cut())
             .finish()
     }
 }
@@ -135,6 +189,11 @@ mod tests {
         assert_eq!(trace.endpoint_group().unwrap().as_str(), "chat.completions");
         assert_eq!(trace.model().map(|m| &**m), Some("gpt-4o-mini"));
         assert_eq!(trace.client_ip(), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(trace.cut(), None);
+        assert!(inner.set_cut(Cut::UpstreamIdle));
+        assert!(!inner.set_cut(Cut::Shutdown));
+        assert_eq!(trace.cut(), Some(Cut::UpstreamIdle));
+        assert_eq!(Cut::UpstreamIdle.as_str(), "upstream_idle");
     }
 
     #[test]
