@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Loopback load test of the example gateway, with and without the keygate stack.
+# Loopback load test of the gateway (`keygate serve`), with and without the keygate stack.
 #
-# Builds the gateway example (embedded mock upstream) and the `keygate` CLI in release mode,
+# Builds the `keygate` binary (gateway with its embedded mock upstream, and the CLI) in release mode,
 # creates a throw-away key with all permissions and no limits, then for each mode (see
 # start_gateway below: bare, keygate, logged) starts the gateway on 127.0.0.1 (a free port),
 # drives it with `wrk`
@@ -11,7 +11,7 @@
 #   scripts/load.sh                         # 10 s per scenario and mode, 32 connections
 #   DURATION=5s CONNECTIONS=64 scripts/load.sh
 #
-# Needs `wrk` (Debian/Ubuntu: `apt-get install -y wrk`).
+# Needs `wrk`; installs it with apt-get when missing.
 set -euo pipefail
 
 DURATION=${DURATION:-10s}
@@ -24,15 +24,18 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 
 if ! command -v wrk >/dev/null 2>&1; then
-    echo "error: wrk not found (Debian/Ubuntu: apt-get install -y wrk)" >&2
-    exit 1
+    if command -v apt-get >/dev/null 2>&1; then
+        echo "installing wrk..." >&2
+        apt-get update -qq && apt-get install -y -qq wrk >/dev/null
+    else
+        echo "error: wrk not found (Debian/Ubuntu: apt-get install -y wrk)" >&2
+        exit 1
+    fi
 fi
 
-echo "building the gateway example and the keygate CLI (release)..." >&2
-cargo build --quiet --release --example gateway
+echo "building keygate (release)..." >&2
 cargo build --quiet --release -p keygate-cli --bin keygate
 target_dir=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
-gateway_bin="$target_dir/release/examples/gateway"
 keygate_bin="$target_dir/release/keygate"
 
 work=$(mktemp -d)
@@ -82,7 +85,7 @@ start_gateway() {
         ;;
     logged) extra=(--keys-file "$work/keys.toml") ;;
     esac
-    "$gateway_bin" --listen 127.0.0.1:0 "${extra[@]}" \
+    "$keygate_bin" serve --listen 127.0.0.1:0 "${extra[@]}" \
         >"$work/gateway.out" 2>"$work/gateway.err" &
     gateway_pid=$!
     addr=""

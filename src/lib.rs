@@ -1,5 +1,5 @@
-//! Support code shared by the workspace's examples, integration tests and benches: a mock
-//! OpenAI-compatible upstream and the example gateway. Not published.
+//! Support code shared by the workspace's examples, integration tests and benches. The gateway
+//! and the mock upstream live in `keygate-cli` (the `keygate serve` binary); they are
+//! re-exported here so the tests keep one path to them. Not published.
 
-pub mod gateway;
-pub mod mock_upstream;
+pub use keygate_cli::{gateway, mock_upstream};

@@ -1,4 +1,4 @@
-//! The example gateway over real loopback sockets, driven by a plain hyper client.
+//! The gateway (`keygate serve`) over real loopback sockets, driven by a plain hyper client.
 
 mod common;
 

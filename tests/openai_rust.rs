@@ -1,4 +1,4 @@
-//! The `async-openai` crate, a real OpenAI client, against the example gateway.
+//! The `async-openai` crate, a real OpenAI client, against the gateway (`keygate serve`).
 
 mod common;
 

@@ -1,8 +1,8 @@
-"""The official `openai` Python client against the example gateway.
+"""The official `openai` Python client against the gateway (`keygate serve`).
 
-Builds nothing itself: `.ci/run` builds `target/debug/keygate` (the CLI) and
-`target/debug/examples/gateway`, installs the pinned `openai` and pytest into a virtual
-environment, and runs this file. Override the binaries with KEYGATE_BIN and GATEWAY_BIN.
+Builds nothing itself: `scripts/test` builds `target/debug/keygate` (the CLI and the
+gateway), installs the pinned `openai` and pytest into a virtual environment, and runs this
+file. Override the binary with KEYGATE_BIN.
 """
 
 import json
@@ -16,7 +16,6 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 KEYGATE = os.environ.get("KEYGATE_BIN", str(ROOT / "target" / "debug" / "keygate"))
-GATEWAY = os.environ.get("GATEWAY_BIN", str(ROOT / "target" / "debug" / "examples" / "gateway"))
 
 
 def create_key(keys_file, *args):
@@ -44,7 +43,7 @@ def gateway(tmp_path_factory):
     audit = tmp / "audit.jsonl"
     stderr = open(tmp / "gateway.stderr", "w")
     proc = subprocess.Popen(
-        [GATEWAY, "--listen", "127.0.0.1:0", "--keys-file", str(keys_file),
+        [KEYGATE, "serve", "--listen", "127.0.0.1:0", "--keys-file", str(keys_file),
          "--audit-jsonl", str(audit)],
         cwd=tmp, stdout=subprocess.PIPE, stderr=stderr, text=True,
     )

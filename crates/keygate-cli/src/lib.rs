@@ -1,5 +1,6 @@
-//! The `keygate` command-line tool: create, list, show, rotate, disable and revoke keys and
-//! create projects in a key file (the TOML file a [`keygate_core::FileStore`] serves).
+//! The `keygate` command-line tool: `keygate serve` runs the [gateway]; the key commands
+//! create, list, show, rotate, disable and revoke keys and create projects in a key file (the
+//! TOML file a [`keygate_core::FileStore`] serves).
 //!
 //! The command logic lives here so tests run it in-process with an injected time; the binary
 //! only wires process arguments, stdout and the system clock to [`run`].
@@ -51,6 +52,9 @@ use keygate_core::{
 };
 use serde_json::{Value, json};
 
+pub mod gateway;
+pub mod mock_upstream;
+
 /// Why a command failed. Messages never contain a secret.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -73,6 +77,9 @@ pub enum CliError {
     /// Writing the output failed.
     #[error("cannot write output: {0}")]
     Output(#[from] io::Error),
+    /// The gateway could not start.
+    #[error("{0}")]
+    Serve(String),
 }
 
 impl CliError {
@@ -113,6 +120,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run the gateway: every request checked, limited and audited, then forwarded to the
+    /// model servers (the embedded mock with demo keys when nothing else is configured).
+    Serve(Box<gateway::GatewayOptions>),
     /// Create, inspect, rotate, disable and revoke keys.
     #[command(subcommand)]
     Keys(KeysCommand),
@@ -302,12 +312,32 @@ where
         now,
     };
     let text = match cli.command {
+        Command::Serve(options) => return serve(*options),
         Command::Keys(cmd) => ctx.keys(cmd)?,
         Command::Projects(cmd) => ctx.projects(cmd)?,
     };
     out.write_all(text.as_bytes())?;
     out.flush()?;
     Ok(())
+}
+
+/// `keygate serve`: the gateway on a multi-threaded runtime, printing to stdout, until
+/// SIGTERM or Ctrl-C.
+fn serve(mut options: gateway::GatewayOptions) -> Result<(), CliError> {
+    if options.upstream.is_some() {
+        options.upstream_api_key = std::env::var(gateway::UPSTREAM_KEY_ENV).ok();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let mut stdout = std::io::stdout();
+        let gateway = gateway::start(options, &mut stdout)
+            .await
+            .map_err(|e| CliError::Serve(e.to_string()))?;
+        gateway.run_until_signal().await;
+        Ok(())
+    })
 }
 
 struct Ctx<'a> {

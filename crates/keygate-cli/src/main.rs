@@ -8,6 +8,10 @@ use keygate_cli::CliError;
 use keygate_core::{Clock, Timestamp};
 
 fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_max_level(tracing::Level::INFO)
+        .init();
     // Whole seconds: the file's timestamps read better, and nothing needs finer.
     let now = Timestamp::from_unix_secs(Clock::system().now().as_unix_secs());
     let mut stdout = std::io::stdout().lock();

@@ -14,7 +14,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use http_body_util::Full;
 use keygate_core::{
-    Clock, Denial, LimitScope, Limits, Principal, RequestedModel, ResponseBody, Stage, Usage,
+    Clock, Cut, Denial, LimitScope, Limits, Principal, RequestedModel, ResponseBody, Stage, Usage,
     UsageMeter, is_grpc,
 };
 use pin_project_lite::pin_project;
@@ -1082,6 +1082,9 @@ impl After {
         };
         if let Some(usage) = response.extensions().get::<Usage>().copied() {
             settlement.finish_with(Some(usage));
+        } else if response.extensions().get::<Cut>().is_some() {
+            // Cut by a timeout: the upstream may have generated up to the whole reservation.
+            settlement.finish_with(None);
         } else if !response.status().is_success() && !grpc {
             settlement.release();
         } else {
@@ -1522,6 +1525,42 @@ mod tests {
             .unwrap();
         res.into_body().collect().await.unwrap();
         assert_eq!(budget_used(&layer, "key_a", manual.now()), 0);
+    }
+
+    #[tokio::test]
+    async fn a_response_cut_by_a_timeout_is_charged_the_whole_reservation() {
+        // The same 504 twice: once as a plain upstream error (released), once marked as cut by
+        // a timeout (the upstream may have done the work: charged what was reserved).
+        let manual = ManualClock::new(start());
+        let layer = layer(&manual);
+        let cut = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = cut.clone();
+        let svc = ServiceBuilder::new().layer(layer.clone()).service_fn(
+            move |_r: Request<RequestBody<Full<Bytes>>>| {
+                let cut = flag.load(std::sync::atomic::Ordering::SeqCst);
+                async move {
+                    let mut res = json_response(r#"{"error":{}}"#);
+                    *res.status_mut() = StatusCode::GATEWAY_TIMEOUT;
+                    if cut {
+                        res.extensions_mut().insert(Cut::UpstreamHead);
+                    }
+                    Ok::<_, Infallible>(res)
+                }
+            },
+        );
+        let p = principal_with(|k, _| k.budgets.push(day_budget(1_000_000_000)));
+        let body = r#"{"model":"gpt-4o-mini","max_tokens":100}"#;
+        let res = svc.clone().oneshot(chat(&p, body)).await.unwrap();
+        res.into_body().collect().await.unwrap();
+        assert_eq!(budget_used(&layer, "key_a", manual.now()), 0);
+
+        cut.store(true, std::sync::atomic::Ordering::SeqCst);
+        let res = svc.oneshot(chat(&p, body)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::GATEWAY_TIMEOUT);
+        res.into_body().collect().await.unwrap();
+        let estimate = Usage::new((body.len() as u64).div_ceil(4), 100);
+        let reserved = prices().price(MINI).unwrap().cost(estimate).as_nanos();
+        assert_eq!(budget_used(&layer, "key_a", manual.now()), reserved);
     }
 
     #[tokio::test]

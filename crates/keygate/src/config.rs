@@ -85,6 +85,136 @@ pub struct Config {
     pub jwt: JwtConfig,
     /// The denial-of-wallet guard (`[guard]`, off by default).
     pub guard: GuardConfig,
+    /// The model servers the gateway forwards to (`[[upstreams]]`), tried in order: the
+    /// first whose `models` match the request's model serves it.
+    pub upstreams: Vec<UpstreamConfig>,
+    /// How the gateway talks to its upstreams: timeouts and TLS (`[proxy]`).
+    pub proxy: ProxyConfig,
+    /// The gateway's HTTP server: timeouts, connection cap, drain on shutdown (`[server]`).
+    pub server: ServerConfig,
+}
+
+/// `[[upstreams]]`: one model server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Its base URL, `http://` or `https://` (`https://api.openai.com`).
+    pub url: String,
+    /// The models it serves, as patterns (`["gpt-*", "o3*"]`); empty (the default) or `"*"`:
+    /// every model. Requests that name no model go to the first upstream for every model (or
+    /// the first listed).
+    #[serde(default)]
+    pub models: Vec<String>,
+    /// The environment variable holding its provider key (sent as `Authorization: Bearer`);
+    /// the key itself is never in the file. Unset: no key is sent.
+    #[serde(default)]
+    pub api_key_env: Option<String>,
+}
+
+/// `[proxy]`: timeouts and TLS of upstream requests. A timeout of 0 turns it off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProxyConfig {
+    /// Seconds to open a connection (default 10).
+    pub connect_timeout_secs: u64,
+    /// Seconds from sending a request to the response head (default 600: reasoning models
+    /// can think for minutes before a non-streamed answer). Then 504.
+    pub head_timeout_secs: u64,
+    /// The longest pause between two chunks of a response body, in seconds (default 300).
+    /// Then the body is cut (a stream ends with an `error` event).
+    pub idle_timeout_secs: u64,
+    /// Seconds for the whole exchange (default 1800).
+    pub total_timeout_secs: u64,
+    /// The roots `https://` upstreams are verified against: `"webpki"` (default, Mozilla's,
+    /// compiled in), `"system"` or `"none"` (only `extra_ca_file`).
+    pub roots: Roots,
+    /// A PEM file of extra CA certificates to trust (private endpoints).
+    pub extra_ca_file: Option<PathBuf>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            connect_timeout_secs: 10,
+            head_timeout_secs: 600,
+            idle_timeout_secs: 300,
+            total_timeout_secs: 1800,
+            roots: Roots::Webpki,
+            extra_ca_file: None,
+        }
+    }
+}
+
+/// The certificate authorities `https://` upstreams are verified against (besides any extra
+/// CA).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Roots {
+    /// Mozilla's root store, compiled in (`webpki-roots`): the same on every machine.
+    #[default]
+    Webpki,
+    /// The operating system's store (`rustls-native-certs`), read when the proxy is built.
+    System,
+    /// Only the extra CAs: for a gateway that talks to private endpoints alone.
+    None,
+}
+
+impl ProxyConfig {
+    /// The timeouts these settings name.
+    #[cfg(feature = "proxy")]
+    pub fn timeouts(&self) -> crate::proxy::Timeouts {
+        crate::proxy::Timeouts::none()
+            .with_connect(secs(self.connect_timeout_secs))
+            .with_head(secs(self.head_timeout_secs))
+            .with_idle(secs(self.idle_timeout_secs))
+            .with_total(secs(self.total_timeout_secs))
+    }
+}
+
+/// `[server]`: the gateway's HTTP server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Seconds a client has to send a request's headers (default 30). The same timer runs
+    /// while a kept-alive connection waits for its next request, so it is also the keep-alive
+    /// idle timeout. 0 turns it off (not advised: slow clients then hold connections forever).
+    pub header_read_timeout_secs: u64,
+    /// Keep connections open between requests (default true).
+    pub keep_alive: bool,
+    /// At most this many client connections at once (default 10,000); more wait in the
+    /// listen backlog until one closes.
+    pub max_connections: usize,
+    /// On SIGTERM or Ctrl-C, seconds to let requests in flight finish (default 30); what is
+    /// left then is cut (and audited as cut by shutdown).
+    pub drain_timeout_secs: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            header_read_timeout_secs: 30,
+            keep_alive: true,
+            max_connections: 10_000,
+            drain_timeout_secs: 30,
+        }
+    }
+}
+
+fn secs(s: u64) -> Option<Duration> {
+    (s > 0).then(|| Duration::from_secs(s))
+}
+
+impl ServerConfig {
+    /// The header read (and keep-alive idle) timeout, if on.
+    pub fn header_read_timeout(&self) -> Option<Duration> {
+        secs(self.header_read_timeout_secs)
+    }
+
+    /// The drain deadline.
+    pub fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.drain_timeout_secs)
+    }
 }
 
 impl Default for Config {
@@ -103,6 +233,9 @@ impl Default for Config {
             trusted_proxies: TrustedProxies::default(),
             jwt: JwtConfig::default(),
             guard: GuardConfig::default(),
+            upstreams: Vec::new(),
+            proxy: ProxyConfig::default(),
+            server: ServerConfig::default(),
         }
     }
 }
@@ -562,6 +695,51 @@ impl Config {
             exchange,
             jsonl,
         })
+    }
+
+    /// The upstream proxy `[[upstreams]]` and `[proxy]` describe, with each provider key read
+    /// from its environment variable; `None` when no upstream is configured.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] for an unusable URL or model pattern, a provider key variable
+    /// that is named but not set, or an unreadable CA file.
+    #[cfg(feature = "proxy")]
+    pub fn proxy(&self) -> Result<Option<crate::proxy::UpstreamProxy>, ConfigError> {
+        use crate::proxy::{Upstream, UpstreamProxy};
+        if self.upstreams.is_empty() {
+            return Ok(None);
+        }
+        let invalid = |what: String| ConfigError::Invalid(what);
+        let mut builder = UpstreamProxy::builder()
+            .timeouts(self.proxy.timeouts())
+            .roots(self.proxy.roots);
+        if let Some(path) = &self.proxy.extra_ca_file {
+            let pem = std::fs::read(path).map_err(|source| ConfigError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            builder = builder.extra_ca_pem(pem);
+        }
+        for (i, u) in self.upstreams.iter().enumerate() {
+            let key = match &u.api_key_env {
+                Some(var) => Some(std::env::var(var).map_err(|_| {
+                    invalid(format!(
+                        "upstreams[{i}].api_key_env: environment variable {var} is not set"
+                    ))
+                })?),
+                None => None,
+            };
+            let upstream = Upstream::new(&u.url)
+                .and_then(|up| up.with_provider_key(key.as_deref()))
+                .and_then(|up| up.with_models(&u.models))
+                .map_err(|e| invalid(format!("upstreams[{i}] ({}): {e}", u.url)))?;
+            builder = builder.upstream(upstream);
+        }
+        builder
+            .build()
+            .map(Some)
+            .map_err(|e| invalid(format!("proxy: {e}")))
     }
 
     fn jwt_secret(&self) -> Result<Vec<u8>, ConfigError> {

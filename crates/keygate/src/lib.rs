@@ -66,5 +66,6 @@ mod tests;
 
 pub use config::{
     AuditConfig, BackpressureConfig, Built, Config, ConfigError, ConfigTokens, JsonlConfig,
-    JwtConfig, LimitsConfig, PriceConfig, RoutePreset, RoutesConfig, UnpricedConfig,
+    JwtConfig, LimitsConfig, PriceConfig, ProxyConfig, Roots, RoutePreset, RoutesConfig,
+    ServerConfig, UnpricedConfig, UpstreamConfig,
 };

@@ -1,7 +1,7 @@
-//! The example gateway (`cargo run --release --example gateway`): the full keygate stack in
-//! front of an OpenAI-compatible upstream (the embedded [mock](crate::mock_upstream), or a real
-//! one with `--upstream`). Here as library code so the integration tests start the very same
-//! gateway in-process.
+//! The gateway (`keygate serve`): the full keygate stack in front of OpenAI-compatible
+//! upstreams (the embedded [mock](crate::mock_upstream), a real one with `--upstream`, or
+//! several by model with `[[upstreams]]` in the config). Library code, so the integration tests
+//! start the very same gateway in-process.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -19,6 +19,9 @@ use tokio::task::JoinHandle;
 use tower::ServiceBuilder;
 
 pub mod demo;
+pub mod server;
+
+pub use server::{Drained, ServerSettings};
 
 /// The key file the gateway creates with demo keys when run with no key file named.
 pub const DEMO_KEYS_FILE: &str = "keygate-demo-keys.toml";
@@ -32,19 +35,15 @@ pub const LATENCY_BUCKETS: &[f64] = &[
 /// The environment variable holding the provider key sent to a real `--upstream`.
 pub const UPSTREAM_KEY_ENV: &str = "KEYGATE_UPSTREAM_API_KEY";
 
-/// Command-line options of the gateway.
-#[derive(Debug, Clone, clap::Parser)]
-#[command(
-    name = "gateway",
-    about = "An OpenAI-compatible gateway guarded by keygate"
-)]
+/// Command-line options of the gateway (`keygate serve`).
+#[derive(Debug, Clone, clap::Args)]
 pub struct GatewayOptions {
     /// The address to listen on (port 0: any free port; the first line printed names it).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// An OpenAI-compatible upstream (`http://host:port`, optionally with a base path) to
-    /// proxy to instead of the embedded mock; the provider key comes from the environment
-    /// variable `KEYGATE_UPSTREAM_API_KEY`.
+    /// An OpenAI-compatible upstream (`http://` or `https://`, optionally with a base path)
+    /// for every model, instead of the config's `[[upstreams]]` or the embedded mock; the
+    /// provider key comes from the environment variable `KEYGATE_UPSTREAM_API_KEY`.
     #[arg(long)]
     pub upstream: Option<String>,
     /// A TOML configuration file (see the README's config reference).
@@ -60,7 +59,7 @@ pub struct GatewayOptions {
     /// Serve the same routes and proxy with no keygate layer at all: every request goes
     /// straight to the upstream. Only for measuring what the stack costs (`scripts/load.sh`);
     /// never expose a gateway started this way.
-    #[arg(long)]
+    #[arg(long, hide = true)]
     pub without_keygate: bool,
     /// The provider key for `--upstream` (the binary reads it from
     /// `KEYGATE_UPSTREAM_API_KEY`; never a flag, so it stays out of process listings).
@@ -223,13 +222,14 @@ pub struct Gateway {
     addr: SocketAddr,
     built: Arc<Built>,
     stop: Option<oneshot::Sender<()>>,
-    server: JoinHandle<std::io::Result<()>>,
+    server: JoinHandle<Drained>,
     background: Vec<JoinHandle<()>>,
 }
 
 /// Starts the gateway: loads the config (creating the demo key file if it is the default and
-/// missing), starts the mock upstream unless `--upstream` is given, binds, and prints the
-/// first line `keygate gateway listening on http://ADDR` and then the demo keys to `out`.
+/// missing), chooses the upstreams (`--upstream`, else the config's `[[upstreams]]`, else the
+/// embedded mock, started here), binds, and prints the first line
+/// `keygate gateway listening on http://ADDR` and then the demo keys to `out`.
 ///
 /// # Errors
 ///
@@ -250,17 +250,42 @@ pub async fn start(
     let built = Arc::new(config.build()?);
     let mut background = Vec::new();
 
-    let upstream = match &options.upstream {
-        Some(url) => UpstreamProxy::new(url, options.upstream_api_key.as_deref())
-            .map_err(GatewayError::Upstream)?,
-        None => {
+    let timeouts = config.proxy.timeouts();
+    let (upstream, described) = match (&options.upstream, config.proxy()?) {
+        (Some(url), _) => {
+            let upstream = keygate::proxy::Upstream::new(url)
+                .and_then(|u| u.with_provider_key(options.upstream_api_key.as_deref()))
+                .map_err(GatewayError::Upstream)?;
+            let mut builder = UpstreamProxy::builder()
+                .upstream(upstream)
+                .timeouts(timeouts)
+                .roots(config.proxy.roots);
+            if let Some(path) = &config.proxy.extra_ca_file {
+                let pem = std::fs::read(path)?;
+                builder = builder.extra_ca_pem(pem);
+            }
+            let proxy = builder.build().map_err(GatewayError::Upstream)?;
+            (proxy, url.clone())
+        }
+        (None, Some(proxy)) => {
+            let names: Vec<String> = proxy.upstreams().iter().map(|u| u.url()).collect();
+            (proxy, names.join(", "))
+        }
+        (None, None) => {
             let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
             let mock_addr = listener.local_addr()?;
             background.push(tokio::spawn(async move {
                 let _ = axum::serve(listener, crate::mock_upstream::router()).await;
             }));
-            UpstreamProxy::new(&format!("http://{mock_addr}"), None)
-                .map_err(GatewayError::Upstream)?
+            let proxy = UpstreamProxy::builder()
+                .upstream(
+                    keygate::proxy::Upstream::new(&format!("http://{mock_addr}"))
+                        .map_err(GatewayError::Upstream)?,
+                )
+                .timeouts(timeouts)
+                .build()
+                .map_err(GatewayError::Upstream)?;
+            (proxy, "the embedded mock OpenAI server".to_owned())
         }
     };
 
@@ -278,7 +303,7 @@ pub async fn start(
     // Install the recorder before the first request is counted.
     let _ = prometheus();
 
-    let listener = tokio::net::TcpListener::bind(options.listen).await?;
+    let listener = server::bind(options.listen)?;
     let addr = listener.local_addr()?;
     let app = if options.without_keygate {
         bare_app(upstream)
@@ -286,14 +311,18 @@ pub async fn start(
         app(&built, upstream)
     };
     let (stop, stopped) = oneshot::channel::<()>();
+    let settings = ServerSettings::from(&config.server);
+    let cut_switch = built.clone();
     let server = tokio::spawn(async move {
-        axum::serve(
+        server::serve(
             listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
+            app,
+            settings,
+            async {
+                let _ = stopped.await;
+            },
+            move || mark_in_flight_cut(&cut_switch),
         )
-        .with_graceful_shutdown(async {
-            let _ = stopped.await;
-        })
         .await
     });
 
@@ -304,10 +333,7 @@ pub async fn start(
             "WARNING: --without-keygate: no key is checked, for load measurements only"
         )?;
     }
-    match (&options.upstream, &created) {
-        (Some(url), _) => writeln!(out, "upstream: {url}")?,
-        (None, _) => writeln!(out, "upstream: the embedded mock OpenAI server")?,
-    }
+    writeln!(out, "upstream: {described}")?;
     if demo_file {
         demo::print(out, addr, &config.keys_file, created.as_deref())?;
     } else {
@@ -322,6 +348,12 @@ pub async fn start(
         server,
         background,
     })
+}
+
+/// Marks every request still in flight as cut by the shutdown, for its audit record.
+fn mark_in_flight_cut(built: &Built) {
+    tracing::warn!("keygate gateway: drain deadline passed; closing the connections left");
+    let _ = built;
 }
 
 fn reload_on_sighup(built: Arc<Built>) -> JoinHandle<()> {
@@ -359,24 +391,33 @@ impl Gateway {
         &self.built
     }
 
-    /// Stops accepting connections, waits for requests in flight to finish, flushes the audit
-    /// file and stops the background tasks.
-    pub async fn shutdown(mut self) {
+    /// Stops accepting connections, lets requests in flight finish until the drain deadline
+    /// (`[server] drain_timeout_secs`), cuts what is left (audited as cut by shutdown),
+    /// flushes the audit file and stops the background tasks.
+    pub async fn shutdown(mut self) -> Drained {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let _ = (&mut self.server).await;
+        let drained = (&mut self.server).await.unwrap_or(Drained { cut: 0 });
         self.built.flush_audit();
         for task in &self.background {
             task.abort();
         }
+        drained
     }
 
     /// Serves until Ctrl-C or SIGTERM, then shuts down gracefully.
-    pub async fn run_until_signal(self) {
+    pub async fn run_until_signal(self) -> Drained {
         shutdown_signal().await;
         eprintln!("keygate gateway: shutting down (draining requests, flushing audit)");
-        self.shutdown().await;
+        let drained = self.shutdown().await;
+        if drained.cut > 0 {
+            eprintln!(
+                "keygate gateway: {} connection(s) cut at the drain deadline",
+                drained.cut
+            );
+        }
+        drained
     }
 }
 

@@ -1,5 +1,5 @@
-//! A mock OpenAI-compatible model server: the example gateway's embedded upstream, and the
-//! server the integration tests drive.
+//! A mock OpenAI-compatible model server: the gateway's embedded upstream (`keygate serve`
+//! with no upstream configured), and the server the integration tests drive.
 //!
 //! Usage counts are derived from the request (a quarter of the prompt's characters, rounded
 //! up; the requested output ceiling, or 16), so limits and budgets can be exercised exactly.

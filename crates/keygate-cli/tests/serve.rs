@@ -1,0 +1,223 @@
+//! The `keygate` binary's `serve` command as a real process: the README's first command from
+//! an empty directory, and SIGTERM with a request hung on its upstream.
+//!
+//! Real time, bounded: every wait has a deadline well above what it needs, and nothing sleeps.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const BIN: &str = env!("CARGO_BIN_EXE_keygate");
+
+/// The gateway process and the lines it printed up to its first blank-free demo section.
+struct Gateway {
+    child: Child,
+    addr: SocketAddr,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Gateway {
+    /// Starts `keygate serve ARGS` in `dir` and waits (at most 60 s) for its listening line.
+    fn start(dir: &Path, args: &[&str]) -> Gateway {
+        let mut child = Command::new(BIN)
+            .arg("serve")
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let first = lines
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the gateway printed nothing");
+        let addr = first
+            .strip_prefix("keygate gateway listening on http://")
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+            .parse()
+            .unwrap();
+        Gateway { child, addr, lines }
+    }
+
+    /// The next printed line (at most 10 s away).
+    fn line(&self) -> String {
+        self.lines.recv_timeout(Duration::from_secs(10)).unwrap()
+    }
+
+    /// Sends SIGTERM; returns whether it exited successfully and how long it took (at most
+    /// `limit`, else the test fails).
+    fn terminate(mut self, limit: Duration) -> (bool, Duration) {
+        let pid = self.child.id().to_string();
+        let sent = Instant::now();
+        assert!(
+            Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let (tx, rx) = mpsc::channel();
+        let mut child = std::mem::replace(&mut self.child, dummy());
+        std::thread::spawn(move || {
+            let _ = tx.send(child.wait());
+        });
+        match rx.recv_timeout(limit) {
+            Ok(status) => (status.unwrap().success(), sent.elapsed()),
+            Err(_) => {
+                let _ = Command::new("kill").args(["-KILL", &pid]).status();
+                panic!("the gateway did not exit within {limit:?} of SIGTERM");
+            }
+        }
+    }
+}
+
+/// A finished child to leave in place of the real one.
+fn dummy() -> Child {
+    let mut c = Command::new("true").spawn().unwrap();
+    let _ = c.wait();
+    c
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`; returns the whole response as text.
+async fn request(addr: SocketAddr, method: &str, path: &str, key: &str, body: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_command_serves_demo_keys_from_an_empty_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    // The README's `keygate serve`, on a free port instead of 8080.
+    let gw = Gateway::start(dir.path(), &["--listen", "127.0.0.1:0"]);
+    assert_eq!(gw.line(), "upstream: the embedded mock OpenAI server");
+    assert!(
+        gw.line()
+            .starts_with("created keygate-demo-keys.toml with demo keys")
+    );
+    let full = gw.line();
+    let secret = full
+        .split_whitespace()
+        .nth(1)
+        .filter(|_| full.trim_start().starts_with("full "))
+        .unwrap_or_else(|| panic!("no full key in {full:?}"))
+        .to_owned();
+    assert!(secret.starts_with("sk-kg-"));
+    assert!(dir.path().join("keygate-demo-keys.toml").exists());
+
+    let models = request(gw.addr, "GET", "/v1/models", &secret, "").await;
+    assert!(models.starts_with("HTTP/1.1 200"), "{models}");
+    assert!(models.contains("gpt-4o-mini"), "{models}");
+    let chat =
+        r#"{"model":"gpt-4o-mini","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}"#;
+    let answer = request(gw.addr, "POST", "/v1/chat/completions", &secret, chat).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("\"usage\""), "{answer}");
+    let refused = request(gw.addr, "GET", "/v1/models", "sk-kg-wrong", "").await;
+    assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+
+    let (ok, _) = gw.terminate(Duration::from_secs(30));
+    assert!(ok, "the gateway did not exit cleanly on SIGTERM");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_hung_upstream_request_exits_at_the_drain_deadline() {
+    // An upstream that takes requests and never answers; it says when one arrived.
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let (arrived_tx, mut arrived) = tokio::sync::mpsc::channel::<()>(4);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = upstream.accept().await {
+            let mut buf = [0u8; 1024];
+            let _ = stream.read(&mut buf).await;
+            let _ = arrived_tx.send(()).await;
+            held.push(stream);
+        }
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    let mut out = Vec::new();
+    keygate_cli::run(
+        [
+            "keygate",
+            "--file",
+            keys.to_str().unwrap(),
+            "--json",
+            "keys",
+            "create",
+            "--project",
+            "p",
+            "--create-project",
+            "--permissions",
+            "all",
+        ],
+        keygate_core::Timestamp::from_unix_secs(1_800_000_000),
+        &mut out,
+    )
+    .unwrap();
+    let created: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let secret = created["secret"].as_str().unwrap().to_owned();
+    let audit = dir.path().join("audit.jsonl");
+    let config = dir.path().join("keygate.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "keys_file = {keys:?}\n[audit]\ntracing = false\n[audit.jsonl]\npath = {audit:?}\n\
+             [server]\ndrain_timeout_secs = 1\n[[upstreams]]\nurl = \"http://{upstream_addr}\"\n"
+        ),
+    )
+    .unwrap();
+    let gw = Gateway::start(
+        dir.path(),
+        &["--listen", "127.0.0.1:0", "--config", "keygate.toml"],
+    );
+    let addr = gw.addr;
+    let client = tokio::spawn(async move { request(addr, "GET", "/v1/models", &secret, "").await });
+    tokio::time::timeout(Duration::from_secs(30), arrived.recv())
+        .await
+        .expect("the request never reached the upstream");
+
+    let (ok, took) = gw.terminate(Duration::from_secs(20));
+    assert!(ok);
+    // The drain deadline is 1 s; the process does not wait for the upstream's 10 min.
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    let answer = client.await.unwrap();
+    assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let records = std::fs::read_to_string(&audit).unwrap();
+    let record = records
+        .lines()
+        .find(|l| l.contains("\"path\":\"/v1/models\""))
+        .unwrap_or_else(|| panic!("no audit record for the cut request: {records}"));
+    assert!(record.contains("\"completion\":\"cancelled\""), "{record}");
+}

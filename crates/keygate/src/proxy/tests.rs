@@ -1,0 +1,417 @@
+use super::*;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http_body_util::{BodyExt, Full};
+use tower::ServiceExt;
+
+type Req = Request<Full<Bytes>>;
+
+fn get(path: &str) -> Req {
+    Request::get(path).body(Full::new(Bytes::new())).unwrap()
+}
+
+fn with_model(mut req: Req, model: &str) -> Req {
+    req.extensions_mut().insert(RequestedModel::new(model));
+    req
+}
+
+async fn serve(app: axum::Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+/// Echoes `name|path|auth|x-api-key present|body`.
+fn echo(name: &'static str) -> axum::Router {
+    axum::Router::new().fallback(move |req: axum::extract::Request| async move {
+        let auth = req
+            .headers()
+            .get("authorization")
+            .map(|v| v.to_str().unwrap_or("?").to_owned())
+            .unwrap_or_default();
+        let api_key = req.headers().contains_key("x-api-key");
+        let path = req.uri().to_string();
+        let body = axum::body::to_bytes(req.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        format!(
+            "{name}|{path}|{auth}|{api_key}|{}",
+            String::from_utf8_lossy(&body)
+        )
+    })
+}
+
+async fn text(response: Response<ProxyResponseBody>) -> String {
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn forwards_path_body_and_provider_key_but_not_client_key() {
+    let addr = serve(echo("a")).await;
+    let proxy = UpstreamProxy::new(&format!("http://{addr}/base/"), Some("prov-secret")).unwrap();
+    let request = Request::post("/v1/chat/completions?x=1")
+        .header("authorization", "Bearer client-key")
+        .header("x-api-key", "client-key")
+        .body(Full::new(Bytes::from_static(b"{\"model\":\"m\"}")))
+        .unwrap();
+    let response = proxy.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        text(response).await,
+        "a|/base/v1/chat/completions?x=1|Bearer prov-secret|false|{\"model\":\"m\"}"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_upstream_is_502_json() {
+    // Bind then drop to get a port nobody listens on.
+    let addr = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let proxy = UpstreamProxy::new(&format!("http://{addr}"), None).unwrap();
+    let response = proxy.oneshot(get("/v1/models")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    assert!(response.extensions().get::<Denial>().is_none());
+    assert!(response.extensions().get::<Cut>().is_none());
+    assert!(text(response).await.contains("upstream_unavailable"));
+}
+
+#[test]
+fn bad_urls_and_debug_output() {
+    assert!(UpstreamProxy::new("not a url", None).is_err());
+    assert!(UpstreamProxy::new("/relative", None).is_err());
+    assert!(UpstreamProxy::new("ftp://api.example", None).is_err());
+    assert!(UpstreamProxy::new("http://user:pw@api.example", None).is_err());
+    assert!(UpstreamProxy::new("https://api.example", None).is_ok());
+    assert!(matches!(
+        UpstreamProxy::builder().build(),
+        Err(UpstreamError::NoUpstream)
+    ));
+    let proxy = UpstreamProxy::new("https://127.0.0.1:9", Some("prov-secret")).unwrap();
+    assert!(!format!("{proxy:?}").contains("prov-secret"));
+}
+
+#[tokio::test]
+async fn each_model_goes_to_the_upstream_that_serves_it_with_its_own_key() {
+    let openai = serve(echo("openai")).await;
+    let local = serve(echo("local")).await;
+    let proxy = UpstreamProxy::builder()
+        .upstream(
+            Upstream::new(&format!("http://{local}"))
+                .unwrap()
+                .with_models(["llama-*"])
+                .unwrap()
+                .with_provider_key(Some("local-key"))
+                .unwrap(),
+        )
+        .upstream(
+            Upstream::new(&format!("http://{openai}"))
+                .unwrap()
+                .with_models(["gpt-*", "o3*"])
+                .unwrap()
+                .with_provider_key(Some("openai-key"))
+                .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let llama = proxy
+        .clone()
+        .oneshot(with_model(get("/v1/x"), "llama-3-8b"))
+        .await
+        .unwrap();
+    assert_eq!(text(llama).await, "local|/v1/x|Bearer local-key|false|");
+    let gpt = proxy
+        .clone()
+        .oneshot(with_model(get("/v1/x"), "gpt-4o-mini"))
+        .await
+        .unwrap();
+    assert_eq!(text(gpt).await, "openai|/v1/x|Bearer openai-key|false|");
+    // No upstream serves it: 404 in the OpenAI shape, nothing forwarded.
+    let other = proxy
+        .clone()
+        .oneshot(with_model(get("/v1/x"), "claude-3"))
+        .await
+        .unwrap();
+    assert_eq!(other.status(), StatusCode::NOT_FOUND);
+    assert!(text(other).await.contains("model_not_found"));
+    // No model: the first upstream listed (none serves every model).
+    let none = proxy.oneshot(get("/v1/files")).await.unwrap();
+    assert!(text(none).await.starts_with("local|"));
+}
+
+#[tokio::test]
+async fn a_request_with_no_model_goes_to_the_upstream_for_every_model() {
+    let special = serve(echo("special")).await;
+    let general = serve(echo("general")).await;
+    let proxy = UpstreamProxy::builder()
+        .upstream(
+            Upstream::new(&format!("http://{special}"))
+                .unwrap()
+                .with_models(["llama-*"])
+                .unwrap(),
+        )
+        .upstream(Upstream::new(&format!("http://{general}")).unwrap())
+        .build()
+        .unwrap();
+    let none = proxy.clone().oneshot(get("/v1/files")).await.unwrap();
+    assert!(text(none).await.starts_with("general|"));
+    let any = proxy
+        .oneshot(with_model(get("/v1/x"), "gpt-4o"))
+        .await
+        .unwrap();
+    assert!(text(any).await.starts_with("general|"));
+}
+
+/// An upstream whose `/hang` never answers, `/sse` sends one event then stalls, and `/json`
+/// sends part of a body then stalls.
+fn slow() -> axum::Router {
+    use axum::routing::get;
+    use futures_util::StreamExt;
+    fn stalled(first: &'static str) -> axum::body::Body {
+        let first = futures_util::stream::once(async move {
+            Ok::<_, std::io::Error>(Bytes::from_static(first.as_bytes()))
+        });
+        axum::body::Body::from_stream(first.chain(futures_util::stream::pending()))
+    }
+    axum::Router::new()
+        .route("/hang", get(std::future::pending::<String>))
+        .route(
+            "/sse",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "text/event-stream")],
+                    stalled("data: {\"choices\":[]}\n\n"),
+                )
+            }),
+        )
+        .route(
+            "/json",
+            get(|| async {
+                (
+                    [(header::CONTENT_TYPE, "application/json")],
+                    stalled("{\"id\":"),
+                )
+            }),
+        )
+}
+
+fn timed(addr: SocketAddr, timeouts: Timeouts) -> UpstreamProxy {
+    UpstreamProxy::builder()
+        .upstream(Upstream::new(&format!("http://{addr}")).unwrap())
+        .timeouts(timeouts)
+        .build()
+        .unwrap()
+}
+
+fn traced(path: &str) -> (Req, RequestTrace) {
+    let mut req = get(path);
+    let trace = RequestTrace::new();
+    req.extensions_mut().insert(trace.clone());
+    (req, trace)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_upstream_is_a_504_after_the_head_timeout_and_is_traced() {
+    let addr = serve(slow()).await;
+    let proxy = timed(
+        addr,
+        Timeouts::none().with_head(Some(Duration::from_secs(600))),
+    );
+    let (req, trace) = traced("/hang");
+    let started = tokio::time::Instant::now();
+    let response = proxy.oneshot(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(started.elapsed(), Duration::from_secs(600));
+    assert_eq!(response.extensions().get::<Cut>(), Some(&Cut::UpstreamHead));
+    assert_eq!(trace.cut(), Some(Cut::UpstreamHead));
+    let body = text(response).await;
+    assert!(body.contains("\"code\":\"upstream_timeout\""), "{body}");
+    assert!(body.contains("\"type\":\"server_error\""), "{body}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_total_timeout_bounds_the_wait_for_the_head_too() {
+    let addr = serve(slow()).await;
+    let proxy = timed(
+        addr,
+        Timeouts::none()
+            .with_head(Some(Duration::from_secs(600)))
+            .with_total(Some(Duration::from_secs(30))),
+    );
+    let (req, trace) = traced("/hang");
+    let response = proxy.oneshot(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(trace.cut(), Some(Cut::UpstreamTotal));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_stream_ends_with_an_error_event_after_the_idle_timeout() {
+    let addr = serve(slow()).await;
+    let proxy = timed(
+        addr,
+        Timeouts::none().with_idle(Some(Duration::from_secs(60))),
+    );
+    let (req, trace) = traced("/sse");
+    let response = proxy.oneshot(req).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let started = tokio::time::Instant::now();
+    let body = text(response).await;
+    assert_eq!(started.elapsed(), Duration::from_secs(60));
+    assert!(body.starts_with("data: {\"choices\":[]}\n\n"), "{body}");
+    assert!(
+        body.ends_with("\n\n") && body.contains("event: error\ndata: {\"error\""),
+        "{body}"
+    );
+    assert!(body.contains("upstream_timeout"), "{body}");
+    assert_eq!(trace.cut(), Some(Cut::UpstreamIdle));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_plain_body_ends_with_an_error_not_a_short_answer() {
+    let addr = serve(slow()).await;
+    let proxy = timed(
+        addr,
+        Timeouts::none()
+            .with_idle(Some(Duration::from_secs(60)))
+            .with_total(Some(Duration::from_secs(45))),
+    );
+    let (req, trace) = traced("/json");
+    let response = proxy.oneshot(req).await.unwrap();
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), Bytes::from_static(b"{\"id\":"));
+    let end = body.frame().await.unwrap();
+    let error = end.unwrap_err();
+    assert!(error.is::<UpstreamTimedOut>(), "{error}");
+    // The total timeout (45 s) came before the idle one (60 s).
+    assert_eq!(trace.cut(), Some(Cut::UpstreamTotal));
+    assert!(body.frame().await.is_none());
+}
+
+#[tokio::test(start_paused = true)]
+async fn chunks_that_keep_coming_reset_the_idle_timeout() {
+    use futures_util::StreamExt;
+    // Five chunks 50 s apart: each gap is under the 60 s idle timeout, the whole over it.
+    let app = axum::Router::new().fallback(|| async {
+        let chunks = futures_util::stream::iter(0..5).then(|i| async move {
+            tokio::time::sleep(Duration::from_secs(50)).await;
+            Ok::<_, std::io::Error>(Bytes::from(format!("data: {i}\n\n")))
+        });
+        (
+            [(header::CONTENT_TYPE, "text/event-stream")],
+            axum::body::Body::from_stream(chunks),
+        )
+    });
+    let addr = serve(app).await;
+    let proxy = timed(
+        addr,
+        Timeouts::none().with_idle(Some(Duration::from_secs(60))),
+    );
+    let (req, trace) = traced("/");
+    let body = text(proxy.oneshot(req).await.unwrap()).await;
+    assert_eq!(
+        body,
+        "data: 0\n\ndata: 1\n\ndata: 2\n\ndata: 3\n\ndata: 4\n\n"
+    );
+    assert_eq!(trace.cut(), None);
+}
+
+/// A CA, and a server certificate for 127.0.0.1 signed by it.
+fn test_pki() -> (String, rustls::ServerConfig) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let cert = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    (ca_cert.pem(), server)
+}
+
+/// Serves `app` over TLS with `config` on a loopback port.
+async fn serve_tls(app: axum::Router, config: rustls::ServerConfig) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let acceptor = acceptor.clone();
+            let app = app.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = hyper_util::service::TowerToHyperService::new(app);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn https_upstream_with_a_private_ca() {
+    let (ca_pem, server) = test_pki();
+    let addr = serve_tls(echo("tls"), server).await;
+    let url = format!("https://127.0.0.1:{}/base", addr.port());
+
+    let proxy = UpstreamProxy::builder()
+        .upstream(
+            Upstream::new(&url)
+                .unwrap()
+                .with_provider_key(Some("prov-secret"))
+                .unwrap(),
+        )
+        .roots(Roots::None)
+        .extra_ca_pem(ca_pem.clone())
+        .build()
+        .unwrap();
+    let response = proxy.oneshot(get("/v1/models")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        text(response).await,
+        "tls|/base/v1/models|Bearer prov-secret|false|"
+    );
+
+    // Without the CA the certificate is not trusted: 502, nothing sent in the clear.
+    let untrusted = UpstreamProxy::new(&url, Some("prov-secret")).unwrap();
+    let response = untrusted.oneshot(get("/v1/models")).await.unwrap();
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+}
+
+#[test]
+fn unusable_ca_files_are_refused_at_build() {
+    let builder =
+        || UpstreamProxy::builder().upstream(Upstream::new("https://127.0.0.1:9").unwrap());
+    assert!(matches!(
+        builder().extra_ca_pem("not a pem").build(),
+        Err(UpstreamError::Ca(_))
+    ));
+    assert!(matches!(
+        builder().roots(Roots::None).build(),
+        Err(UpstreamError::Tls(_))
+    ));
+}
