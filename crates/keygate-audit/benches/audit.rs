@@ -12,6 +12,10 @@ use http::{Request, Response};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use keygate_audit::{AuditLayer, JsonlSink, NoopSink};
+use keygate_core::{
+    Credential, EndpointGroup, KeyDigest, KeyId, KeyRecord, Principal, ProjectRecord, RequestTrace,
+    Secret, Timestamp,
+};
 use tower::{Layer, Service, service_fn};
 
 fn handler()
@@ -84,6 +88,55 @@ fn json_handler()
         );
         Ok::<_, Infallible>(response)
     })
+}
+
+/// A handler that records a caller into the trace, as the inner keygate layers do, so the
+/// metrics see a key, a project and an endpoint group.
+fn keyed_handler()
+-> impl Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone
+{
+    let key = KeyRecord::new(
+        KeyId::new("key_bench"),
+        "proj_bench",
+        KeyDigest::of("sk-kg-unused"),
+        Timestamp::UNIX_EPOCH,
+    );
+    let principal = Principal::new(
+        std::sync::Arc::new(key),
+        std::sync::Arc::new(ProjectRecord::new("proj_bench")),
+        Credential::ApiKey(Secret::Current),
+    );
+    let group = EndpointGroup::new("chat.completions");
+    service_fn(move |req: Request<Full<Bytes>>| {
+        if let Some(trace) = req.extensions().get::<RequestTrace>() {
+            trace.set_principal(&principal);
+            trace.set_endpoint_group(&group);
+            trace.set_model("gpt-4o-mini");
+        }
+        async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}")))) }
+    })
+}
+
+/// The metrics of a keyed request with a recorder installed (the debugging recorder keeps its
+/// metrics in the same registry type the Prometheus exporter uses).
+fn bench_metrics(c: &mut Criterion) {
+    let mut group = c.benchmark_group("audit_metrics");
+    let mut off = AuditLayer::new(NoopSink)
+        .with_metrics(false)
+        .layer(keyed_handler());
+    group.bench_function("keyed_metrics_off", |b| b.iter(|| run(&mut off)));
+    let recorder = metrics_util::debugging::DebuggingRecorder::new();
+    let mut on = AuditLayer::new(NoopSink).layer(keyed_handler());
+    let mut per_key = AuditLayer::new(NoopSink)
+        .with_key_metrics(true)
+        .layer(keyed_handler());
+    metrics::with_local_recorder(&recorder, || {
+        group.bench_function("keyed_metrics_recorder", |b| b.iter(|| run(&mut on)));
+        group.bench_function("keyed_metrics_recorder_per_key_labels", |b| {
+            b.iter(|| run(&mut per_key))
+        });
+    });
+    group.finish();
 }
 
 fn bench(c: &mut Criterion) {
@@ -180,5 +233,5 @@ fn bench(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, bench);
+criterion_group!(benches, bench, bench_metrics);
 criterion_main!(benches);

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method};
-use keygate_core::{Alert, EndpointGroup, KeyId, Money, Stage, Timestamp, Usage};
+use keygate_core::{Alert, Cut, EndpointGroup, KeyId, Money, Stage, Timestamp, Usage};
 use serde::{Serialize, Serializer};
 
 /// One audit record: the outcome of a request, or an alert a layer raised.
@@ -97,6 +97,10 @@ pub struct RequestEvent {
     /// Cost in dollars, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cost: Option<Money>,
+    /// Why keygate cut the request short (an upstream timeout, or the server's shutdown), if
+    /// it did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cut: Option<Cut>,
 }
 
 /// Whether a request went through.

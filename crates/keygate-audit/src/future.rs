@@ -4,6 +4,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
@@ -11,7 +12,7 @@ use http::uri::PathAndQuery;
 use http::{Method, Response, Uri};
 use http_body::Body;
 use http_body_util::Full;
-use keygate_core::{Denial, RequestTrace, ResponseBody, Timestamp, Usage, UsageMeter};
+use keygate_core::{Cut, Denial, RequestTrace, ResponseBody, Timestamp, Usage, UsageMeter};
 use pin_project_lite::pin_project;
 
 use crate::body::AuditBody;
@@ -34,6 +35,10 @@ pub(crate) struct Pending {
     pub(crate) trace: RequestTrace,
     pub(crate) client_ip: Option<IpAddr>,
     pub(crate) head: Option<Head>,
+    /// Whether the sink holds a place for this record ([`AuditSink::try_reserve`]).
+    ///
+    /// [`AuditSink::try_reserve`]: crate::AuditSink::try_reserve
+    pub(crate) reserved: bool,
 }
 
 /// A request's path without copying it: the URI's path-and-query bytes are reference-counted
@@ -102,6 +107,7 @@ impl Pending {
             trace,
             client_ip,
             head,
+            reserved,
         } = self;
         let end = shared.clock.now();
         let (status, time_to_head, decision, usage_ext) = match head {
@@ -120,6 +126,10 @@ impl Pending {
             ),
             None => (None, None, Decision::Unknown, None),
         };
+        let cut = trace.cut().or_else(|| {
+            (completion != Completion::Complete && shared.cut_in_flight.load(Ordering::Acquire))
+                .then_some(Cut::Shutdown)
+        });
         let key = trace.key();
         let event = RequestEvent {
             timestamp: start,
@@ -139,11 +149,16 @@ impl Pending {
             duration: end.saturating_duration_since(start),
             usage: meter.usage().or(usage_ext),
             cost: meter.cost(),
+            cut,
         };
         if shared.metrics {
-            crate::metrics::request(&event);
+            crate::metrics::request(&shared.handles, shared.key_metrics, &event);
         }
-        shared.sink.record_owned(AuditEvent::Request(event));
+        if reserved {
+            shared.sink.record_reserved(AuditEvent::Request(event));
+        } else {
+            shared.sink.record_owned(AuditEvent::Request(event));
+        }
     }
 }
 

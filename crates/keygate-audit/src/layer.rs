@@ -1,6 +1,7 @@
 //! [`AuditLayer`] and its [`Audit`] service.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use http::{HeaderName, Request, Response};
@@ -23,15 +24,22 @@ pub enum Backpressure {
     /// Serve the request; the sink drops the event and counts it (the default).
     #[default]
     DropAndCount,
-    /// Refuse requests with 503 (`Stage::Audit`, `service_unavailable`) while the sink cannot
-    /// accept events ([`AuditSink::can_accept`]), as Vault refuses requests it cannot audit.
+    /// Forward no request unless its record has a place in the sink: each request reserves
+    /// one when it arrives ([`AuditSink::try_reserve`]), and is refused with 503
+    /// (`Stage::Audit`, `service_unavailable`) if the sink is full or failing to write, as
+    /// Vault refuses requests it cannot audit. The refusal's own record is kept if the sink
+    /// can take it, else dropped and counted.
     FailClosed,
 }
 
 pub(crate) struct Shared {
     pub(crate) clock: Clock,
     pub(crate) metrics: bool,
+    pub(crate) key_metrics: bool,
+    /// Made at the first request, so a recorder installed after the layer is built is used.
+    pub(crate) handles: OnceLock<crate::metrics::Handles>,
     pub(crate) sink: Arc<dyn AuditSink>,
+    pub(crate) cut_in_flight: Arc<AtomicBool>,
 }
 
 /// Records one [`AuditEvent`] per request. Meant to be the outermost keygate layer.
@@ -47,7 +55,9 @@ pub struct AuditLayer<K> {
     clock: Clock,
     backpressure: Backpressure,
     metrics: bool,
+    key_metrics: bool,
     accept_request_id: bool,
+    cut_in_flight: Arc<AtomicBool>,
 }
 
 impl<K> Clone for AuditLayer<K> {
@@ -57,7 +67,9 @@ impl<K> Clone for AuditLayer<K> {
             clock: self.clock.clone(),
             backpressure: self.backpressure,
             metrics: self.metrics,
+            key_metrics: self.key_metrics,
             accept_request_id: self.accept_request_id,
+            cut_in_flight: self.cut_in_flight.clone(),
         }
     }
 }
@@ -68,6 +80,7 @@ impl<K> std::fmt::Debug for AuditLayer<K> {
             .field("clock", &self.clock)
             .field("backpressure", &self.backpressure)
             .field("metrics", &self.metrics)
+            .field("key_metrics", &self.key_metrics)
             .field("accept_request_id", &self.accept_request_id)
             .finish_non_exhaustive()
     }
@@ -82,7 +95,9 @@ impl<K: AuditSink> AuditLayer<K> {
             clock: Clock::system(),
             backpressure: Backpressure::DropAndCount,
             metrics: true,
+            key_metrics: false,
             accept_request_id: true,
+            cut_in_flight: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -98,10 +113,32 @@ impl<K: AuditSink> AuditLayer<K> {
         self
     }
 
-    /// Turns recording through the `metrics` facade on or off (on by default).
+    /// Turns recording through the `metrics` facade on or off (on by default). The metrics
+    /// have bounded labels only (see [`crate::metrics`]); their handles are made at the first
+    /// request, so install the recorder before serving.
     pub fn with_metrics(mut self, on: bool) -> Self {
         self.metrics = on;
         self
+    }
+
+    /// Also records per-key metrics (`keygate_key_requests_total`, `keygate_key_tokens_total`,
+    /// `keygate_key_cost_nanodollars_total`, labelled by `key_id` and `project`); off by default.
+    /// Only with [`AuditLayer::with_metrics`] on.
+    ///
+    /// Every key makes its own time series, so their number grows with the keys (unbounded
+    /// cardinality), and each request pays for a registry lookup by key. Per-key usage is in
+    /// the audit records and the store; turn this on only for a small, fixed set of keys.
+    pub fn with_key_metrics(mut self, on: bool) -> Self {
+        self.key_metrics = on;
+        self
+    }
+
+    /// A handle for the server's shutdown: after [`ShutdownSwitch::cut_in_flight`], the record
+    /// of every request that does not complete (its [`Completion`](crate::Completion) is not
+    /// `Complete`) and was not cut for another reason says `cut: shutdown`. Shared by every
+    /// clone of this layer and every service it made.
+    pub fn shutdown_switch(&self) -> ShutdownSwitch {
+        ShutdownSwitch(self.cut_in_flight.clone())
     }
 
     /// Whether to take a valid incoming `x-request-id` (default) or always make a new one.
@@ -141,11 +178,33 @@ impl<S, K: AuditSink> Layer<S> for AuditLayer<K> {
             shared: Arc::new(Shared {
                 clock: self.clock.clone(),
                 metrics: self.metrics,
+                key_metrics: self.key_metrics,
+                handles: OnceLock::new(),
                 sink,
+                cut_in_flight: self.cut_in_flight.clone(),
             }),
             fail_closed: self.backpressure == Backpressure::FailClosed,
             accept_request_id: self.accept_request_id,
         }
+    }
+}
+
+/// Marks the requests still in flight as cut by the server's shutdown. Made by
+/// [`AuditLayer::shutdown_switch`]; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct ShutdownSwitch(Arc<AtomicBool>);
+
+impl ShutdownSwitch {
+    /// Call when the drain deadline passed: every request that has not completed by now (or
+    /// that will not complete) is recorded with `cut: Some(Cut::Shutdown)`, unless it was
+    /// already cut for another reason.
+    pub fn cut_in_flight(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+
+    /// Whether [`ShutdownSwitch::cut_in_flight`] was called.
+    pub fn is_cut(&self) -> bool {
+        self.0.load(Ordering::Acquire)
     }
 }
 
@@ -250,7 +309,7 @@ where
         ext.insert(trace.clone());
         ext.insert(request_id.clone());
         let client_ip = ext.get::<ClientIp>().map(|c| c.0);
-        let pending = Pending {
+        let mut pending = Pending {
             shared: self.shared.clone(),
             start,
             request_id,
@@ -260,11 +319,17 @@ where
             trace,
             client_ip,
             head: None,
+            reserved: false,
         };
 
-        if self.fail_closed && !self.shared.sink.can_accept() {
-            let denial = Denial::unavailable(Stage::Audit, "audit_sink_unavailable");
-            return ResponseFuture::denied(denial.into_response(req.headers()), pending);
+        if self.fail_closed {
+            // The record's place is taken now, before the request goes on: nothing between here
+            // and the end of the response can leave it without one.
+            if !self.shared.sink.try_reserve() {
+                let denial = Denial::unavailable(Stage::Audit, "audit_sink_unavailable");
+                return ResponseFuture::denied(denial.into_response(req.headers()), pending);
+            }
+            pending.reserved = true;
         }
 
         let clone = self.inner.clone();

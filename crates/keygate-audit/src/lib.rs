@@ -52,9 +52,23 @@
 //! [`TracingSink`] (structured `tracing` events), [`JsonlSink`] (JSON Lines, background writer,
 //! bounded queue, size-based rotation), [`ChannelSink`] (a bounded tokio channel), [`FanOut`] (several
 //! sinks), or any closure `Fn(&AuditEvent)`. A full queue drops the event and counts it
-//! ([`SinkStats`], metric `keygate_audit_events_dropped_total`); with
-//! [`Backpressure::FailClosed`] the layer refuses requests with 503 while a required sink cannot
-//! accept events, and serves again as soon as it can.
+//! ([`SinkStats`], metric `keygate_audit_events_dropped_total`).
+//!
+//! With [`Backpressure::FailClosed`] no request is forwarded unless its record has a place: the
+//! layer reserves one in the sink when the request arrives ([`AuditSink::try_reserve`]) and
+//! answers 503 when the sink is full or failing to write, and serves again as soon as it
+//! recovers. A [`JsonlSink`] whose file fails (disk full, read-only, failed rotation) keeps the
+//! lines it could not write, retries them, and writes them to a fallback (stderr) if the file
+//! does not recover within a few seconds, at [`JsonlSink::flush`] and at shutdown: a request
+//! that was forwarded always has its record, in the file or in the fallback.
+//!
+//! # Shutdown
+//!
+//! [`AuditLayer::shutdown_switch`] gives the server a handle to call when its drain deadline
+//! passes: requests that then end without completing are recorded with
+//! `cut: Some(Cut::Shutdown)` ([`RequestEvent::cut`]; upstream timeouts recorded in the
+//! [`RequestTrace`](keygate_core::RequestTrace) show there too). Shut the [`JsonlSink`] down
+//! after the server, so the last records are written.
 //!
 //! # Nothing secret
 //!
@@ -79,8 +93,11 @@ mod tracing_sink;
 pub use body::AuditBody;
 pub use event::{AuditEvent, Completion, Decision, MAX_REQUEST_ID_LEN, RequestEvent, RequestId};
 pub use future::ResponseFuture;
-pub use jsonl::{DEFAULT_CAPACITY, DEFAULT_KEEP, DEFAULT_MAX_BYTES, JsonlBuilder, JsonlSink};
-pub use layer::{Audit, AuditAlerts, AuditLayer, Backpressure, X_REQUEST_ID};
+pub use jsonl::{
+    DEFAULT_CAPACITY, DEFAULT_FALLBACK_AFTER, DEFAULT_KEEP, DEFAULT_MAX_BYTES, JsonlBuilder,
+    JsonlSink,
+};
+pub use layer::{Audit, AuditAlerts, AuditLayer, Backpressure, ShutdownSwitch, X_REQUEST_ID};
 pub use sink::{AuditSink, ChannelSink, FanOut, NoopSink, SinkStats};
 pub use tracing_sink::TracingSink;
 

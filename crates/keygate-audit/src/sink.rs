@@ -1,6 +1,6 @@
 //! Where audit events go: the [`AuditSink`] trait, and the small sinks (no-op, fan-out, channel).
 
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 
 use tokio::sync::mpsc;
 
@@ -11,6 +11,16 @@ use crate::event::AuditEvent;
 /// Called on the request path (when a response body ends or is dropped): must not block. A sink
 /// that does I/O hands events to a background writer through a bounded queue, like
 /// [`JsonlSink`](crate::JsonlSink).
+///
+/// # Reservations
+///
+/// With [`Backpressure::FailClosed`](crate::Backpressure::FailClosed) the audit layer takes a
+/// place for a request's record when it admits the request ([`AuditSink::try_reserve`]), and
+/// later hands the record over with [`AuditSink::record_reserved`], or gives the place back
+/// with [`AuditSink::release_reservation`] if no record comes. Every `true` from `try_reserve`
+/// is followed by exactly one of the two. A sink that queues makes the reservation take a queue
+/// slot, so a burst of requests cannot overrun the queue between admission and record. The
+/// defaults suit sinks that never refuse (closures, [`TracingSink`](crate::TracingSink)).
 pub trait AuditSink: Send + Sync + 'static {
     /// Takes one event.
     fn record(&self, event: &AuditEvent);
@@ -26,6 +36,23 @@ pub trait AuditSink: Send + Sync + 'static {
     fn can_accept(&self) -> bool {
         true
     }
+
+    /// Takes a place for one record to be given later with [`AuditSink::record_reserved`];
+    /// `false` when the sink cannot promise to keep it (full, or failing to write).
+    ///
+    /// The default is [`AuditSink::can_accept`], which reserves nothing: sinks with a bounded
+    /// queue override all three reservation methods.
+    fn try_reserve(&self) -> bool {
+        self.can_accept()
+    }
+
+    /// Takes the record a [`AuditSink::try_reserve`] made room for.
+    fn record_reserved(&self, event: AuditEvent) {
+        self.record_owned(event);
+    }
+
+    /// Gives back a place taken by [`AuditSink::try_reserve`] that no record will use.
+    fn release_reservation(&self) {}
 }
 
 impl<F> AuditSink for F
@@ -115,6 +142,44 @@ impl AuditSink for FanOut {
             .iter()
             .all(|(sink, required)| !required || sink.can_accept())
     }
+
+    fn try_reserve(&self) -> bool {
+        for (i, (sink, required)) in self.sinks.iter().enumerate() {
+            if *required && !sink.try_reserve() {
+                for (taken, required) in &self.sinks[..i] {
+                    if *required {
+                        taken.release_reservation();
+                    }
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    fn record_reserved(&self, event: AuditEvent) {
+        let give = |sink: &dyn AuditSink, required: bool, event: AuditEvent| {
+            if required {
+                sink.record_reserved(event);
+            } else {
+                sink.record_owned(event);
+            }
+        };
+        if let Some(((last, last_required), rest)) = self.sinks.split_last() {
+            for (sink, required) in rest {
+                give(&**sink, *required, event.clone());
+            }
+            give(&**last, *last_required, event);
+        }
+    }
+
+    fn release_reservation(&self) {
+        for (sink, required) in &self.sinks {
+            if *required {
+                sink.release_reservation();
+            }
+        }
+    }
 }
 
 /// Counters of a queueing sink.
@@ -123,13 +188,19 @@ impl AuditSink for FanOut {
 pub struct SinkStats {
     /// Events taken into the queue.
     pub accepted: u64,
-    /// Events dropped because the queue was full or the sink shut down.
+    /// Events not recorded anywhere: the queue was full, the sink had shut down, or (file
+    /// sinks) the output and the fallback both failed.
     pub dropped: u64,
-    /// Events written out (file sinks) or received (channel sinks: accepted minus queued).
+    /// Events written out (file sinks: the write to the output succeeded) or received (channel
+    /// sinks: accepted minus queued).
     pub written: u64,
-    /// Events lost to write errors.
+    /// Events written to the fallback writer because the output kept failing (file sinks).
+    pub fallback: u64,
+    /// Failed attempts to write to the output (a rotation failure is one too). The lines of a
+    /// failed attempt are kept and written again, or go to the fallback: an error alone loses
+    /// nothing.
     pub write_errors: u64,
-    /// Events waiting in the queue now.
+    /// Events waiting now: queued, reserved, or (file sinks) kept for a retry.
     pub queue_len: u64,
     /// The most events ever waiting in the queue.
     pub max_queue_len: u64,
@@ -142,30 +213,44 @@ pub(crate) struct Counters {
     pub(crate) accepted: AtomicU64,
     pub(crate) dropped: AtomicU64,
     pub(crate) written: AtomicU64,
+    pub(crate) fallback: AtomicU64,
     pub(crate) write_errors: AtomicU64,
     pub(crate) queued: AtomicI64,
     pub(crate) max_queued: AtomicI64,
 }
 
 impl Counters {
-    /// Counts an event about to be queued; returns the queue length with it.
-    pub(crate) fn reserve(&self) -> i64 {
-        self.queued.fetch_add(1, Ordering::AcqRel) + 1
+    /// Takes one of `capacity` slots; `false` when all are taken.
+    pub(crate) fn take_slot(&self, capacity: usize) -> bool {
+        let capacity = i64::try_from(capacity).unwrap_or(i64::MAX);
+        match self
+            .queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                (q < capacity).then_some(q + 1)
+            }) {
+            Ok(before) => {
+                self.max_queued.fetch_max(before + 1, Ordering::Relaxed);
+                true
+            }
+            Err(_) => false,
+        }
     }
 
-    /// The reserved event was queued.
-    pub(crate) fn commit(&self, queued: i64) {
-        self.accepted.fetch_add(1, Ordering::Relaxed);
-        self.max_queued.fetch_max(queued, Ordering::Relaxed);
+    /// Frees `n` slots (their events were written, diverted or dropped).
+    pub(crate) fn free_slots(&self, n: usize) {
+        self.queued
+            .fetch_sub(i64::try_from(n).unwrap_or(i64::MAX), Ordering::AcqRel);
     }
 
     pub(crate) fn on_drop(&self, sink: &'static str) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::dropped(sink);
+        self.on_drops(sink, 1);
     }
 
-    pub(crate) fn on_dequeue(&self) {
-        self.queued.fetch_sub(1, Ordering::AcqRel);
+    pub(crate) fn on_drops(&self, sink: &'static str, n: u64) {
+        if n > 0 {
+            self.dropped.fetch_add(n, Ordering::Relaxed);
+            crate::metrics::dropped(sink, n);
+        }
     }
 
     pub(crate) fn stats(&self, capacity: usize) -> SinkStats {
@@ -174,6 +259,7 @@ impl Counters {
             accepted: self.accepted.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
             written: self.written.load(Ordering::Relaxed),
+            fallback: self.fallback.load(Ordering::Relaxed),
             write_errors: self.write_errors.load(Ordering::Relaxed),
             queue_len: n(self.queued.load(Ordering::Relaxed)),
             max_queue_len: n(self.max_queued.load(Ordering::Relaxed)),
@@ -185,11 +271,14 @@ impl Counters {
 /// Hands events to user code through a bounded tokio channel.
 ///
 /// A full (or closed) channel drops the event and counts it; [`AuditSink::can_accept`] is
-/// `false` while the channel is full.
+/// `false` while the channel is full. A reservation ([`AuditSink::try_reserve`]) holds a free
+/// place in the channel until its record comes: events sent without one do not take it.
 #[derive(Debug, Clone)]
 pub struct ChannelSink {
     tx: mpsc::Sender<AuditEvent>,
     counters: std::sync::Arc<Counters>,
+    /// Places promised to reservations and not yet filled.
+    reserved: std::sync::Arc<AtomicUsize>,
 }
 
 impl ChannelSink {
@@ -201,6 +290,7 @@ impl ChannelSink {
             ChannelSink {
                 tx,
                 counters: Default::default(),
+                reserved: Default::default(),
             },
             rx,
         )
@@ -211,18 +301,12 @@ impl ChannelSink {
         let capacity = self.tx.max_capacity();
         let queued = (capacity - self.tx.capacity()) as u64;
         let mut stats = self.counters.stats(capacity);
-        stats.queue_len = queued;
+        stats.queue_len = queued + self.reserved.load(Ordering::Acquire) as u64;
         stats.written = stats.accepted.saturating_sub(queued);
         stats
     }
-}
 
-impl AuditSink for ChannelSink {
-    fn record(&self, event: &AuditEvent) {
-        self.record_owned(event.clone());
-    }
-
-    fn record_owned(&self, event: AuditEvent) {
+    fn send(&self, event: AuditEvent) {
         match self.tx.try_send(event) {
             Ok(()) => {
                 self.counters.accepted.fetch_add(1, Ordering::Relaxed);
@@ -234,9 +318,43 @@ impl AuditSink for ChannelSink {
             Err(_) => self.counters.on_drop("channel"),
         }
     }
+}
+
+impl AuditSink for ChannelSink {
+    fn record(&self, event: &AuditEvent) {
+        self.record_owned(event.clone());
+    }
+
+    fn record_owned(&self, event: AuditEvent) {
+        if self.tx.capacity() > self.reserved.load(Ordering::Acquire) {
+            self.send(event);
+        } else {
+            self.counters.on_drop("channel");
+        }
+    }
 
     fn can_accept(&self) -> bool {
-        self.tx.capacity() > 0
+        self.tx.capacity() > self.reserved.load(Ordering::Acquire)
+    }
+
+    fn try_reserve(&self) -> bool {
+        self.reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| {
+                (r < self.tx.capacity()).then_some(r + 1)
+            })
+            .is_ok()
+    }
+
+    fn record_reserved(&self, event: AuditEvent) {
+        // Send before giving the place back, so no unreserved event takes it in between.
+        self.send(event);
+        self.release_reservation();
+    }
+
+    fn release_reservation(&self) {
+        let _ = self
+            .reserved
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1));
     }
 }
 

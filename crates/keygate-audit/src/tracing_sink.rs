@@ -58,6 +58,7 @@ impl AuditSink for TracingSink {
                             prompt_tokens = r.usage.map(|_| usage.prompt_tokens),
                             completion_tokens = r.usage.map(|_| usage.completion_tokens),
                             cost_nanodollars = r.cost.map(|c| c.as_nanos()),
+                            cut = r.cut.map(|c| c.as_str()),
                             "request"
                         )
                     };

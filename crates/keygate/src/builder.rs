@@ -129,6 +129,18 @@ impl AuditSink for SharedSink {
     fn can_accept(&self) -> bool {
         self.0.can_accept()
     }
+
+    fn try_reserve(&self) -> bool {
+        self.0.try_reserve()
+    }
+
+    fn record_reserved(&self, event: AuditEvent) {
+        self.0.record_reserved(event);
+    }
+
+    fn release_reservation(&self) {
+        self.0.release_reservation();
+    }
 }
 
 type ScopeEdit = Box<dyn FnOnce(ScopeLayer) -> ScopeLayer + Send>;

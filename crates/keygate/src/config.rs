@@ -771,6 +771,15 @@ impl AuditSink for BoxedSink {
     fn can_accept(&self) -> bool {
         self.0.can_accept()
     }
+    fn try_reserve(&self) -> bool {
+        self.0.try_reserve()
+    }
+    fn record_reserved(&self, event: keygate_audit::AuditEvent) {
+        self.0.record_reserved(event);
+    }
+    fn release_reservation(&self) {
+        self.0.release_reservation();
+    }
 }
 
 /// The token verifier of a configured stack: keygate JWTs when `[jwt]` is enabled, none

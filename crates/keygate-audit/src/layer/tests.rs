@@ -729,23 +729,34 @@ fn burst_of_100k_requests_keeps_the_queue_bounded_and_counts_drops_exactly() {
     );
 }
 
-#[test]
-fn metrics_count_decisions_by_stage_reason_and_key() {
+/// Runs two denied and one allowed (streamed, with usage) request through layers made by
+/// `layer` inside a debugging recorder; returns the snapshot.
+fn metrics_of(
+    layer: impl Fn() -> AuditLayer<NoopSink>,
+) -> Vec<(
+    metrics_util::CompositeKey,
+    Option<metrics::Unit>,
+    Option<metrics::SharedString>,
+    metrics_util::debugging::DebugValue,
+)> {
     let recorder = metrics_util::debugging::DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();
     metrics::with_local_recorder(&recorder, || {
-        let denying =
-            AuditLayer::new(NoopSink).layer(service_fn(|req: Request<Full<Bytes>>| async move {
-                record_trace(&req, "n", "gpt-4");
-                let d = Denial::new(
-                    Stage::Scope,
-                    StatusCode::FORBIDDEN,
-                    "model_not_allowed",
-                    "no",
-                );
-                Ok::<_, Infallible>(deny::<Full<Bytes>>(d, req.headers()))
-            }));
-        let allowing = AuditLayer::new(NoopSink).layer(streaming_service(false));
+        let denying = layer().layer(service_fn(|req: Request<Full<Bytes>>| async move {
+            record_trace(&req, "n", "gpt-4");
+            let d = Denial::new(
+                Stage::Scope,
+                StatusCode::FORBIDDEN,
+                "model_not_allowed",
+                "no",
+            );
+            Ok::<_, Infallible>(deny::<Full<Bytes>>(d, req.headers()))
+        }));
+        let keyed = service_fn(|req: Request<Full<Bytes>>| {
+            record_trace(&req, "n", "gpt-4");
+            streaming_service(false).oneshot(req)
+        });
+        let allowing = layer().layer(keyed);
         for svc_denies in [true, true, false] {
             if svc_denies {
                 let r = denying.clone().oneshot(get("/v1/chat/completions"));
@@ -760,7 +771,12 @@ fn metrics_count_decisions_by_stage_reason_and_key() {
             }
         }
     });
-    let s = snapshotter.snapshot().into_vec();
+    snapshotter.snapshot().into_vec()
+}
+
+#[test]
+fn metrics_count_decisions_by_stage_and_reason_with_cached_handles() {
+    let s = metrics_of(|| AuditLayer::new(NoopSink));
     let requests = crate::metrics::REQUESTS_TOTAL;
     assert_eq!(
         counter(
@@ -776,16 +792,82 @@ fn metrics_count_decisions_by_stage_reason_and_key() {
     );
     assert_eq!(counter(&s, requests, &[("decision", "allowed")]), 1);
     assert_eq!(
+        counter(&s, crate::metrics::TOKENS_TOTAL, &[("kind", "prompt")]),
+        12
+    );
+    assert_eq!(
+        counter(&s, crate::metrics::TOKENS_TOTAL, &[("kind", "completion")]),
+        34
+    );
+    assert_eq!(counter(&s, crate::metrics::COST_TOTAL, &[]), 1234);
+    let durations = s
+        .iter()
+        .filter(|(k, ..)| k.key().name() == crate::metrics::REQUEST_DURATION)
+        .map(|(.., v)| match v {
+            metrics_util::debugging::DebugValue::Histogram(v) => v.len(),
+            _ => 0,
+        })
+        .sum::<usize>();
+    assert_eq!(durations, 3);
+}
+
+#[test]
+fn no_metric_has_a_key_or_project_label_by_default() {
+    let s = metrics_of(|| AuditLayer::new(NoopSink));
+    assert!(!s.is_empty());
+    for (key, ..) in &s {
+        for label in key.key().labels() {
+            assert!(
+                !matches!(label.key(), "key_id" | "project" | "model"),
+                "{} has an unbounded label {}",
+                key.key().name(),
+                label.key()
+            );
+        }
+        assert!(!key.key().name().starts_with("keygate_key_"));
+    }
+}
+
+#[test]
+fn per_key_metrics_appear_only_with_the_opt_in() {
+    let s = metrics_of(|| AuditLayer::new(NoopSink).with_key_metrics(true));
+    assert_eq!(
         counter(
             &s,
             crate::metrics::KEY_REQUESTS_TOTAL,
             &[
                 ("key_id", "key_test"),
+                ("project", "proj_test"),
                 ("endpoint_group", "chat.completions"),
                 ("decision", "denied")
             ]
         ),
         2
+    );
+    assert_eq!(
+        counter(
+            &s,
+            crate::metrics::KEY_TOKENS_TOTAL,
+            &[("key_id", "key_test"), ("kind", "completion")]
+        ),
+        34
+    );
+    assert_eq!(
+        counter(
+            &s,
+            crate::metrics::KEY_COST_TOTAL,
+            &[("key_id", "key_test")]
+        ),
+        1234
+    );
+    // The bounded series are there as well.
+    assert_eq!(
+        counter(
+            &s,
+            crate::metrics::REQUESTS_TOTAL,
+            &[("decision", "allowed")]
+        ),
+        1
     );
 }
 
@@ -1032,4 +1114,293 @@ async fn sensitive_headers_layer_marks_credential_headers() {
             .insert(name, HeaderValue::from_static("v"));
     }
     svc.oneshot(req).await.unwrap();
+}
+
+/// A writer that always fails as a full disk does (ENOSPC): the `/dev/full` stand-in.
+struct DiskFull;
+
+impl Write for DiskFull {
+    fn write(&mut self, _buf: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::from_raw_os_error(28))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Err(std::io::Error::from_raw_os_error(28))
+    }
+}
+
+fn request_ids(out: &Captured) -> std::collections::BTreeSet<String> {
+    let bytes = out.0.lock().unwrap().clone();
+    String::from_utf8(bytes)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["request_id"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// An inner service that notes each request id it sees and then waits at the gate.
+fn gated_service(
+    served: Arc<Mutex<Vec<String>>>,
+    gate: Arc<tokio::sync::Semaphore>,
+) -> impl Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone
+{
+    service_fn(move |req: Request<Full<Bytes>>| {
+        let id = req.extensions().get::<RequestId>().unwrap().to_string();
+        served.lock().unwrap().push(id);
+        let gate = gate.clone();
+        async move {
+            let _permit = gate.acquire().await.unwrap();
+            ok_response()
+        }
+    })
+}
+
+#[tokio::test]
+async fn fail_closed_on_a_full_disk_serves_no_request_without_a_record() {
+    const CAPACITY: usize = 8;
+    const BURST: usize = 50;
+    let fallback = Captured::default();
+    let sink = JsonlSink::writer_builder(DiskFull)
+        .with_capacity(CAPACITY)
+        .with_fallback(fallback.clone())
+        .open()
+        .unwrap();
+    let served = Arc::new(Mutex::new(Vec::new()));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let svc = AuditLayer::new(sink.clone())
+        .with_metrics(false)
+        .with_backpressure(Backpressure::FailClosed)
+        .layer(gated_service(served.clone(), gate.clone()));
+
+    // A burst far larger than the queue, all in flight at once: only as many as there are
+    // places for records reach the inner service; the others are refused at once.
+    let burst = futures_util::future::join_all((0..BURST).map(|_| {
+        let svc = svc.clone();
+        async move { finish(svc.oneshot(get("/v1/chat/completions")).await.unwrap()).await }
+    }));
+    let open_gate = async {
+        while served.lock().unwrap().len() < CAPACITY {
+            tokio::task::yield_now().await;
+        }
+        // Every future has been polled at least once by now: the refused ones finished.
+        tokio::task::yield_now().await;
+        gate.add_permits(BURST);
+    };
+    let (responses, ()) = tokio::join!(burst, open_gate);
+    let ok = responses
+        .iter()
+        .filter(|r| r.status() == StatusCode::OK)
+        .count();
+    assert_eq!(ok, CAPACITY);
+    assert_eq!(served.lock().unwrap().len(), CAPACITY);
+    assert!(
+        responses
+            .iter()
+            .all(|r| matches!(r.status(), StatusCode::OK | StatusCode::SERVICE_UNAVAILABLE))
+    );
+
+    // The writer has seen the failure: new requests are refused before the inner service.
+    sink.flush();
+    assert!(!sink.can_accept());
+    for _ in 0..20 {
+        let r = finish(svc.clone().oneshot(get("/v1/models")).await.unwrap()).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+    assert_eq!(served.lock().unwrap().len(), CAPACITY);
+
+    sink.shutdown();
+    let stats = sink.stats();
+    let recorded = request_ids(&fallback);
+    for id in served.lock().unwrap().iter() {
+        assert!(recorded.contains(id), "served without a record: {id}");
+    }
+    assert_eq!(stats.written, 0);
+    assert_eq!(stats.fallback as usize, recorded.len());
+    assert_eq!(
+        (stats.fallback + stats.dropped) as usize,
+        BURST + 20,
+        "every record is written to the fallback or counted: {stats:?}"
+    );
+    assert_eq!(stats.queue_len, 0);
+}
+
+#[tokio::test]
+async fn fail_closed_on_dev_full_refuses_once_the_failure_is_seen() {
+    let fallback = Captured::default();
+    let Ok(sink) = JsonlSink::builder("/dev/full")
+        .with_fallback(fallback.clone())
+        .open()
+    else {
+        return; // no /dev/full here
+    };
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = AuditLayer::new(sink.clone())
+        .with_metrics(false)
+        .with_backpressure(Backpressure::FailClosed)
+        .layer(counting_service(calls.clone()));
+    let first = finish(svc.clone().oneshot(get("/")).await.unwrap()).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    sink.flush();
+    let second = finish(svc.clone().oneshot(get("/")).await.unwrap()).await;
+    assert_eq!(second.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    sink.shutdown();
+    let recorded = request_ids(&fallback);
+    let id = |r: &Response<()>| r.headers()[X_REQUEST_ID].to_str().unwrap().to_owned();
+    assert!(
+        recorded.contains(&id(&first)),
+        "the served request's record"
+    );
+    assert!(recorded.contains(&id(&second)), "the refusal's record");
+    let stats = sink.stats();
+    assert_eq!((stats.written, stats.fallback, stats.dropped), (0, 2, 0));
+}
+
+#[tokio::test]
+async fn drop_and_count_counts_every_record_a_failing_sink_loses() {
+    let sink = JsonlSink::writer_builder(DiskFull)
+        .with_capacity(4)
+        .without_fallback()
+        .open()
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = AuditLayer::new(sink.clone())
+        .with_metrics(false)
+        .layer(counting_service(calls.clone()));
+    for _ in 0..40 {
+        let r = finish(svc.clone().oneshot(get("/")).await.unwrap()).await;
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    sink.shutdown();
+    let stats = sink.stats();
+    assert_eq!(calls.load(Ordering::SeqCst), 40);
+    assert_eq!(
+        stats.written + stats.fallback + stats.dropped,
+        40,
+        "{stats:?}"
+    );
+    assert_eq!(stats.dropped, 40);
+}
+
+#[tokio::test]
+async fn channel_reservations_hold_their_place_in_a_burst() {
+    let (sink, mut rx) = ChannelSink::bounded(2);
+    let served = Arc::new(Mutex::new(Vec::new()));
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let svc = AuditLayer::new(sink.clone())
+        .with_metrics(false)
+        .with_backpressure(Backpressure::FailClosed)
+        .layer(gated_service(served.clone(), gate.clone()));
+    let burst = futures_util::future::join_all((0..10).map(|_| {
+        let svc = svc.clone();
+        async move { finish(svc.oneshot(get("/")).await.unwrap()).await }
+    }));
+    let open_gate = async {
+        while served.lock().unwrap().len() < 2 {
+            tokio::task::yield_now().await;
+        }
+        tokio::task::yield_now().await;
+        gate.add_permits(10);
+    };
+    let (responses, ()) = tokio::join!(burst, open_gate);
+    let ok = responses
+        .iter()
+        .filter(|r| r.status() == StatusCode::OK)
+        .count();
+    assert_eq!(ok, 2);
+    let mut ids = Vec::new();
+    while let Ok(e) = rx.try_recv() {
+        ids.push(e.as_request().unwrap().request_id.to_string());
+    }
+    for id in served.lock().unwrap().iter() {
+        assert!(ids.contains(id), "the served request's record was kept");
+    }
+    let stats = sink.stats();
+    assert_eq!(stats.accepted + stats.dropped, 10);
+}
+
+#[test]
+fn fan_out_gives_back_reservations_when_a_required_sink_refuses() {
+    let (free, _rx_free) = ChannelSink::bounded(1);
+    let (full, _rx_full) = ChannelSink::bounded(1);
+    assert!(full.try_reserve());
+    let fan = FanOut::new().with(free.clone()).with(full.clone());
+    assert!(!fan.try_reserve());
+    assert!(free.try_reserve(), "the first sink's place was given back");
+    free.release_reservation();
+    full.release_reservation();
+    assert!(fan.try_reserve());
+    assert!(!free.can_accept() && !full.can_accept());
+    fan.release_reservation();
+    assert!(free.can_accept() && full.can_accept());
+}
+
+#[tokio::test]
+async fn an_upstream_cut_is_recorded_and_serialized() {
+    let (events, sink) = recorder();
+    let svc = AuditLayer::new(sink).with_metrics(false).layer(service_fn(
+        |req: Request<Full<Bytes>>| async move {
+            if req.uri().path() == "/cut" {
+                let trace = req.extensions().get::<RequestTrace>().unwrap();
+                trace.set_cut(keygate_core::Cut::UpstreamIdle);
+            }
+            ok_response()
+        },
+    ));
+    finish(svc.clone().oneshot(get("/cut")).await.unwrap()).await;
+    finish(svc.oneshot(get("/whole")).await.unwrap()).await;
+    let events = requests(&events);
+    assert_eq!(events[0].cut, Some(keygate_core::Cut::UpstreamIdle));
+    assert_eq!(events[1].cut, None);
+    let cut = serde_json::to_value(&events[0]).unwrap();
+    assert_eq!(cut["cut"], "upstream_idle");
+    let whole = serde_json::to_value(&events[1]).unwrap();
+    assert!(whole.get("cut").is_none(), "no cut field when not cut");
+}
+
+#[tokio::test]
+async fn shutdown_switch_marks_requests_still_in_flight_as_cut_by_shutdown() {
+    let (events, sink) = recorder();
+    let layer = AuditLayer::new(sink).with_metrics(false);
+    let switch = layer.shutdown_switch();
+    let svc = layer.clone().layer(streaming_service(false));
+    let cut_upstream = layer.layer(service_fn(|req: Request<Full<Bytes>>| {
+        let trace = req.extensions().get::<RequestTrace>().unwrap().clone();
+        async move {
+            trace.set_cut(keygate_core::Cut::UpstreamTotal);
+            std::future::pending::<Result<Response<Full<Bytes>>, Infallible>>().await
+        }
+    }));
+
+    let mut streaming = svc
+        .clone()
+        .oneshot(get("/v1/chat/completions"))
+        .await
+        .unwrap();
+    streaming.body_mut().frame().await.unwrap().unwrap();
+    let mut waiting = Box::pin(cut_upstream.oneshot(get("/v1/chat/completions")));
+    assert!((&mut waiting).now_or_never().is_none());
+    assert!(!switch.is_cut());
+
+    switch.cut_in_flight();
+    assert!(switch.is_cut());
+    drop(streaming);
+    drop(waiting);
+    // A request that completes after the switch was not cut.
+    finish(svc.oneshot(get("/v1/chat/completions")).await.unwrap()).await;
+
+    let events = requests(&events);
+    assert_eq!(events.len(), 3);
+    assert_eq!(events[0].completion, Completion::Aborted);
+    assert_eq!(events[0].cut, Some(keygate_core::Cut::Shutdown));
+    assert_eq!(events[1].completion, Completion::Cancelled);
+    assert_eq!(
+        events[1].cut,
+        Some(keygate_core::Cut::UpstreamTotal),
+        "the first cut stays"
+    );
+    assert_eq!(events[2].completion, Completion::Complete);
+    assert_eq!(events[2].cut, None);
 }
