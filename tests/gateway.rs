@@ -373,3 +373,123 @@ async fn without_keygate_the_same_routes_are_served_with_no_check() {
     assert_eq!(a.status, 401);
     gw.shutdown().await;
 }
+
+/// An upstream that takes requests and never answers.
+async fn hung_upstream() -> std::net::SocketAddr {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            held.push(stream);
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_hung_upstream_is_a_504_charged_at_the_reservation_and_audited_as_cut() {
+    let upstream = hung_upstream().await;
+    let setup = Setup::new();
+    let (id, key) = create_key(
+        &setup.keys(),
+        &["--permissions", "all", "--budget", "1/day"],
+    );
+    // Real time, kept short: a 1 s head timeout.
+    let (gw, _) = setup
+        .start(&format!(
+            "[[upstreams]]\nurl = \"http://{upstream}\"\n[proxy]\nhead_timeout_secs = 1\n\
+             [prices.\"gpt-4o-mini\"]\ninput_per_million = 1\noutput_per_million = 1\n"
+        ))
+        .await;
+    let a = call(
+        gw.addr(),
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("gpt-4o-mini")),
+    )
+    .await;
+    assert_eq!(a.status, 504);
+    assert_eq!(a.code(), "upstream_timeout");
+    assert_eq!(a.json()["error"]["type"], "server_error");
+    let records = setup.audit_records(&gw);
+    let record = records.iter().find(|r| r["key_id"] == id.as_str()).unwrap();
+    assert_eq!(record["status"], 504);
+    assert_eq!(record["cut"], "upstream_head");
+    assert_eq!(record["decision"], "allowed");
+    // The whole reservation was charged: the estimate's tokens, at a price.
+    assert!(
+        record["usage"]["completion_tokens"].as_u64().unwrap() >= 8,
+        "{record}"
+    );
+    assert!(
+        record["cost"].is_string() || record["cost"].is_number(),
+        "{record}"
+    );
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn two_upstreams_are_chosen_by_the_model_of_the_request() {
+    // The embedded mock for gpt-*, an echo for llama-*: each sees only its own models.
+    let echo = axum::Router::new()
+        .fallback(|| async { axum::Json(serde_json::json!({"served_by": "local"})) });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let local = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, echo).await.unwrap() });
+    let mock = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mock_addr = mock.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(mock, keygate_workspace::mock_upstream::router())
+            .await
+            .unwrap()
+    });
+
+    let setup = Setup::new();
+    let (_, key) = create_key(&setup.keys(), &["--permissions", "all"]);
+    let (gw, out) = setup
+        .start(&format!(
+            "[[upstreams]]\nurl = \"http://{local}\"\nmodels = [\"llama-*\"]\n\
+             [[upstreams]]\nurl = \"http://{mock_addr}\"\nmodels = [\"gpt-*\"]\n"
+        ))
+        .await;
+    assert!(
+        out.contains(&format!("upstream: http://{local}, http://{mock_addr}")),
+        "{out}"
+    );
+    let llama = call(
+        gw.addr(),
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("llama-3-8b")),
+    )
+    .await;
+    assert_eq!(llama.status, 200);
+    assert_eq!(llama.json()["served_by"], "local");
+    let gpt = call(
+        gw.addr(),
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("gpt-4o-mini")),
+    )
+    .await;
+    assert_eq!(gpt.status, 200);
+    assert_eq!(gpt.json()["object"], "chat.completion");
+    let other = call(
+        gw.addr(),
+        "POST",
+        "/v1/chat/completions",
+        Some(&key),
+        Some(&chat("claude-3")),
+    )
+    .await;
+    assert_eq!(other.status, 404);
+    assert_eq!(other.code(), "model_not_found");
+    gw.shutdown().await;
+}

@@ -25,13 +25,18 @@ struct Gateway {
 impl Gateway {
     /// Starts `keygate serve ARGS` in `dir` and waits (at most 60 s) for its listening line.
     fn start(dir: &Path, args: &[&str]) -> Gateway {
+        Self::start_with_stderr(dir, args, Stdio::null())
+    }
+
+    /// As [`Gateway::start`], with its standard error going to `stderr`.
+    fn start_with_stderr(dir: &Path, args: &[&str], stderr: Stdio) -> Gateway {
         let mut child = Command::new(BIN)
             .arg("serve")
             .args(args)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let stdout = child.stdout.take().unwrap();
@@ -101,6 +106,31 @@ impl Drop for Gateway {
     }
 }
 
+/// Creates a key with every permission in `keys` (the CLI, in-process); returns its secret.
+fn create_key(keys: &Path) -> String {
+    let mut out = Vec::new();
+    keygate_cli::run(
+        [
+            "keygate",
+            "--file",
+            keys.to_str().unwrap(),
+            "--json",
+            "keys",
+            "create",
+            "--project",
+            "p",
+            "--create-project",
+            "--permissions",
+            "all",
+        ],
+        keygate_core::Timestamp::from_unix_secs(1_800_000_000),
+        &mut out,
+    )
+    .unwrap();
+    let created: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    created["secret"].as_str().unwrap().to_owned()
+}
+
 /// One HTTP/1.1 request with `Connection: close`; returns the whole response as text.
 async fn request(addr: SocketAddr, method: &str, path: &str, key: &str, body: &str) -> String {
     let mut stream = TcpStream::connect(addr).await.unwrap();
@@ -167,27 +197,7 @@ async fn sigterm_with_a_hung_upstream_request_exits_at_the_drain_deadline() {
 
     let dir = tempfile::tempdir().unwrap();
     let keys = dir.path().join("keys.toml");
-    let mut out = Vec::new();
-    keygate_cli::run(
-        [
-            "keygate",
-            "--file",
-            keys.to_str().unwrap(),
-            "--json",
-            "keys",
-            "create",
-            "--project",
-            "p",
-            "--create-project",
-            "--permissions",
-            "all",
-        ],
-        keygate_core::Timestamp::from_unix_secs(1_800_000_000),
-        &mut out,
-    )
-    .unwrap();
-    let created: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    let secret = created["secret"].as_str().unwrap().to_owned();
+    let secret = create_key(&keys);
     let audit = dir.path().join("audit.jsonl");
     let config = dir.path().join("keygate.toml");
     std::fs::write(
@@ -220,4 +230,74 @@ async fn sigterm_with_a_hung_upstream_request_exits_at_the_drain_deadline() {
         .find(|l| l.contains("\"path\":\"/v1/models\""))
         .unwrap_or_else(|| panic!("no audit record for the cut request: {records}"));
     assert!(record.contains("\"completion\":\"cancelled\""), "{record}");
+    assert!(record.contains("\"cut\":\"shutdown\""), "{record}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_closed_audit_on_a_full_disk_serves_nothing_unaudited() {
+    // The audit file is /dev/full: every write fails with ENOSPC. With fail_closed, no request
+    // may be served unless its record is written somewhere: the file, or at the latest the
+    // fallback (stderr).
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.toml");
+    let secret = create_key(&keys);
+    std::fs::write(
+        dir.path().join("keygate.toml"),
+        format!(
+            "keys_file = {keys:?}\n[audit]\ntracing = false\nbackpressure = \"fail_closed\"\n\
+             [audit.jsonl]\npath = \"/dev/full\"\ncapacity = 16\n"
+        ),
+    )
+    .unwrap();
+    let stderr_path = dir.path().join("stderr");
+    let stderr = std::fs::File::create(&stderr_path).unwrap();
+    let gw = Gateway::start_with_stderr(
+        dir.path(),
+        &["--listen", "127.0.0.1:0", "--config", "keygate.toml"],
+        Stdio::from(stderr),
+    );
+    let addr = gw.addr;
+    let mut tasks = Vec::new();
+    for _ in 0..200 {
+        let secret = secret.clone();
+        tasks.push(tokio::spawn(async move {
+            request(addr, "GET", "/v1/models", &secret, "").await
+        }));
+    }
+    let mut served = Vec::new();
+    let mut refused = 0;
+    for task in tasks {
+        let answer = task.await.unwrap();
+        if answer.starts_with("HTTP/1.1 200") {
+            let id = answer
+                .lines()
+                .find_map(|l| l.strip_prefix("x-request-id: "))
+                .unwrap()
+                .trim()
+                .to_owned();
+            served.push(id);
+        } else {
+            assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+            assert!(
+                answer.contains("audit_sink_unavailable") || answer.contains("service_unavailable"),
+                "{answer}"
+            );
+            refused += 1;
+        }
+    }
+    assert!(
+        !served.is_empty() && refused > 0,
+        "served {}, refused {refused}",
+        served.len()
+    );
+    let (ok, _) = gw.terminate(Duration::from_secs(30));
+    assert!(ok);
+    let fallback = std::fs::read_to_string(&stderr_path).unwrap();
+    for id in &served {
+        let needle = format!("\"request_id\":\"{id}\"");
+        let record = fallback.lines().find(|l| l.contains(&needle));
+        let record =
+            record.unwrap_or_else(|| panic!("request {id} was served with no audit record"));
+        assert!(record.contains("\"status\":200"), "{record}");
+    }
 }

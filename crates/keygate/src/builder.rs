@@ -65,6 +65,7 @@ impl Keygate {
             audit_sink: SharedSink::new(TracingSink::new()),
             backpressure: Backpressure::DropAndCount,
             metrics: true,
+            key_metrics: false,
             accept_request_id: true,
             prices: PriceTable::new(),
             unpriced: Unpriced::Deny,
@@ -156,6 +157,7 @@ pub struct KeygateBuilder<K, T = NoTokens> {
     audit_sink: SharedSink,
     backpressure: Backpressure,
     metrics: bool,
+    key_metrics: bool,
     accept_request_id: bool,
     prices: PriceTable,
     unpriced: Unpriced,
@@ -223,6 +225,18 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
         self
     }
 
+    /// Whether metrics also carry per-key series (default off; see
+    /// [`AuditLayer::with_key_metrics`]).
+    ///
+    /// # Security
+    ///
+    /// Not a secret leak (key ids only), but one time series per key: unbounded cardinality
+    /// for the metrics backend.
+    pub fn key_metrics(mut self, on: bool) -> Self {
+        self.key_metrics = on;
+        self
+    }
+
     /// Whether a valid incoming `x-request-id` is kept (default on; see
     /// [`AuditLayer::with_accept_request_id`]).
     pub fn accept_request_id(mut self, accept: bool) -> Self {
@@ -272,6 +286,7 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
             audit_sink: self.audit_sink,
             backpressure: self.backpressure,
             metrics: self.metrics,
+            key_metrics: self.key_metrics,
             accept_request_id: self.accept_request_id,
             prices: self.prices,
             unpriced: self.unpriced,
@@ -379,6 +394,7 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
             .with_clock(clock.clone())
             .with_backpressure(self.backpressure)
             .with_metrics(self.metrics)
+            .with_key_metrics(self.key_metrics)
             .with_accept_request_id(self.accept_request_id);
 
         let mut extract = KeyExtractLayer::new(self.store)

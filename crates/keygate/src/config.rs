@@ -391,6 +391,10 @@ pub struct AuditConfig {
     /// Record metrics (`keygate_requests_total`, ...) through the `metrics` facade (default
     /// true).
     pub metrics: bool,
+    /// Also per-key metric series (`keygate_key_requests_total`, ...; default false): one
+    /// time series per key, so only for a small, fixed set of keys. Per-key usage is in the
+    /// audit records either way.
+    pub key_metrics: bool,
     /// `"drop_and_count"` (default): serve and count records a full sink drops;
     /// `"fail_closed"`: refuse requests with 503 while the JSON Lines sink cannot take them.
     pub backpressure: BackpressureConfig,
@@ -405,6 +409,7 @@ impl Default for AuditConfig {
         AuditConfig {
             tracing: true,
             metrics: true,
+            key_metrics: false,
             backpressure: BackpressureConfig::DropAndCount,
             accept_request_id: true,
             jsonl: None,
@@ -439,6 +444,14 @@ pub struct JsonlConfig {
     /// Records that may wait for the writer before new ones are dropped (default 8192).
     #[serde(default = "default_capacity")]
     pub capacity: usize,
+    /// While the file cannot be written, records already taken are retried; after this many
+    /// seconds (default 5), and at shutdown, they go to stderr instead, so none is lost.
+    #[serde(default = "default_fallback_after_secs")]
+    pub fallback_after_secs: u64,
+}
+
+fn default_fallback_after_secs() -> u64 {
+    keygate_audit::DEFAULT_FALLBACK_AFTER.as_secs()
 }
 
 fn default_max_bytes() -> u64 {
@@ -633,6 +646,7 @@ impl Config {
             .trusted_proxies(self.trusted_proxies.clone())
             .audit_backpressure(backpressure)
             .metrics(self.audit.metrics)
+            .key_metrics(self.audit.key_metrics)
             .accept_request_id(self.audit.accept_request_id))
     }
 
@@ -650,6 +664,7 @@ impl Config {
                     .with_max_bytes(j.max_bytes)
                     .with_keep(j.keep)
                     .with_capacity(j.capacity)
+                    .with_fallback_after(Duration::from_secs(j.fallback_after_secs))
                     .open()
                     .map_err(|source| ConfigError::AuditFile {
                         path: j.path.clone(),
@@ -897,6 +912,7 @@ mod tests {
             [audit]
             tracing = false
             metrics = false
+            key_metrics = true
             backpressure = "fail_closed"
             accept_request_id = false
             [audit.jsonl]
@@ -904,6 +920,7 @@ mod tests {
             max_bytes = 1000
             keep = 2
             capacity = 16
+            fallback_after_secs = 1
 
             [trusted_proxies]
             ranges = ["10.0.0.0/8"]
@@ -917,6 +934,27 @@ mod tests {
             secret_env = "MY_SECRET"
             default_ttl_secs = 60
             max_ttl_secs = 120
+
+            [[upstreams]]
+            url = "https://api.openai.com"
+            models = ["gpt-*"]
+            api_key_env = "OPENAI_API_KEY"
+            [[upstreams]]
+            url = "http://127.0.0.1:8000"
+
+            [proxy]
+            connect_timeout_secs = 5
+            head_timeout_secs = 0
+            idle_timeout_secs = 60
+            total_timeout_secs = 120
+            roots = "system"
+            extra_ca_file = "ca.pem"
+
+            [server]
+            header_read_timeout_secs = 5
+            keep_alive = false
+            max_connections = 64
+            drain_timeout_secs = 3
 
             [guard]
             enabled = true
@@ -950,6 +988,41 @@ mod tests {
         assert_eq!(c.guard.ceiling_dollars, Some(Money::from_dollars(50)));
         assert!(c.guard.guard().unwrap().is_some());
         assert!(Config::default().guard.guard().unwrap().is_none());
+        assert!(c.audit.key_metrics);
+        assert_eq!(c.audit.jsonl.as_ref().unwrap().fallback_after_secs, 1);
+        assert_eq!(c.upstreams.len(), 2);
+        assert_eq!(c.upstreams[0].models, ["gpt-*"]);
+        assert_eq!(c.upstreams[1].api_key_env, None);
+        assert_eq!(c.proxy.roots, Roots::System);
+        assert_eq!(c.server.max_connections, 64);
+        assert_eq!(c.server.header_read_timeout(), Some(Duration::from_secs(5)));
+        let t = c.proxy.timeouts();
+        assert_eq!(t.connect, Some(Duration::from_secs(5)));
+        assert_eq!(t.head, None);
+        assert_eq!(t.total, Some(Duration::from_secs(120)));
+    }
+
+    #[test]
+    fn upstreams_build_a_proxy_and_a_named_key_variable_must_be_set() {
+        let mut c = Config::default();
+        assert!(c.proxy().unwrap().is_none());
+        c.upstreams.push(UpstreamConfig {
+            url: "https://api.openai.com".to_owned(),
+            models: vec!["gpt-*".to_owned()],
+            api_key_env: Some("KEYGATE_TEST_SURELY_UNSET_PROVIDER_KEY".to_owned()),
+        });
+        let e = c.proxy().unwrap_err().to_string();
+        assert!(e.contains("KEYGATE_TEST_SURELY_UNSET_PROVIDER_KEY"), "{e}");
+        c.upstreams[0].api_key_env = None;
+        let proxy = c.proxy().unwrap().unwrap();
+        assert_eq!(proxy.upstreams()[0].url(), "https://api.openai.com");
+        assert!(proxy.upstream_for(Some("gpt-4o")).is_some());
+        assert!(proxy.upstream_for(Some("llama-3")).is_none());
+        c.upstreams[0].url = "ftp://nope".to_owned();
+        assert!(matches!(c.proxy(), Err(ConfigError::Invalid(_))));
+        c.upstreams[0].url = "https://x".to_owned();
+        c.upstreams[0].models = vec![String::new()];
+        assert!(matches!(c.proxy(), Err(ConfigError::Invalid(_))));
     }
 
     #[test]

@@ -163,6 +163,7 @@ pub fn config_for(options: &GatewayOptions) -> Result<Config, ConfigError> {
             max_bytes: keygate::audit::DEFAULT_MAX_BYTES,
             keep: keygate::audit::DEFAULT_KEEP,
             capacity: keygate::audit::DEFAULT_CAPACITY,
+            fallback_after_secs: keygate::audit::DEFAULT_FALLBACK_AFTER.as_secs(),
         });
     }
     Ok(config)
@@ -224,6 +225,13 @@ pub struct Gateway {
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<Drained>,
     background: Vec<JoinHandle<()>>,
+    signals: Option<ShutdownSignals>,
+}
+
+impl std::fmt::Debug for ShutdownSignals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ShutdownSignals")
+    }
 }
 
 /// Starts the gateway: loads the config (creating the demo key file if it is the default and
@@ -238,6 +246,7 @@ pub async fn start(
     options: GatewayOptions,
     out: &mut (dyn Write + Send),
 ) -> Result<Gateway, GatewayError> {
+    let signals = ShutdownSignals::listen();
     let config = config_for(&options)?;
     let demo_file = options.config.is_none()
         && options.keys_file.is_none()
@@ -312,7 +321,7 @@ pub async fn start(
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let settings = ServerSettings::from(&config.server);
-    let cut_switch = built.clone();
+    let cut_switch = built.layer().audit_layer().shutdown_switch();
     let server = tokio::spawn(async move {
         server::serve(
             listener,
@@ -321,7 +330,12 @@ pub async fn start(
             async {
                 let _ = stopped.await;
             },
-            move || mark_in_flight_cut(&cut_switch),
+            move || {
+                tracing::warn!(
+                    "keygate gateway: drain deadline passed; closing the connections left"
+                );
+                cut_switch.cut_in_flight();
+            },
         )
         .await
     });
@@ -347,13 +361,8 @@ pub async fn start(
         stop: Some(stop),
         server,
         background,
+        signals: Some(signals),
     })
-}
-
-/// Marks every request still in flight as cut by the shutdown, for its audit record.
-fn mark_in_flight_cut(built: &Built) {
-    tracing::warn!("keygate gateway: drain deadline passed; closing the connections left");
-    let _ = built;
 }
 
 fn reload_on_sighup(built: Arc<Built>) -> JoinHandle<()> {
@@ -407,8 +416,10 @@ impl Gateway {
     }
 
     /// Serves until Ctrl-C or SIGTERM, then shuts down gracefully.
-    pub async fn run_until_signal(self) -> Drained {
-        shutdown_signal().await;
+    pub async fn run_until_signal(mut self) -> Drained {
+        if let Some(signals) = self.signals.take() {
+            signals.recv().await;
+        }
         eprintln!("keygate gateway: shutting down (draining requests, flushing audit)");
         let drained = self.shutdown().await;
         if drained.cut > 0 {
@@ -421,23 +432,48 @@ impl Gateway {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGTERM and SIGINT, listened for from the moment the gateway starts (before it binds), so a
+/// signal that comes while it is starting is never the default "terminate at once".
+struct ShutdownSignals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            ShutdownSignals {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = term => {}
+        #[cfg(not(unix))]
+        ShutdownSignals {}
+    }
+
+    async fn recv(mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            }
+            tokio::select! {
+                () = next(&mut self.term) => {}
+                () = next(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
