@@ -8,8 +8,8 @@
 # for DURATION per scenario, and stops it. Prints requests/s, p50 and p99 latency per
 # scenario and the ratios to bare. Everything stays on loopback and stops by itself.
 #
-#   scripts/load.sh                         # 10 s per scenario and mode, 32 connections
-#   DURATION=5s CONNECTIONS=64 scripts/load.sh
+#   scripts/load.sh                         # 3 interleaved rounds, 10 s per scenario and mode, 32 connections
+#   ROUNDS=5 DURATION=5s CONNECTIONS=64 scripts/load.sh
 #
 # Needs `wrk`; installs it with apt-get when missing.
 set -euo pipefail
@@ -17,6 +17,7 @@ set -euo pipefail
 DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-1}
+ROUNDS=${ROUNDS:-3}
 # Scenarios: NAME METHOD PATH (POST bodies are a small chat request).
 SCENARIOS=("models GET /v1/models" "chat POST /v1/chat/completions")
 
@@ -116,7 +117,13 @@ to_ms() {
     }'
 }
 
-declare -A RPS P50 P99 ERRS
+# User + system CPU ticks of process $1 so far.
+cpu_ticks() {
+    awk '{ print $14 + $15 }' "/proc/$1/stat"
+}
+
+# Each value is a space-separated list, one entry per round.
+declare -A RPS P50 P99 ERRS CPU
 run_mode() {
     local mode=$1
     start_gateway "$mode"
@@ -126,42 +133,75 @@ run_mode() {
         [[ "$method" == POST ]] && script="$work/chat.lua"
         # A short warm-up (connections, caches), then the measured run.
         wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s "$script" "$addr$path" >/dev/null
+        local cpu_before cpu_after
+        cpu_before=$(cpu_ticks "$gateway_pid")
         wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency -s "$script" "$addr$path" >"$work/wrk.out"
-        RPS[$mode.$name]=$(awk '/^Requests\/sec:/ {print $2}' "$work/wrk.out")
-        P50[$mode.$name]=$(to_ms "$(awk '$1 == "50%" {print $2}' "$work/wrk.out")")
-        P99[$mode.$name]=$(to_ms "$(awk '$1 == "99%" {print $2}' "$work/wrk.out")")
-        ERRS[$mode.$name]=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$work/wrk.out")
-        ERRS[$mode.$name]=${ERRS[$mode.$name]:-0}
-        echo "$mode $name: ${RPS[$mode.$name]} req/s, p50 ${P50[$mode.$name]} ms, p99 ${P99[$mode.$name]} ms, non-2xx ${ERRS[$mode.$name]}" >&2
+        cpu_after=$(cpu_ticks "$gateway_pid")
+        local rps p50 p99 errs cpu requests
+        rps=$(awk '/^Requests\/sec:/ {print $2}' "$work/wrk.out")
+        p50=$(to_ms "$(awk '$1 == "50%" {print $2}' "$work/wrk.out")")
+        p99=$(to_ms "$(awk '$1 == "99%" {print $2}' "$work/wrk.out")")
+        errs=$(awk '/Non-2xx or 3xx responses:/ {print $NF}' "$work/wrk.out")
+        errs=${errs:-0}
+        requests=$(awk '/requests in/ {print $1}' "$work/wrk.out")
+        # CPU time of the gateway process (with its in-process mock upstream) per request.
+        cpu=$(awk -v a="$cpu_before" -v b="$cpu_after" -v n="$requests" -v hz="$(getconf CLK_TCK)" \
+            'BEGIN { printf "%.1f", (b - a) / hz * 1e6 / n }')
+        CPU[$mode.$name]+="$cpu "
+        RPS[$mode.$name]+="$rps "
+        P50[$mode.$name]+="$p50 "
+        P99[$mode.$name]+="$p99 "
+        ERRS[$mode.$name]+="$errs "
+        echo "round $round $mode $name: $rps req/s, p50 $p50 ms, p99 $p99 ms, non-2xx $errs, gateway CPU $cpu us/request" >&2
     done
     stop_gateway
 }
 
+# The median of the numbers given.
+median() {
+    printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END {
+        if (NR % 2) printf "%.3f", v[(NR + 1) / 2]; else printf "%.3f", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'
+}
+
+# Rounds interleave the modes (bare, keygate, logged, bare, ...) so a slow spell of the machine
+# falls on all of them; the report gives medians, and the median of the per-round ratios.
 modes=(bare keygate logged)
-for mode in "${modes[@]}"; do
-    run_mode "$mode"
+for round in $(seq 1 "$ROUNDS"); do
+    for mode in "${modes[@]}"; do
+        run_mode "$mode"
+    done
 done
 
 echo
-echo "## Gateway load ($(nproc) cores, wrk -t$THREADS -c$CONNECTIONS, $DURATION per run, loopback, mock upstream)"
+echo "## Gateway load ($(nproc) cores, wrk -t$THREADS -c$CONNECTIONS, $ROUNDS interleaved rounds of $DURATION, loopback, mock upstream)"
 echo
-echo "| scenario | mode | requests/s | p50 | p99 | non-2xx |"
-echo "| --- | --- | --- | --- | --- | --- |"
+echo "| scenario | mode | requests/s (median) | p50 | p99 | gateway CPU per request | non-2xx (all rounds) |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
 for scenario in "${SCENARIOS[@]}"; do
     read -r name method path <<<"$scenario"
     for mode in "${modes[@]}"; do
-        echo "| $method $path | $mode | ${RPS[$mode.$name]} | ${P50[$mode.$name]} ms | ${P99[$mode.$name]} ms | ${ERRS[$mode.$name]} |"
+        # shellcheck disable=SC2086
+        errs=$(printf '%s\n' ${ERRS[$mode.$name]} | awk '{ s += $1 } END { print s }')
+        # shellcheck disable=SC2086
+        echo "| $method $path | $mode | $(median ${RPS[$mode.$name]}) | $(median ${P50[$mode.$name]}) ms | $(median ${P99[$mode.$name]}) ms | $(median ${CPU[$mode.$name]}) µs | $errs |"
     done
 done
 echo
 for scenario in "${SCENARIOS[@]}"; do
     read -r name method path <<<"$scenario"
+    # shellcheck disable=SC2206
+    bare=(${RPS[bare.$name]})
     for mode in keygate logged; do
-        awk -v n="$method $path" -v m="$mode" -v k="${RPS[$mode.$name]}" -v b="${RPS[bare.$name]}" \
-            -v k50="${P50[$mode.$name]}" -v b50="${P50[bare.$name]}" \
-            -v k99="${P99[$mode.$name]}" -v b99="${P99[bare.$name]}" 'BEGIN {
-            printf "%s: throughput %s/bare = %.2f (target >= 0.90); p50 %+.3f ms; p99 %+.3f ms\n",
-                n, m, k / b, k50 - b50, k99 - b99
-        }'
+        # shellcheck disable=SC2206
+        this=(${RPS[$mode.$name]})
+        ratios=()
+        for i in "${!bare[@]}"; do
+            ratios+=("$(awk -v k="${this[$i]}" -v b="${bare[$i]}" 'BEGIN { printf "%.4f", k / b }')")
+        done
+        # shellcheck disable=SC2086
+        printf '%s %s: throughput %s/bare, median of %d rounds = %.2f (target >= 0.90); per round: %s; p50 %+.3f ms, p99 %+.3f ms (medians)\n' \
+            "$method" "$path" "$mode" "${#ratios[@]}" "$(median "${ratios[@]}")" "${ratios[*]}" \
+            "$(awk -v a="$(median ${P50[$mode.$name]})" -v b="$(median ${P50[bare.$name]})" 'BEGIN { print a - b }')" \
+            "$(awk -v a="$(median ${P99[$mode.$name]})" -v b="$(median ${P99[bare.$name]})" 'BEGIN { print a - b }')"
     done
 done

@@ -267,7 +267,7 @@ impl<S: std::fmt::Debug> std::fmt::Debug for Audit<S> {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Audit<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ResBody: http_body::Body<Data = bytes::Bytes>,
 {
     type Response = Response<AuditBody<ResBody>>;
@@ -332,9 +332,10 @@ where
             pending.reserved = true;
         }
 
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::inner(inner.call(req), pending)
+        // The inner service was made ready by `poll_ready` and is called right away, not from
+        // the future: no clone of the stack below is needed (tower's clone-and-swap is for
+        // services called after an await).
+        ResponseFuture::inner(self.inner.call(req), pending)
     }
 }
 

@@ -39,14 +39,15 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use keygate_core::{Cut, Denial, ModelPattern, RequestTrace, RequestedModel, Stage};
 
 mod body;
+mod jwks;
 mod tls;
 
 pub use crate::config::Roots;
 pub use body::{ProxyResponseBody, UpstreamTimedOut};
+pub use jwks::{JwksError, JwksFetcher};
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -315,17 +316,7 @@ impl ProxyBuilder {
         if self.upstreams.is_empty() {
             return Err(UpstreamError::NoUpstream);
         }
-        let tls = tls::client_config(self.roots, &self.extra_ca)?;
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(self.timeouts.connect);
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new()).build(connector);
+        let client = tls::client(self.roots, &self.extra_ca, self.timeouts.connect)?;
         let default = self
             .upstreams
             .iter()

@@ -415,3 +415,46 @@ fn unusable_ca_files_are_refused_at_build() {
         Err(UpstreamError::Tls(_))
     ));
 }
+
+#[tokio::test]
+async fn a_key_set_is_fetched_over_https_and_refreshed() {
+    use keygate_jwt::{KeySetSource, SharedKeySet};
+    let (ca_pem, server) = test_pki();
+    let jwks = std::sync::Arc::new(std::sync::Mutex::new(
+        r#"{"keys":[{"kty":"OKP","crv":"Ed25519","x":"3BTqMHMjIfRjJ7YErmcGLIZNS9_uCMUA4efAUH7oh8I","kid":"one"}]}"#.to_owned(),
+    ));
+    let doc = jwks.clone();
+    let app = axum::Router::new().route(
+        "/jwks.json",
+        axum::routing::get(move || {
+            let doc = doc.lock().unwrap().clone();
+            async move { doc }
+        }),
+    );
+    let addr = serve_tls(app, server).await;
+    let url = format!("https://127.0.0.1:{}/jwks.json", addr.port());
+    let ca = ca_pem.into_bytes();
+    let fetcher = JwksFetcher::new(&url, Roots::None, std::slice::from_ref(&ca)).unwrap();
+    let keys = SharedKeySet::new(fetcher.fetch().await.unwrap());
+    assert!(keys.key_set().contains("one"));
+
+    // A broken document is an error; the caller keeps what it has.
+    *jwks.lock().unwrap() = "{".to_owned();
+    assert!(matches!(fetcher.fetch().await, Err(JwksError::Keys(_))));
+    let base = format!("https://127.0.0.1:{}", addr.port());
+    let missing = JwksFetcher::new(
+        &format!("{base}/nope"),
+        Roots::None,
+        std::slice::from_ref(&ca),
+    )
+    .unwrap();
+    assert!(matches!(
+        missing.fetch().await,
+        Err(JwksError::Status(StatusCode::NOT_FOUND))
+    ));
+    // Another CA: the TLS handshake fails, nothing is trusted.
+    let other_ca = test_pki().0.into_bytes();
+    let untrusted = JwksFetcher::new(&url, Roots::None, &[other_ca]).unwrap();
+    assert!(matches!(untrusted.fetch().await, Err(JwksError::Fetch(_))));
+    assert!(JwksFetcher::new("ftp://x", Roots::Webpki, &[]).is_err());
+}

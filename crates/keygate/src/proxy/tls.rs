@@ -1,6 +1,12 @@
 //! The TLS client configuration of `https://` upstreams (rustls, ring).
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
 
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
@@ -53,4 +59,27 @@ pub(super) fn client_config(
         .map_err(|e| UpstreamError::Tls(e.to_string()))?
         .with_root_certificates(store)
         .with_no_client_auth())
+}
+
+/// An http(s) client verifying servers against `roots` and `extra_ca`.
+pub(super) fn client<B>(
+    roots: Roots,
+    extra_ca: &[Vec<u8>],
+    connect_timeout: Option<Duration>,
+) -> Result<Client<HttpsConnector<HttpConnector>, B>, UpstreamError>
+where
+    B: http_body::Body + Send,
+    B::Data: Send,
+{
+    let tls = client_config(roots, extra_ca)?;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(connect_timeout);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http);
+    Ok(Client::builder(TokioExecutor::new()).build(connector))
 }
