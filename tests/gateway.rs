@@ -461,34 +461,27 @@ async fn two_upstreams_are_chosen_by_the_model_of_the_request() {
         out.contains(&format!("upstream: http://{local}, http://{mock_addr}")),
         "{out}"
     );
-    let llama = call(
-        gw.addr(),
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("llama-3-8b")),
-    )
-    .await;
+    let chat_with = |model: &'static str| {
+        let key = key.clone();
+        let addr = gw.addr();
+        async move {
+            call(
+                addr,
+                "POST",
+                "/v1/chat/completions",
+                Some(&key),
+                Some(&chat(model)),
+            )
+            .await
+        }
+    };
+    let llama = chat_with("llama-3-8b").await;
     assert_eq!(llama.status, 200);
     assert_eq!(llama.json()["served_by"], "local");
-    let gpt = call(
-        gw.addr(),
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("gpt-4o-mini")),
-    )
-    .await;
+    let gpt = chat_with("gpt-4o-mini").await;
     assert_eq!(gpt.status, 200);
     assert_eq!(gpt.json()["object"], "chat.completion");
-    let other = call(
-        gw.addr(),
-        "POST",
-        "/v1/chat/completions",
-        Some(&key),
-        Some(&chat("claude-3")),
-    )
-    .await;
+    let other = chat_with("claude-3").await;
     assert_eq!(other.status, 404);
     assert_eq!(other.code(), "model_not_found");
     gw.shutdown().await;

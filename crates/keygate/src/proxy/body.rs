@@ -5,8 +5,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use http::StatusCode;
 use http_body::{Body, Frame, SizeHint};
-use keygate_core::{Cut, RequestTrace};
+use keygate_core::{Cut, Denial, RequestTrace, Stage};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
@@ -101,16 +102,16 @@ pub(super) fn timeout_event(cut: Cut) -> Bytes {
         Cut::UpstreamIdle => "The model server stopped sending (idle timeout).",
         _ => "The model server took too long (total timeout).",
     };
-    let body = serde_json::json!({
-        "error": {
-            "message": message,
-            "type": "server_error",
-            "param": null,
-            "code": "upstream_timeout",
-        }
-    });
+    // The same OpenAI error shape as every other error keygate answers with.
+    let body = Denial::new(
+        Stage::Audit,
+        StatusCode::GATEWAY_TIMEOUT,
+        "upstream_timeout",
+        message,
+    )
+    .json_body();
     let mut event = b"event: error\ndata: ".to_vec();
-    event.extend_from_slice(body.to_string().as_bytes());
+    event.extend_from_slice(&body);
     event.extend_from_slice(b"\n\n");
     Bytes::from(event)
 }
