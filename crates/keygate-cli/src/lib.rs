@@ -50,6 +50,7 @@ use keygate_core::{
     ModelRules, Money, Period, Permissions, PreviousSecret, ProjectRecord, RandomError, Secret,
     Timestamp,
 };
+use keygate_store::{Db, StoreUrl};
 use serde_json::{Value, json};
 
 pub mod gateway;
@@ -80,6 +81,9 @@ pub enum CliError {
     /// The gateway could not start.
     #[error("{0}")]
     Serve(String),
+    /// The store could not be opened, read or written.
+    #[error(transparent)]
+    Store(#[from] keygate_store::DbError),
 }
 
 impl CliError {
@@ -97,20 +101,27 @@ fn invalid(msg: impl Into<String>) -> CliError {
     CliError::Invalid(msg.into())
 }
 
-/// Manage keygate keys and projects in a key file.
+/// Run the keygate gateway, and manage keys and projects in its store (SQLite by default) or
+/// in a TOML key file.
 ///
-/// The file holds only digests of secrets. Every write replaces the file atomically.
+/// Only digests of secrets are stored. Every change is one transaction (the store) or one
+/// atomic replacement of the file.
 #[derive(Debug, Parser)]
 #[command(name = "keygate", version)]
 struct Cli {
-    /// The key file.
+    /// The store the key commands work on (`sqlite:PATH`), the same default as the
+    /// gateway's.
     #[arg(
         long,
         global = true,
-        env = "KEYGATE_KEYS_FILE",
-        default_value = "keygate-keys.toml"
+        env = "KEYGATE_STORE",
+        default_value = keygate_store::DEFAULT_STORE_URL,
+        conflicts_with = "file"
     )]
-    file: PathBuf,
+    store: String,
+    /// Work on this TOML key file instead of the store (for keys kept in git).
+    #[arg(long, global = true, env = "KEYGATE_KEYS_FILE")]
+    file: Option<PathBuf>,
     /// Print one JSON document instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -160,6 +171,18 @@ enum KeysCommand {
     Enable {
         /// The key id.
         id: String,
+    },
+    /// Copy the projects and keys of a TOML key file into the store (one transaction; records
+    /// with the same id are replaced).
+    Import {
+        /// The TOML key file.
+        file: PathBuf,
+    },
+    /// Write every project and key as a TOML key file (digests only), to stdout or a file.
+    Export {
+        /// Write here (atomically) instead of stdout.
+        #[arg(long)]
+        output: Option<PathBuf>,
     },
     /// Give a key a new secret (printed once); the old one keeps working for the grace period.
     ///
@@ -277,6 +300,10 @@ struct CreateKey {
     /// The secret's prefix (default `sk-kg-`); the serving layer must use the same prefix.
     #[arg(long)]
     prefix: Option<String>,
+    /// Make this many keys with the same rules in one transaction, printing one `ID SECRET`
+    /// line each (or `{"keys":[{"id","secret"}...]}` with `--json`).
+    #[arg(long, default_value = "1")]
+    count: std::num::NonZeroUsize,
 }
 
 #[derive(Debug, Args)]
@@ -294,8 +321,10 @@ struct CreateProject {
 /// `now` is the time every timestamp written is taken from; output goes to `out` (text, or one
 /// JSON document with `--json`).
 ///
-/// A command that changes the file validates the whole result first and writes it with
-/// [`KeyFile::save_atomic`]; on any error the file is untouched.
+/// Key commands work on the store (`--store`, default `sqlite:keygate.db`), where every change
+/// is one transaction, so concurrent runs and a running gateway never lose each other's
+/// writes; or, with `--file`, on a TOML key file, where a change validates the whole result
+/// first and writes it with [`KeyFile::save_atomic`]. On any error nothing is changed.
 ///
 /// # Errors
 ///
@@ -306,8 +335,13 @@ where
     T: Into<OsString> + Clone,
 {
     let cli = Cli::try_parse_from(args)?;
+    let target = match (&cli.command, &cli.file) {
+        (Command::Serve(_), _) => None,
+        (_, Some(path)) => Some(Target::File(path.clone())),
+        (_, None) => Some(Target::open_store(&cli.store)?),
+    };
     let ctx = Ctx {
-        path: &cli.file,
+        target: target.unwrap_or(Target::File(PathBuf::new())),
         json: cli.json,
         now,
     };
@@ -340,30 +374,155 @@ fn serve(mut options: gateway::GatewayOptions) -> Result<(), CliError> {
     })
 }
 
-struct Ctx<'a> {
-    path: &'a Path,
+/// What the key commands work on.
+enum Target {
+    /// A TOML key file: read, changed in memory, validated whole and replaced atomically.
+    File(PathBuf),
+    /// The database: every change one transaction.
+    Store(std::cell::RefCell<Db>),
+}
+
+impl Target {
+    fn open_store(url: &str) -> Result<Target, CliError> {
+        let url: StoreUrl = url.parse().map_err(|e| invalid(format!("--store: {e}")))?;
+        match url {
+            StoreUrl::Sqlite(path) => Ok(Target::Store(std::cell::RefCell::new(Db::open(&path)?))),
+            other => Err(invalid(format!("--store {other}: not supported by the key commands yet"))),
+        }
+    }
+}
+
+struct Ctx {
+    target: Target,
     json: bool,
     now: Timestamp,
 }
 
-impl Ctx<'_> {
-    /// The file, or an empty one if it does not exist and the command may create it.
+impl Ctx {
+    /// Everything, as a key file (from the file, or the store's export). A file that does not
+    /// exist is empty when the command may create it.
     fn load(&self, may_create: bool) -> Result<KeyFile, CliError> {
-        match KeyFile::load(self.path) {
-            Err(FileStoreError::Io { source, .. })
-                if may_create && source.kind() == io::ErrorKind::NotFound =>
-            {
-                Ok(KeyFile::default())
-            }
-            other => Ok(other?),
+        match &self.target {
+            Target::File(path) => match KeyFile::load(path) {
+                Err(FileStoreError::Io { source, .. })
+                    if may_create && source.kind() == io::ErrorKind::NotFound =>
+                {
+                    Ok(KeyFile::default())
+                }
+                other => Ok(other?),
+            },
+            Target::Store(db) => Ok(db.borrow().export()?),
         }
     }
 
-    fn save(&self, file: &KeyFile) -> Result<(), CliError> {
+    fn save_file(path: &Path, file: &KeyFile) -> Result<(), CliError> {
         // Never write a file a FileStore would refuse.
-        file.to_snapshot(self.path)?;
-        file.save_atomic(self.path)?;
+        file.to_snapshot(path)?;
+        file.save_atomic(path)?;
         Ok(())
+    }
+
+    /// Changes one key with `change` and returns it as written.
+    fn change_key(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut KeyRecord, Timestamp) -> Result<(), CliError>,
+    ) -> Result<KeyRecord, CliError> {
+        let now = self.now;
+        match &self.target {
+            Target::File(path) => {
+                let mut file = self.load(false)?;
+                let key = find_key_mut(&mut file, id)?;
+                change(key, now)?;
+                let key = key.clone();
+                Self::save_file(path, &file)?;
+                Ok(key)
+            }
+            Target::Store(db) => {
+                let mut failed = None;
+                let result = db.borrow_mut().update_key(id, |key, _reason| {
+                    match change(key, now) {
+                        Ok(()) => Ok(key.clone()),
+                        Err(e) => {
+                            let message = e.to_string();
+                            failed = Some(e);
+                            Err(message)
+                        }
+                    }
+                });
+                match (result, failed) {
+                    (_, Some(e)) => Err(e),
+                    (Err(keygate_store::DbError::NotFound(_)), None) => {
+                        Err(CliError::NoSuchKey(id.to_owned()))
+                    }
+                    (r, None) => Ok(r?),
+                }
+            }
+        }
+    }
+
+    /// Adds keys (all or none) to `project`, creating the project first if `create_project`.
+    fn add_keys(
+        &self,
+        keys: &[KeyRecord],
+        project: &str,
+        create_project: bool,
+    ) -> Result<(), CliError> {
+        let missing = |project: &str| {
+            invalid(format!(
+                "project {project:?} does not exist: create it with `keygate projects create {project}` \
+                 or pass --create-project"
+            ))
+        };
+        match &self.target {
+            Target::File(path) => {
+                let mut file = self.load(true)?;
+                if !file.projects.iter().any(|p| p.id == project) {
+                    if !create_project {
+                        return Err(missing(project));
+                    }
+                    let p = ProjectRecord::new(project);
+                    p.validate().map_err(invalid)?;
+                    file.projects.push(p);
+                }
+                file.keys.extend_from_slice(keys);
+                Self::save_file(path, &file)
+            }
+            Target::Store(db) => {
+                let mut db = db.borrow_mut();
+                if db.project(project)?.is_none() {
+                    if !create_project {
+                        return Err(missing(project));
+                    }
+                    match db.create_project(&ProjectRecord::new(project)) {
+                        // Another writer made it in between: fine.
+                        Ok(()) | Err(keygate_store::DbError::Exists(_)) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Ok(db.insert_keys(keys, "cli")?)
+            }
+        }
+    }
+
+    fn add_project(&self, project: &ProjectRecord) -> Result<(), CliError> {
+        project.validate().map_err(invalid)?;
+        match &self.target {
+            Target::File(path) => {
+                let mut file = self.load(true)?;
+                if file.projects.iter().any(|p| p.id == project.id) {
+                    return Err(invalid(format!("project {:?} already exists", project.id)));
+                }
+                file.projects.push(project.clone());
+                Self::save_file(path, &file)
+            }
+            Target::Store(db) => match db.borrow_mut().create_project(project) {
+                Err(keygate_store::DbError::Exists(_)) => {
+                    Err(invalid(format!("project {:?} already exists", project.id)))
+                }
+                other => Ok(other?),
+            },
+        }
     }
 
     fn output(&self, json: Value, text: String) -> String {
@@ -416,6 +575,42 @@ impl Ctx<'_> {
                 Ok(())
             }),
             KeysCommand::Rotate { id, grace, prefix } => self.rotate(&id, grace, prefix.as_deref()),
+            KeysCommand::Import { file } => {
+                let Target::Store(db) = &self.target else {
+                    return Err(invalid("keys import copies a key file into the store: give --store, not --file"));
+                };
+                let keys = KeyFile::load(&file)?;
+                // Refuse a set a gateway would refuse, before touching the store.
+                keys.to_snapshot(&file)?;
+                let outcome = db.borrow_mut().import(&keys, "import")?;
+                Ok(self.output(
+                    json!({ "imported": { "projects": outcome.projects, "keys": outcome.keys } }),
+                    format!(
+                        "Imported {} projects and {} keys from {}.\n",
+                        outcome.projects,
+                        outcome.keys,
+                        file.display()
+                    ),
+                ))
+            }
+            KeysCommand::Export { output } => {
+                let keys = self.load(false)?;
+                match output {
+                    Some(path) => {
+                        keys.save_atomic(&path)?;
+                        Ok(self.output(
+                            json!({ "exported": { "projects": keys.projects.len(), "keys": keys.keys.len(), "file": path } }),
+                            format!(
+                                "Exported {} projects and {} keys to {}.\n",
+                                keys.projects.len(),
+                                keys.keys.len(),
+                                path.display()
+                            ),
+                        ))
+                    }
+                    None => Ok(keys.to_toml()?),
+                }
+            }
         }
     }
 
@@ -425,11 +620,7 @@ impl Ctx<'_> {
         verb: &str,
         change: impl FnOnce(&mut KeyRecord, Timestamp) -> Result<(), CliError>,
     ) -> Result<String, CliError> {
-        let mut file = self.load(false)?;
-        let key = find_key_mut(&mut file, id)?;
-        change(key, self.now)?;
-        let key = key.clone();
-        self.save(&file)?;
+        let key = self.change_key(id, change)?;
         let text = format!("{verb} key {}.\n\n{}", key.id, key_text(&key, self.now));
         Ok(self.output(json!({ "key": key_json(&key, self.now) }), text))
     }
@@ -478,34 +669,46 @@ impl Ctx<'_> {
             }
         }
 
-        let mut file = self.load(true)?;
-        if !file.projects.iter().any(|p| p.id == args.project) {
-            if !args.create_project {
-                return Err(invalid(format!(
-                    "project {:?} does not exist: create it with `keygate projects create {}` \
-                     or pass --create-project",
-                    args.project, args.project
-                )));
-            }
-            let project = ProjectRecord::new(args.project.clone());
-            project.validate().map_err(invalid)?;
-            file.projects.push(project);
+        let count = args.count.get();
+        let mut made = Vec::with_capacity(count);
+        for _ in 0..count {
+            let secret = format.generate()?;
+            let mut key = KeyRecord::new(
+                KeyId::generate()?,
+                args.project.clone(),
+                secret.digest(),
+                self.now,
+            );
+            key.name = args.name.clone();
+            key.permissions = permissions.clone();
+            key.models = args.rules.models();
+            key.limits = args.rules.limits();
+            key.allowed_ips = args.rules.allow_ip.clone();
+            key.labels = labels.clone();
+            key.groups = args.group.clone();
+            key.not_before = args.not_before;
+            key.expires_at = expires_at;
+            made.push((key, secret));
         }
-
-        let secret = format.generate()?;
-        let mut key = KeyRecord::new(KeyId::generate()?, args.project, secret.digest(), self.now);
-        key.name = args.name;
-        key.permissions = permissions;
-        key.models = args.rules.models();
-        key.limits = args.rules.limits();
-        key.allowed_ips = args.rules.allow_ip.clone();
-        key.labels = labels;
-        key.groups = args.group;
-        key.not_before = args.not_before;
-        key.expires_at = expires_at;
-        file.keys.push(key.clone());
-        self.save(&file)?;
-
+        let records: Vec<KeyRecord> = made.iter().map(|(k, _)| k.clone()).collect();
+        self.add_keys(&records, &args.project, args.create_project)?;
+        if count > 1 {
+            // Bulk: one line (or JSON object) per key; the secrets are shown only now.
+            let json = json!({
+                "keys": made.iter().map(|(k, s)| json!({"id": k.id.as_str(), "secret": s.expose()})).collect::<Vec<_>>()
+            });
+            let mut text = format!(
+                "Created {count} keys in project {} (secrets shown only this once):\n",
+                args.project
+            );
+            for (k, s) in &made {
+                let _ = writeln!(text, "{} {}", k.id, s.expose());
+            }
+            return Ok(self.output(json, text));
+        }
+        let Some((key, secret)) = made.pop() else {
+            return Err(invalid("--count must be at least 1"));
+        };
         let text = format!(
             "Created key {id} in project {project}.\n\n\
              Secret (shown only this once; keygate stores only its digest):\n\n    {secret}\n\n{summary}",
@@ -520,22 +723,22 @@ impl Ctx<'_> {
 
     fn rotate(&self, id: &str, grace: Duration, prefix: Option<&str>) -> Result<String, CliError> {
         let format = key_format(prefix)?;
-        let mut file = self.load(false)?;
-        let key = find_key_mut(&mut file, id)?;
-        if key.revoked_at.is_some() {
-            return Err(invalid(format!(
-                "key {} is revoked; create a new key instead",
-                key.id
-            )));
-        }
         let secret = format.generate()?;
-        key.previous = (!grace.is_zero()).then(|| PreviousSecret {
-            digest: key.digest,
-            valid_until: self.now.saturating_add(grace),
-        });
-        key.digest = secret.digest();
-        let key = key.clone();
-        self.save(&file)?;
+        let digest = secret.digest();
+        let key = self.change_key(id, |key, now| {
+            if key.revoked_at.is_some() {
+                return Err(invalid(format!(
+                    "key {} is revoked; create a new key instead",
+                    key.id
+                )));
+            }
+            key.previous = (!grace.is_zero()).then(|| PreviousSecret {
+                digest: key.digest,
+                valid_until: now.saturating_add(grace),
+            });
+            key.digest = digest;
+            Ok(())
+        })?;
         let until = key.previous.as_ref().map_or_else(
             || "no longer works".to_owned(),
             |p| format!("works until {}", p.valid_until),
@@ -554,18 +757,13 @@ impl Ctx<'_> {
     fn projects(&self, cmd: ProjectsCommand) -> Result<String, CliError> {
         match cmd {
             ProjectsCommand::Create(args) => {
-                let mut file = self.load(true)?;
-                if file.projects.iter().any(|p| p.id == args.id) {
-                    return Err(invalid(format!("project {:?} already exists", args.id)));
-                }
                 let mut project = ProjectRecord::new(args.id);
                 project.name = args.name;
                 project.models = args.rules.models();
                 project.limits = args.rules.limits();
                 project.allowed_ips = args.rules.allow_ip.clone();
-                project.validate().map_err(invalid)?;
-                file.projects.push(project.clone());
-                self.save(&file)?;
+                self.add_project(&project)?;
+                let file = self.load(false)?;
                 let text = format!(
                     "Created project {}.\n\n{}",
                     project.id,

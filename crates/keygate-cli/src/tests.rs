@@ -519,3 +519,242 @@ fn budgets_parse() {
     assert!(parse_budget("10").is_err());
     assert!(parse_budget("ten/day").is_err());
 }
+
+/// The key commands on the SQLite store (`--store sqlite:PATH`).
+struct StoreEnv {
+    _dir: tempfile::TempDir,
+    db: PathBuf,
+}
+
+impl StoreEnv {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keygate.db");
+        StoreEnv { _dir: dir, db }
+    }
+
+    fn url(&self) -> String {
+        format!("sqlite:{}", self.db.display())
+    }
+
+    fn run(&self, args: &[&str]) -> Result<String, CliError> {
+        let url = self.url();
+        let mut argv = vec!["keygate", "--store", &url];
+        argv.extend_from_slice(args);
+        let mut out = Vec::new();
+        run(argv, t0(), &mut out).map(|()| String::from_utf8(out).unwrap())
+    }
+
+    fn json(&self, args: &[&str]) -> Value {
+        let mut argv = vec!["--json"];
+        argv.extend_from_slice(args);
+        let text = self
+            .run(&argv)
+            .unwrap_or_else(|e| panic!("{args:?} failed: {e}"));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{args:?}: {e}: {text}"))
+    }
+
+    fn create(&self, extra: &[&str]) -> (String, String) {
+        let mut args = vec!["keys", "create", "--project", "default", "--create-project"];
+        args.extend_from_slice(extra);
+        let v = self.json(&args);
+        (
+            v["key"]["id"].as_str().unwrap().to_owned(),
+            v["secret"].as_str().unwrap().to_owned(),
+        )
+    }
+
+    async fn live(&self, secret: &str) -> Result<(), Rejection> {
+        let store = keygate_store::SqliteStore::open(&self.db).unwrap();
+        let digest = KeyFormat::default().parse(secret).unwrap();
+        let found = store.lookup(&digest).await.unwrap().expect("key not found");
+        found.key.check_live(found.secret, t0())
+    }
+}
+
+#[tokio::test]
+async fn on_the_store_keys_are_created_rotated_disabled_and_revoked() {
+    let env = StoreEnv::new();
+    let (id, secret) = env.create(&["--permissions", "all", "--name", "ci", "--rpm", "60"]);
+    assert_eq!(env.live(&secret).await, Ok(()));
+    let shown = env.json(&["keys", "show", &id]);
+    assert_eq!(shown["key"]["name"], "ci");
+    assert!(shown["key"].get("digest").is_none());
+    let listed = env.json(&["keys", "list", "--project", "default"]);
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 1);
+
+    let rotated = env.json(&["keys", "rotate", &id, "--grace", "1h"]);
+    let new_secret = rotated["secret"].as_str().unwrap().to_owned();
+    assert_eq!(env.live(&new_secret).await, Ok(()));
+    assert_eq!(env.live(&secret).await, Ok(()), "the old secret works for the grace");
+
+    env.json(&["keys", "disable", &id]);
+    assert_eq!(env.live(&new_secret).await, Err(Rejection::Disabled));
+    env.json(&["keys", "enable", &id]);
+    assert_eq!(env.live(&new_secret).await, Ok(()));
+    env.json(&["keys", "revoke", &id]);
+    assert_eq!(env.live(&new_secret).await, Err(Rejection::Revoked));
+    let e = env.run(&["keys", "enable", &id]).unwrap_err();
+    assert!(e.to_string().contains("revoked"), "{e}");
+    assert!(matches!(
+        env.run(&["keys", "revoke", "key_nope"]),
+        Err(CliError::NoSuchKey(_))
+    ));
+}
+
+#[test]
+fn on_the_store_projects_are_created_once_and_keys_need_one() {
+    let env = StoreEnv::new();
+    let e = env
+        .run(&["keys", "create", "--project", "acme", "--permissions", "all"])
+        .unwrap_err();
+    assert!(e.to_string().contains("does not exist"), "{e}");
+    env.json(&["projects", "create", "acme", "--allow-model", "gpt-4o*"]);
+    let e = env.run(&["projects", "create", "acme"]).unwrap_err();
+    assert!(e.to_string().contains("already exists"), "{e}");
+    env.json(&["keys", "create", "--project", "acme", "--permissions", "all"]);
+    let projects = env.json(&["projects", "list"]);
+    assert_eq!(projects["projects"][0]["id"], "acme");
+}
+
+#[test]
+fn store_and_file_are_one_or_the_other() {
+    let env = StoreEnv::new();
+    let url = env.url();
+    let mut out = Vec::new();
+    let e = run(
+        ["keygate", "--store", &url, "--file", "k.toml", "keys", "list"],
+        t0(),
+        &mut out,
+    )
+    .unwrap_err();
+    assert!(matches!(e, CliError::Usage(_)));
+    let e = env.run(&["--store", "mysql://x", "keys", "list"]).unwrap_err();
+    assert_eq!(e.exit_code(), 2, "{e}");
+}
+
+#[test]
+fn bulk_create_makes_every_key_in_one_go() {
+    let env = StoreEnv::new();
+    let v = env.json(&[
+        "keys",
+        "create",
+        "--project",
+        "bulk",
+        "--create-project",
+        "--permissions",
+        "read_only",
+        "--count",
+        "500",
+    ]);
+    let made = v["keys"].as_array().unwrap();
+    assert_eq!(made.len(), 500);
+    let secrets: std::collections::HashSet<&str> =
+        made.iter().map(|k| k["secret"].as_str().unwrap()).collect();
+    assert_eq!(secrets.len(), 500);
+    let listed = env.json(&["keys", "list", "--project", "bulk"]);
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 500);
+    let store = keygate_store::SqliteStore::open(&env.db).unwrap();
+    for k in made.iter().take(20) {
+        let digest = KeyFormat::default()
+            .parse(k["secret"].as_str().unwrap())
+            .unwrap();
+        assert!(store.store().get(&digest).is_some());
+    }
+}
+
+#[test]
+fn toml_import_into_the_store_and_export_round_trip() {
+    // Keys made in a TOML file (as a team keeping keys in git would) ...
+    let file = Env::with_project();
+    file.create(&["--permissions", "all", "--label", "team=ml", "--budget", "5/day"]);
+    let (rotated, _) = file.create(&["--permissions", "read_only"]);
+    file.ok(&["keys", "rotate", &rotated, "--grace", "1h"], t0());
+    let original = KeyFile::load(&file.path).unwrap();
+
+    // ... imported into the store, exported again: the same records.
+    let env = StoreEnv::new();
+    let path = file.path.to_str().unwrap();
+    let v = env.json(&["keys", "import", path]);
+    assert_eq!(v["imported"]["keys"], 2);
+    let out = env._dir.path().join("exported.toml");
+    env.json(&["keys", "export", "--output", out.to_str().unwrap()]);
+    let exported = KeyFile::load(&out).unwrap();
+    let sorted = |mut f: KeyFile| {
+        f.keys.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+        f.projects.sort_by(|a, b| a.id.cmp(&b.id));
+        f
+    };
+    assert_eq!(sorted(exported), sorted(original.clone()));
+    // To stdout, as TOML.
+    let text = env.run(&["keys", "export"]).unwrap();
+    assert_eq!(sorted(KeyFile::parse("stdout", &text).unwrap()), sorted(original));
+    // Importing again changes nothing (same ids).
+    env.json(&["keys", "import", path]);
+    assert_eq!(env.json(&["keys", "list"])["keys"].as_array().unwrap().len(), 2);
+}
+
+#[test]
+fn import_refuses_a_broken_file_and_changes_nothing() {
+    let env = StoreEnv::new();
+    env.create(&["--permissions", "all"]);
+    let bad = env._dir.path().join("bad.toml");
+    fs::write(&bad, "").unwrap();
+    assert!(env.run(&["keys", "import", bad.to_str().unwrap()]).is_err());
+    fs::write(
+        &bad,
+        "version = 1\n[[keys]]\nid = \"key_x\"\nproject = \"nope\"\n",
+    )
+    .unwrap();
+    assert!(env.run(&["keys", "import", bad.to_str().unwrap()]).is_err());
+    assert_eq!(env.json(&["keys", "list"])["keys"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn concurrent_cli_runs_on_the_store_lose_nothing() {
+    // Two "processes" at once: one creates keys, the other revokes the ones made before.
+    let env = StoreEnv::new();
+    let first: Vec<String> = (0..20).map(|_| env.create(&["--permissions", "all"]).0).collect();
+    let url = env.url();
+    let creator = {
+        let url = url.clone();
+        std::thread::spawn(move || {
+            let mut made = Vec::new();
+            for _ in 0..20 {
+                let mut out = Vec::new();
+                run(
+                    [
+                        "keygate", "--store", &url, "--json", "keys", "create", "--project",
+                        "default", "--permissions", "all",
+                    ],
+                    t0(),
+                    &mut out,
+                )
+                .unwrap();
+                let v: Value = serde_json::from_slice(&out).unwrap();
+                made.push(v["key"]["id"].as_str().unwrap().to_owned());
+            }
+            made
+        })
+    };
+    let revoker = {
+        let first = first.clone();
+        std::thread::spawn(move || {
+            for id in &first {
+                let mut out = Vec::new();
+                run(["keygate", "--store", &url, "keys", "revoke", id], t0(), &mut out).unwrap();
+            }
+        })
+    };
+    let made = creator.join().unwrap();
+    revoker.join().unwrap();
+    let listed = env.json(&["keys", "list"]);
+    let keys = listed["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 40);
+    for k in keys {
+        let id = k["id"].as_str().unwrap();
+        let revoked = k["status"] == "revoked";
+        assert_eq!(revoked, first.iter().any(|f| f == id), "{k}");
+        assert!(first.iter().any(|f| f == id) || made.iter().any(|m| m == id));
+    }
+}

@@ -150,9 +150,9 @@ async fn the_readme_command_serves_demo_keys_from_an_empty_directory() {
     // The README's `keygate serve`, on a free port instead of 8080.
     let gw = Gateway::start(dir.path(), &["--listen", "127.0.0.1:0"]);
     assert_eq!(gw.line(), "upstream: the embedded mock OpenAI server");
-    assert!(
-        gw.line()
-            .starts_with("created keygate-demo-keys.toml with demo keys")
+    assert_eq!(
+        gw.line(),
+        "created demo keys in sqlite:keygate.db (secrets are shown only now):"
     );
     let full = gw.line();
     let secret = full
@@ -162,7 +162,7 @@ async fn the_readme_command_serves_demo_keys_from_an_empty_directory() {
         .unwrap_or_else(|| panic!("no full key in {full:?}"))
         .to_owned();
     assert!(secret.starts_with("sk-kg-"));
-    assert!(dir.path().join("keygate-demo-keys.toml").exists());
+    assert!(dir.path().join("keygate.db").exists());
 
     let models = request(gw.addr, "GET", "/v1/models", &secret, "").await;
     assert!(models.starts_with("HTTP/1.1 200"), "{models}");
@@ -299,5 +299,93 @@ async fn fail_closed_audit_on_a_full_disk_serves_nothing_unaudited() {
         let record =
             record.unwrap_or_else(|| panic!("request {id} was served with no audit record"));
         assert!(record.contains("\"status\":200"), "{record}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_revoked_with_the_cli_is_refused_by_the_running_gateway_and_stays_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw = Gateway::start(dir.path(), &["--listen", "127.0.0.1:0"]);
+    assert_eq!(gw.line(), "upstream: the embedded mock OpenAI server");
+    gw.line();
+    let line = gw.line();
+    let secret = line.split_whitespace().nth(1).unwrap().to_owned();
+    let ok = request(gw.addr, "GET", "/v1/models", &secret, "").await;
+    assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
+
+    // The CLI, as another process would, on the gateway's own store.
+    let url = format!("sqlite:{}", dir.path().join("keygate.db").display());
+    let mut out = Vec::new();
+    keygate_cli::run(
+        ["keygate", "--store", &url, "--json", "keys", "list"],
+        keygate_core::Timestamp::from_unix_secs(1_800_000_000),
+        &mut out,
+    )
+    .unwrap();
+    let listed: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let full = listed["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["name"] == "full")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    keygate_cli::run(
+        ["keygate", "--store", &url, "keys", "revoke", &full],
+        keygate_core::Timestamp::from_unix_secs(1_800_000_000),
+        &mut Vec::new(),
+    )
+    .unwrap();
+    // The gateway polls the store every 250 ms; give it a generous, bounded while.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let refused = loop {
+        let answer = request(gw.addr, "GET", "/v1/models", &secret, "").await;
+        if answer.starts_with("HTTP/1.1 401") {
+            break true;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        tokio::task::yield_now().await;
+    };
+    assert!(refused, "the revoked key still works");
+    let health = request(gw.addr, "GET", "/healthz", "", "").await;
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    let (ok, _) = gw.terminate(Duration::from_secs(30));
+    assert!(ok);
+
+    // A restart keeps the store: no new demo keys, the revoked key still refused.
+    let gw = Gateway::start(dir.path(), &["--listen", "127.0.0.1:0"]);
+    gw.line();
+    assert_eq!(gw.line(), "using the keys in sqlite:keygate.db; the demo keys are:");
+    let answer = request(gw.addr, "GET", "/v1/models", &secret, "").await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+    gw.terminate(Duration::from_secs(30));
+}
+
+#[test]
+fn a_gateway_with_no_usable_key_source_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.toml"), "").unwrap();
+    std::fs::write(dir.path().join("broken.db"), b"this is not a database at all, not even close....").unwrap();
+    for args in [
+        ["--keys-file", "keys.toml"],
+        ["--store", "sqlite:broken.db"],
+        ["--keys-file", "absent.toml"],
+    ] {
+        let out = Command::new(BIN)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .current_dir(dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("error:"), "{args:?}: {stderr}");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
     }
 }

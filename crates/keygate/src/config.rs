@@ -1,7 +1,7 @@
 //! [`Config`]: the whole stack from a TOML file.
 //!
-//! Every key is optional; an empty file is a working configuration (the key file
-//! `keygate-keys.toml`, the OpenAI routes, audit to `tracing`, tokens signed with a random
+//! Every key is optional; an empty file is a working configuration (keys in the SQLite
+//! store `keygate.db`, the OpenAI routes, audit to `tracing`, tokens signed with a random
 //! per-process secret). Unknown keys are errors, so a typo never silently falls back to a
 //! default.
 //!
@@ -46,17 +46,25 @@ use keygate_scope::{DEFAULT_BODY_LIMIT, RouteError, RouteSpec, RouteTable, Trust
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{BuildError, Keygate, KeygateBuilder, KeygateLayer};
+use crate::source::KeySource;
 
 /// The keygate configuration file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// The key file (written by the `keygate` CLI; digests only) served by a
-    /// [`FileStore`]. Default `keygate-keys.toml`, relative to the working directory.
-    pub keys_file: PathBuf,
+    /// Where keys and projects live: `sqlite:PATH` (default `sqlite:keygate.db`, relative to
+    /// the working directory; written by the `keygate` CLI, digests only). Ignored when
+    /// `keys_file` is set.
+    pub store: String,
+    /// Serve keys from this TOML key file instead of the store (for keys kept in git), with a
+    /// [`FileStore`].
+    pub keys_file: Option<PathBuf>,
     /// Seconds between checks of the key file for changes; 0 turns polling off (the gateway
     /// still reloads on SIGHUP). Default 2.
     pub reload_interval_secs: u64,
+    /// Milliseconds between checks of the store for changes (a revoked key is refused by
+    /// every gateway within this); default 250, at least 10.
+    pub store_poll_millis: u64,
     /// The prefix of keys (default `sk-kg-`); must match the prefix keys were created with.
     pub key_prefix: String,
     /// Keep the client's credential headers on the request handed to the service (default
@@ -220,8 +228,10 @@ impl ServerConfig {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            keys_file: PathBuf::from("keygate-keys.toml"),
+            store: keygate_store::DEFAULT_STORE_URL.to_owned(),
+            keys_file: None,
             reload_interval_secs: 2,
+            store_poll_millis: 250,
             key_prefix: keygate_core::DEFAULT_PREFIX.to_owned(),
             keep_credential_headers: false,
             body_limit: DEFAULT_BODY_LIMIT,
@@ -525,6 +535,9 @@ pub enum ConfigError {
     /// The key file could not be loaded.
     #[error(transparent)]
     KeyFile(#[from] FileStoreError),
+    /// The store could not be opened or read.
+    #[error("store: {0}")]
+    Store(#[from] keygate_store::DbError),
     /// The JSON Lines audit file could not be opened.
     #[error("audit file {path}: {source}")]
     AuditFile {
@@ -603,9 +616,45 @@ impl Config {
             })
     }
 
-    /// The key-file polling interval, if polling is on.
+    /// How often the key source is checked for changes, if it is: the store every
+    /// `store_poll_millis`, a key file every `reload_interval_secs` (0: never).
     pub fn reload_interval(&self) -> Option<Duration> {
-        (self.reload_interval_secs > 0).then(|| Duration::from_secs(self.reload_interval_secs))
+        match &self.keys_file {
+            Some(_) => (self.reload_interval_secs > 0)
+                .then(|| Duration::from_secs(self.reload_interval_secs)),
+            None => Some(Duration::from_millis(self.store_poll_millis.max(10))),
+        }
+    }
+
+    /// The store URL, parsed.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Invalid`] for a URL that is not one keygate knows.
+    pub fn store_url(&self) -> Result<keygate_store::StoreUrl, ConfigError> {
+        self.store
+            .parse()
+            .map_err(|e| ConfigError::Invalid(format!("store: {e}")))
+    }
+
+    /// Opens the key source: the key file when `keys_file` is set, else the store.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::KeyFile`] or [`ConfigError::Store`] when it cannot be opened or read:
+    /// a gateway with no usable key source does not start.
+    pub fn key_source(&self) -> Result<KeySource, ConfigError> {
+        match &self.keys_file {
+            Some(path) => Ok(FileStore::open(path)?.into()),
+            None => match self.store_url()? {
+                keygate_store::StoreUrl::Sqlite(path) => {
+                    Ok(keygate_store::SqliteStore::open(&path)?.into())
+                }
+                other => Err(ConfigError::Invalid(format!(
+                    "store {other}: not supported by this build"
+                ))),
+            },
+        }
     }
 
     /// Applies every setting except the audit sink and the token verifier to `builder`.
@@ -657,7 +706,7 @@ impl Config {
     /// Any [`ConfigError`]: an unreadable key file, an audit file that cannot be opened, a
     /// JWT secret that is missing or too short, invalid routes or prices.
     pub fn build(&self) -> Result<Built, ConfigError> {
-        let store = FileStore::open(&self.keys_file)?;
+        let store = self.key_source()?;
         let jsonl = match &self.audit.jsonl {
             Some(j) => Some(
                 JsonlSink::builder(&j.path)
@@ -800,7 +849,7 @@ impl AuditSink for BoxedSink {
 /// The token verifier of a configured stack: keygate JWTs when `[jwt]` is enabled, none
 /// otherwise.
 #[derive(Clone)]
-pub struct ConfigTokens(Option<JwtVerifier<FileStore>>);
+pub struct ConfigTokens(Option<JwtVerifier<KeySource>>);
 
 impl fmt::Debug for ConfigTokens {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -827,20 +876,20 @@ impl TokenVerifier for ConfigTokens {
 /// token exchange service (to mount) and the audit file (to flush at shutdown).
 #[derive(Debug)]
 pub struct Built {
-    layer: KeygateLayer<FileStore, ConfigTokens>,
-    store: FileStore,
+    layer: KeygateLayer<KeySource, ConfigTokens>,
+    store: KeySource,
     exchange: Option<TokenExchange>,
     jsonl: Option<JsonlSink>,
 }
 
 impl Built {
     /// The stack.
-    pub fn layer(&self) -> &KeygateLayer<FileStore, ConfigTokens> {
+    pub fn layer(&self) -> &KeygateLayer<KeySource, ConfigTokens> {
         &self.layer
     }
 
-    /// The key file store (call [`FileStore::reload`] or [`FileStore::watch`]).
-    pub fn store(&self) -> &FileStore {
+    /// The key source (call [`KeySource::reload`] or [`KeySource::watch`]).
+    pub fn store(&self) -> &KeySource {
         &self.store
     }
 
@@ -883,6 +932,8 @@ mod tests {
     fn every_section_parses() {
         let text = r#"
             keys_file = "keys.toml"
+            store = "sqlite:/var/lib/keygate/keygate.db"
+            store_poll_millis = 100
             reload_interval_secs = 0
             key_prefix = "sk-acme-"
             keep_credential_headers = false
@@ -1042,7 +1093,7 @@ mod tests {
     fn missing_key_file_fails_to_build() {
         let dir = tempfile::tempdir().unwrap();
         let c = Config {
-            keys_file: dir.path().join("absent.toml"),
+            keys_file: Some(dir.path().join("absent.toml")),
             ..Config::default()
         };
         assert!(matches!(c.build(), Err(ConfigError::KeyFile(_))));
@@ -1054,7 +1105,7 @@ mod tests {
         let keys = dir.path().join("keys.toml");
         keygate_core::KeyFile::default().save_atomic(&keys).unwrap();
         let mut c = Config {
-            keys_file: keys,
+            keys_file: Some(keys),
             ..Config::default()
         };
         c.jwt.secret_env = Some("KEYGATE_TEST_SURELY_UNSET_VARIABLE".to_owned());

@@ -49,6 +49,7 @@
 
 mod builder;
 mod config;
+mod source;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 
@@ -60,6 +61,7 @@ pub use keygate_jwt as jwt;
 pub use keygate_limit as limit;
 pub use keygate_scope as scope;
 
+pub use source::KeySource;
 pub use builder::{BuildError, Keygate, KeygateBuilder, KeygateLayer, KeygateService, SharedSink};
 #[cfg(test)]
 mod tests;

@@ -74,12 +74,12 @@ fn specs() -> Vec<Spec> {
     ]
 }
 
-/// Writes the demo key file at `path` and returns the keys with their secrets.
+/// The demo project and keys, and the keys' secrets.
 ///
 /// # Errors
 ///
-/// When randomness or writing the file fails.
-pub fn create(path: &Path) -> io::Result<Vec<DemoKey>> {
+/// When the operating system's randomness fails.
+pub fn records() -> io::Result<(KeyFile, Vec<DemoKey>)> {
     let now = Timestamp::from_unix_secs(keygate::Clock::system().now().as_unix_secs());
     let format = KeyFormat::default();
     let mut file = KeyFile::default();
@@ -99,8 +99,35 @@ pub fn create(path: &Path) -> io::Result<Vec<DemoKey>> {
             secret,
         });
     }
+    Ok((file, keys))
+}
+
+/// Writes the demo key file at `path` and returns the keys with their secrets.
+///
+/// # Errors
+///
+/// When randomness or writing the file fails.
+pub fn create(path: &Path) -> io::Result<Vec<DemoKey>> {
+    let (file, keys) = records()?;
     file.save_atomic(path).map_err(io::Error::other)?;
     Ok(keys)
+}
+
+/// Puts the demo keys into the SQLite store at `path` if it holds no key yet (creating the
+/// database if needed); returns them with their secrets, or `None` when the store already has
+/// keys.
+///
+/// # Errors
+///
+/// When the database cannot be opened or written, or randomness fails.
+pub fn create_in_store(path: &Path) -> io::Result<Option<Vec<DemoKey>>> {
+    let mut db = keygate_store::Db::open(path).map_err(io::Error::other)?;
+    if !db.keys(None).map_err(io::Error::other)?.is_empty() {
+        return Ok(None);
+    }
+    let (file, keys) = records()?;
+    db.import(&file, "demo").map_err(io::Error::other)?;
+    Ok(Some(keys))
 }
 
 /// Prints the demo keys: with their secrets right after creation, else their names and how
@@ -112,15 +139,14 @@ pub fn create(path: &Path) -> io::Result<Vec<DemoKey>> {
 pub fn print(
     out: &mut dyn Write,
     addr: std::net::SocketAddr,
-    path: &Path,
+    source: &str,
     created: Option<&[DemoKey]>,
 ) -> io::Result<()> {
     match created {
         Some(keys) => {
             writeln!(
                 out,
-                "created {} with demo keys (secrets are shown only now):",
-                path.display()
+                "created demo keys in {source} (secrets are shown only now):"
             )?;
             for k in keys {
                 writeln!(out, "  {:<10} {}", k.name, k.secret.expose())?;
@@ -128,18 +154,17 @@ pub fn print(
             }
         }
         None => {
-            writeln!(out, "using demo keys in {}:", path.display())?;
+            writeln!(out, "using the keys in {source}; the demo keys are:")?;
             for (name, description, _) in specs() {
                 writeln!(out, "  {name:<10} {description}")?;
             }
             writeln!(
                 out,
-                "their secrets were shown on first run; delete the file to make new ones, or create a key:"
+                "their secrets were shown on first run; delete the database to make new ones, or create a key:"
             )?;
             writeln!(
                 out,
-                "  cargo run -p keygate-cli -- --file {} keys create --project demo --permissions all",
-                path.display()
+                "  keygate --store {source} keys create --project demo --permissions all"
             )?;
         }
     }
@@ -185,16 +210,28 @@ mod tests {
     }
 
     #[test]
+    fn demo_keys_go_into_an_empty_store_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("keygate.db");
+        let keys = create_in_store(&db).unwrap().unwrap();
+        assert_eq!(keys.len(), specs().len());
+        assert!(create_in_store(&db).unwrap().is_none(), "a second run adds nothing");
+        let store = keygate_store::SqliteStore::open(&db).unwrap();
+        for k in &keys {
+            let found = store.store().get(&k.secret.digest()).unwrap();
+            assert_eq!(found.key.name, k.name);
+        }
+    }
+
+    #[test]
     fn later_runs_print_no_secret_and_name_the_cli() {
         let mut out = Vec::new();
         let addr = "127.0.0.1:8080".parse().unwrap();
-        print(&mut out, addr, Path::new("keygate-demo-keys.toml"), None).unwrap();
+        print(&mut out, addr, "sqlite:keygate.db", None).unwrap();
         let text = String::from_utf8(out).unwrap();
         assert!(!text.contains("sk-kg-"));
         assert!(text.contains("shown on first run"));
-        assert!(
-            text.contains("cargo run -p keygate-cli -- --file keygate-demo-keys.toml keys create")
-        );
+        assert!(text.contains("keygate --store sqlite:keygate.db keys create"));
         assert!(text.contains("http://127.0.0.1:8080/v1/models"));
     }
 }

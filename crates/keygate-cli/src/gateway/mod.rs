@@ -23,8 +23,6 @@ pub mod server;
 
 pub use server::{Drained, ServerSettings};
 
-/// The key file the gateway creates with demo keys when run with no key file named.
-pub const DEMO_KEYS_FILE: &str = "keygate-demo-keys.toml";
 
 /// Histogram buckets of the gateway's latency metrics, in seconds.
 pub const LATENCY_BUCKETS: &[f64] = &[
@@ -49,8 +47,12 @@ pub struct GatewayOptions {
     /// A TOML configuration file (see the README's config reference).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// The key file (overrides the config's `keys_file`). Default, with no config:
-    /// `keygate-demo-keys.toml`, created with demo keys if missing.
+    /// The store keys, projects and spend live in (overrides the config's `store`; default
+    /// `sqlite:keygate.db`). With no config and no key file, an empty store gets demo keys.
+    #[arg(long, env = "KEYGATE_STORE")]
+    pub store: Option<String>,
+    /// Serve keys from this TOML key file instead of the store (overrides the config's
+    /// `keys_file`).
     #[arg(long)]
     pub keys_file: Option<PathBuf>,
     /// Also write audit records as JSON Lines to this file (overrides `[audit.jsonl]`).
@@ -74,6 +76,7 @@ impl GatewayOptions {
             listen,
             upstream: None,
             config: None,
+            store: None,
             keys_file: None,
             audit_jsonl: None,
             without_keygate: false,
@@ -130,8 +133,8 @@ pub fn demo_prices() -> Vec<(&'static str, &'static str, &'static str)> {
     ]
 }
 
-/// The configuration the options name: the config file (or the defaults with the demo key
-/// file and prices), then the flags on top.
+/// The configuration the options name: the config file (or the defaults, with the demo
+/// prices), then the flags on top.
 ///
 /// # Errors
 ///
@@ -140,10 +143,7 @@ pub fn config_for(options: &GatewayOptions) -> Result<Config, ConfigError> {
     let mut config = match &options.config {
         Some(path) => Config::load(path)?,
         None => {
-            let mut config = Config {
-                keys_file: PathBuf::from(DEMO_KEYS_FILE),
-                ..Config::default()
-            };
+            let mut config = Config::default();
             for (model, input, output) in demo_prices() {
                 let price = PriceConfig {
                     input_per_million: keygate::Money::parse(input).unwrap_or_default(),
@@ -154,8 +154,12 @@ pub fn config_for(options: &GatewayOptions) -> Result<Config, ConfigError> {
             config
         }
     };
+    if let Some(store) = &options.store {
+        config.store = store.clone();
+        config.keys_file = None;
+    }
     if let Some(keys) = &options.keys_file {
-        config.keys_file = keys.clone();
+        config.keys_file = Some(keys.clone());
     }
     if let Some(path) = &options.audit_jsonl {
         config.audit.jsonl = Some(JsonlConfig {
@@ -195,8 +199,9 @@ fn prometheus() -> &'static PrometheusHandle {
 /// full keygate stack to `upstream`.
 pub fn app(built: &Built, upstream: UpstreamProxy) -> Router {
     let layer = built.layer();
+    let source = built.store().clone();
     let mut router = Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(move || std::future::ready(health(&source))))
         .route("/metrics", get(|| async { prometheus().render() }));
     if let Some(exchange) = built.token_exchange() {
         let tokens = ServiceBuilder::new()
@@ -208,6 +213,22 @@ pub fn app(built: &Built, upstream: UpstreamProxy) -> Router {
     }
     router.fallback_service(ServiceBuilder::new().layer(layer.clone()).service(upstream))
 }
+
+/// `/healthz`: 200 either way (the gateway still serves from its last good keys), with
+/// `{"status":"ok"}`, or `{"status":"degraded","keys":"why"}` while the key source cannot be
+/// read; the gauge `keygate_key_source_up` says the same to Prometheus.
+fn health(source: &keygate::KeySource) -> axum::Json<serde_json::Value> {
+    let error = source.last_error();
+    metrics::gauge!(KEY_SOURCE_UP).set(if error.is_some() { 0.0 } else { 1.0 });
+    axum::Json(match error {
+        None => serde_json::json!({ "status": "ok" }),
+        Some(why) => serde_json::json!({ "status": "degraded", "keys": why }),
+    })
+}
+
+/// Gauge: 1 while the key source reads fine, 0 while the gateway serves from its last good
+/// snapshot because the source cannot be read.
+pub const KEY_SOURCE_UP: &str = "keygate_key_source_up";
 
 /// The same listener and proxy with no keygate layer: the baseline `scripts/load.sh` compares
 /// the full stack against.
@@ -248,13 +269,11 @@ pub async fn start(
 ) -> Result<Gateway, GatewayError> {
     let signals = ShutdownSignals::listen();
     let config = config_for(&options)?;
-    let demo_file = options.config.is_none()
-        && options.keys_file.is_none()
-        && config.keys_file == std::path::Path::new(DEMO_KEYS_FILE);
-    let created = if demo_file && !config.keys_file.exists() {
-        Some(demo::create(&config.keys_file)?)
-    } else {
-        None
+    // With no config and no key file, an empty store is given the demo keys.
+    let demo = options.config.is_none() && config.keys_file.is_none();
+    let created = match config.store_url()? {
+        keygate_store::StoreUrl::Sqlite(path) if demo => demo::create_in_store(&path)?,
+        _ => None,
     };
     let built = Arc::new(config.build()?);
     let mut background = Vec::new();
@@ -302,10 +321,13 @@ pub async fn start(
         background.push(built.store().watch(interval));
     }
     background.push(reload_on_sighup(built.clone()));
-    background.push(tokio::spawn(async {
+    let source = built.store().clone();
+    background.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
+            let up = if source.last_error().is_some() { 0.0 } else { 1.0 };
+            metrics::gauge!(KEY_SOURCE_UP).set(up);
             prometheus().run_upkeep();
         }
     }));
@@ -348,10 +370,11 @@ pub async fn start(
         )?;
     }
     writeln!(out, "upstream: {described}")?;
-    if demo_file {
-        demo::print(out, addr, &config.keys_file, created.as_deref())?;
+    let source = built.store().describe();
+    if demo {
+        demo::print(out, addr, &source, created.as_deref())?;
     } else {
-        writeln!(out, "keys: {}", config.keys_file.display())?;
+        writeln!(out, "keys: {source}")?;
     }
     out.flush()?;
 
@@ -376,9 +399,9 @@ fn reload_on_sighup(built: Arc<Built>) -> JoinHandle<()> {
             while hup.recv().await.is_some() {
                 let b = built.clone();
                 match tokio::task::spawn_blocking(move || b.store().reload()).await {
-                    Ok(Ok(outcome)) => tracing::info!(?outcome, "SIGHUP: key file reloaded"),
+                    Ok(Ok(outcome)) => tracing::info!(?outcome, "SIGHUP: keys reloaded"),
                     Ok(Err(error)) => {
-                        tracing::error!(%error, "SIGHUP: key file reload failed; the previous keys stay in use");
+                        tracing::error!(%error, "SIGHUP: reloading the keys failed; the previous keys stay in use");
                     }
                     Err(_) => {}
                 }

@@ -110,6 +110,11 @@ impl KeyFile {
     }
 
     fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self, FileStoreError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(FileStoreError::Empty {
+                path: path.to_path_buf(),
+            });
+        }
         let text = std::str::from_utf8(bytes).map_err(|e| FileStoreError::Parse {
             path: path.to_path_buf(),
             line: Some(
@@ -271,6 +276,14 @@ pub enum FileStoreError {
         path: PathBuf,
         /// What is wrong.
         source: SnapshotError,
+    },
+    /// The file is empty (or only white space): a file cut short or never written, not a
+    /// deliberate "no keys" (a key file written by keygate always holds at least its
+    /// `version`). Refused, so an accident never locks every key out.
+    #[error("key file {}: the file is empty", path.display())]
+    Empty {
+        /// The file.
+        path: PathBuf,
     },
     /// The records could not be written as TOML.
     #[error("cannot write key file: {message}")]
@@ -741,6 +754,35 @@ mod tests {
             )
         })
         .await;
+    }
+
+    #[tokio::test]
+    async fn an_emptied_file_leaves_the_old_keys_working() {
+        for text in ["", "\n  \n"] {
+            broken_file_keeps_old_keys(text, |e| matches!(e, FileStoreError::Empty { .. })).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_truncated_file_leaves_the_old_keys_working() {
+        let full = file(vec![key("key_a", "p", "a"), key("key_b", "p", "b")])
+            .to_toml()
+            .unwrap();
+        // Cut in the middle of a value, as an interrupted copy would.
+        let cut = &full[..full.len() - 20];
+        broken_file_keeps_old_keys(cut, |e| matches!(e, FileStoreError::Parse { .. })).await;
+    }
+
+    #[test]
+    fn open_refuses_an_empty_file_but_takes_a_file_with_no_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.toml");
+        fs::write(&path, "").unwrap();
+        let e = FileStore::open(&path).unwrap_err();
+        assert!(matches!(e, FileStoreError::Empty { .. }));
+        assert!(e.to_string().contains("empty"), "{e}");
+        KeyFile::default().save_atomic(&path).unwrap();
+        assert_eq!(FileStore::open(&path).unwrap().store().snapshot().len(), 0);
     }
 
     #[tokio::test]
