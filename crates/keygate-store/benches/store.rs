@@ -111,6 +111,21 @@ fn refresh(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+    // What the refresh is made of: the incremental snapshot, against a full reload.
+    let snapshot = store.store().snapshot();
+    let mut changed = db.key("key_054321").unwrap().unwrap().record;
+    changed.labels.insert("n".into(), "bench".into());
+    group.bench_function("snapshot_with_changes_one_key", |b| {
+        b.iter(|| {
+            snapshot
+                .with_changes([], [black_box(changed.clone())])
+                .unwrap()
+        })
+    });
+    group.sample_size(10);
+    group.bench_function("full_load_for_comparison", |b| {
+        b.iter(|| db.load().unwrap())
+    });
     group.finish();
 }
 

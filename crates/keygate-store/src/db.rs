@@ -482,29 +482,34 @@ impl Db {
             ..Changes::default()
         };
         if now > seq {
-            let mut stmt = tx.prepare_cached(
-                "SELECT id, record FROM projects WHERE updated_seq > ?1 ORDER BY id",
-            )?;
+            // Sorted here: an ORDER BY would have SQLite scan a whole table in that order
+            // rather than search the `updated_seq` index.
+            let mut stmt = tx.prepare_cached(CHANGED_PROJECTS)?;
             for row in stmt.query_map([after], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
             })? {
                 let (id, json) = row?;
                 changes.projects.push(parse_project(&id, &json)?);
             }
-            let mut stmt = tx.prepare_cached(
-                "SELECT id, record FROM keys WHERE updated_seq > ?1 ORDER BY created_at, id",
-            )?;
+            let mut stmt = tx.prepare_cached(CHANGED_KEYS)?;
             for row in stmt.query_map([after], |r| {
                 Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
             })? {
                 let (id, json) = row?;
                 changes.keys.push(parse_key(&id, &json)?);
             }
+            changes.projects.sort_by(|a, b| a.id.cmp(&b.id));
+            changes
+                .keys
+                .sort_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         }
         tx.finish()?;
         Ok(changes)
     }
 }
+
+const CHANGED_PROJECTS: &str = "SELECT id, record FROM projects WHERE updated_seq > ?1";
+const CHANGED_KEYS: &str = "SELECT id, record FROM keys WHERE updated_seq > ?1";
 
 /// A changing transaction: takes the next change sequence number on its first write.
 struct Writer<'c> {
@@ -1165,6 +1170,28 @@ mod tests {
             assert!(
                 msg.contains("key_a") && !msg.contains("secretsecret"),
                 "{msg}"
+            );
+        }
+    }
+
+    #[test]
+    fn changes_are_found_through_the_sequence_index() {
+        let (_dir, _path, db) = db_with_project();
+        for (sql, index) in [
+            (CHANGED_KEYS, "keys_updated_seq"),
+            (CHANGED_PROJECTS, "projects_updated_seq"),
+        ] {
+            let plan: Vec<String> = db
+                .conn
+                .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+                .unwrap()
+                .query_map([0], |r| r.get(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                plan.iter().any(|step| step.contains(index)),
+                "{sql}: {plan:?}"
             );
         }
     }
