@@ -1195,4 +1195,27 @@ mod tests {
             );
         }
     }
+
+    #[test]
+    fn a_failed_migration_leaves_the_database_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("other.db");
+        // Another program's database, with a table of the same name as one of ours.
+        raw(&path)
+            .execute_batch("CREATE TABLE keys (name TEXT); INSERT INTO keys VALUES ('x');")
+            .unwrap();
+        assert!(matches!(Db::open(&path), Err(DbError::Open { .. })));
+        let conn = raw(&path);
+        let version: u32 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        let tables: Vec<String> = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!((version, tables), (0, vec!["keys".to_owned()]));
+    }
 }

@@ -41,8 +41,10 @@
 //! - The database file and its `-wal` and `-shm` companions belong together: copy them
 //!   with `sqlite3 keygate.db ".backup copy.db"`, not `cp`, while a gateway runs.
 //! - Keep the file on a local disk: SQLite's locking is unreliable on network file systems.
-//! - A [`SqliteStore`] keeps its connection to the file it opened: a file renamed over it is
-//!   not seen until the gateway restarts.
+//! - A [`SqliteStore`] keeps reading the file it opened. A file renamed over it (a copy
+//!   restored with `mv`) is not followed: refreshes fail, visibly in
+//!   [`SqliteStore::last_error`], and the keys loaded keep serving until a restart. Restore
+//!   in place with `sqlite3 keygate.db ".restore copy.db"` instead.
 //! - Records are never deleted, only revoked or disabled, so changes are all a snapshot
 //!   needs to follow.
 

@@ -67,6 +67,26 @@ struct State {
     seq: u64,
     /// `PRAGMA data_version` when the snapshot was last brought up to date.
     data_version: i64,
+    /// Which file the connection has open, to notice one renamed over it.
+    file: Option<FileId>,
+}
+
+/// Device and inode: what tells a file renamed over the path from the one opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId(u64, u64);
+
+impl FileId {
+    #[cfg(unix)]
+    fn of(path: &Path) -> std::io::Result<Option<FileId>> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path)?;
+        Ok(Some(FileId(meta.dev(), meta.ino())))
+    }
+
+    #[cfg(not(unix))]
+    fn of(_path: &Path) -> std::io::Result<Option<FileId>> {
+        Ok(None)
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -84,6 +104,10 @@ impl SqliteStore {
     pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore, DbError> {
         let path = path.as_ref().to_path_buf();
         let db = Db::open(&path)?;
+        let file = FileId::of(&path).map_err(|e| DbError::Open {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
         // Read before loading: a commit in between is then seen by the next refresh.
         let data_version = db.data_version()?;
         let (snapshot, seq) = db.load()?;
@@ -95,6 +119,7 @@ impl SqliteStore {
                     db,
                     seq,
                     data_version,
+                    file,
                 }),
                 last_error: Mutex::new(None),
                 uses: Mutex::new(HashMap::new()),
@@ -122,8 +147,9 @@ impl SqliteStore {
     ///
     /// # Errors
     ///
-    /// A [`DbError`] when the database cannot be read or written, or holds records that do
-    /// not fit together. The previous snapshot keeps serving, and the error is kept for
+    /// A [`DbError`] when the database cannot be read or written, holds records that do not
+    /// fit together, or its file was deleted or replaced by another (renamed over it). The
+    /// changes applied before an error stay applied; the previous snapshot keeps serving, and the error is kept for
     /// [`SqliteStore::last_error`] until a refresh succeeds.
     pub fn refresh(&self) -> Result<RefreshOutcome, DbError> {
         let mut state = lock(&self.inner.state);
@@ -135,6 +161,21 @@ impl SqliteStore {
     }
 
     fn catch_up(&self, state: &mut State) -> Result<RefreshOutcome, DbError> {
+        // The connection keeps reading the file it opened. One moved over the path (a
+        // restored copy, garbage) is refused rather than followed: the `-wal` file beside it
+        // belongs to the old one, and opening the pair would mix them.
+        let file = FileId::of(&self.inner.path).map_err(|e| {
+            DbError::Sqlite(format!(
+                "the key database {} cannot be read: {e}",
+                self.inner.path.display()
+            ))
+        })?;
+        if file != state.file {
+            return Err(DbError::Sqlite(format!(
+                "the key database {} was replaced by another file; restart to load it",
+                self.inner.path.display()
+            )));
+        }
         let version = state.db.data_version()?;
         if version == state.data_version {
             return Ok(RefreshOutcome::Unchanged);
@@ -542,5 +583,20 @@ mod tests {
         clone.refresh().unwrap();
         assert!(served(&store, "c").is_some());
         assert_eq!(store.path(), clone.path());
+    }
+
+    #[test]
+    fn a_file_renamed_over_the_database_is_an_error_not_followed() {
+        let (dir, path, _db, store) = setup();
+        let garbage = dir.path().join("garbage");
+        std::fs::write(&garbage, [0x5Au8; 8192]).unwrap();
+        std::fs::rename(&garbage, &path).unwrap();
+        let err = store.refresh().unwrap_err();
+        assert!(err.to_string().contains("replaced"), "{err}");
+        assert!(store.last_error().is_some());
+        assert!(served(&store, "a").is_some());
+        std::fs::remove_file(&path).unwrap();
+        assert!(store.refresh().is_err());
+        assert!(served(&store, "a").is_some());
     }
 }
