@@ -370,6 +370,7 @@ mod tests {
     use crate::clock::Timestamp;
     use crate::key::KeyId;
     use crate::record::PreviousSecret;
+    use std::collections::BTreeMap;
 
     fn key(id: &str, secret: &str) -> KeyRecord {
         KeyRecord::new(
@@ -596,5 +597,111 @@ mod tests {
             base.get(&KeyDigest::of("a")).unwrap().key.id.as_str(),
             "key_a"
         );
+    }
+
+    /// A key named `key_{id}` with secret `s{secret}`, maybe a previous secret, in one of
+    /// `projects` (`r` does not exist). Small pools, so that digests collide often.
+    fn arb_key(
+        id: impl proptest::strategy::Strategy<Value = u8>,
+        secret: Option<std::ops::Range<u8>>,
+        previous: std::ops::Range<u8>,
+        projects: &'static [&'static str],
+    ) -> impl proptest::strategy::Strategy<Value = KeyRecord> {
+        use proptest::prelude::*;
+        let secret = secret.map_or(Just(None).boxed(), |r| r.prop_map(Some).boxed());
+        (
+            id,
+            secret,
+            proptest::option::weighted(0.4, previous),
+            proptest::sample::select(projects),
+            any::<bool>(),
+        )
+            .prop_map(|(id, secret, previous, project, revoked)| {
+                let mut k = key(&format!("key_{id}"), &format!("s{}", secret.unwrap_or(id)));
+                k.project = project.to_owned();
+                k.previous = previous.map(|prev| PreviousSecret {
+                    digest: KeyDigest::of(&format!("s{prev}")),
+                    valid_until: Timestamp::from_unix_secs(10),
+                });
+                k.revoked_at = revoked.then(|| Timestamp::from_unix_secs(1));
+                k
+            })
+    }
+
+    fn arb_project() -> impl proptest::strategy::Strategy<Value = ProjectRecord> {
+        use proptest::prelude::*;
+        (0..2u8, any::<bool>()).prop_map(|(id, disabled)| {
+            let mut p = ProjectRecord::new(["p", "q"][usize::from(id)]);
+            p.disabled = disabled;
+            p
+        })
+    }
+
+    /// What a lookup answers, by value.
+    fn answer(l: Option<&Lookup>) -> Option<(KeyRecord, ProjectRecord, Secret)> {
+        l.map(|l| ((*l.key).clone(), (*l.project).clone(), l.secret))
+    }
+
+    use proptest::strategy::{Just, Strategy};
+
+    proptest::proptest! {
+        #[test]
+        fn with_changes_equals_a_snapshot_of_the_merged_records(
+            // Valid on the whole: unique ids, current secrets s0..s5, previous ones s6..s9.
+            base_keys in proptest::collection::btree_set(0..6u8, 0..6).prop_flat_map(|ids| {
+                ids.into_iter()
+                    .map(|id| arb_key(Just(id), None, 6..10, &["p", "q"]))
+                    .collect::<Vec<_>>()
+            }),
+            changed_keys in proptest::collection::btree_map(
+                0..6u8,
+                arb_key(0..6u8, Some(0..10), 0..10, &["p", "q", "r"]),
+                0..4,
+            ),
+            changed_projects in proptest::collection::btree_map(0..2u8, arb_project(), 0..2),
+        ) {
+            let projects = [ProjectRecord::new("p"), ProjectRecord::new("q")];
+            let Ok(base) = Snapshot::new(projects.clone(), base_keys.clone()) else {
+                return Ok(());
+            };
+            // One record per id in a change, as a database gives them.
+            let changed_keys: BTreeMap<_, _> =
+                changed_keys.into_values().map(|k| (k.id.to_string(), k)).collect();
+            let changed_projects: BTreeMap<_, _> =
+                changed_projects.into_values().map(|p| (p.id.clone(), p)).collect();
+            let mut merged_keys: BTreeMap<_, _> =
+                base_keys.into_iter().map(|k| (k.id.to_string(), k)).collect();
+            merged_keys.extend(changed_keys.clone());
+            let mut merged_projects: BTreeMap<_, _> =
+                projects.into_iter().map(|p| (p.id.clone(), p)).collect();
+            merged_projects.extend(changed_projects.clone());
+
+            let incremental = base.with_changes(
+                changed_projects.into_values(),
+                changed_keys.into_values(),
+            );
+            let whole = Snapshot::new(merged_projects.into_values(), merged_keys.into_values());
+            match (incremental, whole) {
+                (Ok(inc), Ok(whole)) => {
+                    proptest::prop_assert_eq!(inc.len(), whole.len());
+                    proptest::prop_assert_eq!(inc.projects().count(), whole.projects().count());
+                    for s in 0..10 {
+                        let d = KeyDigest::of(&format!("s{s}"));
+                        proptest::prop_assert_eq!(answer(inc.get(&d)), answer(whole.get(&d)));
+                    }
+                    for id in 0..6 {
+                        let id = format!("key_{id}");
+                        proptest::prop_assert_eq!(answer(inc.get_id(&id)), answer(whole.get_id(&id)));
+                    }
+                }
+                (Err(_), Err(_)) => {}
+                (inc, whole) => proptest::prop_assert!(
+                    false,
+                    "incremental {:?} but whole {:?}",
+                    inc.map(|s| s.len()),
+                    whole.map(|s| s.len())
+                ),
+            }
+        }
     }
 }
