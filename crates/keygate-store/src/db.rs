@@ -85,6 +85,7 @@ impl Db {
             path: path.clone(),
             message,
         };
+        create_private(&path).map_err(|e| open_error(e.to_string()))?;
         let setup = || -> Result<Connection, rusqlite::Error> {
             let conn = Connection::open(&path)?;
             conn.busy_timeout(BUSY_TIMEOUT)?;
@@ -510,6 +511,20 @@ impl Db {
 
 const CHANGED_PROJECTS: &str = "SELECT id, record FROM projects WHERE updated_seq > ?1";
 const CHANGED_KEYS: &str = "SELECT id, record FROM keys WHERE updated_seq > ?1";
+
+/// Creates a missing database file readable by its owner only (0600 on unix), as the key
+/// file is; SQLite gives its `-wal` and `-shm` files the same permissions.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
+}
 
 /// A changing transaction: takes the next change sequence number on its first write.
 struct Writer<'c> {
@@ -1217,5 +1232,17 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!((version, tables), (0, vec!["keys".to_owned()]));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_new_database_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let (dir, path, mut db) = db_with_project();
+        db.insert_keys(&[key("key_a", "p", "a")], "admin").unwrap();
+        for file in [path.clone(), dir.path().join("keygate.db-wal")] {
+            let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "{}", file.display());
+        }
     }
 }
