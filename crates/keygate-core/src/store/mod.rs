@@ -4,7 +4,7 @@
 //! (memory, file, and later SQL or Redis with a cache in front) implements the same trait and
 //! returns the same shared, immutable [`Lookup`], so layers never know which one they use.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 
@@ -153,31 +153,116 @@ impl Snapshot {
                     key: key.id.to_string(),
                     project: key.project.clone(),
                 })?;
-            let key = Arc::new(key);
-            let id: Arc<str> = key.id.as_str().into();
-            let current = Lookup {
-                key: key.clone(),
-                project,
-                secret: Secret::Current,
-            };
-            if snapshot.by_id.insert(id, current.clone()).is_some() {
+            snapshot.insert_key(Arc::new(key), project)?;
+        }
+        Ok(snapshot)
+    }
+
+    /// A new snapshot: this one with `projects` and `keys` added or replaced (by id).
+    ///
+    /// Only what changed is validated; unchanged records are shared with this snapshot, not
+    /// copied. A replaced key loses the digest entries of its old secrets (current and
+    /// previous) before its new ones are indexed, so a rotation or the end of a grace period
+    /// takes effect; a replaced project is what the lookups of all its keys then carry. The
+    /// duplicate rules are those of [`Snapshot::new`]. Records cannot be removed: a key leaves
+    /// service by being revoked or disabled.
+    ///
+    /// The indexes are copied (pointer clones, linear in the number of keys); a change of a
+    /// project also rewrites the lookups of the keys that are not themselves changed.
+    ///
+    /// # Errors
+    ///
+    /// As [`Snapshot::new`], for the changed records: an invalid record, an id given twice
+    /// in the change, a digest another key already has, or a key naming a missing project.
+    /// This snapshot is untouched and no new one is made.
+    pub fn with_changes(
+        &self,
+        projects: impl IntoIterator<Item = ProjectRecord>,
+        keys: impl IntoIterator<Item = KeyRecord>,
+    ) -> Result<Snapshot, SnapshotError> {
+        let mut next = Snapshot {
+            by_digest: self.by_digest.clone(),
+            by_id: self.by_id.clone(),
+            projects: self.projects.clone(),
+        };
+        let mut changed_projects = Vec::new();
+        for project in projects {
+            project.validate().map_err(SnapshotError::Invalid)?;
+            if changed_projects.contains(&project.id) {
+                return Err(SnapshotError::DuplicateProject(project.id));
+            }
+            changed_projects.push(project.id.clone());
+            next.projects.insert(project.id.clone(), Arc::new(project));
+        }
+        let keys: Vec<KeyRecord> = keys.into_iter().collect();
+        let mut changed_keys = HashSet::with_capacity(keys.len());
+        for key in &keys {
+            key.validate().map_err(SnapshotError::Invalid)?;
+            if !changed_keys.insert(key.id.as_str()) {
                 return Err(SnapshotError::DuplicateKeyId(key.id.to_string()));
             }
-            let mut entries = vec![(key.digest, current.clone())];
-            if let Some(prev) = &key.previous {
-                let previous = Lookup {
-                    secret: Secret::Previous,
-                    ..current
-                };
-                entries.push((prev.digest, previous));
-            }
-            for (digest, entry) in entries {
-                if snapshot.by_digest.insert(digest, entry).is_some() {
-                    return Err(SnapshotError::DuplicateDigest(key.id.to_string()));
+        }
+        // Every old digest of every changed key goes first, so that keys trading secrets in
+        // one change do not collide with each other's old entries.
+        for key in &keys {
+            if let Some(old) = next.by_id.remove(key.id.as_str()) {
+                next.by_digest.remove(&old.key.digest);
+                if let Some(prev) = &old.key.previous {
+                    next.by_digest.remove(&prev.digest);
                 }
             }
         }
-        Ok(snapshot)
+        if !changed_projects.is_empty() {
+            let repoint = |lookup: &mut Lookup| {
+                if let Some(project) = next.projects.get(&lookup.key.project)
+                    && changed_projects.contains(&lookup.key.project)
+                {
+                    lookup.project = project.clone();
+                }
+            };
+            next.by_id.values_mut().for_each(repoint);
+            next.by_digest.values_mut().for_each(repoint);
+        }
+        for key in keys {
+            let project = next.projects.get(&key.project).cloned().ok_or_else(|| {
+                SnapshotError::UnknownProject {
+                    key: key.id.to_string(),
+                    project: key.project.clone(),
+                }
+            })?;
+            next.insert_key(Arc::new(key), project)?;
+        }
+        Ok(next)
+    }
+
+    fn insert_key(
+        &mut self,
+        key: Arc<KeyRecord>,
+        project: Arc<ProjectRecord>,
+    ) -> Result<(), SnapshotError> {
+        let id: Arc<str> = key.id.as_str().into();
+        let current = Lookup {
+            key: key.clone(),
+            project,
+            secret: Secret::Current,
+        };
+        if self.by_id.insert(id, current.clone()).is_some() {
+            return Err(SnapshotError::DuplicateKeyId(key.id.to_string()));
+        }
+        let mut entries = vec![(key.digest, current.clone())];
+        if let Some(prev) = &key.previous {
+            let previous = Lookup {
+                secret: Secret::Previous,
+                ..current
+            };
+            entries.push((prev.digest, previous));
+        }
+        for (digest, entry) in entries {
+            if self.by_digest.insert(digest, entry).is_some() {
+                return Err(SnapshotError::DuplicateDigest(key.id.to_string()));
+            }
+        }
+        Ok(())
     }
 
     /// The key with a secret of this digest.
@@ -285,6 +370,7 @@ mod tests {
     use crate::clock::Timestamp;
     use crate::key::KeyId;
     use crate::record::PreviousSecret;
+    use std::collections::BTreeMap;
 
     fn key(id: &str, secret: &str) -> KeyRecord {
         KeyRecord::new(
@@ -357,5 +443,265 @@ mod tests {
             Snapshot::new([], [key("key_a", "a")]),
             Err(SnapshotError::UnknownProject { .. })
         ));
+    }
+
+    fn changed(base: &Snapshot, keys: Vec<KeyRecord>) -> Snapshot {
+        base.with_changes([], keys).unwrap()
+    }
+
+    #[test]
+    fn with_changes_rotates_a_key() {
+        let base = Snapshot::new([ProjectRecord::new("p")], [key("key_a", "one")]).unwrap();
+        let mut rotated = key("key_a", "two");
+        rotated.previous = Some(PreviousSecret {
+            digest: KeyDigest::of("one"),
+            valid_until: Timestamp::from_unix_secs(10),
+        });
+        let next = changed(&base, vec![rotated.clone()]);
+        assert_eq!(
+            next.get(&KeyDigest::of("two")).unwrap().secret,
+            Secret::Current
+        );
+        assert_eq!(
+            next.get(&KeyDigest::of("one")).unwrap().secret,
+            Secret::Previous
+        );
+        // A second rotation drops the oldest secret.
+        let mut again = key("key_a", "three");
+        again.previous = Some(PreviousSecret {
+            digest: KeyDigest::of("two"),
+            valid_until: Timestamp::from_unix_secs(20),
+        });
+        let last = changed(&next, vec![again]);
+        assert!(last.get(&KeyDigest::of("one")).is_none());
+        assert_eq!(
+            last.get(&KeyDigest::of("two")).unwrap().secret,
+            Secret::Previous
+        );
+        assert_eq!(
+            last.get(&KeyDigest::of("three")).unwrap().secret,
+            Secret::Current
+        );
+        assert_eq!(last.len(), 1);
+        // The snapshot changed from is untouched.
+        assert!(base.get(&KeyDigest::of("two")).is_none());
+        assert_eq!(
+            base.get(&KeyDigest::of("one")).unwrap().secret,
+            Secret::Current
+        );
+    }
+
+    #[test]
+    fn with_changes_revokes_and_adds_keys() {
+        let base = Snapshot::new(
+            [ProjectRecord::new("p")],
+            [key("key_a", "a"), key("key_b", "b")],
+        )
+        .unwrap();
+        let mut revoked = key("key_a", "a");
+        revoked.revoked_at = Some(Timestamp::from_unix_secs(5));
+        let next = changed(&base, vec![revoked, key("key_c", "c")]);
+        assert!(
+            next.get(&KeyDigest::of("a"))
+                .unwrap()
+                .key
+                .revoked_at
+                .is_some()
+        );
+        assert!(next.get_id("key_a").unwrap().key.revoked_at.is_some());
+        assert!(next.get(&KeyDigest::of("c")).is_some());
+        // Unchanged keys are shared, not copied.
+        assert!(Arc::ptr_eq(
+            &base.get_id("key_b").unwrap().key,
+            &next.get_id("key_b").unwrap().key
+        ));
+        assert_eq!(next.len(), 3);
+    }
+
+    #[test]
+    fn with_changes_repoints_keys_to_a_changed_project() {
+        let base = Snapshot::new(
+            [ProjectRecord::new("p"), ProjectRecord::new("q")],
+            [key("key_a", "a"), key("key_b", "b")],
+        )
+        .unwrap();
+        let mut p = ProjectRecord::new("p");
+        p.models =
+            crate::ModelRules::allow_only([crate::ModelPattern::new("gpt-4o-mini").unwrap()]);
+        let next = base.with_changes([p.clone()], []).unwrap();
+        for lookup in [
+            next.get(&KeyDigest::of("a")).unwrap(),
+            next.get_id("key_b").unwrap(),
+        ] {
+            assert_eq!(*lookup.project, p);
+        }
+        assert_eq!(**next.project("p").unwrap(), p);
+        assert!(
+            base.get_id("key_a")
+                .unwrap()
+                .project
+                .models
+                .is_unrestricted()
+        );
+        // A key moved to another project in the same change carries the new one.
+        let mut moved = key("key_a", "a");
+        moved.project = "q".into();
+        let mut q = ProjectRecord::new("q");
+        q.disabled = true;
+        let next = base.with_changes([q], [moved]).unwrap();
+        assert!(next.get(&KeyDigest::of("a")).unwrap().project.disabled);
+        assert!(!next.get(&KeyDigest::of("b")).unwrap().project.disabled);
+    }
+
+    #[test]
+    fn with_changes_keeps_the_duplicate_rules() {
+        let base = Snapshot::new(
+            [ProjectRecord::new("p")],
+            [key("key_a", "a"), key("key_b", "b")],
+        )
+        .unwrap();
+        assert!(matches!(
+            base.with_changes([], [key("key_b", "a")]),
+            Err(SnapshotError::DuplicateDigest(_))
+        ));
+        let mut prev = key("key_c", "c");
+        prev.previous = Some(PreviousSecret {
+            digest: KeyDigest::of("b"),
+            valid_until: Timestamp::from_unix_secs(10),
+        });
+        assert!(matches!(
+            base.with_changes([], [prev]),
+            Err(SnapshotError::DuplicateDigest(_))
+        ));
+        assert!(matches!(
+            base.with_changes([], [key("key_c", "c"), key("key_c", "d")]),
+            Err(SnapshotError::DuplicateKeyId(_))
+        ));
+        let mut stray = key("key_c", "c");
+        stray.project = "nope".into();
+        assert!(matches!(
+            base.with_changes([], [stray]),
+            Err(SnapshotError::UnknownProject { .. })
+        ));
+        assert!(matches!(
+            base.with_changes([ProjectRecord::new("bad id")], []),
+            Err(SnapshotError::Invalid(_))
+        ));
+        // Two keys trading secrets in one change is fine.
+        let next = changed(&base, vec![key("key_a", "b"), key("key_b", "a")]);
+        assert_eq!(
+            next.get(&KeyDigest::of("a")).unwrap().key.id.as_str(),
+            "key_b"
+        );
+        assert_eq!(
+            base.get(&KeyDigest::of("a")).unwrap().key.id.as_str(),
+            "key_a"
+        );
+    }
+
+    /// A key named `key_{id}` with secret `s{secret}`, maybe a previous secret, in one of
+    /// `projects` (`r` does not exist). Small pools, so that digests collide often.
+    fn arb_key(
+        id: impl proptest::strategy::Strategy<Value = u8>,
+        secret: Option<std::ops::Range<u8>>,
+        previous: std::ops::Range<u8>,
+        projects: &'static [&'static str],
+    ) -> impl proptest::strategy::Strategy<Value = KeyRecord> {
+        use proptest::prelude::*;
+        let secret = secret.map_or(Just(None).boxed(), |r| r.prop_map(Some).boxed());
+        (
+            id,
+            secret,
+            proptest::option::weighted(0.4, previous),
+            proptest::sample::select(projects),
+            any::<bool>(),
+        )
+            .prop_map(|(id, secret, previous, project, revoked)| {
+                let mut k = key(&format!("key_{id}"), &format!("s{}", secret.unwrap_or(id)));
+                k.project = project.to_owned();
+                k.previous = previous.map(|prev| PreviousSecret {
+                    digest: KeyDigest::of(&format!("s{prev}")),
+                    valid_until: Timestamp::from_unix_secs(10),
+                });
+                k.revoked_at = revoked.then(|| Timestamp::from_unix_secs(1));
+                k
+            })
+    }
+
+    fn arb_project() -> impl proptest::strategy::Strategy<Value = ProjectRecord> {
+        use proptest::prelude::*;
+        (0..2u8, any::<bool>()).prop_map(|(id, disabled)| {
+            let mut p = ProjectRecord::new(["p", "q"][usize::from(id)]);
+            p.disabled = disabled;
+            p
+        })
+    }
+
+    /// What a lookup answers, by value.
+    fn answer(l: Option<&Lookup>) -> Option<(KeyRecord, ProjectRecord, Secret)> {
+        l.map(|l| ((*l.key).clone(), (*l.project).clone(), l.secret))
+    }
+
+    use proptest::strategy::{Just, Strategy};
+
+    proptest::proptest! {
+        #[test]
+        fn with_changes_equals_a_snapshot_of_the_merged_records(
+            // Valid on the whole: unique ids, current secrets s0..s5, previous ones s6..s9.
+            base_keys in proptest::collection::btree_set(0..6u8, 0..6).prop_flat_map(|ids| {
+                ids.into_iter()
+                    .map(|id| arb_key(Just(id), None, 6..10, &["p", "q"]))
+                    .collect::<Vec<_>>()
+            }),
+            changed_keys in proptest::collection::btree_map(
+                0..6u8,
+                arb_key(0..6u8, Some(0..10), 0..10, &["p", "q", "r"]),
+                0..4,
+            ),
+            changed_projects in proptest::collection::btree_map(0..2u8, arb_project(), 0..2),
+        ) {
+            let projects = [ProjectRecord::new("p"), ProjectRecord::new("q")];
+            let Ok(base) = Snapshot::new(projects.clone(), base_keys.clone()) else {
+                return Ok(());
+            };
+            // One record per id in a change, as a database gives them.
+            let changed_keys: BTreeMap<_, _> =
+                changed_keys.into_values().map(|k| (k.id.to_string(), k)).collect();
+            let changed_projects: BTreeMap<_, _> =
+                changed_projects.into_values().map(|p| (p.id.clone(), p)).collect();
+            let mut merged_keys: BTreeMap<_, _> =
+                base_keys.into_iter().map(|k| (k.id.to_string(), k)).collect();
+            merged_keys.extend(changed_keys.clone());
+            let mut merged_projects: BTreeMap<_, _> =
+                projects.into_iter().map(|p| (p.id.clone(), p)).collect();
+            merged_projects.extend(changed_projects.clone());
+
+            let incremental = base.with_changes(
+                changed_projects.into_values(),
+                changed_keys.into_values(),
+            );
+            let whole = Snapshot::new(merged_projects.into_values(), merged_keys.into_values());
+            match (incremental, whole) {
+                (Ok(inc), Ok(whole)) => {
+                    proptest::prop_assert_eq!(inc.len(), whole.len());
+                    proptest::prop_assert_eq!(inc.projects().count(), whole.projects().count());
+                    for s in 0..10 {
+                        let d = KeyDigest::of(&format!("s{s}"));
+                        proptest::prop_assert_eq!(answer(inc.get(&d)), answer(whole.get(&d)));
+                    }
+                    for id in 0..6 {
+                        let id = format!("key_{id}");
+                        proptest::prop_assert_eq!(answer(inc.get_id(&id)), answer(whole.get_id(&id)));
+                    }
+                }
+                (Err(_), Err(_)) => {}
+                (inc, whole) => proptest::prop_assert!(
+                    false,
+                    "incremental {:?} but whole {:?}",
+                    inc.map(|s| s.len()),
+                    whole.map(|s| s.len())
+                ),
+            }
+        }
     }
 }

@@ -1,0 +1,63 @@
+//! Durable keygate state: keys and projects in SQLite, the embedded default store.
+//!
+//! [`Db`] is the database (synchronous; what the CLI and admin tools use). [`SqliteStore`]
+//! is the [`KeyStore`](keygate_core::KeyStore) a gateway serves from: a memory snapshot of
+//! the database, brought up to date with only the rows that changed, so lookups never touch
+//! the disk.
+//!
+//! ```
+//! use keygate_core::{KeyFormat, KeyId, KeyRecord, Permissions, ProjectRecord, Rejection, Secret, Timestamp};
+//! use keygate_store::{Db, RefreshOutcome, SqliteStore};
+//!
+//! let dir = tempfile::tempdir()?;
+//! let path = dir.path().join("keygate.db");
+//!
+//! // The CLI: a project and a key (the secret is shown once; only its digest is stored).
+//! let mut db = Db::open(&path)?;
+//! db.create_project(&ProjectRecord::new("default"))?;
+//! let secret = KeyFormat::default().generate()?;
+//! let mut key = KeyRecord::new(KeyId::new("key_demo"), "default", secret.digest(), Timestamp::UNIX_EPOCH);
+//! key.permissions = Permissions::ReadOnly;
+//! db.insert_keys(&[key], "admin")?;
+//!
+//! // The gateway: lookups come from memory.
+//! let store = SqliteStore::open(&path)?;
+//! let found = store.store().get(&secret.digest()).expect("the key is served");
+//! assert_eq!(found.key.permissions, Permissions::ReadOnly);
+//!
+//! // Revoked through any connection, seen at the next refresh.
+//! db.update_key("key_demo", |key, _reason| {
+//!     key.revoked_at = Some(Timestamp::from_unix_secs(1));
+//!     Ok(())
+//! })?;
+//! assert_eq!(store.refresh()?, RefreshOutcome::Applied { projects: 0, keys: 1 });
+//! let found = store.store().get(&secret.digest()).expect("still known");
+//! assert_eq!(found.key.check_live(Secret::Current, Timestamp::from_unix_secs(2)), Err(Rejection::Revoked));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! # Deployment
+//!
+//! - The database file and its `-wal` and `-shm` companions belong together: copy them
+//!   with `sqlite3 keygate.db ".backup copy.db"`, not `cp`, while a gateway runs.
+//! - Keep the file on a local disk: SQLite's locking is unreliable on network file systems.
+//! - A [`SqliteStore`] keeps reading the file it opened. A file renamed over it (a copy
+//!   restored with `mv`) is not followed: refreshes fail, visibly in
+//!   [`SqliteStore::last_error`], and the keys loaded keep serving until a restart. Restore
+//!   in place with `sqlite3 keygate.db ".restore copy.db"` instead.
+//! - Records are never deleted, only revoked or disabled, so changes are all a snapshot
+//!   needs to follow.
+
+mod db;
+mod error;
+mod schema;
+mod store;
+mod url;
+
+#[cfg(test)]
+mod test_support;
+
+pub use db::{Changes, Db, ImportOutcome, StoredKey};
+pub use error::DbError;
+pub use store::{RefreshOutcome, SqliteStore};
+pub use url::{DEFAULT_STORE_URL, StoreUrl, StoreUrlError};

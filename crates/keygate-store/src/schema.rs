@@ -1,0 +1,70 @@
+//! The versioned schema.
+//!
+//! Each migration takes the database from `version - 1` to `version`; `PRAGMA user_version`
+//! records the last one applied. The SQL keeps to what PostgreSQL reads the same way (`TEXT`,
+//! `BIGINT`, `REFERENCES`, `UNIQUE`), so a PostgreSQL store can replay the same list, and a
+//! later migration adds the spend ledger next to these tables without touching them.
+//!
+//! Records are stored whole as JSON (`record`), so every field `KeyRecord` and
+//! `ProjectRecord` carry now or later survives without a migration; the other columns are
+//! what lookups, listings and uniqueness need, written from the record on every change.
+
+/// One step of the schema.
+pub(crate) struct Migration {
+    pub(crate) version: u32,
+    pub(crate) sql: &'static str,
+}
+
+/// Every migration, in order.
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: "
+        -- `change_seq` grows by one in every transaction that changes a project or a key;
+        -- the rows it changed carry it in `updated_seq`, which is how a snapshot catches up.
+        CREATE TABLE meta (
+            name TEXT PRIMARY KEY,
+            value BIGINT NOT NULL
+        );
+        INSERT INTO meta (name, value) VALUES ('change_seq', 0);
+
+        CREATE TABLE projects (
+            id TEXT PRIMARY KEY,
+            record TEXT NOT NULL,
+            updated_seq BIGINT NOT NULL
+        );
+        CREATE INDEX projects_updated_seq ON projects (updated_seq);
+
+        -- Digests are 64 lowercase hex digits (KeyDigest's text form).
+        CREATE TABLE keys (
+            id TEXT PRIMARY KEY,
+            project TEXT NOT NULL REFERENCES projects (id),
+            digest TEXT NOT NULL UNIQUE,
+            previous_digest TEXT UNIQUE,
+            created_at BIGINT NOT NULL,
+            record TEXT NOT NULL,
+            created_by TEXT,
+            last_used_at BIGINT,
+            disabled_reason TEXT,
+            updated_seq BIGINT NOT NULL
+        );
+        CREATE INDEX keys_project ON keys (project);
+        CREATE INDEX keys_updated_seq ON keys (updated_seq);
+        CREATE INDEX keys_created ON keys (created_at, id);
+    ",
+}];
+
+/// The schema version this build writes: the last migration's.
+pub(crate) const SCHEMA_VERSION: u32 = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_one_by_one_up_to_the_schema_version() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version as usize, i + 1);
+        }
+        assert_eq!(MIGRATIONS.last().map(|m| m.version), Some(SCHEMA_VERSION));
+    }
+}
