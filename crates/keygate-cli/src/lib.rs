@@ -109,16 +109,10 @@ fn invalid(msg: impl Into<String>) -> CliError {
 #[derive(Debug, Parser)]
 #[command(name = "keygate", version)]
 struct Cli {
-    /// The store the key commands work on (`sqlite:PATH`), the same default as the
-    /// gateway's.
-    #[arg(
-        long,
-        global = true,
-        env = "KEYGATE_STORE",
-        default_value = keygate_store::DEFAULT_STORE_URL,
-        conflicts_with = "file"
-    )]
-    store: String,
+    /// The store the key commands and the gateway work on (`sqlite:PATH`; default
+    /// `sqlite:keygate.db`).
+    #[arg(long, global = true, env = "KEYGATE_STORE", conflicts_with = "file")]
+    store: Option<String>,
     /// Work on this TOML key file instead of the store (for keys kept in git).
     #[arg(long, global = true, env = "KEYGATE_KEYS_FILE")]
     file: Option<PathBuf>,
@@ -176,7 +170,8 @@ enum KeysCommand {
     /// with the same id are replaced).
     Import {
         /// The TOML key file.
-        file: PathBuf,
+        #[arg(value_name = "FILE")]
+        source: PathBuf,
     },
     /// Write every project and key as a TOML key file (digests only), to stdout or a file.
     Export {
@@ -338,7 +333,11 @@ where
     let target = match (&cli.command, &cli.file) {
         (Command::Serve(_), _) => None,
         (_, Some(path)) => Some(Target::File(path.clone())),
-        (_, None) => Some(Target::open_store(&cli.store)?),
+        (_, None) => Some(Target::open_store(
+            cli.store
+                .as_deref()
+                .unwrap_or(keygate_store::DEFAULT_STORE_URL),
+        )?),
     };
     let ctx = Ctx {
         target: target.unwrap_or(Target::File(PathBuf::new())),
@@ -346,7 +345,15 @@ where
         now,
     };
     let text = match cli.command {
-        Command::Serve(options) => return serve(*options),
+        Command::Serve(mut options) => {
+            if options.store.is_none() {
+                options.store = cli.store;
+            }
+            if options.keys_file.is_none() {
+                options.keys_file = cli.file;
+            }
+            return serve(*options);
+        }
         Command::Keys(cmd) => ctx.keys(cmd)?,
         Command::Projects(cmd) => ctx.projects(cmd)?,
     };
@@ -387,7 +394,9 @@ impl Target {
         let url: StoreUrl = url.parse().map_err(|e| invalid(format!("--store: {e}")))?;
         match url {
             StoreUrl::Sqlite(path) => Ok(Target::Store(std::cell::RefCell::new(Db::open(&path)?))),
-            other => Err(invalid(format!("--store {other}: not supported by the key commands yet"))),
+            other => Err(invalid(format!(
+                "--store {other}: not supported by the key commands yet"
+            ))),
         }
     }
 }
@@ -440,16 +449,16 @@ impl Ctx {
             }
             Target::Store(db) => {
                 let mut failed = None;
-                let result = db.borrow_mut().update_key(id, |key, _reason| {
-                    match change(key, now) {
-                        Ok(()) => Ok(key.clone()),
-                        Err(e) => {
-                            let message = e.to_string();
-                            failed = Some(e);
-                            Err(message)
-                        }
-                    }
-                });
+                let result =
+                    db.borrow_mut()
+                        .update_key(id, |key, _reason| match change(key, now) {
+                            Ok(()) => Ok(key.clone()),
+                            Err(e) => {
+                                let message = e.to_string();
+                                failed = Some(e);
+                                Err(message)
+                            }
+                        });
                 match (result, failed) {
                     (_, Some(e)) => Err(e),
                     (Err(keygate_store::DbError::NotFound(_)), None) => {
@@ -575,9 +584,11 @@ impl Ctx {
                 Ok(())
             }),
             KeysCommand::Rotate { id, grace, prefix } => self.rotate(&id, grace, prefix.as_deref()),
-            KeysCommand::Import { file } => {
+            KeysCommand::Import { source: file } => {
                 let Target::Store(db) = &self.target else {
-                    return Err(invalid("keys import copies a key file into the store: give --store, not --file"));
+                    return Err(invalid(
+                        "keys import copies a key file into the store: give --store, not --file",
+                    ));
                 };
                 let keys = KeyFile::load(&file)?;
                 // Refuse a set a gateway would refuse, before touching the store.

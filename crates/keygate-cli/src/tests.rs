@@ -586,7 +586,11 @@ async fn on_the_store_keys_are_created_rotated_disabled_and_revoked() {
     let rotated = env.json(&["keys", "rotate", &id, "--grace", "1h"]);
     let new_secret = rotated["secret"].as_str().unwrap().to_owned();
     assert_eq!(env.live(&new_secret).await, Ok(()));
-    assert_eq!(env.live(&secret).await, Ok(()), "the old secret works for the grace");
+    assert_eq!(
+        env.live(&secret).await,
+        Ok(()),
+        "the old secret works for the grace"
+    );
 
     env.json(&["keys", "disable", &id]);
     assert_eq!(env.live(&new_secret).await, Err(Rejection::Disabled));
@@ -606,13 +610,27 @@ async fn on_the_store_keys_are_created_rotated_disabled_and_revoked() {
 fn on_the_store_projects_are_created_once_and_keys_need_one() {
     let env = StoreEnv::new();
     let e = env
-        .run(&["keys", "create", "--project", "acme", "--permissions", "all"])
+        .run(&[
+            "keys",
+            "create",
+            "--project",
+            "acme",
+            "--permissions",
+            "all",
+        ])
         .unwrap_err();
     assert!(e.to_string().contains("does not exist"), "{e}");
     env.json(&["projects", "create", "acme", "--allow-model", "gpt-4o*"]);
     let e = env.run(&["projects", "create", "acme"]).unwrap_err();
     assert!(e.to_string().contains("already exists"), "{e}");
-    env.json(&["keys", "create", "--project", "acme", "--permissions", "all"]);
+    env.json(&[
+        "keys",
+        "create",
+        "--project",
+        "acme",
+        "--permissions",
+        "all",
+    ]);
     let projects = env.json(&["projects", "list"]);
     assert_eq!(projects["projects"][0]["id"], "acme");
 }
@@ -623,13 +641,17 @@ fn store_and_file_are_one_or_the_other() {
     let url = env.url();
     let mut out = Vec::new();
     let e = run(
-        ["keygate", "--store", &url, "--file", "k.toml", "keys", "list"],
+        [
+            "keygate", "--store", &url, "--file", "k.toml", "keys", "list",
+        ],
         t0(),
         &mut out,
     )
     .unwrap_err();
     assert!(matches!(e, CliError::Usage(_)));
-    let e = env.run(&["--store", "mysql://x", "keys", "list"]).unwrap_err();
+    let e = env
+        .run(&["--store", "mysql://x", "keys", "list"])
+        .unwrap_err();
     assert_eq!(e.exit_code(), 2, "{e}");
 }
 
@@ -667,7 +689,14 @@ fn bulk_create_makes_every_key_in_one_go() {
 fn toml_import_into_the_store_and_export_round_trip() {
     // Keys made in a TOML file (as a team keeping keys in git would) ...
     let file = Env::with_project();
-    file.create(&["--permissions", "all", "--label", "team=ml", "--budget", "5/day"]);
+    file.create(&[
+        "--permissions",
+        "all",
+        "--label",
+        "team=ml",
+        "--budget",
+        "5/day",
+    ]);
     let (rotated, _) = file.create(&["--permissions", "read_only"]);
     file.ok(&["keys", "rotate", &rotated, "--grace", "1h"], t0());
     let original = KeyFile::load(&file.path).unwrap();
@@ -688,10 +717,19 @@ fn toml_import_into_the_store_and_export_round_trip() {
     assert_eq!(sorted(exported), sorted(original.clone()));
     // To stdout, as TOML.
     let text = env.run(&["keys", "export"]).unwrap();
-    assert_eq!(sorted(KeyFile::parse("stdout", &text).unwrap()), sorted(original));
+    assert_eq!(
+        sorted(KeyFile::parse("stdout", &text).unwrap()),
+        sorted(original)
+    );
     // Importing again changes nothing (same ids).
     env.json(&["keys", "import", path]);
-    assert_eq!(env.json(&["keys", "list"])["keys"].as_array().unwrap().len(), 2);
+    assert_eq!(
+        env.json(&["keys", "list"])["keys"]
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 #[test]
@@ -707,14 +745,22 @@ fn import_refuses_a_broken_file_and_changes_nothing() {
     )
     .unwrap();
     assert!(env.run(&["keys", "import", bad.to_str().unwrap()]).is_err());
-    assert_eq!(env.json(&["keys", "list"])["keys"].as_array().unwrap().len(), 1);
+    assert_eq!(
+        env.json(&["keys", "list"])["keys"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[test]
 fn concurrent_cli_runs_on_the_store_lose_nothing() {
     // Two "processes" at once: one creates keys, the other revokes the ones made before.
     let env = StoreEnv::new();
-    let first: Vec<String> = (0..20).map(|_| env.create(&["--permissions", "all"]).0).collect();
+    let first: Vec<String> = (0..20)
+        .map(|_| env.create(&["--permissions", "all"]).0)
+        .collect();
     let url = env.url();
     let creator = {
         let url = url.clone();
@@ -724,8 +770,16 @@ fn concurrent_cli_runs_on_the_store_lose_nothing() {
                 let mut out = Vec::new();
                 run(
                     [
-                        "keygate", "--store", &url, "--json", "keys", "create", "--project",
-                        "default", "--permissions", "all",
+                        "keygate",
+                        "--store",
+                        &url,
+                        "--json",
+                        "keys",
+                        "create",
+                        "--project",
+                        "default",
+                        "--permissions",
+                        "all",
                     ],
                     t0(),
                     &mut out,
@@ -742,7 +796,12 @@ fn concurrent_cli_runs_on_the_store_lose_nothing() {
         std::thread::spawn(move || {
             for id in &first {
                 let mut out = Vec::new();
-                run(["keygate", "--store", &url, "keys", "revoke", id], t0(), &mut out).unwrap();
+                run(
+                    ["keygate", "--store", &url, "keys", "revoke", id],
+                    t0(),
+                    &mut out,
+                )
+                .unwrap();
             }
         })
     };

@@ -359,7 +359,10 @@ async fn a_key_revoked_with_the_cli_is_refused_by_the_running_gateway_and_stays_
     // A restart keeps the store: no new demo keys, the revoked key still refused.
     let gw = Gateway::start(dir.path(), &["--listen", "127.0.0.1:0"]);
     gw.line();
-    assert_eq!(gw.line(), "using the keys in sqlite:keygate.db; the demo keys are:");
+    assert_eq!(
+        gw.line(),
+        "using the keys in sqlite:keygate.db; the demo keys are:"
+    );
     let answer = request(gw.addr, "GET", "/v1/models", &secret, "").await;
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
     gw.terminate(Duration::from_secs(30));
@@ -369,7 +372,11 @@ async fn a_key_revoked_with_the_cli_is_refused_by_the_running_gateway_and_stays_
 fn a_gateway_with_no_usable_key_source_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("keys.toml"), "").unwrap();
-    std::fs::write(dir.path().join("broken.db"), b"this is not a database at all, not even close....").unwrap();
+    std::fs::write(
+        dir.path().join("broken.db"),
+        b"this is not a database at all, not even close....",
+    )
+    .unwrap();
     for args in [
         ["--keys-file", "keys.toml"],
         ["--store", "sqlite:broken.db"],

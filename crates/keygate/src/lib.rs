@@ -49,9 +49,9 @@
 
 mod builder;
 mod config;
-mod source;
 #[cfg(feature = "proxy")]
 pub mod proxy;
+mod source;
 
 pub use keygate_audit as audit;
 pub use keygate_core as core;
@@ -61,8 +61,8 @@ pub use keygate_jwt as jwt;
 pub use keygate_limit as limit;
 pub use keygate_scope as scope;
 
-pub use source::KeySource;
 pub use builder::{BuildError, Keygate, KeygateBuilder, KeygateLayer, KeygateService, SharedSink};
+pub use source::KeySource;
 #[cfg(test)]
 mod tests;
 

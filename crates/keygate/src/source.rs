@@ -95,8 +95,14 @@ impl KeySource {
     /// Why the source could not be read; the previous keys keep serving.
     pub fn reload(&self) -> Result<String, String> {
         match &self.kind {
-            Kind::Sqlite(s) => s.refresh().map(|o| format!("{o:?}")).map_err(|e| e.to_string()),
-            Kind::File(f) => f.reload().map(|o| format!("{o:?}")).map_err(|e| e.to_string()),
+            Kind::Sqlite(s) => s
+                .refresh()
+                .map(|o| format!("{o:?}"))
+                .map_err(|e| e.to_string()),
+            Kind::File(f) => f
+                .reload()
+                .map(|o| format!("{o:?}"))
+                .map_err(|e| e.to_string()),
         }
     }
 

@@ -215,7 +215,10 @@ mod tests {
         let db = dir.path().join("keygate.db");
         let keys = create_in_store(&db).unwrap().unwrap();
         assert_eq!(keys.len(), specs().len());
-        assert!(create_in_store(&db).unwrap().is_none(), "a second run adds nothing");
+        assert!(
+            create_in_store(&db).unwrap().is_none(),
+            "a second run adds nothing"
+        );
         let store = keygate_store::SqliteStore::open(&db).unwrap();
         for k in &keys {
             let found = store.store().get(&k.secret.digest()).unwrap();

@@ -23,7 +23,6 @@ pub mod server;
 
 pub use server::{Drained, ServerSettings};
 
-
 /// Histogram buckets of the gateway's latency metrics, in seconds.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -47,9 +46,10 @@ pub struct GatewayOptions {
     /// A TOML configuration file (see the README's config reference).
     #[arg(long)]
     pub config: Option<PathBuf>,
-    /// The store keys, projects and spend live in (overrides the config's `store`; default
-    /// `sqlite:keygate.db`). With no config and no key file, an empty store gets demo keys.
-    #[arg(long, env = "KEYGATE_STORE")]
+    /// The store keys and projects live in (`keygate --store URL serve`: overrides the
+    /// config's `store`; default `sqlite:keygate.db`). With no config and no key file, an empty
+    /// store gets demo keys.
+    #[arg(skip)]
     pub store: Option<String>,
     /// Serve keys from this TOML key file instead of the store (overrides the config's
     /// `keys_file`).
@@ -326,7 +326,11 @@ pub async fn start(
         let mut tick = tokio::time::interval(Duration::from_secs(5));
         loop {
             tick.tick().await;
-            let up = if source.last_error().is_some() { 0.0 } else { 1.0 };
+            let up = if source.last_error().is_some() {
+                0.0
+            } else {
+                1.0
+            };
             metrics::gauge!(KEY_SOURCE_UP).set(up);
             prometheus().run_upkeep();
         }
