@@ -449,16 +449,25 @@ impl Ctx {
             }
             Target::Store(db) => {
                 let mut failed = None;
-                let result =
-                    db.borrow_mut()
-                        .update_key(id, |key, _reason| match change(key, now) {
-                            Ok(()) => Ok(key.clone()),
-                            Err(e) => {
-                                let message = e.to_string();
-                                failed = Some(e);
-                                Err(message)
+                let result = db
+                    .borrow_mut()
+                    .update_key(id, |key, reason| match change(key, now) {
+                        Ok(()) => {
+                            // The reason goes with the flag: set by the CLI, cleared on
+                            // enable (also of a key the wallet guard suspended).
+                            if !key.disabled {
+                                *reason = None;
+                            } else if reason.is_none() {
+                                *reason = Some("disabled with the CLI".to_owned());
                             }
-                        });
+                            Ok(key.clone())
+                        }
+                        Err(e) => {
+                            let message = e.to_string();
+                            failed = Some(e);
+                            Err(message)
+                        }
+                    });
                 match (result, failed) {
                     (_, Some(e)) => Err(e),
                     (Err(keygate_store::DbError::NotFound(_)), None) => {
@@ -558,6 +567,23 @@ impl Ctx {
                 Ok(self.output(json, key_table(&keys, self.now)))
             }
             KeysCommand::Show { id } => {
+                if let Target::Store(db) = &self.target {
+                    let stored = db
+                        .borrow()
+                        .key(&id)?
+                        .ok_or_else(|| CliError::NoSuchKey(id.clone()))?;
+                    let mut json = key_json(&stored.record, self.now);
+                    let mut text = key_text(&stored.record, self.now);
+                    if let Some(obj) = json.as_object_mut() {
+                        obj.insert("disabled_reason".into(), json!(stored.disabled_reason));
+                        obj.insert("created_by".into(), json!(stored.created_by));
+                        obj.insert("last_used_at".into(), json!(stored.last_used_at));
+                    }
+                    if let Some(reason) = &stored.disabled_reason {
+                        let _ = writeln!(text, "disabled because: {reason}");
+                    }
+                    return Ok(self.output(json!({ "key": json }), text));
+                }
                 let file = self.load(false)?;
                 let key = find_key(&file, &id)?;
                 Ok(self.output(

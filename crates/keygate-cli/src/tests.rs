@@ -817,3 +817,34 @@ fn concurrent_cli_runs_on_the_store_lose_nothing() {
         assert!(first.iter().any(|f| f == id) || made.iter().any(|m| m == id));
     }
 }
+
+#[test]
+fn on_the_store_a_disabled_key_says_why_and_enable_clears_it() {
+    let env = StoreEnv::new();
+    let (id, _) = env.create(&["--permissions", "all"]);
+    assert_eq!(
+        env.json(&["keys", "show", &id])["key"]["disabled_reason"],
+        Value::Null
+    );
+    env.json(&["keys", "disable", &id]);
+    let shown = env.json(&["keys", "show", &id]);
+    assert_eq!(shown["key"]["disabled_reason"], "disabled with the CLI");
+    assert_eq!(shown["key"]["created_by"], "cli");
+    // As the wallet guard leaves a suspended key: enabling clears the reason.
+    let mut db = keygate_store::Db::open(&env.db).unwrap();
+    db.update_key(&id, |k, reason| {
+        k.disabled = true;
+        *reason = Some("suspended".to_owned());
+        Ok(())
+    })
+    .unwrap();
+    assert!(
+        env.run(&["keys", "show", &id])
+            .unwrap()
+            .contains("disabled because: suspended")
+    );
+    env.json(&["keys", "enable", &id]);
+    let shown = env.json(&["keys", "show", &id]);
+    assert_eq!(shown["key"]["disabled_reason"], Value::Null);
+    assert_eq!(shown["key"]["status"], "active");
+}

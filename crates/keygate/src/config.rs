@@ -752,7 +752,15 @@ impl Config {
         let builder = Keygate::builder(store.clone())
             .audit_sink(BoxedSink(sink))
             .token_verifier(verifier);
-        let layer = self.apply(builder)?.build()?;
+        let mut builder = self.apply(builder)?;
+        if let (Some(guard), Some(sqlite)) = (self.guard.guard()?, store.sqlite()) {
+            // A suspension outlives the process: the key is disabled in the store with the
+            // reason `suspended` (re-enable it with `keygate keys enable`).
+            builder = builder.wallet_guard(
+                guard.with_suspension_hook(persist_suspension(sqlite.path().to_path_buf())),
+            );
+        }
+        let layer = builder.build()?;
         Ok(Built {
             layer,
             store,
@@ -819,6 +827,43 @@ impl Config {
                     .map_err(|e| ConfigError::Invalid(format!("jwt: no random secret: {e}")))?;
                 Ok(secret)
             }
+        }
+    }
+}
+
+/// The reason a key disabled by the denial-of-wallet guard carries in the store.
+pub const SUSPENDED_REASON: &str = "suspended";
+
+/// A suspension hook that disables the key in the SQLite store at `path` (off the request
+/// path: the write runs on a thread of its own, and the store's refresh then serves it).
+fn persist_suspension(path: PathBuf) -> impl keygate_limit::SuspensionHook {
+    move |key_id: &keygate_core::KeyId, change: keygate_limit::Suspension| {
+        if change != keygate_limit::Suspension::Suspended {
+            return;
+        }
+        let path = path.clone();
+        let id = key_id.as_str().to_owned();
+        let spawned = std::thread::Builder::new()
+            .name("keygate-suspend".into())
+            .spawn(move || {
+                let result = keygate_store::Db::open(&path).and_then(|mut db| {
+                    db.update_key(&id, |key, reason| {
+                        key.disabled = true;
+                        *reason = Some(SUSPENDED_REASON.to_owned());
+                        Ok(())
+                    })
+                });
+                match result {
+                    Ok(()) => {
+                        tracing::warn!(key_id = %id, "key suspended and disabled in the store")
+                    }
+                    Err(error) => {
+                        tracing::error!(key_id = %id, %error, "could not persist a key suspension")
+                    }
+                }
+            });
+        if let Err(error) = spawned {
+            tracing::error!(%error, "could not start persisting a key suspension");
         }
     }
 }

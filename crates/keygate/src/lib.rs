@@ -69,5 +69,5 @@ mod tests;
 pub use config::{
     AuditConfig, BackpressureConfig, Built, Config, ConfigError, ConfigTokens, JsonlConfig,
     JwtConfig, LimitsConfig, PriceConfig, ProxyConfig, Roots, RoutePreset, RoutesConfig,
-    ServerConfig, UnpricedConfig, UpstreamConfig,
+    SUSPENDED_REASON, ServerConfig, UnpricedConfig, UpstreamConfig,
 };

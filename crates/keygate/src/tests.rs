@@ -577,3 +577,71 @@ async fn a_configured_wallet_guard_suspends_a_key_past_its_ceiling_and_audits_th
     assert_eq!(alerts[0]["key_id"], "key_t");
     assert_eq!(lines.iter().filter(|l| l["type"] == "request").count(), 3);
 }
+
+#[tokio::test]
+async fn a_suspension_by_the_wallet_guard_is_persisted_in_the_store_and_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_path = dir.path().join("keygate.db");
+    let (_, secret, key) = store(|_| {});
+    let mut file = KeyFile::default();
+    file.projects.push(ProjectRecord::new("p"));
+    file.keys.push(key);
+    keygate_store::Db::open(&db_path)
+        .unwrap()
+        .import(&file, "test")
+        .unwrap();
+    let text = format!(
+        "store = \"sqlite:{}\"\n[audit]\ntracing = false\n[guard]\nenabled = true\nceiling_tokens = 150\n",
+        db_path.display()
+    );
+    let config = Config::from_toml_str(&text).unwrap();
+    let service = |built: &crate::Built| {
+        ServiceBuilder::new()
+            .layer(built.layer().clone())
+            .service(service_fn(|_req: Request<_>| async {
+                let body = r#"{"object":"chat.completion","usage":{"prompt_tokens":60,"completion_tokens":40,"total_tokens":100}}"#;
+                let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                response
+                    .headers_mut()
+                    .insert("content-type", "application/json".parse().unwrap());
+                Ok::<_, Infallible>(response)
+            }))
+    };
+    let chat = || {
+        Request::post("/v1/chat/completions")
+            .header("authorization", format!("Bearer {}", secret.expose()))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(
+                br#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[]}"#,
+            )))
+            .unwrap()
+    };
+    let built = config.build().unwrap();
+    let svc = service(&built);
+    for _ in 0..2 {
+        let r = svc.clone().oneshot(chat()).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.into_body().collect().await.unwrap();
+    }
+    // The hook writes on a thread of its own; wait for it, bounded.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let db = keygate_store::Db::open(&db_path).unwrap();
+    loop {
+        let stored = db.key("key_t").unwrap().unwrap();
+        if stored.disabled_reason.as_deref() == Some(crate::SUSPENDED_REASON) {
+            assert!(stored.record.disabled);
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the suspension was not persisted"
+        );
+        std::thread::yield_now();
+    }
+    drop((svc, built));
+
+    // A restart: a new stack from the same store refuses the key (401: disabled).
+    let built = config.build().unwrap();
+    let r = service(&built).oneshot(chat()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}
