@@ -350,7 +350,11 @@ fn without_a_config_the_gateway_uses_the_sqlite_store_and_demo_prices() {
     use keygate_workspace::gateway::{GatewayOptions, config_for};
     let options = GatewayOptions::new("127.0.0.1:0".parse().unwrap());
     let config = config_for(&options).unwrap();
-    assert_eq!(config.store, "sqlite:keygate.db");
+    assert_eq!(config.store, None);
+    assert_eq!(
+        config.store_url().unwrap(),
+        "sqlite:keygate.db".parse().unwrap()
+    );
     assert_eq!(config.keys_file, None);
     assert!(config.price_table().unwrap().price("gpt-4o-mini").is_some());
     assert!(config.jwt.enabled && config.jwt.secret_env.is_none());

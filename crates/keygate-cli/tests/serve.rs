@@ -396,3 +396,101 @@ fn a_gateway_with_no_usable_key_source_refuses_to_start() {
         assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
     }
 }
+
+/// A key on the store at `db` with a budget of `budget` dollars a day; returns its secret.
+fn budget_key(db: &Path, budget: &str) -> String {
+    let url = format!("sqlite:{}", db.display());
+    let mut out = Vec::new();
+    keygate_cli::run(
+        [
+            "keygate",
+            "--store",
+            &url,
+            "--json",
+            "keys",
+            "create",
+            "--project",
+            "p",
+            "--create-project",
+            "--permissions",
+            "all",
+            "--budget",
+            &format!("{budget}/day"),
+        ],
+        keygate_core::Timestamp::from_unix_secs(1_700_000_000),
+        &mut out,
+    )
+    .unwrap();
+    let created: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    created["secret"].as_str().unwrap().to_owned()
+}
+
+/// Sends small priced chat completions one after another until one is refused (or `max`
+/// are admitted); returns how many were admitted.
+async fn spend_until_refused(addr: SocketAddr, secret: &str, max: usize) -> usize {
+    let chat = r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+    for n in 0..max {
+        let answer = request(addr, "POST", "/v1/chat/completions", secret, chat).await;
+        if answer.starts_with("HTTP/1.1 429") {
+            assert!(answer.contains("insufficient_quota"), "{answer}");
+            return n;
+        }
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    max
+}
+
+/// Starts the gateway on `db` (no config: the demo prices), with its own fresh key store.
+fn start_on(dir: &Path, db: &Path) -> Gateway {
+    let url = format!("sqlite:{}", db.display());
+    let gw = Gateway::start(dir, &["--listen", "127.0.0.1:0", "--store", &url]);
+    gw.line();
+    gw
+}
+
+fn kill_9(gw: Gateway) {
+    let pid = gw.child.id().to_string();
+    assert!(Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
+    drop(gw);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_is_never_spent_twice_across_a_restart_or_a_kill() {
+    // $0.0001 a day: about ten of these requests (each reserves ~10k nanodollars, spends ~6k).
+    const BUDGET: &str = "0.0001";
+    let dir = tempfile::tempdir().unwrap();
+
+    // Without a restart: how many requests the budget pays for.
+    let db = dir.path().join("once.db");
+    let secret = budget_key(&db, BUDGET);
+    let gw = start_on(dir.path(), &db);
+    let whole = spend_until_refused(gw.addr, &secret, 100).await;
+    gw.terminate(Duration::from_secs(30));
+    assert!((3..100).contains(&whole), "{whole}");
+
+    // SIGTERM part way: the remainder after the restart is exactly what was left.
+    let db = dir.path().join("term.db");
+    let secret = budget_key(&db, BUDGET);
+    let gw = start_on(dir.path(), &db);
+    let before = spend_until_refused(gw.addr, &secret, whole / 2).await;
+    assert_eq!(before, whole / 2);
+    let (ok, _) = gw.terminate(Duration::from_secs(30));
+    assert!(ok);
+    let gw = start_on(dir.path(), &db);
+    let after = spend_until_refused(gw.addr, &secret, 100).await;
+    gw.terminate(Duration::from_secs(30));
+    assert_eq!(before + after, whole, "{before} + {after}");
+
+    // kill -9 part way: never more than the budget (a settlement lost in the kill counts at
+    // its reservation, so at most one request fewer).
+    let db = dir.path().join("kill.db");
+    let secret = budget_key(&db, BUDGET);
+    let gw = start_on(dir.path(), &db);
+    let before = spend_until_refused(gw.addr, &secret, whole / 2).await;
+    kill_9(gw);
+    let gw = start_on(dir.path(), &db);
+    let after = spend_until_refused(gw.addr, &secret, 100).await;
+    gw.terminate(Duration::from_secs(30));
+    assert!(before + after <= whole, "{before} + {after} > {whole}");
+    assert!(before + after + 1 >= whole, "{before} + {after} vs {whole}");
+}

@@ -17,10 +17,12 @@ use keygate_scope::{
 };
 use tower_layer::Layer;
 
+use crate::spend::SpendBackend;
+
 /// The service a [`KeygateLayer`] wraps around `S`: audit → key extraction → scope → model-list
 /// filter → request rate → token rate and budgets → `S`.
 pub type KeygateService<S, K, T = NoTokens> =
-    Audit<KeyExtract<Scope<ModelList<RateLimit<TokenLimit<S>>>>, K, T>>;
+    Audit<KeyExtract<Scope<ModelList<RateLimit<TokenLimit<S, SpendBackend>>>>, K, T>>;
 
 /// The OpenAI preset's route specs, with `model_required` off on routes that carry no model
 /// (a caller with model rules can always list models or read its files).
@@ -82,6 +84,7 @@ impl Keygate {
             rate_max_entries: None,
             rate_headers: true,
             guard: None,
+            spend: None,
         }
     }
 }
@@ -174,6 +177,7 @@ pub struct KeygateBuilder<K, T = NoTokens> {
     rate_max_entries: Option<usize>,
     rate_headers: bool,
     guard: Option<WalletGuard>,
+    spend: Option<SpendBackend>,
 }
 
 impl<K, T> fmt::Debug for KeygateBuilder<K, T> {
@@ -303,6 +307,7 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
             rate_max_entries: self.rate_max_entries,
             rate_headers: self.rate_headers,
             guard: self.guard,
+            spend: self.spend,
         }
     }
 
@@ -376,6 +381,13 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
         self
     }
 
+    /// Where token rates and budgets are counted (default [`SpendBackend::Memory`]; a
+    /// configured gateway with a SQLite store uses the durable [`SpendBackend::Ledger`]).
+    pub fn spend_backend(mut self, backend: SpendBackend) -> Self {
+        self.spend = Some(backend);
+        self
+    }
+
     /// The denial-of-wallet guard. Its alerts go to the audit sink.
     pub fn wallet_guard(mut self, guard: WalletGuard) -> Self {
         self.guard = Some(guard);
@@ -428,7 +440,7 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
             rate = rate.with_max_entries(max)?;
         }
 
-        let mut tokens = TokenLimitLayer::default()
+        let mut tokens = TokenLimitLayer::new(self.spend.unwrap_or_default())
             .with_clock(clock.clone())
             .with_prices(self.prices)
             .with_unpriced(self.unpriced)
@@ -468,7 +480,7 @@ pub struct KeygateLayer<K, T = NoTokens> {
     scope: ScopeLayer,
     models: ModelListLayer,
     rate: RateLimitLayer,
-    tokens: TokenLimitLayer,
+    tokens: TokenLimitLayer<SpendBackend>,
 }
 
 impl<K, T> Clone for KeygateLayer<K, T> {
@@ -524,7 +536,7 @@ impl<K, T> KeygateLayer<K, T> {
 
     /// The token rate and budget layer (its [`backend`](TokenLimitLayer::backend) shows what
     /// has been spent).
-    pub fn token_limit_layer(&self) -> &TokenLimitLayer {
+    pub fn token_limit_layer(&self) -> &TokenLimitLayer<SpendBackend> {
         &self.tokens
     }
 }

@@ -52,10 +52,11 @@ use crate::source::KeySource;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
-    /// Where keys and projects live: `sqlite:PATH` (default `sqlite:keygate.db`, relative to
-    /// the working directory; written by the `keygate` CLI, digests only). Ignored when
-    /// `keys_file` is set.
-    pub store: String,
+    /// Where keys, projects and spend live: `sqlite:PATH` (default `sqlite:keygate.db`,
+    /// relative to the working directory; written by the `keygate` CLI, digests only). With
+    /// `keys_file` set, keys come from the file and spend goes to the store only when `store`
+    /// is given too (else spend is counted in memory, and a restart forgets it).
+    pub store: Option<String>,
     /// Serve keys from this TOML key file instead of the store (for keys kept in git), with a
     /// [`FileStore`].
     pub keys_file: Option<PathBuf>,
@@ -228,7 +229,7 @@ impl ServerConfig {
 impl Default for Config {
     fn default() -> Self {
         Config {
-            store: keygate_store::DEFAULT_STORE_URL.to_owned(),
+            store: None,
             keys_file: None,
             reload_interval_secs: 2,
             store_poll_millis: 250,
@@ -633,8 +634,28 @@ impl Config {
     /// [`ConfigError::Invalid`] for a URL that is not one keygate knows.
     pub fn store_url(&self) -> Result<keygate_store::StoreUrl, ConfigError> {
         self.store
+            .as_deref()
+            .unwrap_or(keygate_store::DEFAULT_STORE_URL)
             .parse()
             .map_err(|e| ConfigError::Invalid(format!("store: {e}")))
+    }
+
+    /// The SQLite database spend is kept in: the store, unless keys come from a key file and
+    /// no store is named.
+    ///
+    /// # Errors
+    ///
+    /// As [`Config::store_url`].
+    pub fn ledger_path(&self) -> Result<Option<PathBuf>, ConfigError> {
+        if self.keys_file.is_some() && self.store.is_none() {
+            return Ok(None);
+        }
+        match self.store_url()? {
+            keygate_store::StoreUrl::Sqlite(path) => Ok(Some(path)),
+            other => Err(ConfigError::Invalid(format!(
+                "store {other}: not supported by this build"
+            ))),
+        }
     }
 
     /// Opens the key source: the key file when `keys_file` is set, else the store.
@@ -753,6 +774,12 @@ impl Config {
             .audit_sink(BoxedSink(sink))
             .token_verifier(verifier);
         let mut builder = self.apply(builder)?;
+        if let Some(path) = self.ledger_path()? {
+            // Spend is durable: every reservation is in the ledger before the request goes on,
+            // and the counters are rebuilt from it at start.
+            let ledger = keygate_store::LedgerBackend::open(&path)?;
+            builder = builder.spend_backend(crate::SpendBackend::Ledger(ledger));
+        }
         if let (Some(guard), Some(sqlite)) = (self.guard.guard()?, store.sqlite()) {
             // A suspension outlives the process: the key is disabled in the store with the
             // reason `suspended` (re-enable it with `keygate keys enable`).
@@ -954,6 +981,15 @@ impl Built {
         if let Some(file) = &self.jsonl {
             file.flush();
         }
+    }
+
+    /// Commits every queued ledger write (settlements) and flushes the audit file: call at
+    /// shutdown, after the server has drained.
+    pub fn flush(&self) {
+        if let Some(ledger) = self.layer.token_limit_layer().backend().ledger() {
+            ledger.flush();
+        }
+        self.flush_audit();
     }
 }
 

@@ -52,6 +52,7 @@ mod config;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 mod source;
+mod spend;
 
 pub use keygate_audit as audit;
 pub use keygate_core as core;
@@ -63,6 +64,7 @@ pub use keygate_scope as scope;
 
 pub use builder::{BuildError, Keygate, KeygateBuilder, KeygateLayer, KeygateService, SharedSink};
 pub use source::KeySource;
+pub use spend::SpendBackend;
 #[cfg(test)]
 mod tests;
 

@@ -155,8 +155,7 @@ pub fn config_for(options: &GatewayOptions) -> Result<Config, ConfigError> {
         }
     };
     if let Some(store) = &options.store {
-        config.store = store.clone();
-        config.keys_file = None;
+        config.store = Some(store.clone());
     }
     if let Some(keys) = &options.keys_file {
         config.keys_file = Some(keys.clone());
@@ -435,7 +434,7 @@ impl Gateway {
             let _ = stop.send(());
         }
         let drained = (&mut self.server).await.unwrap_or(Drained { cut: 0 });
-        self.built.flush_audit();
+        self.built.flush();
         for task in &self.background {
             task.abort();
         }
