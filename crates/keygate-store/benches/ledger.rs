@@ -16,7 +16,7 @@ use keygate_core::{Money, Timestamp};
 use keygate_limit::LimitBackend;
 use keygate_limit::MemoryBackend;
 use keygate_limit::backend::{Actual, Charge, Unit, Window};
-use keygate_store::LedgerBackend;
+use keygate_store::{Durability, LedgerBackend};
 
 fn charges(key: &str) -> Vec<Charge> {
     vec![
@@ -63,23 +63,28 @@ fn request(c: &mut Criterion) {
     let mut group = c.benchmark_group("metered_request");
     let memory = MemoryBackend::new();
     group.bench_function("memory", |b| b.iter(|| rt.block_on(metered(&memory, "k"))));
-    let dir = tempfile::tempdir().unwrap();
-    let ledger = LedgerBackend::open(dir.path().join("bench.db")).unwrap();
-    group.bench_function("sqlite_ledger", |b| {
-        b.iter(|| rt.block_on(metered(&ledger, "k")))
-    });
+    for (name, durability) in [
+        ("sqlite_ledger_process_crash", Durability::ProcessCrash),
+        ("sqlite_ledger_power_loss", Durability::PowerLoss),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let ledger =
+            LedgerBackend::open_with(dir.path().join("bench.db"), NOW, durability).unwrap();
+        group.bench_function(name, |b| b.iter(|| rt.block_on(metered(&ledger, "k"))));
+    }
     group.finish();
 }
 
 /// 64 tasks doing reserve + settle back to back for 2 s on two worker threads.
-fn group_commit_throughput() {
+fn group_commit_throughput(durability: Durability) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_time()
         .build()
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let ledger = LedgerBackend::open(dir.path().join("throughput.db")).unwrap();
+    let ledger =
+        LedgerBackend::open_with(dir.path().join("throughput.db"), NOW, durability).unwrap();
     let done = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -105,7 +110,8 @@ fn group_commit_throughput() {
     let elapsed = started.elapsed();
     let n = done.load(Ordering::Relaxed);
     println!(
-        "group commit: {n} reservations (reserve + settle) in {elapsed:.2?} with 64 in flight: {:.0}/s",
+        "group commit ({durability:?}): {n} reservations (reserve + settle) in {elapsed:.2?} \
+         with 64 in flight: {:.0}/s",
         n as f64 / elapsed.as_secs_f64()
     );
 }
@@ -114,6 +120,7 @@ criterion_group!(benches, request);
 
 fn main() {
     benches();
-    group_commit_throughput();
+    group_commit_throughput(Durability::ProcessCrash);
+    group_commit_throughput(Durability::PowerLoss);
     Criterion::default().configure_from_args().final_summary();
 }

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use keygate_core::{Clock, Timestamp};
 use keygate_limit::backend::{
@@ -20,6 +21,37 @@ use crate::{Db, DbError};
 /// how long one commit holds the write lock).
 const MAX_BATCH: usize = 4096;
 
+/// Commits between two checkpoints (a reservation and its settlement write about ten
+/// pages: about SQLite's default of a checkpoint per thousand pages).
+const CHECKPOINT_EVERY: usize = 100;
+
+/// How long settlements and releases may wait for a reservation to share its commit: at most
+/// this much settled spend is counted at its reserved amount after a crash.
+const END_DELAY: Duration = Duration::from_millis(20);
+
+/// What a committed ledger transaction survives (SQLite's `synchronous` setting of the
+/// ledger's connection; the key store's connection keeps its own).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Durability {
+    /// A commit survives the gateway process dying at any moment (`kill -9`, a panic, an
+    /// out-of-memory kill): it is in the operating system's cache when `reserve` resolves
+    /// (`synchronous = NORMAL` in WAL mode): no `fsync` on the request's path.
+    ///
+    /// # Security
+    ///
+    /// A power loss or an operating-system crash can lose the last commits before it, and so
+    /// the reservations of requests that were forwarded in those last moments: a budget can
+    /// then be overspent by what those requests spent. Choose [`PowerLoss`](Self::PowerLoss)
+    /// where that matters more than latency.
+    #[default]
+    ProcessCrash,
+    /// A commit survives a power loss too: the write-ahead log is synced to the disk before
+    /// `reserve` resolves (`synchronous = FULL`). One `fsync` per commit (shared by every
+    /// reservation in it): typically hundreds of microseconds.
+    PowerLoss,
+}
+
 /// What a reservation's rows, or a flush, are waiting for.
 type Ack = oneshot::Sender<Result<(), BackendError>>;
 
@@ -31,9 +63,10 @@ type Ack = oneshot::Sender<Result<(), BackendError>>;
 /// drains everything queued (reservations, settlements, releases) into one transaction
 /// (group commit): [`reserve`](LimitBackend::reserve) resolves only once the transaction
 /// holding its rows has committed, so a request is never forwarded on spend the ledger does
-/// not know. Settlements and releases are applied to memory at once and written in a later
-/// commit without being waited for: one lost in a crash leaves its reservation open, and an
-/// open reservation is counted at its reserved amount.
+/// not know. Settlements and releases are applied to memory at once and written without
+/// being waited for, in the next reservation's commit (or alone within 20 ms when none
+/// comes): one lost in a crash leaves its reservation open, and an open reservation is
+/// counted at its reserved amount.
 ///
 /// At [`open`](LedgerBackend::open) the counters are rebuilt from the ledger:
 ///
@@ -60,7 +93,10 @@ type Ack = oneshot::Sender<Result<(), BackendError>>;
 /// that is still open, including those of another live process.
 ///
 /// Cheap to clone (the clones share the counters and the writer). Dropping the last clone
-/// commits what is queued and stops the writer thread.
+/// commits what is queued and stops the writer thread (blocking until it has).
+///
+/// Two threads of its own: the writer, and a checkpointer that copies SQLite's write-ahead
+/// log into the database every hundred commits, so the writer never does.
 ///
 /// ```
 /// use keygate_core::Timestamp;
@@ -108,6 +144,7 @@ struct Shared {
     /// `None` only while dropping (so the writer sees the queue close).
     queue: Option<mpsc::Sender<Op>>,
     writer: Option<JoinHandle<()>>,
+    checkpointer: Option<JoinHandle<()>>,
     next_id: AtomicU64,
     #[cfg(test)]
     hooks: Arc<Hooks>,
@@ -176,7 +213,7 @@ impl LedgerBackend {
     /// As [`Db::open`]; [`DbError::Sqlite`] when the ledger cannot be read or the open
     /// reservations of a previous process cannot be settled.
     pub fn open(path: impl AsRef<Path>) -> Result<LedgerBackend, DbError> {
-        Self::open_at(path, Clock::system().now())
+        Self::open_with(path, Clock::system().now(), Durability::default())
     }
 
     /// [`open`](LedgerBackend::open), rebuilding the counters as of `now`.
@@ -185,26 +222,54 @@ impl LedgerBackend {
     ///
     /// As [`open`](LedgerBackend::open).
     pub fn open_at(path: impl AsRef<Path>, now: Timestamp) -> Result<LedgerBackend, DbError> {
+        Self::open_with(path, now, Durability::default())
+    }
+
+    /// [`open_at`](LedgerBackend::open_at), committing with `durability`.
+    ///
+    /// # Errors
+    ///
+    /// As [`open`](LedgerBackend::open).
+    pub fn open_with(
+        path: impl AsRef<Path>,
+        now: Timestamp,
+        durability: Durability,
+    ) -> Result<LedgerBackend, DbError> {
         let mut db = Db::open(path.as_ref())?;
+        let synchronous = match durability {
+            Durability::ProcessCrash => "NORMAL",
+            Durability::PowerLoss => "FULL",
+        };
+        db.conn().pragma_update(None, "synchronous", synchronous)?;
+        // The checkpointer copies the log into the database, off the writer's path.
+        db.conn().pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpoints = Db::open(path.as_ref())?;
         let memory = MemoryBackend::new();
         let last_id = restore(db.conn_mut(), &memory, now)?;
         let (queue, rx) = mpsc::channel();
+        let (commits, committed) = mpsc::sync_channel(CHECKPOINT_EVERY);
         let hooks = Arc::new(Hooks::default());
+        let spawn_error = |e: std::io::Error| DbError::Open {
+            path: path.as_ref().to_path_buf(),
+            message: format!("cannot start the ledger writer: {e}"),
+        };
+        let checkpointer = std::thread::Builder::new()
+            .name("keygate-ledger-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpoints, &committed))
+            .map_err(spawn_error)?;
         let writer = {
             let hooks = hooks.clone();
             std::thread::Builder::new()
                 .name("keygate-ledger".into())
-                .spawn(move || write_loop(db, rx, &hooks))
-                .map_err(|e| DbError::Open {
-                    path: path.as_ref().to_path_buf(),
-                    message: format!("cannot start the ledger writer: {e}"),
-                })?
+                .spawn(move || write_loop(db, &rx, &commits, &hooks))
+                .map_err(spawn_error)?
         };
         Ok(LedgerBackend {
             shared: Arc::new(Shared {
                 memory,
                 queue: Some(queue),
                 writer: Some(writer),
+                checkpointer: Some(checkpointer),
                 next_id: AtomicU64::new(last_id.saturating_add(1)),
                 #[cfg(test)]
                 hooks,
@@ -340,6 +405,12 @@ impl Drop for Shared {
             && writer.join().is_err()
         {
             tracing::error!("the spend ledger writer panicked");
+        }
+        // The writer gone, the checkpointer's queue is closed too.
+        if let Some(checkpointer) = self.checkpointer.take()
+            && checkpointer.join().is_err()
+        {
+            tracing::error!("the spend ledger checkpointer panicked");
         }
     }
 }
@@ -574,7 +645,7 @@ fn restore(conn: &mut Connection, memory: &MemoryBackend, now: Timestamp) -> Res
         for row in rows {
             let (counter, per, limit, used) = row?;
             let window = Window::Rate {
-                per: std::time::Duration::from_nanos(from_sql(per)),
+                per: Duration::from_nanos(from_sql(per)),
             };
             memory.restore(
                 &counter.into(),
@@ -589,17 +660,12 @@ fn restore(conn: &mut Connection, memory: &MemoryBackend, now: Timestamp) -> Res
     Ok(from_sql(last_id))
 }
 
-fn write_loop(mut db: Db, rx: mpsc::Receiver<Op>, hooks: &Hooks) {
+fn write_loop(mut db: Db, rx: &mpsc::Receiver<Op>, commits: &mpsc::SyncSender<()>, hooks: &Hooks) {
     let mut batch = Vec::new();
     while let Ok(first) = rx.recv() {
         hooks.wait_while_held();
         batch.push(first);
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
+        collect(rx, &mut batch);
         if hooks.crashed.load(Ordering::SeqCst) {
             // Dropped unwritten: every waiting reservation sees the writer gone.
             batch.clear();
@@ -609,6 +675,10 @@ fn write_loop(mut db: Db, rx: mpsc::Receiver<Op>, hooks: &Hooks) {
             tracing::error!(error = %e, operations = batch.len(), "spend ledger write failed");
             BackendError(format!("spend ledger write failed: {e}").into())
         });
+        if result.is_ok() {
+            // Full: the checkpointer is behind and will catch up anyway.
+            let _ = commits.try_send(());
+        }
         for op in batch.drain(..) {
             match op {
                 Op::Reserve { ack, .. } | Op::Flush(ack) => {
@@ -618,6 +688,52 @@ fn write_loop(mut db: Db, rx: mpsc::Receiver<Op>, hooks: &Hooks) {
                 Op::End { .. } => {}
             }
         }
+    }
+}
+
+/// Copies the log into the database every [`CHECKPOINT_EVERY`] commits, and once more at
+/// the end. Passive: it never waits for (nor blocks) the writer or a reader.
+fn checkpoint_loop(db: &Db, committed: &mpsc::Receiver<()>) {
+    let checkpoint = || {
+        let result = db
+            .conn()
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "spend ledger checkpoint failed");
+        }
+    };
+    let mut since = 0;
+    while committed.recv().is_ok() {
+        since += 1;
+        if since >= CHECKPOINT_EVERY {
+            checkpoint();
+            since = 0;
+        }
+    }
+    checkpoint();
+}
+
+/// Adds what is queued to `batch`. A batch of settlements and releases only (nobody waits
+/// for those) waits up to [`END_DELAY`] for a reservation or a flush to share its commit.
+fn collect(rx: &mpsc::Receiver<Op>, batch: &mut Vec<Op>) {
+    let urgent = |op: &Op| !matches!(op, Op::End { .. });
+    let mut waiting = !batch.iter().any(urgent);
+    let deadline = Instant::now() + END_DELAY;
+    while batch.len() < MAX_BATCH {
+        let op = match rx.try_recv() {
+            Ok(op) => op,
+            Err(mpsc::TryRecvError::Empty) if waiting => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                match rx.recv_timeout(left) {
+                    Ok(op) => op,
+                    // Timed out, or closed: commit what there is.
+                    Err(_) => return,
+                }
+            }
+            Err(_) => return,
+        };
+        waiting &= !urgent(&op);
+        batch.push(op);
     }
 }
 

@@ -63,6 +63,6 @@ mod test_support;
 
 pub use db::{Changes, Db, ImportOutcome, StoredKey};
 pub use error::DbError;
-pub use ledger::{LedgerBackend, LedgerUsage};
+pub use ledger::{Durability, LedgerBackend, LedgerUsage};
 pub use store::{RefreshOutcome, SqliteStore};
 pub use url::{DEFAULT_STORE_URL, StoreUrl, StoreUrlError};
