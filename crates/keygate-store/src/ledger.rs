@@ -157,6 +157,8 @@ struct Hooks {
     held: Mutex<bool>,
     resumed: Condvar,
     crashed: AtomicBool,
+    /// Transactions committed.
+    commits: AtomicU64,
 }
 
 impl Hooks {
@@ -676,6 +678,7 @@ fn write_loop(mut db: Db, rx: &mpsc::Receiver<Op>, commits: &mpsc::SyncSender<()
             BackendError(format!("spend ledger write failed: {e}").into())
         });
         if result.is_ok() {
+            hooks.commits.fetch_add(1, Ordering::Relaxed);
             // Full: the checkpointer is behind and will catch up anyway.
             let _ = commits.try_send(());
         }

@@ -103,6 +103,43 @@ fn reserve_resolves_only_once_its_rows_are_committed() {
 }
 
 #[test]
+fn reservations_queued_together_share_one_commit() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    rt.block_on(async {
+        b.hold().await;
+        let before = b.shared.hooks.commits.load(Ordering::Relaxed);
+        let waiting: Vec<_> = (0..50)
+            .map(|_| tokio::spawn(b.reserve(vec![budget(1000, 10)], t(5))))
+            .collect();
+        b.resume();
+        for w in waiting {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(b.shared.hooks.commits.load(Ordering::Relaxed), before + 1);
+    });
+    let rows: i64 = raw(&path)
+        .query_row("SELECT COUNT(*) FROM ledger_charges", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 50);
+}
+
+#[test]
+fn power_loss_durability_keeps_the_same_ledger() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_with(&path, t(5), Durability::PowerLoss).unwrap();
+    let r = rt
+        .block_on(b.reserve(vec![budget(1000, 400)], t(5)))
+        .unwrap();
+    rt.block_on(b.settle(r, cost(123), t(6))).unwrap();
+    drop(b);
+    let b = LedgerBackend::open_at(&path, t(7)).unwrap();
+    assert_eq!(used(&b, &budget(1000, 0), t(7)), 123);
+}
+
+#[test]
 fn reserve_is_never_answered_at_once() {
     let (_dir, path) = temp();
     let b = LedgerBackend::open_at(&path, t(5)).unwrap();
