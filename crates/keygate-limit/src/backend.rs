@@ -106,6 +106,10 @@ pub struct Reservation {
     pub charges: Vec<Reserved>,
     /// The tightest token-rate counter after reserving, if any (for response headers).
     pub tokens: Option<CounterStatus>,
+    /// The id a durable backend gave the reservation (its ledger rows are keyed by it, so a
+    /// replayed settle or release has no second effect); 0 when nothing tracks it (the
+    /// in-memory backend, or a reservation without charges).
+    pub id: u64,
 }
 
 /// The actual amounts a request used, to replace its reservation.
@@ -446,6 +450,7 @@ impl MemoryBackend {
         Ok(Reservation {
             charges: reserved,
             tokens,
+            id: 0,
         })
     }
 
@@ -480,6 +485,23 @@ impl MemoryBackend {
             *counter = refreshed(*counter, r.window, r.limit, now);
             counter.used = counter.used.saturating_sub(r.amount).saturating_add(new);
         }
+    }
+
+    /// Sets a counter to hold `used` in `window` as of `now`, replacing what it held: how a
+    /// durable backend rebuilds the counters from its ledger at startup, before serving.
+    ///
+    /// A rate counter starts draining from `now` (at `limit` per `per`); a budget counter
+    /// counts `used` in the period starting at the window's `start` (a later period starts
+    /// from zero again, as always).
+    pub fn restore(&self, key: &CounterKey, window: Window, limit: u64, used: u64, now: Timestamp) {
+        let now = now.as_unix_nanos();
+        let hash = self.hash_of(key);
+        let mut map = lock(&self.shards[Self::shard_of(hash)].map);
+        let counter = map.get_or_insert(hash, key, &self.hasher);
+        // From scratch: a restored rate counter drains from now, not from an old stamp.
+        let mut fresh = refreshed(Counter::default(), window, limit, now);
+        fresh.used = used;
+        *counter = fresh;
     }
 
     /// The amount a counter holds now (`None` if it holds nothing or does not exist).
@@ -967,6 +989,33 @@ mod tests {
         assert_eq!(b.used("x", w, 1000, t(86_400)), Some(400));
         b.release_now(late, t(86_400));
         assert_eq!(b.used("x", w, 1000, t(86_400)), Some(100));
+    }
+
+    #[test]
+    fn restored_counters_hold_what_was_restored_and_keep_their_windows() {
+        let b = MemoryBackend::new();
+        let day = budget("x", 1000, 0, 0).window;
+        b.restore(&"x".into(), day, 1000, 700, t(5));
+        assert_eq!(b.used("x", day, 1000, t(5)), Some(700));
+        assert!(
+            b.reserve_now(vec![budget("x", 1000, 301, 0)], t(6))
+                .is_err()
+        );
+        assert!(b.reserve_now(vec![budget("x", 1000, 300, 0)], t(6)).is_ok());
+        // The next period starts from zero.
+        assert!(
+            b.reserve_now(vec![budget("x", 1000, 1000, 86_400)], t(86_400))
+                .is_ok()
+        );
+
+        // A rate counter drains from the moment it was restored.
+        let per = Window::Rate { per: MIN };
+        b.restore(&"r".into(), per, 600, 600, t(100));
+        assert_eq!(b.used("r", per, 600, t(100)), Some(600));
+        assert_eq!(b.used("r", per, 600, t(130)), Some(300));
+        // Restoring replaces, it does not add.
+        b.restore(&"r".into(), per, 600, 60, t(130));
+        assert_eq!(b.used("r", per, 600, t(130)), Some(60));
     }
 
     #[test]

@@ -128,6 +128,16 @@ impl Db {
         Ok(())
     }
 
+    /// The connection, for the other modules of this crate (the ledger).
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// The connection, mutably (to begin a transaction).
+    pub(crate) fn conn_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+
     /// The file this connection uses.
     pub fn path(&self) -> &Path {
         &self.path

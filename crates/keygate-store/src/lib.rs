@@ -1,9 +1,12 @@
-//! Durable keygate state: keys and projects in SQLite, the embedded default store.
+//! Durable keygate state: keys and projects in SQLite, the embedded default store, and the
+//! spend ledger that makes token and budget counters survive restarts.
 //!
 //! [`Db`] is the database (synchronous; what the CLI and admin tools use). [`SqliteStore`]
 //! is the [`KeyStore`](keygate_core::KeyStore) a gateway serves from: a memory snapshot of
 //! the database, brought up to date with only the rows that changed, so lookups never touch
-//! the disk.
+//! the disk. [`LedgerBackend`] is the [`LimitBackend`](keygate_limit::LimitBackend) of a
+//! gateway on the same file: counters in memory, every reservation durable before its
+//! request is forwarded, and the counters rebuilt from the ledger at startup.
 //!
 //! ```
 //! use keygate_core::{KeyFormat, KeyId, KeyRecord, Permissions, ProjectRecord, Rejection, Secret, Timestamp};
@@ -50,6 +53,7 @@
 
 mod db;
 mod error;
+mod ledger;
 mod schema;
 mod store;
 mod url;
@@ -59,5 +63,6 @@ mod test_support;
 
 pub use db::{Changes, Db, ImportOutcome, StoredKey};
 pub use error::DbError;
+pub use ledger::{Durability, LedgerBackend, LedgerUsage};
 pub use store::{RefreshOutcome, SqliteStore};
 pub use url::{DEFAULT_STORE_URL, StoreUrl, StoreUrlError};

@@ -2,8 +2,8 @@
 //!
 //! Each migration takes the database from `version - 1` to `version`; `PRAGMA user_version`
 //! records the last one applied. The SQL keeps to what PostgreSQL reads the same way (`TEXT`,
-//! `BIGINT`, `REFERENCES`, `UNIQUE`), so a PostgreSQL store can replay the same list, and a
-//! later migration adds the spend ledger next to these tables without touching them.
+//! `BIGINT`, `REFERENCES`, `UNIQUE`), so a PostgreSQL store can replay the same list. Version 2 adds the spend
+//! ledger next to the key tables without touching them.
 //!
 //! Records are stored whole as JSON (`record`), so every field `KeyRecord` and
 //! `ProjectRecord` carry now or later survives without a migration; the other columns are
@@ -16,9 +16,10 @@ pub(crate) struct Migration {
 }
 
 /// Every migration, in order.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: "
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: "
         -- `change_seq` grows by one in every transaction that changes a project or a key;
         -- the rows it changed carry it in `updated_seq`, which is how a snapshot catches up.
         CREATE TABLE meta (
@@ -51,10 +52,51 @@ pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
         CREATE INDEX keys_updated_seq ON keys (updated_seq);
         CREATE INDEX keys_created ON keys (created_at, id);
     ",
-}];
+    },
+    Migration {
+        version: 2,
+        sql: "
+        -- The spend ledger (see `LedgerBackend`): one row per reservation, keyed by its id so
+        -- a replayed write has no second effect. Times are Unix nanoseconds. `state` is
+        -- `open` until the reservation is `settled` or `released`.
+        CREATE TABLE ledger (
+            reservation_id BIGINT PRIMARY KEY,
+            at BIGINT NOT NULL,
+            state TEXT NOT NULL,
+            settled_at BIGINT
+        );
+        CREATE INDEX ledger_state ON ledger (state);
+
+        -- One row per charge of a reservation. `window_kind` is `fixed` (a budget period
+        -- [window_start, window_end), window_end NULL for a lifetime budget) or `rate` (a
+        -- bucket draining in rate_per_nanos; window_end is at + rate_per_nanos, when the
+        -- charge no longer counts). `unit` is `tokens` or `nanodollars`. `actual` is NULL
+        -- while the reservation is open, 0 once released.
+        CREATE TABLE ledger_charges (
+            reservation_id BIGINT NOT NULL REFERENCES ledger (reservation_id),
+            idx INTEGER NOT NULL,
+            counter TEXT NOT NULL,
+            window_kind TEXT NOT NULL,
+            at BIGINT NOT NULL,
+            window_start BIGINT,
+            window_end BIGINT,
+            rate_per_nanos BIGINT,
+            unit TEXT NOT NULL,
+            limit_amount BIGINT NOT NULL,
+            reserved BIGINT NOT NULL,
+            actual BIGINT,
+            PRIMARY KEY (reservation_id, idx)
+        );
+        -- Restore: the charges whose window has not ended.
+        CREATE INDEX ledger_charges_live ON ledger_charges (window_kind, window_end);
+        -- Spend of one counter in one period.
+        CREATE INDEX ledger_charges_counter ON ledger_charges (counter, window_start);
+    ",
+    },
+];
 
 /// The schema version this build writes: the last migration's.
-pub(crate) const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 2;
 
 #[cfg(test)]
 mod tests {

@@ -1,0 +1,639 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use keygate_core::Money;
+use proptest::prelude::*;
+
+use super::*;
+use crate::test_support::raw;
+
+const DAY: u64 = 86_400;
+
+fn t(secs: u64) -> Timestamp {
+    Timestamp::from_unix_secs(1_700_000_000 + secs)
+}
+
+fn budget(limit: u64, amount: u64) -> Charge {
+    Charge {
+        key: "budget:key_a".into(),
+        window: Window::Fixed {
+            start: t(0),
+            end: Some(t(DAY)),
+        },
+        unit: Unit::Nanodollars,
+        limit,
+        amount,
+    }
+}
+
+fn tokens_per_minute(limit: u64, amount: u64) -> Charge {
+    Charge {
+        key: "tpm:key_a".into(),
+        window: Window::Rate {
+            per: Duration::from_secs(60),
+        },
+        unit: Unit::Tokens,
+        limit,
+        amount,
+    }
+}
+
+fn cost(nanos: u64) -> Actual {
+    Actual {
+        tokens: nanos,
+        cost: Money::from_nanos(nanos),
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+}
+
+fn temp() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keygate.db");
+    (dir, path)
+}
+
+fn used(b: &LedgerBackend, c: &Charge, now: Timestamp) -> u64 {
+    b.memory().used(&c.key, c.window, c.limit, now).unwrap_or(0)
+}
+
+fn state(path: &Path, id: u64) -> Option<String> {
+    raw(path)
+        .query_row(
+            "SELECT state FROM ledger WHERE reservation_id = ?1",
+            [id as i64],
+            |r| r.get(0),
+        )
+        .ok()
+}
+
+#[test]
+fn reserve_resolves_only_once_its_rows_are_committed() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    rt.block_on(async {
+        b.hold().await;
+        let waiting = tokio::spawn(b.reserve(vec![budget(1000, 400)], t(5)));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiting.is_finished());
+        let rows: i64 = raw(&path)
+            .query_row("SELECT COUNT(*) FROM ledger", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 0);
+        b.resume();
+        let r = waiting.await.unwrap().unwrap();
+        // Checked from another connection: committed, not merely written.
+        assert_eq!(state(&path, r.id).as_deref(), Some("open"));
+        let reserved: i64 = raw(&path)
+            .query_row(
+                "SELECT reserved FROM ledger_charges WHERE reservation_id = ?1",
+                [r.id as i64],
+                |row| row.get(0),
+            )
+            .unwrap();
+        assert_eq!(reserved, 400);
+    });
+}
+
+#[test]
+fn reservations_queued_together_share_one_commit() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    rt.block_on(async {
+        b.hold().await;
+        let before = b.shared.hooks.commits.load(Ordering::Relaxed);
+        let waiting: Vec<_> = (0..50)
+            .map(|_| tokio::spawn(b.reserve(vec![budget(1000, 10)], t(5))))
+            .collect();
+        b.resume();
+        for w in waiting {
+            w.await.unwrap().unwrap();
+        }
+        assert_eq!(b.shared.hooks.commits.load(Ordering::Relaxed), before + 1);
+    });
+    let rows: i64 = raw(&path)
+        .query_row("SELECT COUNT(*) FROM ledger_charges", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 50);
+}
+
+#[test]
+fn power_loss_durability_keeps_the_same_ledger() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_with(&path, t(5), Durability::PowerLoss).unwrap();
+    let r = rt
+        .block_on(b.reserve(vec![budget(1000, 400)], t(5)))
+        .unwrap();
+    rt.block_on(b.settle(r, cost(123), t(6))).unwrap();
+    drop(b);
+    let b = LedgerBackend::open_at(&path, t(7)).unwrap();
+    assert_eq!(used(&b, &budget(1000, 0), t(7)), 123);
+}
+
+#[test]
+fn reserve_is_never_answered_at_once() {
+    let (_dir, path) = temp();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    assert!(b.reserve_at_once(vec![budget(10, 1)], t(5)).is_err());
+    assert_eq!(used(&b, &budget(10, 1), t(5)), 0);
+}
+
+#[test]
+fn settled_spend_survives_a_restart_and_the_remainder_is_exact() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    let r = rt
+        .block_on(b.reserve(vec![budget(1000, 400)], t(5)))
+        .unwrap();
+    assert!(b.end_at_once(r, Some(cost(150)), t(6)).is_none());
+    drop(b);
+
+    let b = LedgerBackend::open_at(&path, t(7)).unwrap();
+    assert_eq!(used(&b, &budget(1000, 0), t(7)), 150);
+    let usage = Db::open(&path)
+        .unwrap()
+        .ledger_usage("budget:key_a", t(0))
+        .unwrap();
+    assert_eq!(
+        usage,
+        LedgerUsage {
+            settled: 150,
+            open_reserved: 0
+        }
+    );
+    let too_much = rt.block_on(b.reserve(vec![budget(1000, 851)], t(8)));
+    assert!(matches!(too_much, Err(ReserveError::Exceeded(_))));
+    rt.block_on(b.reserve(vec![budget(1000, 850)], t(8)))
+        .unwrap();
+}
+
+#[test]
+fn released_reservations_count_nothing_after_a_restart() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    let r = rt
+        .block_on(b.reserve(vec![budget(1000, 400)], t(5)))
+        .unwrap();
+    let id = r.id;
+    rt.block_on(b.release(r, t(6))).unwrap();
+    drop(b);
+    assert_eq!(state(&path, id).as_deref(), Some("released"));
+    let b = LedgerBackend::open_at(&path, t(7)).unwrap();
+    assert_eq!(used(&b, &budget(1000, 0), t(7)), 0);
+}
+
+#[test]
+fn a_reservation_left_open_by_a_crash_counts_at_its_reserved_amount() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    let r = rt
+        .block_on(b.reserve(vec![budget(1000, 400)], t(5)))
+        .unwrap();
+    let id = r.id;
+    rt.block_on(async {
+        b.hold().await;
+        // The settlement is queued but never committed.
+        b.settle(r, cost(10), t(6)).await.unwrap();
+    });
+    assert_eq!(used(&b, &budget(1000, 0), t(6)), 10);
+    b.crash();
+    drop(b);
+    assert_eq!(
+        Db::open(&path)
+            .unwrap()
+            .ledger_usage("budget:key_a", t(0))
+            .unwrap(),
+        LedgerUsage {
+            settled: 0,
+            open_reserved: 400
+        }
+    );
+
+    let b = LedgerBackend::open_at(&path, t(7)).unwrap();
+    assert_eq!(used(&b, &budget(1000, 0), t(7)), 400);
+    assert_eq!(state(&path, id).as_deref(), Some("settled"));
+    assert_eq!(
+        Db::open(&path)
+            .unwrap()
+            .ledger_usage("budget:key_a", t(0))
+            .unwrap()
+            .settled,
+        400
+    );
+}
+
+#[test]
+fn a_reservation_not_yet_committed_at_a_crash_fails_and_counts_nothing() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    let result = rt.block_on(async {
+        b.hold().await;
+        let waiting = tokio::spawn(b.reserve(vec![budget(1000, 400)], t(5)));
+        tokio::task::yield_now().await;
+        b.crash();
+        waiting.await.unwrap()
+    });
+    assert!(matches!(result, Err(ReserveError::Backend(_))));
+    assert_eq!(used(&b, &budget(1000, 0), t(5)), 0);
+    drop(b);
+    let b = LedgerBackend::open_at(&path, t(6)).unwrap();
+    assert_eq!(used(&b, &budget(1000, 0), t(6)), 0);
+}
+
+#[test]
+fn a_cancelled_reservation_gives_back_its_hold_and_its_rows() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    rt.block_on(b.hold());
+    let waiting = b.reserve(vec![budget(1000, 400)], t(5));
+    assert_eq!(used(&b, &budget(1000, 0), t(5)), 400);
+    drop(waiting);
+    assert_eq!(used(&b, &budget(1000, 0), t(5)), 0);
+    b.resume();
+    rt.block_on(b.flush()).unwrap();
+    let states: Vec<String> = raw(&path)
+        .prepare("SELECT state FROM ledger")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(states, ["released"]);
+}
+
+#[test]
+fn a_rate_window_is_restored_with_everything_charged_in_its_last_period() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let tpm = tokens_per_minute(600, 0);
+    let b = LedgerBackend::open_at(&path, t(0)).unwrap();
+    let r = rt
+        .block_on(b.reserve(vec![tokens_per_minute(600, 300)], t(0)))
+        .unwrap();
+    rt.block_on(b.settle(r, cost(200), t(1))).unwrap();
+    // Still open at shutdown: restored at its reserved amount.
+    rt.block_on(b.reserve(vec![tokens_per_minute(600, 100)], t(10)))
+        .unwrap();
+    drop(b);
+
+    // In memory, 30 s would have drained 300 tokens; restored, nothing has drained.
+    let b = LedgerBackend::open_at(&path, t(30)).unwrap();
+    assert_eq!(used(&b, &tpm, t(30)), 300);
+    // Drained from the restart on.
+    assert_eq!(used(&b, &tpm, t(45)), 150);
+    drop(b);
+
+    // The charge of t(0) is a full period old: only the one of t(10) still counts.
+    let b = LedgerBackend::open_at(&path, t(61)).unwrap();
+    assert_eq!(used(&b, &tpm, t(61)), 100);
+    drop(b);
+    let b = LedgerBackend::open_at(&path, t(70)).unwrap();
+    assert_eq!(used(&b, &tpm, t(70)), 0);
+}
+
+#[test]
+fn a_budget_period_that_ended_is_not_restored() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    let r = rt
+        .block_on(b.reserve(vec![budget(1000, 400)], t(5)))
+        .unwrap();
+    rt.block_on(b.settle(r, cost(400), t(6))).unwrap();
+    drop(b);
+    let b = LedgerBackend::open_at(&path, t(DAY)).unwrap();
+    assert!(b.memory().is_empty());
+    // History is kept.
+    let usage = Db::open(&path)
+        .unwrap()
+        .ledger_usage("budget:key_a", t(0))
+        .unwrap();
+    assert_eq!(usage.settled, 400);
+}
+
+#[test]
+fn a_failing_database_fails_reservations_closed_and_gives_the_memory_back() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    raw(&path)
+        .execute_batch("DROP TABLE ledger_charges")
+        .unwrap();
+    let result = rt.block_on(b.reserve(vec![budget(1000, 400)], t(5)));
+    let Err(ReserveError::Backend(e)) = result else {
+        panic!("expected a backend error, got {result:?}");
+    };
+    assert!(e.0.contains("spend ledger write failed"), "{e}");
+    assert_eq!(used(&b, &budget(1000, 0), t(5)), 0);
+    assert!(rt.block_on(b.flush()).is_ok());
+}
+
+#[test]
+fn ids_keep_growing_across_restarts() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    let first = rt.block_on(b.reserve(vec![budget(1000, 1)], t(5))).unwrap();
+    let second = rt.block_on(b.reserve(vec![budget(1000, 1)], t(5))).unwrap();
+    assert!(second.id > first.id);
+    drop(b);
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    let third = rt.block_on(b.reserve(vec![budget(1000, 1)], t(5))).unwrap();
+    assert!(third.id > second.id);
+}
+
+#[test]
+fn a_reservation_without_charges_is_not_tracked() {
+    let (_dir, path) = temp();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    let r = rt().block_on(b.reserve(Vec::new(), t(5))).unwrap();
+    assert_eq!(r.id, 0);
+    drop(b);
+    let rows: i64 = raw(&path)
+        .query_row("SELECT COUNT(*) FROM ledger", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 0);
+}
+
+#[test]
+fn writing_an_operation_twice_has_no_second_effect() {
+    let (_dir, path) = temp();
+    let mut db = Db::open(&path).unwrap();
+    let reserved = MemoryBackend::new()
+        .reserve_now(vec![budget(1000, 400)], t(5))
+        .unwrap()
+        .charges;
+    let reserve = |amount: u64| {
+        let mut charges = reserved.clone();
+        charges[0].amount = amount;
+        Op::Reserve {
+            id: 7,
+            at: 1,
+            charges,
+            ack: oneshot::channel().0,
+        }
+    };
+    let settle = |actual: u64| Op::End {
+        id: 7,
+        at: 2,
+        actual: Some(vec![actual]),
+    };
+    let release = Op::End {
+        id: 7,
+        at: 3,
+        actual: None,
+    };
+    write(db.conn_mut(), &[reserve(400), settle(150)]).unwrap();
+    write(db.conn_mut(), &[reserve(999), settle(300), release]).unwrap();
+    assert_eq!(state(&path, 7).as_deref(), Some("settled"));
+    assert_eq!(
+        db.ledger_usage("budget:key_a", t(0)).unwrap(),
+        LedgerUsage {
+            settled: 150,
+            open_reserved: 0
+        }
+    );
+}
+
+#[test]
+fn a_version_1_database_gains_the_ledger() {
+    let (_dir, path) = temp();
+    let conn = raw(&path);
+    conn.execute_batch(crate::schema::MIGRATIONS[0].sql)
+        .unwrap();
+    conn.pragma_update(None, "user_version", 1).unwrap();
+    drop(conn);
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    rt().block_on(b.reserve(vec![budget(10, 1)], t(5))).unwrap();
+    drop(b);
+    assert_eq!(
+        Db::open(&path).unwrap().schema_version().unwrap(),
+        crate::schema::SCHEMA_VERSION
+    );
+}
+
+/// One step of a gateway's life, as the crash property test plays it.
+#[derive(Debug, Clone)]
+enum Action {
+    Reserve(u64),
+    /// Settle an open reservation at a percentage of what it holds.
+    Settle(usize, u64),
+    Release(usize),
+    /// The writer stops taking operations: what follows is queued, not committed.
+    Hold,
+    Resume,
+    /// Killed: what is queued is lost.
+    Crash,
+    /// Stopped gracefully and started again.
+    Restart,
+}
+
+fn action() -> impl Strategy<Value = Action> {
+    prop_oneof![
+        5 => (1..=40u64).prop_map(Action::Reserve),
+        3 => (any::<usize>(), 0..=100u64).prop_map(|(i, p)| Action::Settle(i, p)),
+        2 => any::<usize>().prop_map(Action::Release),
+        1 => Just(Action::Hold),
+        1 => Just(Action::Resume),
+        1 => Just(Action::Crash),
+        1 => Just(Action::Restart),
+    ]
+}
+
+/// What the ledger knows of one reservation.
+#[derive(Debug, Default)]
+struct Record {
+    amount: u64,
+    /// Its rows are committed.
+    durable: bool,
+    /// Its end is committed: the actual amount (0 once released).
+    ended: Option<u64>,
+}
+
+impl Record {
+    /// What the reservation counts for after a restart.
+    fn counts(&self) -> u64 {
+        if self.durable {
+            self.ended.unwrap_or(self.amount)
+        } else {
+            0
+        }
+    }
+}
+
+/// A gateway process and what the test knows of it.
+struct Process {
+    backend: LedgerBackend,
+    open: Vec<(usize, Reservation)>,
+    waiting: Vec<(
+        usize,
+        tokio::task::JoinHandle<Result<Reservation, ReserveError>>,
+    )>,
+    queued_ends: Vec<(usize, u64)>,
+    held: bool,
+}
+
+const LIMIT: u64 = 100;
+const NOW: u64 = 5;
+
+impl Process {
+    fn start(path: &Path) -> Process {
+        Process {
+            backend: LedgerBackend::open_at(path, t(NOW)).unwrap(),
+            open: Vec::new(),
+            waiting: Vec::new(),
+            queued_ends: Vec::new(),
+            held: false,
+        }
+    }
+
+    fn resume(&mut self, rt: &tokio::runtime::Runtime, records: &mut [Record]) {
+        if !self.held {
+            return;
+        }
+        self.backend.resume();
+        for (i, waiting) in self.waiting.drain(..) {
+            match rt.block_on(waiting).unwrap() {
+                Ok(r) => {
+                    records[i].durable = true;
+                    self.open.push((i, r));
+                }
+                Err(ReserveError::Exceeded(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+        rt.block_on(self.backend.flush()).unwrap();
+        for (i, amount) in self.queued_ends.drain(..) {
+            records[i].ended = Some(amount);
+        }
+        self.held = false;
+    }
+}
+
+fn used_now(b: &LedgerBackend) -> u64 {
+    used(b, &budget(LIMIT, 0), t(NOW))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    /// Whatever is reserved, settled, released, and wherever the process is killed, the
+    /// spend the ledger holds (settled plus open) never exceeds the budget, and after each
+    /// restart the counter holds exactly what the ledger says was spent.
+    #[test]
+    fn a_budget_is_never_overspent_across_crashes_and_restarts(
+        actions in prop::collection::vec(action(), 1..40),
+    ) {
+        let (_dir, path) = temp();
+        let rt = rt();
+        let reader = Db::open(&path).unwrap();
+        let mut records: Vec<Record> = Vec::new();
+        let mut p = Process::start(&path);
+        let restart = |p: Process, records: &mut [Record]| -> Result<Process, TestCaseError> {
+            drop(p);
+            for r in records.iter_mut().filter(|r| r.durable && r.ended.is_none()) {
+                // Settled at its reserved amount by the next open.
+                r.ended = Some(r.amount);
+            }
+            let p = Process::start(&path);
+            let expected: u64 = records.iter().map(Record::counts).sum();
+            prop_assert_eq!(used_now(&p.backend), expected);
+            Ok(p)
+        };
+        for action in actions {
+            match action {
+                Action::Reserve(amount) => {
+                    let future = p.backend.reserve(vec![budget(LIMIT, amount)], t(NOW));
+                    let i = records.len();
+                    records.push(Record { amount, ..Record::default() });
+                    if p.held {
+                        p.waiting.push((i, rt.spawn(future)));
+                    } else {
+                        match rt.block_on(future) {
+                            Ok(r) => {
+                                records[i].durable = true;
+                                p.open.push((i, r));
+                            }
+                            Err(ReserveError::Exceeded(_)) => {}
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+                Action::Settle(n, percent) if !p.open.is_empty() => {
+                    let (i, r) = p.open.swap_remove(n % p.open.len());
+                    let actual = records[i].amount * percent / 100;
+                    rt.block_on(p.backend.settle(r, cost(actual), t(NOW))).unwrap();
+                    if p.held {
+                        p.queued_ends.push((i, actual));
+                    } else {
+                        records[i].ended = Some(actual);
+                    }
+                }
+                Action::Release(n) if !p.open.is_empty() => {
+                    let (i, r) = p.open.swap_remove(n % p.open.len());
+                    rt.block_on(p.backend.release(r, t(NOW))).unwrap();
+                    if p.held {
+                        p.queued_ends.push((i, 0));
+                    } else {
+                        records[i].ended = Some(0);
+                    }
+                }
+                Action::Hold if !p.held => {
+                    rt.block_on(p.backend.hold());
+                    p.held = true;
+                }
+                Action::Resume => p.resume(&rt, &mut records),
+                Action::Crash => {
+                    if !p.held {
+                        rt.block_on(p.backend.hold());
+                    }
+                    p.backend.crash();
+                    for (_, waiting) in p.waiting.drain(..) {
+                        let result = rt.block_on(waiting).unwrap();
+                        prop_assert!(result.is_err());
+                    }
+                    p = restart(p, &mut records)?;
+                }
+                Action::Restart => {
+                    p.resume(&rt, &mut records);
+                    p = restart(p, &mut records)?;
+                }
+                _ => {}
+            }
+            prop_assert!(used_now(&p.backend) <= LIMIT);
+            let usage = reader.ledger_usage("budget:key_a", t(0)).unwrap();
+            prop_assert!(usage.settled + usage.open_reserved <= LIMIT);
+        }
+
+        // A graceful shutdown: after it, exactly the rest of the budget is left.
+        p.resume(&rt, &mut records);
+        for (i, r) in std::mem::take(&mut p.open) {
+            rt.block_on(p.backend.release(r, t(NOW))).unwrap();
+            records[i].ended = Some(0);
+        }
+        let p = restart(p, &mut records)?;
+        let spent: u64 = records.iter().map(Record::counts).sum();
+        let usage = reader.ledger_usage("budget:key_a", t(0)).unwrap();
+        prop_assert_eq!(usage, LedgerUsage { settled: spent, open_reserved: 0 });
+        let rest = LIMIT - spent;
+        if rest > 0 {
+            prop_assert!(rt.block_on(p.backend.reserve(vec![budget(LIMIT, rest)], t(NOW))).is_ok());
+        }
+        let over = rt.block_on(p.backend.reserve(vec![budget(LIMIT, 1)], t(NOW)));
+        prop_assert!(matches!(over, Err(ReserveError::Exceeded(_))));
+    }
+}
