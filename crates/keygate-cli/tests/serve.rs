@@ -428,7 +428,8 @@ fn budget_key(db: &Path, budget: &str) -> String {
 /// Sends small priced chat completions one after another until one is refused (or `max`
 /// are admitted); returns how many were admitted.
 async fn spend_until_refused(addr: SocketAddr, secret: &str, max: usize) -> usize {
-    let chat = r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+    let chat =
+        r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
     for n in 0..max {
         let answer = request(addr, "POST", "/v1/chat/completions", secret, chat).await;
         if answer.starts_with("HTTP/1.1 429") {
@@ -450,7 +451,13 @@ fn start_on(dir: &Path, db: &Path) -> Gateway {
 
 fn kill_9(gw: Gateway) {
     let pid = gw.child.id().to_string();
-    assert!(Command::new("kill").args(["-KILL", &pid]).status().unwrap().success());
+    assert!(
+        Command::new("kill")
+            .args(["-KILL", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
     drop(gw);
 }
 

@@ -985,9 +985,11 @@ impl Built {
 
     /// Commits every queued ledger write (settlements) and flushes the audit file: call at
     /// shutdown, after the server has drained.
-    pub fn flush(&self) {
-        if let Some(ledger) = self.layer.token_limit_layer().backend().ledger() {
-            ledger.flush();
+    pub async fn flush(&self) {
+        if let Some(ledger) = self.layer.token_limit_layer().backend().ledger()
+            && let Err(error) = ledger.flush().await
+        {
+            tracing::error!(%error, "committing the last ledger writes failed; their reservations count at the reserved amount after a restart");
         }
         self.flush_audit();
     }

@@ -7,9 +7,7 @@ use futures_util::future::Either;
 use keygate_core::Timestamp;
 use keygate_limit::LimitBackend;
 use keygate_limit::MemoryBackend;
-use keygate_limit::backend::{
-    Actual, BackendError, Charge, Reservation, ReserveError,
-};
+use keygate_limit::backend::{Actual, BackendError, Charge, Reservation, ReserveError};
 use keygate_store::LedgerBackend;
 
 /// The token layer's counters in a [`KeygateLayer`](crate::KeygateLayer).

@@ -434,7 +434,7 @@ impl Gateway {
             let _ = stop.send(());
         }
         let drained = (&mut self.server).await.unwrap_or(Drained { cut: 0 });
-        self.built.flush();
+        self.built.flush().await;
         for task in &self.background {
             task.abort();
         }
