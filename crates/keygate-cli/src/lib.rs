@@ -134,6 +134,19 @@ enum Command {
     /// Create and list projects.
     #[command(subcommand)]
     Projects(ProjectsCommand),
+    /// What keys have spent (from the store's ledger).
+    #[command(subcommand)]
+    Spend(SpendCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SpendCommand {
+    /// Each money budget of a key and of its project in the current period: limit, spent,
+    /// reserved by requests in flight, remaining, and when the period resets (UTC).
+    Show {
+        /// The key id (`key_…`).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -356,6 +369,7 @@ where
         }
         Command::Keys(cmd) => ctx.keys(cmd)?,
         Command::Projects(cmd) => ctx.projects(cmd)?,
+        Command::Spend(SpendCommand::Show { id }) => ctx.spend(&id)?,
     };
     out.write_all(text.as_bytes())?;
     out.flush()?;
@@ -789,6 +803,97 @@ impl Ctx {
         );
         let json = json!({ "secret": secret.expose(), "key": key_json(&key, self.now) });
         Ok(self.output(json, text))
+    }
+
+    fn spend(&self, id: &str) -> Result<String, CliError> {
+        use keygate::limit::backend::Window;
+        use keygate_core::LimitScope;
+        let Target::Store(db) = &self.target else {
+            return Err(invalid(
+                "spend is kept in the store's ledger: give --store, not --file",
+            ));
+        };
+        let db = db.borrow();
+        let key = db
+            .key(id)?
+            .ok_or_else(|| CliError::NoSuchKey(id.to_owned()))?
+            .record;
+        let project = db.project(&key.project)?;
+        let mut rows = Vec::new();
+        let mut text = format!(
+            "{:<8} {:<8} {:<9} {:<14} {:>12} {:>12} {:>12} {:>12}  {}\n",
+            "SCOPE",
+            "OWNER",
+            "PERIOD",
+            "MODEL",
+            "LIMIT",
+            "SPENT",
+            "RESERVED",
+            "REMAINING",
+            "RESETS"
+        );
+        let scopes = [
+            (
+                LimitScope::Key,
+                key.id.as_str().to_owned(),
+                key.limits.budgets.clone(),
+            ),
+            (
+                LimitScope::Project,
+                key.project.clone(),
+                project.map(|p| p.limits.budgets).unwrap_or_default(),
+            ),
+        ];
+        for (scope, owner, budgets) in scopes {
+            for budget in budgets {
+                let (counter, window) =
+                    keygate::limit::budget_counter(scope, &owner, &budget, self.now);
+                let Window::Fixed { start, end } = window else {
+                    continue;
+                };
+                let usage = db.ledger_usage(&counter, start)?;
+                let limit = budget.amount;
+                let spent = Money::from_nanos(usage.settled);
+                let reserved = Money::from_nanos(usage.open_reserved);
+                let remaining = Money::from_nanos(
+                    limit
+                        .as_nanos()
+                        .saturating_sub(usage.settled)
+                        .saturating_sub(usage.open_reserved),
+                );
+                let scope_name = match scope {
+                    LimitScope::Key => "key",
+                    _ => "project",
+                };
+                let period = format!("{:?}", budget.period).to_lowercase();
+                let model = budget.model.as_ref().map_or("*", |m| m.as_str()).to_owned();
+                let resets = end.map_or_else(|| "never".to_owned(), |e| e.to_string());
+                let _ = writeln!(
+                    text,
+                    "{scope_name:<8} {owner:<8} {period:<9} {model:<14} {:>12} {:>12} {:>12} {:>12}  {resets}",
+                    limit.to_string(),
+                    spent.to_string(),
+                    reserved.to_string(),
+                    remaining.to_string(),
+                );
+                rows.push(json!({
+                    "scope": scope_name,
+                    "owner": owner,
+                    "period": period,
+                    "model": model,
+                    "limit": limit.to_string(),
+                    "spent": spent.to_string(),
+                    "reserved": reserved.to_string(),
+                    "remaining": remaining.to_string(),
+                    "period_start": start.to_string(),
+                    "resets_at": end.map(|e| e.to_string()),
+                }));
+            }
+        }
+        if rows.is_empty() {
+            text = format!("Key {} and its project have no money budget.\n", key.id);
+        }
+        Ok(self.output(json!({ "key": key.id.as_str(), "budgets": rows }), text))
     }
 
     fn projects(&self, cmd: ProjectsCommand) -> Result<String, CliError> {

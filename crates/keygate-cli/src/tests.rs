@@ -848,3 +848,78 @@ fn on_the_store_a_disabled_key_says_why_and_enable_clears_it() {
     assert_eq!(shown["key"]["disabled_reason"], Value::Null);
     assert_eq!(shown["key"]["status"], "active");
 }
+
+#[tokio::test]
+async fn spend_show_reads_each_budget_from_the_ledger() {
+    use keygate::limit::LimitBackend;
+    use keygate::limit::backend::{Actual, Charge, Unit};
+    let env = StoreEnv::new();
+    env.json(&["projects", "create", "default", "--budget", "10/month"]);
+    let (id, _) = env.create(&["--permissions", "all", "--budget", "1/day"]);
+    let v = env.json(&["spend", "show", &id]);
+    let budgets = v["budgets"].as_array().unwrap();
+    assert_eq!(budgets.len(), 2);
+    assert_eq!(budgets[0]["spent"], Money::ZERO.to_string());
+
+    // What the gateway's token layer does: reserve against the key's and the project's
+    // budget counters, settle one request, leave one in flight.
+    let ledger = keygate_store::LedgerBackend::open_at(&env.db, t0()).unwrap();
+    let key_budget = keygate_core::Budget {
+        amount: Money::from_dollars(1),
+        period: Period::Day,
+        model: None,
+    };
+    let (counter, window) =
+        keygate::limit::budget_counter(keygate_core::LimitScope::Key, &id, &key_budget, t0());
+    let charge = |amount| Charge {
+        key: counter.clone(),
+        window,
+        unit: Unit::Nanodollars,
+        limit: key_budget.amount.as_nanos(),
+        amount,
+    };
+    let done = ledger
+        .reserve(vec![charge(300_000_000)], t0())
+        .await
+        .unwrap();
+    ledger
+        .settle(
+            done,
+            Actual {
+                tokens: 0,
+                cost: Money::from_nanos(250_000_000),
+            },
+            t0(),
+        )
+        .await
+        .unwrap();
+    let _in_flight = ledger
+        .reserve(vec![charge(100_000_000)], t0())
+        .await
+        .unwrap();
+    ledger.flush().await.unwrap();
+
+    let v = env.json(&["spend", "show", &id]);
+    let key_row = &v["budgets"][0];
+    assert_eq!(key_row["scope"], "key");
+    assert_eq!(key_row["period"], "day");
+    assert_eq!(key_row["limit"], Money::from_dollars(1).to_string());
+    assert_eq!(key_row["spent"], Money::from_nanos(250_000_000).to_string());
+    assert_eq!(
+        key_row["reserved"],
+        Money::from_nanos(100_000_000).to_string()
+    );
+    assert_eq!(
+        key_row["remaining"],
+        Money::from_nanos(650_000_000).to_string()
+    );
+    assert_eq!(key_row["resets_at"], "2026-03-02T00:00:00Z");
+    assert_eq!(v["budgets"][1]["scope"], "project");
+    assert_eq!(v["budgets"][1]["spent"], Money::ZERO.to_string());
+    let text = env.run(&["spend", "show", &id]).unwrap();
+    assert!(text.contains("REMAINING"), "{text}");
+    assert!(matches!(
+        env.run(&["spend", "show", "key_nope"]),
+        Err(CliError::NoSuchKey(_))
+    ));
+}

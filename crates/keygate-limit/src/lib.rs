@@ -84,7 +84,9 @@ pub use body::{OnDisconnect, RequestBody, TokenBody};
 pub use guard::{GuardConfigError, Suspension, SuspensionHook, WalletGuard};
 pub use price::{Price, PriceTable};
 pub use rate::{RateConfigError, RateLimit, RateLimitLayer, ResponseFuture as RateResponseFuture};
-pub use token::{ResponseFuture as TokenResponseFuture, TokenLimit, TokenLimitLayer, Unpriced};
+pub use token::{
+    ResponseFuture as TokenResponseFuture, TokenLimit, TokenLimitLayer, Unpriced, budget_counter,
+};
 
 #[cfg(test)]
 pub(crate) mod test_support {

@@ -482,6 +482,29 @@ fn counter_key(scope: LimitScope, owner: &str, parts: &[&str]) -> Arc<str> {
     std::str::from_utf8(&buf[..len]).map_or_else(|_| pieces.collect::<String>().into(), Arc::from)
 }
 
+/// The counter a money budget of `owner` (a key id under [`LimitScope::Key`], a project id
+/// under [`LimitScope::Project`]) is kept in, and the budget period that holds `now`: what the
+/// token layer charges, and what `keygate spend show` reads back from a ledger.
+pub fn budget_counter(
+    scope: LimitScope,
+    owner: &str,
+    budget: &keygate_core::Budget,
+    now: keygate_core::Timestamp,
+) -> (crate::backend::CounterKey, Window) {
+    let (start, end) = budget.period.window(now);
+    let pattern = budget.model.as_ref().map_or("*", |p| p.as_str());
+    let period = match budget.period {
+        keygate_core::Period::Day => "day",
+        keygate_core::Period::Week => "week",
+        keygate_core::Period::Month => "month",
+        _ => "lifetime",
+    };
+    (
+        counter_key(scope, owner, &["budget", period, pattern]),
+        Window::Fixed { start, end },
+    )
+}
+
 /// Every charge that applies to a request of `model` estimated at `usage` and `cost`.
 fn charges(
     principal: &Principal,
@@ -531,19 +554,11 @@ fn charges(
             let Some(cost) = cost else {
                 return Err(());
             };
-            let (start, end) = budget.period.window(now);
-            let pattern = budget.model.as_ref().map_or("*", |p| p.as_str());
-            let period = match budget.period {
-                keygate_core::Period::Day => "day",
-                keygate_core::Period::Week => "week",
-                keygate_core::Period::Month => "month",
-                _ => "lifetime",
-            };
-            let key = counter_key(scope, owner, &["budget", period, pattern]);
+            let (key, window) = budget_counter(scope, owner, budget, now);
             push(
                 Charge {
                     key,
-                    window: Window::Fixed { start, end },
+                    window,
                     unit: Unit::Nanodollars,
                     limit: budget.amount.as_nanos(),
                     amount: cost,
