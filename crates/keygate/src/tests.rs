@@ -512,6 +512,37 @@ async fn every_refusal_of_every_layer_is_one_audit_event_with_its_layer_and_reas
     }
 }
 
+/// The configured stack over an upstream that reports 100 tokens of usage for every request.
+fn hundred_token_upstream(
+    layer: crate::KeygateLayer<crate::KeySource, crate::ConfigTokens>,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<impl http_body::Body<Data = Bytes, Error = impl std::fmt::Debug>>,
+    Error = Infallible,
+> + Clone {
+    ServiceBuilder::new()
+        .layer(layer)
+        .service(service_fn(|_req: Request<_>| async {
+            let body = r#"{"object":"chat.completion","usage":{"prompt_tokens":60,"completion_tokens":40,"total_tokens":100}}"#;
+            let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+            response
+                .headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            Ok::<_, Infallible>(response)
+        }))
+}
+
+/// A small priced chat request with `secret`.
+fn chat_request(secret: &keygate_core::SecretKey) -> Request<Full<Bytes>> {
+    Request::post("/v1/chat/completions")
+        .header("authorization", format!("Bearer {}", secret.expose()))
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(
+            br#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[]}"#,
+        )))
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_configured_wallet_guard_suspends_a_key_past_its_ceiling_and_audits_the_alert() {
     let dir = tempfile::tempdir().unwrap();
@@ -527,25 +558,8 @@ async fn a_configured_wallet_guard_suspends_a_key_past_its_ceiling_and_audits_th
          [guard]\nenabled = true\nceiling_tokens = 150\n"
     );
     let built = Config::from_toml_str(&text).unwrap().build().unwrap();
-    let svc = ServiceBuilder::new()
-        .layer(built.layer().clone())
-        .service(service_fn(|_req: Request<_>| async {
-            let body = r#"{"object":"chat.completion","usage":{"prompt_tokens":60,"completion_tokens":40,"total_tokens":100}}"#;
-            let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-            response
-                .headers_mut()
-                .insert("content-type", "application/json".parse().unwrap());
-            Ok::<_, Infallible>(response)
-        }));
-    let chat = || {
-        Request::post("/v1/chat/completions")
-            .header("authorization", format!("Bearer {}", secret.expose()))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from_static(
-                br#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[]}"#,
-            )))
-            .unwrap()
-    };
+    let svc = hundred_token_upstream(built.layer().clone());
+    let chat = || chat_request(&secret);
     // 100 tokens: under the ceiling of 150 per window.
     let first = svc.clone().oneshot(chat()).await.unwrap();
     assert_eq!(first.status(), StatusCode::OK);
@@ -595,29 +609,9 @@ async fn a_suspension_by_the_wallet_guard_is_persisted_in_the_store_and_survives
         db_path.display()
     );
     let config = Config::from_toml_str(&text).unwrap();
-    let service = |built: &crate::Built| {
-        ServiceBuilder::new()
-            .layer(built.layer().clone())
-            .service(service_fn(|_req: Request<_>| async {
-                let body = r#"{"object":"chat.completion","usage":{"prompt_tokens":60,"completion_tokens":40,"total_tokens":100}}"#;
-                let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-                response
-                    .headers_mut()
-                    .insert("content-type", "application/json".parse().unwrap());
-                Ok::<_, Infallible>(response)
-            }))
-    };
-    let chat = || {
-        Request::post("/v1/chat/completions")
-            .header("authorization", format!("Bearer {}", secret.expose()))
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from_static(
-                br#"{"model":"gpt-4o-mini","max_tokens":50,"messages":[]}"#,
-            )))
-            .unwrap()
-    };
+    let chat = || chat_request(&secret);
     let built = config.build().unwrap();
-    let svc = service(&built);
+    let svc = hundred_token_upstream(built.layer().clone());
     for _ in 0..2 {
         let r = svc.clone().oneshot(chat()).await.unwrap();
         assert_eq!(r.status(), StatusCode::OK);
@@ -642,6 +636,9 @@ async fn a_suspension_by_the_wallet_guard_is_persisted_in_the_store_and_survives
 
     // A restart: a new stack from the same store refuses the key (401: disabled).
     let built = config.build().unwrap();
-    let r = service(&built).oneshot(chat()).await.unwrap();
+    let r = hundred_token_upstream(built.layer().clone())
+        .oneshot(chat())
+        .await
+        .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }
