@@ -491,3 +491,27 @@ async fn two_upstreams_are_chosen_by_the_model_of_the_request() {
     assert_eq!(other.code(), "model_not_found");
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn healthz_says_degraded_while_the_key_file_is_broken_and_the_old_keys_serve() {
+    let setup = Setup::new();
+    let (_, key) = create_key(&setup.keys(), &["--permissions", "all"]);
+    let (gw, _) = setup.start("").await;
+    let health = call(gw.addr(), "GET", "/healthz", None, None).await;
+    assert_eq!(health.json()["status"], "ok");
+
+    std::fs::write(setup.keys(), "").unwrap();
+    assert!(gw.built().store().reload().is_err());
+    let health = call(gw.addr(), "GET", "/healthz", None, None).await;
+    assert_eq!(health.status, 200);
+    assert_eq!(health.json()["status"], "degraded");
+    assert!(
+        health.json()["keys"].as_str().unwrap().contains("empty"),
+        "{:?}",
+        health.json()
+    );
+    // The last good keys keep serving.
+    let a = call(gw.addr(), "GET", "/v1/models", Some(&key), None).await;
+    assert_eq!(a.status, 200);
+    gw.shutdown().await;
+}
