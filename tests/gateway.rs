@@ -515,3 +515,56 @@ async fn healthz_says_degraded_while_the_key_file_is_broken_and_the_old_keys_ser
     assert_eq!(a.status, 200);
     gw.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_key_used_through_the_gateway_has_its_last_use_in_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("keygate.db");
+    let url = format!("sqlite:{}", db.display());
+    let mut out = Vec::new();
+    keygate_cli::run(
+        [
+            "keygate",
+            "--store",
+            &url,
+            "--json",
+            "keys",
+            "create",
+            "--project",
+            "p",
+            "--create-project",
+            "--permissions",
+            "all",
+        ],
+        keygate::Timestamp::from_unix_secs(1_700_000_000),
+        &mut out,
+    )
+    .unwrap();
+    let created: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    let (id, secret) = (
+        created["key"]["id"].as_str().unwrap().to_owned(),
+        created["secret"].as_str().unwrap().to_owned(),
+    );
+    let config = dir.path().join("keygate.toml");
+    std::fs::write(
+        &config,
+        format!("store = {url:?}\n[audit]\ntracing = false\n"),
+    )
+    .unwrap();
+    let mut options =
+        keygate_workspace::gateway::GatewayOptions::new("127.0.0.1:0".parse().unwrap());
+    options.config = Some(config);
+    let gw = keygate_workspace::gateway::start(options, &mut Vec::new())
+        .await
+        .unwrap();
+    let store = keygate_store::Db::open(&db).unwrap();
+    assert_eq!(store.key(&id).unwrap().unwrap().last_used_at, None);
+    let a = call(gw.addr(), "GET", "/v1/models", Some(&secret), None).await;
+    assert_eq!(a.status, 200);
+    gw.shutdown().await;
+    let used = store.key(&id).unwrap().unwrap().last_used_at;
+    assert!(
+        used.is_some_and(|t| t.as_unix_secs() > 1_700_000_000),
+        "{used:?}"
+    );
+}

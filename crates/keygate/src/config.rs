@@ -991,6 +991,8 @@ impl Built {
         {
             tracing::error!(%error, "committing the last ledger writes failed; their reservations count at the reserved amount after a restart");
         }
+        let store = self.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
         self.flush_audit();
     }
 }

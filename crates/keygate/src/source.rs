@@ -106,6 +106,16 @@ impl KeySource {
         }
     }
 
+    /// Writes what is only in memory (the store's batched last-used times; blocking I/O):
+    /// call at shutdown.
+    pub fn flush(&self) {
+        if let Kind::Sqlite(s) = &self.kind
+            && let Err(error) = s.flush_uses()
+        {
+            tracing::error!(%error, "writing the keys' last-used times failed");
+        }
+    }
+
     /// What it is, for the gateway's first lines (`sqlite:keygate.db`, `keys.toml`).
     pub fn describe(&self) -> String {
         match &self.kind {
@@ -120,7 +130,14 @@ impl KeyStore for KeySource {
         &self,
         digest: &KeyDigest,
     ) -> impl Future<Output = Result<Option<Lookup>, StoreError>> + Send {
-        std::future::ready(Ok(self.memory.get(digest)))
+        let found = self.memory.get(digest);
+        if let (Some(hit), Kind::Sqlite(store)) = (&found, &self.kind) {
+            // Last-used times: noted in memory (one short lock), written in batches by the
+            // store's watcher; to the second, which is all a "last used" needs.
+            let now = keygate_core::Clock::system().now().as_unix_secs();
+            store.record_use(&hit.key.id, keygate_core::Timestamp::from_unix_secs(now));
+        }
+        std::future::ready(Ok(found))
     }
 
     fn lookup_id(
