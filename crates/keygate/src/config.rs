@@ -356,6 +356,22 @@ pub struct LimitsConfig {
     /// Add `stream_options.include_usage` to streaming chat requests so their usage can be
     /// settled (default true).
     pub include_usage: bool,
+    /// What a committed ledger write survives: `"process_crash"` (default: `kill -9`, a
+    /// panic; no fsync on the request's path) or `"power_loss"` (an fsync per group commit,
+    /// about twice the latency).
+    pub ledger_durability: LedgerDurability,
+}
+
+/// `[limits] ledger_durability`: see [`keygate_store::Durability`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LedgerDurability {
+    /// [`keygate_store::Durability::ProcessCrash`].
+    #[default]
+    ProcessCrash,
+    /// [`keygate_store::Durability::PowerLoss`].
+    PowerLoss,
 }
 
 impl Default for LimitsConfig {
@@ -367,6 +383,7 @@ impl Default for LimitsConfig {
             max_rate_entries: 4_000_000,
             rate_limit_headers: true,
             include_usage: true,
+            ledger_durability: LedgerDurability::ProcessCrash,
         }
     }
 }
@@ -777,7 +794,12 @@ impl Config {
         if let Some(path) = self.ledger_path()? {
             // Spend is durable: every reservation is in the ledger before the request goes on,
             // and the counters are rebuilt from it at start.
-            let ledger = keygate_store::LedgerBackend::open(&path)?;
+            let durability = match self.limits.ledger_durability {
+                LedgerDurability::ProcessCrash => keygate_store::Durability::ProcessCrash,
+                LedgerDurability::PowerLoss => keygate_store::Durability::PowerLoss,
+            };
+            let now = keygate_core::Clock::system().now();
+            let ledger = keygate_store::LedgerBackend::open_with(&path, now, durability)?;
             builder = builder.spend_backend(crate::SpendBackend::Ledger(ledger));
         }
         if let (Some(guard), Some(sqlite)) = (self.guard.guard()?, store.sqlite()) {
@@ -1040,6 +1062,7 @@ mod tests {
             max_rate_entries = 1000
             rate_limit_headers = false
             include_usage = false
+            ledger_durability = "power_loss"
 
             [prices."gpt-4o*"]
             input_per_million = "2.50"
@@ -1125,6 +1148,7 @@ mod tests {
         assert!(c.guard.guard().unwrap().is_some());
         assert!(Config::default().guard.guard().unwrap().is_none());
         assert!(c.audit.key_metrics);
+        assert_eq!(c.limits.ledger_durability, LedgerDurability::PowerLoss);
         assert_eq!(c.audit.jsonl.as_ref().unwrap().fallback_after_secs, 1);
         assert_eq!(c.upstreams.len(), 2);
         assert_eq!(c.upstreams[0].models, ["gpt-*"]);
