@@ -501,3 +501,71 @@ async fn a_budget_is_never_spent_twice_across_a_restart_or_a_kill() {
     assert!(before + after <= whole, "{before} + {after} > {whole}");
     assert!(before + after + 1 >= whole, "{before} + {after} vs {whole}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_rate_goes_on_across_a_clean_restart_and_counts_as_used_after_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("rate.db");
+    let url = format!("sqlite:{}", db.display());
+    let rpm_key = || {
+        let mut out = Vec::new();
+        keygate_cli::run(
+            [
+                "keygate",
+                "--store",
+                &url,
+                "--json",
+                "keys",
+                "create",
+                "--project",
+                "p",
+                "--create-project",
+                "--permissions",
+                "all",
+                "--rpm",
+                "3",
+            ],
+            keygate_core::Timestamp::from_unix_secs(1_700_000_000),
+            &mut out,
+        )
+        .unwrap();
+        let created: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        created["secret"].as_str().unwrap().to_owned()
+    };
+    let (secret, other) = (rpm_key(), rpm_key());
+    let status = |answer: String| answer.get(9..12).unwrap_or("").to_owned();
+
+    let gw = start_on(dir.path(), &db);
+    for _ in 0..2 {
+        assert_eq!(
+            status(request(gw.addr, "GET", "/v1/models", &secret, "").await),
+            "200"
+        );
+    }
+    let (ok, _) = gw.terminate(Duration::from_secs(30));
+    assert!(ok);
+    // A clean restart goes on: one of the three left, then 429.
+    let gw = start_on(dir.path(), &db);
+    assert_eq!(
+        status(request(gw.addr, "GET", "/v1/models", &secret, "").await),
+        "200"
+    );
+    assert_eq!(
+        status(request(gw.addr, "GET", "/v1/models", &secret, "").await),
+        "429"
+    );
+    // The other key uses one of its three, then the gateway is killed.
+    assert_eq!(
+        status(request(gw.addr, "GET", "/v1/models", &other, "").await),
+        "200"
+    );
+    kill_9(gw);
+    // After a kill the last minute is unknown: the rate counts as used in full (3 a minute:
+    // the next request is 20 s away), never as fresh.
+    let gw = start_on(dir.path(), &db);
+    assert_eq!(
+        status(request(gw.addr, "GET", "/v1/models", &other, "").await),
+        "429"
+    );
+    gw.terminate(Duration::from_secs(30));
+}

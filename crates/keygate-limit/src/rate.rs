@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, RwLock};
@@ -63,7 +63,12 @@ pub struct RateLimitLayer {
 #[derive(Debug)]
 struct RateState {
     shards: Box<[RwLock<Shard>]>,
-    hasher: RandomState,
+    /// The SipHash key of cell ids: random by default; a host that persists cells across
+    /// restarts ([`RateLimitLayer::cells`]) keeps it with them, so ids stay the same.
+    hash_key: [u8; 16],
+    /// Until then (unix nanoseconds), a cell made for the first time starts full: after an
+    /// unclean restart, what was used in the last minute is not known, so assume all of it.
+    cold_until: u64,
     clock: Clock,
     max_entries: usize,
     entries: AtomicUsize,
@@ -103,10 +108,31 @@ impl Default for RateLimitLayer {
     }
 }
 
+fn random_key() -> [u8; 16] {
+    let mut key = [0u8; 16];
+    if getrandom::fill(&mut key).is_err() {
+        // No OS randomness here: std's per-process random hasher keys instead.
+        use std::hash::BuildHasher;
+        let r = std::hash::RandomState::new();
+        key[..8].copy_from_slice(&r.hash_one(1u8).to_le_bytes());
+        key[8..].copy_from_slice(&r.hash_one(2u8).to_le_bytes());
+    }
+    key
+}
+
+/// A fresh state with `s`'s hash key and cold start (builders keep them, whatever their order).
+fn rebuilt(s: &RateState, clock: Clock, max_entries: usize, headers: bool) -> RateState {
+    let mut state = new_state(clock, max_entries, headers);
+    state.hash_key = s.hash_key;
+    state.cold_until = s.cold_until;
+    state
+}
+
 fn new_state(clock: Clock, max_entries: usize, headers: bool) -> RateState {
     RateState {
         shards: (0..SHARDS).map(|_| RwLock::default()).collect(),
-        hasher: RandomState::new(),
+        hash_key: random_key(),
+        cold_until: 0,
         clock,
         max_entries,
         entries: AtomicUsize::new(0),
@@ -126,7 +152,7 @@ impl RateLimitLayer {
     pub fn with_clock(self, clock: Clock) -> Self {
         let s = &self.state;
         RateLimitLayer {
-            state: Arc::new(new_state(clock, s.max_entries, s.headers)),
+            state: Arc::new(rebuilt(s, clock, s.max_entries, s.headers)),
         }
     }
 
@@ -142,7 +168,7 @@ impl RateLimitLayer {
         }
         let s = &self.state;
         Ok(RateLimitLayer {
-            state: Arc::new(new_state(s.clock.clone(), max, s.headers)),
+            state: Arc::new(rebuilt(s, s.clock.clone(), max, s.headers)),
         })
     }
 
@@ -151,7 +177,79 @@ impl RateLimitLayer {
     pub fn with_headers(self, on: bool) -> Self {
         let s = &self.state;
         RateLimitLayer {
-            state: Arc::new(new_state(s.clock.clone(), s.max_entries, on)),
+            state: Arc::new(rebuilt(s, s.clock.clone(), s.max_entries, on)),
+        }
+    }
+
+    /// Uses `key` for the SipHash of cell ids (fresh state), so the ids of
+    /// [`cells`](Self::cells) saved by one process mean the same keys in the next.
+    ///
+    /// # Security
+    ///
+    /// The key is what keeps ids unguessable (nobody can aim two keys at one cell): keep it
+    /// as secret as the store it is saved in, and random.
+    pub fn with_hash_key(self, key: [u8; 16]) -> Self {
+        let s = &self.state;
+        let mut state = rebuilt(s, s.clock.clone(), s.max_entries, s.headers);
+        state.hash_key = key;
+        RateLimitLayer {
+            state: Arc::new(state),
+        }
+    }
+
+    /// Treats every cell made before `until` as full (fresh state): the conservative start
+    /// after an unclean shutdown, when what was used in the last minute is unknown. Keys then
+    /// get requests at their steady rate, one per interval, until the minute has passed.
+    pub fn with_cold_start_until(self, until: keygate_core::Timestamp) -> Self {
+        let s = &self.state;
+        let mut state = rebuilt(s, s.clock.clone(), s.max_entries, s.headers);
+        state.cold_until = until.as_unix_nanos();
+        RateLimitLayer {
+            state: Arc::new(state),
+        }
+    }
+
+    /// The SipHash key of cell ids (to save with [`cells`](Self::cells)).
+    pub fn hash_key(&self) -> [u8; 16] {
+        self.state.hash_key
+    }
+
+    /// Every cell that still holds part of a rate: `(id, theoretical arrival time in unix
+    /// nanoseconds)`, to save at shutdown and give back to [`restore`](Self::restore).
+    pub fn cells(&self) -> Vec<(u64, u64)> {
+        let now = self.state.clock.now().as_unix_nanos();
+        let mut out = Vec::new();
+        for shard in &self.state.shards {
+            let s = read(shard);
+            out.extend(
+                s.map
+                    .iter()
+                    .map(|(id, tat)| (*id, tat.load(Ordering::Relaxed)))
+                    .filter(|&(_, tat)| tat > now),
+            );
+        }
+        out
+    }
+
+    /// Puts saved cells back (made with the same [`hash_key`](Self::hash_key)); a cell
+    /// already present keeps the later of the two times. Beyond the entry limit, the rest is
+    /// dropped.
+    pub fn restore(&self, cells: impl IntoIterator<Item = (u64, u64)>) {
+        let state = &self.state;
+        for (id, tat) in cells {
+            let mut s = write(state.shard(id));
+            match s.map.get(&id) {
+                Some(cell) => {
+                    cell.fetch_max(tat, Ordering::AcqRel);
+                }
+                None => {
+                    if state.entries.load(Ordering::Relaxed) >= state.max_entries {
+                        return;
+                    }
+                    s.map.insert(id, AtomicU64::new(tat));
+                    state.entries.fetch_add(1, Ordering::Relaxed);
+                }
+            }
         }
     }
 
@@ -300,7 +398,19 @@ impl RateState {
             LimitScope::Project => 1,
             LimitScope::Token => 2,
         };
-        self.hasher.hash_one((scope, owner, pattern))
+        // Written byte by byte, not through `Hash`, so an id is the same in every build.
+        let mut h = siphasher::sip::SipHasher13::new_with_key(&self.hash_key);
+        h.write_u8(scope);
+        h.write(owner.as_bytes());
+        h.write_u8(0xff);
+        match pattern {
+            Some(p) => {
+                h.write_u8(1);
+                h.write(p.as_bytes());
+            }
+            None => h.write_u8(0),
+        }
+        h.finish()
     }
 
     fn shard(&self, id: u64) -> &RwLock<Shard> {
@@ -341,7 +451,11 @@ impl RateState {
             }
             self.entries.fetch_add(1, Ordering::Relaxed);
         }
-        let cell = s.map.entry(id).or_default();
+        let cold = now < self.cold_until;
+        let cell = s.map.entry(id).or_insert_with(|| {
+            // Cold start: full, so it admits at the steady rate until it drains.
+            AtomicU64::new(if cold { now + MINUTE } else { 0 })
+        });
         Some(gcra(cell, now, interval, rpm))
     }
 
@@ -682,6 +796,85 @@ mod tests {
         manual.advance(Duration::from_secs(20));
         let res = svc.clone().oneshot(request(&p)).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn saved_cells_restored_with_the_same_hash_key_keep_the_quota_used() {
+        let manual = ManualClock::new(Timestamp::from_unix_secs(1_700_000_000));
+        let p = principal_with(|k, _| k.requests_per_minute = rpm(3));
+        let first = RateLimitLayer::new().with_clock(manual.clock());
+        let svc = ServiceBuilder::new()
+            .layer(first.clone())
+            .service_fn(ok_handler);
+        for _ in 0..2 {
+            assert_eq!(
+                svc.clone().oneshot(request(&p)).await.unwrap().status(),
+                200
+            );
+        }
+        let (key, cells) = (first.hash_key(), first.cells());
+        assert_eq!(cells.len(), 1);
+
+        // "Restarted": a new limiter with the saved key and cells has one request left.
+        let second = RateLimitLayer::new()
+            .with_clock(manual.clock())
+            .with_hash_key(key);
+        second.restore(cells.clone());
+        let svc = ServiceBuilder::new().layer(second).service_fn(ok_handler);
+        assert_eq!(
+            svc.clone().oneshot(request(&p)).await.unwrap().status(),
+            200
+        );
+        assert_eq!(
+            svc.clone().oneshot(request(&p)).await.unwrap().status(),
+            429
+        );
+
+        // Another key: the cells name other ids, and the quota starts whole.
+        let other = RateLimitLayer::new().with_clock(manual.clock());
+        other.restore(cells);
+        let svc = ServiceBuilder::new().layer(other).service_fn(ok_handler);
+        for _ in 0..3 {
+            assert_eq!(
+                svc.clone().oneshot(request(&p)).await.unwrap().status(),
+                200
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_cold_start_assumes_every_quota_used_for_one_minute() {
+        let start = Timestamp::from_unix_secs(1_700_000_000);
+        let manual = ManualClock::new(start);
+        let layer = RateLimitLayer::new()
+            .with_cold_start_until(start.saturating_add(Duration::from_secs(60)))
+            .with_clock(manual.clock());
+        let svc = ServiceBuilder::new().layer(layer).service_fn(ok_handler);
+        // 6 a minute: one every 10 s. Cold: nothing at once ...
+        let p = principal_with(|k, _| k.requests_per_minute = rpm(6));
+        assert_eq!(
+            svc.clone().oneshot(request(&p)).await.unwrap().status(),
+            429
+        );
+        // ... then the steady rate, as the assumed-full bucket drains.
+        manual.advance(Duration::from_secs(10));
+        assert_eq!(
+            svc.clone().oneshot(request(&p)).await.unwrap().status(),
+            200
+        );
+        assert_eq!(
+            svc.clone().oneshot(request(&p)).await.unwrap().status(),
+            429
+        );
+        // A key first seen after the cold minute starts whole.
+        manual.advance(Duration::from_secs(60));
+        let q = principal_named("key_b", "p1", |k, _| k.requests_per_minute = rpm(6));
+        for _ in 0..6 {
+            assert_eq!(
+                svc.clone().oneshot(request(&q)).await.unwrap().status(),
+                200
+            );
+        }
     }
 
     #[tokio::test]

@@ -54,6 +54,7 @@
 mod db;
 mod error;
 mod ledger;
+mod rates;
 mod schema;
 mod store;
 mod url;
@@ -64,5 +65,6 @@ mod test_support;
 pub use db::{Changes, Db, ImportOutcome, StoredKey};
 pub use error::DbError;
 pub use ledger::{Durability, LedgerBackend, LedgerUsage};
+pub use rates::{RateBegin, RateStart};
 pub use store::{RefreshOutcome, SqliteStore};
 pub use url::{DEFAULT_STORE_URL, StoreUrl, StoreUrlError};

@@ -3,7 +3,7 @@
 //! Each migration takes the database from `version - 1` to `version`; `PRAGMA user_version`
 //! records the last one applied. The SQL keeps to what PostgreSQL reads the same way (`TEXT`,
 //! `BIGINT`, `REFERENCES`, `UNIQUE`), so a PostgreSQL store can replay the same list. Version 2 adds the spend
-//! ledger next to the key tables without touching them.
+//! ledger next to the key tables without touching them; version 3 the request-rate cells.
 //!
 //! Records are stored whole as JSON (`record`), so every field `KeyRecord` and
 //! `ProjectRecord` carry now or later survives without a migration; the other columns are
@@ -93,10 +93,27 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         CREATE INDEX ledger_charges_counter ON ledger_charges (counter, window_start);
     ",
     },
+    Migration {
+        version: 3,
+        sql: "
+        -- Request-rate cells (GCRA theoretical arrival times, Unix nanoseconds, by cell id),
+        -- saved when a gateway stops cleanly and read back by the next one, and in
+        -- `rate_meta` the SipHash key the ids were made with (`hash_key`, hex) and whether
+        -- the last gateway stopped cleanly (`clean`, '1' or '0').
+        CREATE TABLE rate_cells (
+            id BIGINT PRIMARY KEY,
+            tat BIGINT NOT NULL
+        );
+        CREATE TABLE rate_meta (
+            name TEXT PRIMARY KEY,
+            value TEXT NOT NULL
+        );
+    ",
+    },
 ];
 
 /// The schema version this build writes: the last migration's.
-pub(crate) const SCHEMA_VERSION: u32 = 2;
+pub(crate) const SCHEMA_VERSION: u32 = 3;
 
 #[cfg(test)]
 mod tests {

@@ -85,6 +85,8 @@ impl Keygate {
             rate_headers: true,
             guard: None,
             spend: None,
+            rate_hash_key: None,
+            rate_cold_until: None,
         }
     }
 }
@@ -178,6 +180,8 @@ pub struct KeygateBuilder<K, T = NoTokens> {
     rate_headers: bool,
     guard: Option<WalletGuard>,
     spend: Option<SpendBackend>,
+    rate_hash_key: Option<[u8; 16]>,
+    rate_cold_until: Option<keygate_core::Timestamp>,
 }
 
 impl<K, T> fmt::Debug for KeygateBuilder<K, T> {
@@ -308,6 +312,8 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
             rate_headers: self.rate_headers,
             guard: self.guard,
             spend: self.spend,
+            rate_hash_key: self.rate_hash_key,
+            rate_cold_until: self.rate_cold_until,
         }
     }
 
@@ -388,6 +394,20 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
         self
     }
 
+    /// The key request-rate cell ids are hashed with (see
+    /// [`RateLimitLayer::with_hash_key`]): the saved one, to restore saved cells.
+    pub fn rate_hash_key(mut self, key: [u8; 16]) -> Self {
+        self.rate_hash_key = Some(key);
+        self
+    }
+
+    /// Every request rate starts full until `until` (see
+    /// [`RateLimitLayer::with_cold_start_until`]): after an unclean stop.
+    pub fn rate_cold_start_until(mut self, until: keygate_core::Timestamp) -> Self {
+        self.rate_cold_until = Some(until);
+        self
+    }
+
     /// The denial-of-wallet guard. Its alerts go to the audit sink.
     pub fn wallet_guard(mut self, guard: WalletGuard) -> Self {
         self.guard = Some(guard);
@@ -438,6 +458,12 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
             .with_headers(self.rate_headers);
         if let Some(max) = self.rate_max_entries {
             rate = rate.with_max_entries(max)?;
+        }
+        if let Some(key) = self.rate_hash_key {
+            rate = rate.with_hash_key(key);
+        }
+        if let Some(until) = self.rate_cold_until {
+            rate = rate.with_cold_start_until(until);
         }
 
         let mut tokens = TokenLimitLayer::new(self.spend.unwrap_or_default())

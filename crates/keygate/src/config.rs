@@ -791,7 +791,29 @@ impl Config {
             .audit_sink(BoxedSink(sink))
             .token_verifier(verifier);
         let mut builder = self.apply(builder)?;
-        if let Some(path) = self.ledger_path()? {
+        let ledger_path = self.ledger_path()?;
+        let mut restore_rates = Vec::new();
+        if let Some(path) = &ledger_path {
+            // Request rates go on from a clean stop, or start full after an unclean one.
+            let mut new_key = [0u8; 16];
+            getrandom::fill(&mut new_key)
+                .map_err(|e| ConfigError::Invalid(format!("no random rate key: {e}")))?;
+            let begin = keygate_store::Db::open(path)?.begin_rates(new_key)?;
+            builder = builder.rate_hash_key(begin.hash_key);
+            match begin.start {
+                keygate_store::RateStart::Clean { cells } => restore_rates = cells,
+                keygate_store::RateStart::Unclean => {
+                    let now = keygate_core::Clock::system().now();
+                    tracing::warn!(
+                        "the last gateway on this store did not stop cleanly: every request rate counts as used for the next minute"
+                    );
+                    builder =
+                        builder.rate_cold_start_until(now.saturating_add(Duration::from_secs(60)));
+                }
+                _ => {}
+            }
+        }
+        if let Some(path) = ledger_path.clone() {
             // Spend is durable: every reservation is in the ledger before the request goes on,
             // and the counters are rebuilt from it at start.
             let durability = match self.limits.ledger_durability {
@@ -810,7 +832,9 @@ impl Config {
             );
         }
         let layer = builder.build()?;
+        layer.rate_limit_layer().restore(restore_rates);
         Ok(Built {
+            rates_db: ledger_path,
             layer,
             store,
             exchange,
@@ -972,6 +996,8 @@ impl TokenVerifier for ConfigTokens {
 pub struct Built {
     layer: KeygateLayer<KeySource, ConfigTokens>,
     store: KeySource,
+    /// The database request rates are saved to at a clean stop.
+    rates_db: Option<PathBuf>,
     exchange: Option<TokenExchange>,
     jsonl: Option<JsonlSink>,
 }
@@ -1014,7 +1040,22 @@ impl Built {
             tracing::error!(%error, "committing the last ledger writes failed; their reservations count at the reserved amount after a restart");
         }
         let store = self.store.clone();
-        let _ = tokio::task::spawn_blocking(move || store.flush()).await;
+        let rates = self.rates_db.clone().map(|path| {
+            let rate = self.layer.rate_limit_layer();
+            (path, rate.hash_key(), rate.cells())
+        });
+        let _ = tokio::task::spawn_blocking(move || {
+            store.flush();
+            if let Some((path, key, cells)) = rates {
+                // A clean stop: the next gateway goes on from these counts.
+                if let Err(error) =
+                    keygate_store::Db::open(&path).and_then(|mut db| db.save_rates(key, &cells))
+                {
+                    tracing::error!(%error, "saving the request rates failed; the next start assumes them full");
+                }
+            }
+        })
+        .await;
         self.flush_audit();
     }
 }
