@@ -106,29 +106,26 @@ impl Drop for Gateway {
     }
 }
 
-/// Creates a key with every permission in `keys` (the CLI, in-process); returns its secret.
-fn create_key(keys: &Path) -> String {
+/// Creates a key with every permission in project `p` with the CLI (in-process), on
+/// `target` (`["--file", PATH]` or `["--store", URL]`) with `extra` flags; returns its secret.
+fn cli_key(target: [&str; 2], extra: &[&str]) -> String {
+    let mut argv = vec!["keygate", target[0], target[1], "--json", "keys", "create"];
+    argv.extend_from_slice(&["--project", "p", "--create-project", "--permissions", "all"]);
+    argv.extend_from_slice(extra);
     let mut out = Vec::new();
     keygate_cli::run(
-        [
-            "keygate",
-            "--file",
-            keys.to_str().unwrap(),
-            "--json",
-            "keys",
-            "create",
-            "--project",
-            "p",
-            "--create-project",
-            "--permissions",
-            "all",
-        ],
-        keygate_core::Timestamp::from_unix_secs(1_800_000_000),
+        argv,
+        keygate_core::Timestamp::from_unix_secs(1_700_000_000),
         &mut out,
     )
     .unwrap();
     let created: serde_json::Value = serde_json::from_slice(&out).unwrap();
     created["secret"].as_str().unwrap().to_owned()
+}
+
+/// A key with every permission in the TOML key file `keys`.
+fn create_key(keys: &Path) -> String {
+    cli_key(["--file", keys.to_str().unwrap()], &[])
 }
 
 /// One HTTP/1.1 request with `Connection: close`; returns the whole response as text.
@@ -400,29 +397,7 @@ fn a_gateway_with_no_usable_key_source_refuses_to_start() {
 /// A key on the store at `db` with a budget of `budget` dollars a day; returns its secret.
 fn budget_key(db: &Path, budget: &str) -> String {
     let url = format!("sqlite:{}", db.display());
-    let mut out = Vec::new();
-    keygate_cli::run(
-        [
-            "keygate",
-            "--store",
-            &url,
-            "--json",
-            "keys",
-            "create",
-            "--project",
-            "p",
-            "--create-project",
-            "--permissions",
-            "all",
-            "--budget",
-            &format!("{budget}/day"),
-        ],
-        keygate_core::Timestamp::from_unix_secs(1_700_000_000),
-        &mut out,
-    )
-    .unwrap();
-    let created: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    created["secret"].as_str().unwrap().to_owned()
+    cli_key(["--store", &url], &["--budget", &format!("{budget}/day")])
 }
 
 /// Sends small priced chat completions one after another until one is refused (or `max`
@@ -507,31 +482,7 @@ async fn a_request_rate_goes_on_across_a_clean_restart_and_counts_as_used_after_
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("rate.db");
     let url = format!("sqlite:{}", db.display());
-    let rpm_key = || {
-        let mut out = Vec::new();
-        keygate_cli::run(
-            [
-                "keygate",
-                "--store",
-                &url,
-                "--json",
-                "keys",
-                "create",
-                "--project",
-                "p",
-                "--create-project",
-                "--permissions",
-                "all",
-                "--rpm",
-                "3",
-            ],
-            keygate_core::Timestamp::from_unix_secs(1_700_000_000),
-            &mut out,
-        )
-        .unwrap();
-        let created: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        created["secret"].as_str().unwrap().to_owned()
-    };
+    let rpm_key = || cli_key(["--store", &url], &["--rpm", "3"]);
     let (secret, other) = (rpm_key(), rpm_key());
     let status = |answer: String| answer.get(9..12).unwrap_or("").to_owned();
 
