@@ -71,6 +71,20 @@ impl Usage {
 
 const HAS_USAGE: u8 = 1;
 const HAS_COST: u8 = 2;
+const REPORTED: u8 = 4;
+const ESTIMATED: u8 = 8;
+const OVER_RESERVATION: u8 = 16;
+
+/// Where a request's settled usage came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum UsageSource {
+    /// The upstream (or the handler) reported it.
+    Reported,
+    /// Nothing was reported: the reservation (keygate's worst case) was charged.
+    Estimated,
+}
 
 /// Where the final usage and cost of a request are reported, so an outer layer can read
 /// what an inner one measured (even after a streamed body ends).
@@ -110,6 +124,38 @@ impl UsageMeter {
     pub fn report_cost(&self, cost: Money) {
         self.0.cost_nanos.store(cost.as_nanos(), Ordering::Relaxed);
         self.0.flags.fetch_or(HAS_COST, Ordering::Release);
+    }
+
+    /// Records where the usage came from (the last report wins).
+    pub fn report_source(&self, source: UsageSource) {
+        let (set, clear) = match source {
+            UsageSource::Reported => (REPORTED, ESTIMATED),
+            UsageSource::Estimated => (ESTIMATED, REPORTED),
+        };
+        self.0.flags.fetch_and(!clear, Ordering::Relaxed);
+        self.0.flags.fetch_or(set, Ordering::Release);
+    }
+
+    /// Records that the usage reported was more than was reserved for the request.
+    pub fn flag_over_reservation(&self) {
+        self.0.flags.fetch_or(OVER_RESERVATION, Ordering::Release);
+    }
+
+    /// Where the usage came from, if that was reported.
+    pub fn source(&self) -> Option<UsageSource> {
+        let flags = self.0.flags.load(Ordering::Acquire);
+        if flags & REPORTED != 0 {
+            Some(UsageSource::Reported)
+        } else if flags & ESTIMATED != 0 {
+            Some(UsageSource::Estimated)
+        } else {
+            None
+        }
+    }
+
+    /// Whether the usage reported was more than was reserved.
+    pub fn over_reservation(&self) -> bool {
+        self.0.flags.load(Ordering::Acquire) & OVER_RESERVATION != 0
     }
 
     /// The usage reported, if any.
@@ -189,6 +235,13 @@ mod tests {
         assert_eq!(meter.usage(), Some(Usage::new(10, 5)));
         assert_eq!(meter.usage().unwrap().total_tokens, 15);
         assert_eq!(meter.cost(), Some(Money::from_nanos(42)));
+        assert_eq!(meter.source(), None);
+        assert!(!meter.over_reservation());
+        clone.report_source(UsageSource::Estimated);
+        clone.report_source(UsageSource::Reported);
+        clone.flag_over_reservation();
+        assert_eq!(meter.source(), Some(UsageSource::Reported));
+        assert!(meter.over_reservation());
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod auth;
 mod clock;
 mod denial;
 mod ext;
+pub mod facts;
 mod key;
 mod limits;
 mod principal;
@@ -40,7 +41,9 @@ pub use denial::{
 };
 pub use ext::{
     Alert, AlertKind, AlertSink, ClientIp, EndpointMatch, RequestedModel, Usage, UsageMeter,
+    UsageSource,
 };
+pub use facts::{Generation, ModelSource, PromptSize, Protocol, RequestFacts};
 pub use key::{
     BuildDigestHasher, CHECKSUM_LEN, DEFAULT_PREFIX, DigestHasher, DigestParseError, KeyDigest,
     KeyFormat, KeyFormatConfigError, KeyFormatError, KeyId, RANDOM_LEN, RandomError, SecretKey,

@@ -6,13 +6,13 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
-use keygate_core::{Money, Principal, Usage, UsageMeter};
+use keygate_core::{Money, Principal, Usage, UsageMeter, UsageSource};
 use pin_project_lite::pin_project;
 
 use crate::backend::{Actual, LimitBackend, Pending};
 use crate::guard::WalletGuard;
-use crate::json::{SseScanner, usage_of};
 use crate::price::Price;
+use crate::usage::{SseScanner, usage_of};
 
 pin_project! {
     /// The request body the token layer hands on: the original body untouched (gRPC, or when
@@ -144,28 +144,38 @@ impl Scan {
         }
     }
 
-    fn observe(&mut self, data: &Bytes) {
+    /// Looks at `data` and returns what to hand on (the same bytes, unless an SSE scanner
+    /// strips the usage chunk from them).
+    fn pass(&mut self, data: Bytes) -> Bytes {
         match self {
-            Scan::Nothing => {}
-            Scan::Sse(s) => s.feed(data),
+            Scan::Nothing => data,
+            Scan::Sse(s) => s.pass(data),
             Scan::Json {
                 frames,
                 len,
                 limit,
                 overflow,
             } => {
-                if *overflow {
-                    return;
+                if !*overflow {
+                    *len += data.len();
+                    if *len > *limit {
+                        *overflow = true;
+                        frames.clear();
+                    } else {
+                        // A reference-counted handle on the frame, not a copy.
+                        frames.push(data.clone());
+                    }
                 }
-                *len += data.len();
-                if *len > *limit {
-                    *overflow = true;
-                    frames.clear();
-                } else {
-                    // A reference-counted handle on the frame, not a copy.
-                    frames.push(data.clone());
-                }
+                data
             }
+        }
+    }
+
+    /// What a stripping scanner still holds at the end of the stream.
+    fn rest(&mut self) -> Option<Bytes> {
+        match self {
+            Scan::Sse(s) => s.rest().filter(|b| !b.is_empty()),
+            _ => None,
         }
     }
 
@@ -223,19 +233,30 @@ impl<P: Settle + ?Sized> Settlement<P> {
             return;
         }
         self.done = true;
+        let reported = usage.is_some();
         let usage = usage.unwrap_or(self.estimate);
         let cost = self.price.map_or(Money::ZERO, |p| p.cost(usage));
+        let tokens = usage
+            .total_tokens
+            .max(usage.prompt_tokens.saturating_add(usage.completion_tokens));
+        // More than the worst case was reserved for: charged as reported, and flagged.
+        let over = reported && tokens > self.estimate.total_tokens;
         // Report before settling: the settle may be slow (network backend) and the outer
         // layers read the meter as soon as the body ends.
         if let Some(meter) = &self.meter {
             meter.report_usage(usage);
+            meter.report_source(if reported {
+                UsageSource::Reported
+            } else {
+                UsageSource::Estimated
+            });
+            if over {
+                meter.flag_over_reservation();
+            }
             if self.price.is_some() {
                 meter.report_cost(cost);
             }
         }
-        let tokens = usage
-            .total_tokens
-            .max(usage.prompt_tokens.saturating_add(usage.completion_tokens));
         self.pending.settle(Actual { tokens, cost });
         if let Some((guard, principal)) = &self.guard {
             guard.record(principal.key_id(), &principal.project().id, tokens, cost);
@@ -270,18 +291,25 @@ impl<P: Settle + ?Sized> Drop for Settlement<P> {
 
 pin_project! {
     /// The response body of [`TokenLimit`](crate::TokenLimit): the inner body, watched for
-    /// usage; the request's reservation is settled when it ends (before the end is signalled)
-    /// or when it is dropped.
+    /// usage (and, for a client that did not ask for it, with the usage chunk of a stream
+    /// removed); the request's reservation is settled when it ends (before the end is
+    /// signalled) or when it is dropped.
     pub struct TokenBody<B> {
         #[pin]
         inner: B,
         settlement: Option<Box<Settlement>>,
+        // The inner body has ended and its last bytes were handed on.
+        ended: bool,
     }
 }
 
 impl<B> TokenBody<B> {
     pub(crate) fn new(inner: B, settlement: Option<Box<Settlement>>) -> Self {
-        TokenBody { inner, settlement }
+        TokenBody {
+            inner,
+            settlement,
+            ended: false,
+        }
     }
 }
 
@@ -305,30 +333,63 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let mut this = self.project();
-        let polled = std::task::ready!(this.inner.as_mut().poll_frame(cx));
-        if let Some(s) = this.settlement.as_deref_mut() {
-            match &polled {
+        if *this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            let polled = std::task::ready!(this.inner.as_mut().poll_frame(cx));
+            let Some(s) = this.settlement.as_deref_mut() else {
+                return Poll::Ready(polled);
+            };
+            match polled {
                 Some(Ok(frame)) => {
-                    if let Some(data) = frame.data_ref() {
-                        s.scan.observe(data);
-                    }
+                    let end = this.inner.is_end_stream();
+                    let frame = match frame.into_data() {
+                        Ok(data) => {
+                            let mut out = s.scan.pass(data);
+                            if end && let Some(rest) = s.scan.rest() {
+                                let mut all = Vec::with_capacity(out.len() + rest.len());
+                                all.extend_from_slice(&out);
+                                all.extend_from_slice(&rest);
+                                out = Bytes::from(all);
+                            }
+                            if out.is_empty() && !end {
+                                // All held back (an unfinished event): wait for more.
+                                continue;
+                            }
+                            Frame::data(out)
+                        }
+                        Err(frame) => frame,
+                    };
                     // hyper stops polling once a body says it has ended.
-                    if this.inner.is_end_stream() {
+                    if end {
                         s.finish(true);
                     }
+                    return Poll::Ready(Some(Ok(frame)));
                 }
-                None => s.finish(true),
-                Some(Err(_)) => s.finish(false),
+                None => {
+                    let rest = s.scan.rest();
+                    s.finish(true);
+                    *this.ended = true;
+                    return Poll::Ready(rest.map(|r| Ok(Frame::data(r))));
+                }
+                Some(Err(e)) => {
+                    s.finish(false);
+                    return Poll::Ready(Some(Err(e)));
+                }
             }
         }
-        Poll::Ready(polled)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.ended || self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match self.settlement.as_deref().map(|s| &s.scan) {
+            // Stripping may shorten the body.
+            Some(Scan::Sse(_)) => SizeHint::default(),
+            _ => self.inner.size_hint(),
+        }
     }
 }

@@ -12,7 +12,7 @@
 //!   [`SuspensionHook`]).
 //!
 //! Both read the [`Principal`](keygate_core::Principal) the extraction layer put in the
-//! request (and the scope layer's [`RequestedModel`](keygate_core::RequestedModel)); without
+//! request (and the scope layer's [`RequestFacts`](keygate_core::RequestFacts)); without
 //! one they refuse with 401 (fail closed).
 //!
 //! ```
@@ -74,10 +74,10 @@
 pub mod backend;
 mod body;
 mod guard;
-mod json;
 mod price;
 mod rate;
 mod token;
+mod usage;
 
 pub use backend::{LimitBackend, MemoryBackend};
 pub use body::{OnDisconnect, RequestBody, TokenBody};

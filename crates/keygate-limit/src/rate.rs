@@ -12,7 +12,7 @@ use std::time::Duration;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode};
 use keygate_core::{
-    Clock, Credential, Denial, LimitScope, Principal, RequestedModel, ResponseBody,
+    Clock, Credential, Denial, LimitScope, Principal, RequestFacts, ResponseBody,
     ResponseFuture as CoreFuture, Stage,
 };
 use pin_project_lite::pin_project;
@@ -692,7 +692,10 @@ where
                 None,
             );
         };
-        let model = req.extensions().get::<RequestedModel>().map(|m| m.as_str());
+        let model = req
+            .extensions()
+            .get::<RequestFacts>()
+            .and_then(RequestFacts::model);
         match self.state.check(principal, model) {
             Outcome::Allowed(status) => {
                 let status = status.filter(|_| self.state.headers);
@@ -760,7 +763,7 @@ where
 mod tests {
     use super::*;
     use crate::test_support::*;
-    use keygate_core::{ManualClock, ModelLimits, Timestamp};
+    use keygate_core::{ManualClock, ModelLimits, RequestedModel, Timestamp};
     use std::num::NonZeroU32;
     use tower::{ServiceBuilder, ServiceExt};
 
@@ -984,7 +987,9 @@ mod tests {
         });
         let with_model = |m: &str| {
             let mut r = request(&p);
-            r.extensions_mut().insert(RequestedModel::new(m));
+            let mut facts = RequestFacts::unrouted();
+            facts.model = Some(RequestedModel::new(m));
+            r.extensions_mut().insert(facts);
             r
         };
         assert_eq!(

@@ -1,4 +1,4 @@
-//! Scope check costs: route + permission without a model, and the JSON model scan.
+//! Scope check costs: route + permission without a model, and the whole service call with a model check (the scanner itself is benched in keygate-core's `facts` bench).
 #![allow(missing_docs)]
 
 use std::convert::Infallible;
@@ -12,7 +12,7 @@ use keygate_core::{
     Access, Credential, KeyDigest, KeyId, KeyRecord, ModelPattern, ModelRules, Permissions,
     Principal, ProjectRecord, Secret, Timestamp,
 };
-use keygate_scope::{RouteTable, ScopeLayer, check_path, find_json_model};
+use keygate_scope::{RouteTable, ScopeLayer, check_path};
 use std::hint::black_box;
 use tower::{Layer, Service, service_fn};
 
@@ -149,53 +149,6 @@ fn futures_ready<F: std::future::Future>(fut: F) -> F::Output {
     }
 }
 
-fn json_model(c: &mut Criterion) {
-    let mut g = c.benchmark_group("json_model");
-    for size in [1024, 4 * 1024, 16 * 1024, 1024 * 1024] {
-        let body = chat_body(size);
-        assert_eq!(
-            find_json_model(&body).unwrap().as_deref(),
-            Some("gpt-4o-mini")
-        );
-        g.throughput(Throughput::Bytes(body.len() as u64));
-        g.bench_with_input(BenchmarkId::new("scanner", size), &body, |b, body| {
-            b.iter(|| black_box(find_json_model(black_box(body)).unwrap().is_some()))
-        });
-        g.bench_with_input(
-            BenchmarkId::new("serde_json_ignored_any", size),
-            &body,
-            |b, body| {
-                b.iter(|| {
-                    #[derive(serde::Deserialize)]
-                    struct M<'a> {
-                        #[serde(borrow)]
-                        model: Option<std::borrow::Cow<'a, str>>,
-                    }
-                    let m: M<'_> = serde_json::from_slice(black_box(body)).unwrap();
-                    black_box(m.model.is_some())
-                })
-            },
-        );
-    }
-    // Worst case for the scanner: an escaped quote every few bytes.
-    let dense = format!(
-        r#"{{"input":"{}","model":"gpt-4o-mini"}}"#,
-        "say \\\"hi\\\" ".repeat(1024 * 1024 / 12)
-    )
-    .into_bytes();
-    assert_eq!(
-        find_json_model(&dense).unwrap().as_deref(),
-        Some("gpt-4o-mini")
-    );
-    g.throughput(Throughput::Bytes(dense.len() as u64));
-    g.bench_with_input(
-        BenchmarkId::new("scanner_quote_dense", dense.len()),
-        &dense,
-        |b, body| b.iter(|| black_box(find_json_model(black_box(body)).unwrap().is_some())),
-    );
-    g.finish();
-}
-
 /// The whole service call with the model check: `POST /v1/chat/completions` with a JSON body
 /// (content type and length checks, collecting the body under the limit, the scan, the model
 /// rules, rebuilding the body for the inner service). Request building is excluded.
@@ -288,7 +241,6 @@ fn service_with_gzip_model(_: &mut Criterion) {}
 criterion_group!(
     benches,
     route_and_permission,
-    json_model,
     service_with_model,
     service_with_gzip_model
 );

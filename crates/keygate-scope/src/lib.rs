@@ -73,10 +73,12 @@
 //! 8. Policies ([`Policy`]), each of which must allow; a refusal carries the policy's code
 //!    and stage `policy`.
 //!
-//! On success the request goes inward with [`EndpointMatch`](keygate_core::EndpointMatch),
-//! [`ClientIp`](keygate_core::ClientIp) (when known) and
-//! [`RequestedModel`](keygate_core::RequestedModel) (when the request names one) in its
-//! extensions, and a body byte-identical to the one sent.
+//! On success the request goes inward with its [`RequestFacts`](keygate_core::RequestFacts)
+//! (route, endpoint group and access, body framing, model and where it came from, output cap,
+//! `n`, stream, usage requested, prompt size: decided here once, read by every later layer)
+//! and [`ClientIp`](keygate_core::ClientIp) (when known) in its extensions, and a body
+//! byte-identical to the one sent (decoded, when it came compressed and decompression is
+//! configured: the inner service acts on exactly the bytes that were checked).
 //!
 //! # Configuration
 //!
@@ -143,7 +145,6 @@ mod body;
 #[cfg(feature = "decompression")]
 mod decompress;
 mod ip;
-mod json;
 mod layer;
 mod models;
 mod multipart;
@@ -157,7 +158,6 @@ pub use body::BodyFromBytes;
 #[cfg_attr(docsrs, doc(cfg(feature = "decompression")))]
 pub use decompress::{ContentCoding, Decompression};
 pub use ip::{ForwardedHeader, TrustedProxies};
-pub use json::{JsonModelError, find_json_model};
 pub use layer::{
     DEFAULT_BODY_LIMIT, PeerAddrFn, ScopeConfig, ScopeConfigError, ScopeLayer, default_peer_addr,
 };

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use http::Method;
-use keygate_core::{Access, EndpointGroup};
+use keygate_core::{Access, EndpointGroup, Generation, RequestedModel};
 use serde::{Deserialize, Serialize};
 
 /// Where a route's request names its model.
@@ -59,6 +59,54 @@ pub struct RouteSpec {
     /// runs inheriting the assistant's model).
     #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub model_required: bool,
+    /// What the route makes, which decides what its requests reserve (`nothing` never
+    /// reserves tokens or money and never needs a price). By default `text` for routes that
+    /// need Write access and `nothing` for the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generates: Option<Generation>,
+    /// The body field that caps the output (`max_completion_tokens`, `max_tokens`,
+    /// `max_output_tokens`): where keygate writes a cap when the client names none. Without
+    /// one, a request naming no cap reserves the default cap but is forwarded as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_field: Option<String>,
+    /// The model the API applies when a request names none (`dall-e-2` for image
+    /// generation): checked against the caller's model rules and priced as if named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_model: Option<String>,
+    /// The model that does the work may be one the request does not name (a run inherits
+    /// its assistant's model; a batch runs the requests of a file): a caller with model rules
+    /// is refused (403 `model_unverifiable`) unless the request names the model itself.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub model_indirect: bool,
+    /// The route speaks gRPC: its bodies are gRPC frames (`application/grpc…`), never
+    /// buffered; any other `Content-Type` is refused with 415. On every other route that
+    /// reads its body, a gRPC `Content-Type` is refused.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub grpc: bool,
+}
+
+impl RouteSpec {
+    /// A route with the default access for its method, no model and the default of every
+    /// other setting.
+    pub fn new(method: &str, path: &str, group: &str) -> Self {
+        RouteSpec {
+            method: method.to_owned(),
+            path: path.to_owned(),
+            group: group.to_owned(),
+            access: None,
+            model: Vec::new(),
+            model_required: true,
+            generates: None,
+            output_field: None,
+            default_model: None,
+            model_indirect: false,
+            grpc: false,
+        }
+    }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn yes() -> bool {
@@ -148,6 +196,19 @@ pub(crate) struct Route {
     pub(crate) group: EndpointGroup,
     pub(crate) access: Access,
     pub(crate) model: ModelSources,
+    pub(crate) generation: Generation,
+    pub(crate) output_field: Option<Arc<str>>,
+    pub(crate) default_model: Option<RequestedModel>,
+    pub(crate) indirect: bool,
+    pub(crate) grpc: bool,
+}
+
+impl Route {
+    /// Whether the request body is read: the model is in it, or the route bills (what a
+    /// request may cost is in the body), unless the route speaks gRPC.
+    pub(crate) fn reads_body(&self) -> bool {
+        !self.grpc && (self.model.body() || self.generation.bills())
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -295,14 +356,8 @@ pub struct RouteTableBuilder {
 impl RouteTableBuilder {
     /// Adds a route with the default access for its method and no model.
     pub fn route(mut self, method: Method, path: &str, group: &str) -> Self {
-        self.specs.push(RouteSpec {
-            method: method.as_str().to_owned(),
-            path: path.to_owned(),
-            group: group.to_owned(),
-            access: None,
-            model: Vec::new(),
-            model_required: true,
-        });
+        self.specs
+            .push(RouteSpec::new(method.as_str(), path, group));
         self
     }
 
@@ -325,6 +380,22 @@ impl RouteTableBuilder {
     pub fn access(mut self, access: Access) -> Self {
         if let Some(last) = self.specs.last_mut() {
             last.access = Some(access);
+        }
+        self
+    }
+
+    /// Sets what the route added last makes.
+    pub fn generates(mut self, generation: Generation) -> Self {
+        if let Some(last) = self.specs.last_mut() {
+            last.generates = Some(generation);
+        }
+        self
+    }
+
+    /// Declares the route added last a gRPC route.
+    pub fn grpc(mut self) -> Self {
+        if let Some(last) = self.specs.last_mut() {
+            last.grpc = true;
         }
         self
     }
@@ -464,11 +535,21 @@ impl RouteTable {
             _ => Access::Write,
         });
         let id = u32::try_from(self.routes.len()).expect("fewer than 2^32 routes");
+        let generation = spec.generates.unwrap_or(if access == Access::Write {
+            Generation::Text
+        } else {
+            Generation::Nothing
+        });
         self.routes.push(Route {
             pattern: spec.path.as_str().into(),
             group: EndpointGroup::new(spec.group.as_str()),
             access,
             model: sources,
+            generation,
+            output_field: spec.output_field.as_deref().map(Arc::from),
+            default_model: spec.default_model.as_deref().map(RequestedModel::new),
+            indirect: spec.model_indirect,
+            grpc: spec.grpc,
         });
         let map = if wildcard {
             &mut self.nodes[node].wildcard
@@ -564,106 +645,75 @@ pub(crate) fn path_param(path: &str, index: usize, suffix_len: usize) -> Option<
 }
 
 fn openai_specs() -> Vec<RouteSpec> {
+    use Generation::{Audio, Embeddings, Images, Nothing, Text};
     use ModelIn::{Body, Json, Multipart};
-    let mut specs = Vec::new();
-    let mut add =
-        |method: &str, path: &str, group: &str, model: Option<ModelIn>, required: bool| {
-            specs.push(RouteSpec {
-                method: method.to_owned(),
-                path: path.to_owned(),
-                group: group.to_owned(),
-                access: None,
-                model: model.into_iter().collect(),
-                model_required: required,
-            })
-        };
-    // Model-carrying routes.
-    add(
-        "POST",
-        "/v1/chat/completions",
-        "chat.completions",
-        Some(Json),
-        true,
+    // (method, path, group, where the model is, required, what it makes, output cap field,
+    // default model, indirect)
+    type Row<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        ModelIn,
+        bool,
+        Generation,
+        Option<&'a str>,
+        Option<&'a str>,
+        bool,
     );
-    add("POST", "/v1/completions", "completions", Some(Json), true);
-    add("POST", "/v1/responses", "responses", Some(Json), true);
-    add(
-        "POST",
-        "/v1/responses/input_tokens",
-        "responses",
-        Some(Json),
-        true,
-    );
-    add("POST", "/v1/embeddings", "embeddings", Some(Json), true);
-    add(
-        "POST",
-        "/v1/images/generations",
-        "images",
-        Some(Json),
-        false,
-    );
-    add("POST", "/v1/images/edits", "images", Some(Body), false);
-    add(
-        "POST",
-        "/v1/images/variations",
-        "images",
-        Some(Multipart),
-        false,
-    );
-    add(
-        "POST",
-        "/v1/audio/transcriptions",
-        "audio.transcriptions",
-        Some(Multipart),
-        true,
-    );
-    add(
-        "POST",
-        "/v1/audio/translations",
-        "audio.translations",
-        Some(Multipart),
-        true,
-    );
-    add("POST", "/v1/audio/speech", "audio.speech", Some(Json), true);
-    add("POST", "/v1/moderations", "moderations", Some(Json), false);
-    add(
-        "POST",
-        "/v1/fine_tuning/jobs",
-        "fine_tuning",
-        Some(Json),
-        true,
-    );
-    add("POST", "/v1/assistants", "assistants", Some(Json), true);
-    add(
-        "POST",
-        "/v1/assistants/{assistant_id}",
-        "assistants",
-        Some(Json),
-        false,
-    );
-    add("POST", "/v1/threads/runs", "threads", Some(Json), false);
-    add(
-        "POST",
-        "/v1/threads/{thread_id}/runs",
-        "threads",
-        Some(Json),
-        false,
-    );
-    add(
-        "GET",
-        "/v1/models/{model}",
-        "models",
-        Some(ModelIn::Path("model".into())),
-        true,
-    );
-    add(
-        "DELETE",
-        "/v1/models/{model}",
-        "models",
-        Some(ModelIn::Path("model".into())),
-        true,
-    );
-    // Routes without a model.
+    let path = |name: &str| ModelIn::Path(name.into());
+    #[rustfmt::skip]
+    let rows: Vec<Row<'_>> = vec![
+        ("POST", "/v1/chat/completions", "chat.completions", Json, true, Text, Some("max_completion_tokens"), None, false),
+        ("POST", "/v1/completions", "completions", Json, true, Text, Some("max_tokens"), None, false),
+        ("POST", "/v1/responses", "responses", Json, true, Text, Some("max_output_tokens"), None, false),
+        ("POST", "/v1/responses/input_tokens", "responses", Json, true, Nothing, None, None, false),
+        ("POST", "/v1/embeddings", "embeddings", Json, true, Embeddings, None, None, false),
+        ("POST", "/v1/images/generations", "images", Json, false, Images, None, Some("dall-e-2"), false),
+        ("POST", "/v1/images/edits", "images", Body, false, Images, None, Some("dall-e-2"), false),
+        ("POST", "/v1/images/variations", "images", Multipart, false, Images, None, Some("dall-e-2"), false),
+        ("POST", "/v1/audio/transcriptions", "audio.transcriptions", Multipart, true, Audio, None, None, false),
+        ("POST", "/v1/audio/translations", "audio.translations", Multipart, true, Audio, None, None, false),
+        ("POST", "/v1/audio/speech", "audio.speech", Json, true, Audio, None, None, false),
+        ("POST", "/v1/moderations", "moderations", Json, false, Nothing, None, Some("omni-moderation-latest"), false),
+        ("POST", "/v1/fine_tuning/jobs", "fine_tuning", Json, true, Nothing, None, None, false),
+        ("POST", "/v1/assistants", "assistants", Json, true, Nothing, None, None, false),
+        ("POST", "/v1/assistants/{assistant_id}", "assistants", Json, false, Nothing, None, None, false),
+        ("POST", "/v1/threads/runs", "threads", Json, false, Text, Some("max_completion_tokens"), None, true),
+        ("POST", "/v1/threads/{thread_id}/runs", "threads", Json, false, Text, Some("max_completion_tokens"), None, true),
+        ("GET", "/v1/models/{model}", "models", path("model"), true, Nothing, None, None, false),
+        ("DELETE", "/v1/models/{model}", "models", path("model"), true, Nothing, None, None, false),
+    ];
+    let mut specs: Vec<RouteSpec> = rows
+        .into_iter()
+        .map(
+            |(method, path, group, model, required, makes, cap, default, indirect)| {
+                let mut spec = RouteSpec::new(method, path, group);
+                spec.model = vec![model];
+                spec.model_required = required;
+                spec.generates = Some(makes);
+                spec.output_field = cap.map(str::to_owned);
+                spec.default_model = default.map(str::to_owned);
+                spec.model_indirect = indirect;
+                spec
+            },
+        )
+        .collect();
+    // Routes whose work is done by a model the request does not name, and that carry none.
+    for (method, path, group, makes) in [
+        (
+            "POST",
+            "/v1/threads/{thread_id}/runs/{run_id}/submit_tool_outputs",
+            "threads",
+            Text,
+        ),
+        ("POST", "/v1/batches", "batches", Nothing),
+    ] {
+        let mut spec = RouteSpec::new(method, path, group);
+        spec.generates = Some(makes);
+        spec.model_indirect = true;
+        specs.push(spec);
+    }
+    // Routes without a model that make nothing billed.
     let plain: &[(&str, &str, &str)] = &[
         ("GET", "/v1/models", "models"),
         ("GET", "/v1/chat/completions", "chat.completions"),
@@ -738,7 +788,6 @@ fn openai_specs() -> Vec<RouteSpec> {
         ("POST", "/v1/uploads/{upload_id}/parts", "uploads"),
         ("POST", "/v1/uploads/{upload_id}/complete", "uploads"),
         ("POST", "/v1/uploads/{upload_id}/cancel", "uploads"),
-        ("POST", "/v1/batches", "batches"),
         ("GET", "/v1/batches", "batches"),
         ("GET", "/v1/batches/{batch_id}", "batches"),
         ("POST", "/v1/batches/{batch_id}/cancel", "batches"),
@@ -772,11 +821,6 @@ fn openai_specs() -> Vec<RouteSpec> {
         (
             "POST",
             "/v1/threads/{thread_id}/runs/{run_id}/cancel",
-            "threads",
-        ),
-        (
-            "POST",
-            "/v1/threads/{thread_id}/runs/{run_id}/submit_tool_outputs",
             "threads",
         ),
         (
@@ -863,7 +907,9 @@ fn openai_specs() -> Vec<RouteSpec> {
         ),
     ];
     for (method, path, group) in plain {
-        add(method, path, group, None, true);
+        let mut spec = RouteSpec::new(method, path, group);
+        spec.generates = Some(Nothing);
+        specs.push(spec);
     }
     specs
 }

@@ -17,8 +17,10 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::combinators::Collect;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use keygate_core::facts::{JsonError, scan_json};
 use keygate_core::{
-    ClientIp, Denial, EndpointMatch, Principal, RequestTrace, RequestedModel, ResponseBody, Stage,
+    ClientIp, Denial, EndpointMatch, ModelSource, Principal, PromptSize, Protocol, RequestFacts,
+    RequestTrace, RequestedModel, ResponseBody, Stage, is_grpc,
 };
 use pin_project_lite::pin_project;
 use tower_service::Service;
@@ -26,7 +28,6 @@ use tower_service::Service;
 use crate::body::BodyFromBytes;
 #[cfg(feature = "decompression")]
 use crate::decompress::{self, DecodeError};
-use crate::json::{JsonModelError, find_json_model};
 use crate::layer::Shared;
 use crate::multipart::{self, FormError};
 use crate::path::{check_path, decode};
@@ -175,7 +176,7 @@ struct Checked<'r> {
     route_id: u32,
     route: &'r Route,
     client_ip: Option<IpAddr>,
-    url_model: Option<Cow<'r, str>>,
+    url_model: Option<(Cow<'r, str>, ModelSource)>,
     body: Option<(BodyKind, Option<Coding>)>,
 }
 
@@ -289,29 +290,46 @@ impl<S> Scope<S> {
             }
         }
         let sources = &route.model;
-        let mut url_model: Option<Cow<'r, str>> = None;
+        let mut url_model: Option<(Cow<'r, str>, ModelSource)> = None;
         if let Some((index, suffix)) = sources.path {
             let raw = path_param(path, index, suffix).unwrap_or("");
             let value = decode(raw)
                 .ok_or_else(|| bad_model("invalid_model", "The model name is not valid."))?;
-            url_model = Some(value);
+            url_model = Some((value, ModelSource::Path));
         }
-        if let Some(name) = &sources.query
-            && let Some(value) = query_param(uri.query().unwrap_or(""), name)?
+        // A model in the query counts wherever a route names or bills a model, declared or
+        // not: the upstream may read it.
+        let query_name = match &sources.query {
+            Some(name) => Some(&**name),
+            None if sources.carries() || route.generation.bills() => Some("model"),
+            None => None,
+        };
+        if let (Some(name), Some(query)) = (query_name, uri.query())
+            && let Some(value) = query_param(query, name)?
         {
-            if url_model.as_deref().is_some_and(|m| !same_model(m, &value)) {
+            if url_model
+                .as_ref()
+                .is_some_and(|(m, _)| !same_model(m, &value))
+            {
                 return Err(bad_model(
                     "ambiguous_model",
                     "The model is given in two places with different values.",
                 ));
             }
-            url_model = Some(value);
+            url_model = Some((value, ModelSource::Query));
         }
-        if let (Some(trace), Some(m)) = (trace, url_model.as_deref()) {
-            trace.set_model(m);
+        if let (Some(trace), Some((m, _))) = (trace, url_model.as_ref()) {
+            trace.set_model(&**m);
+        }
+        let grpc = is_grpc(headers);
+        if route.grpc && !grpc {
+            return Err(unsupported(
+                "unsupported_media_type",
+                "This endpoint takes gRPC (Content-Type: application/grpc).",
+            ));
         }
         let mut body = None;
-        if sources.body() {
+        if route.reads_body() {
             let coding = body_coding(shared, headers)?;
             let mut types = headers.get_all(CONTENT_TYPE).iter();
             let ct = types.next().and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -321,14 +339,20 @@ impl<S> Scope<S> {
                     "The request has more than one Content-Type.",
                 ));
             }
-            let kind = if sources.json && keygate_core::is_json_media_type(ct) {
-                BodyKind::Json
+            let takes_json = sources.json || !sources.multipart;
+            let kind = if grpc {
+                return Err(unsupported(
+                    "unsupported_media_type",
+                    "This endpoint does not take gRPC.",
+                ));
             } else if let Some(b) = multipart::boundary(ct).filter(|_| sources.multipart) {
                 BodyKind::Multipart(b.into())
+            } else if takes_json && (ct.is_empty() || keygate_core::is_json_media_type(ct)) {
+                BodyKind::Json
             } else {
                 return Err(unsupported(
                     "unsupported_media_type",
-                    if sources.json {
+                    if takes_json {
                         "This endpoint takes a JSON body (Content-Type: application/json)."
                     } else {
                         "This endpoint takes a multipart/form-data body."
@@ -375,18 +399,25 @@ fn truncate(s: &str, max: usize) -> &str {
     }
 }
 
-/// The model check and policies; on success, the extensions to insert.
+/// The model check and policies, on the facts gathered; on success, the facts to insert.
 fn finish(
     shared: &Shared,
     principal: &Principal,
     route: &Route,
     client_ip: Option<IpAddr>,
-    model: Option<&str>,
+    mut facts: RequestFacts,
     method: &Method,
     path: &str,
-) -> Result<EndpointMatch, Denial> {
-    match model {
-        Some(m) if principal.has_model_rules() && !principal.allows_model(m) => {
+) -> Result<RequestFacts, Denial> {
+    if facts.model.is_none()
+        && let Some(default) = &route.default_model
+    {
+        facts.model = Some(default.clone());
+        facts.model_source = Some(ModelSource::Default);
+    }
+    let rules = principal.has_model_rules();
+    match facts.model() {
+        Some(m) if rules && !principal.allows_model(m) => {
             return Err(scope_denial(
                 StatusCode::FORBIDDEN,
                 "model_not_allowed",
@@ -394,7 +425,15 @@ fn finish(
             )
             .with_param("model"));
         }
-        None if route.model.required && route.model.carries() && principal.has_model_rules() => {
+        None if rules && route.indirect => {
+            return Err(scope_denial(
+                StatusCode::FORBIDDEN,
+                "model_unverifiable",
+                "This key may use only some models, and the model this request would use cannot be verified: name an allowed model in the request.",
+            )
+            .with_param("model"));
+        }
+        None if rules && route.model.required && route.model.carries() => {
             return Err(bad_model(
                 "model_required",
                 "This key may use only some models: name the model in the request.",
@@ -402,16 +441,11 @@ fn finish(
         }
         _ => {}
     }
-    let endpoint = EndpointMatch {
-        group: route.group.clone(),
-        access: route.access,
-        route: route.pattern.clone(),
-    };
     if !shared.policies.is_empty() {
         let ctx = PolicyContext::new(
             principal,
-            &endpoint,
-            model,
+            &facts.endpoint,
+            facts.model(),
             client_ip,
             shared.clock.now(),
             method,
@@ -423,21 +457,30 @@ fn finish(
             }
         }
     }
-    Ok(endpoint)
+    Ok(facts)
 }
 
-fn insert(
-    ext: &mut http::Extensions,
-    endpoint: EndpointMatch,
-    client_ip: Option<IpAddr>,
-    model: Option<&str>,
-) {
-    ext.insert(endpoint);
+/// The facts every request to `route` starts from.
+fn facts_of(route: &Route) -> RequestFacts {
+    let mut facts = RequestFacts::new(
+        EndpointMatch {
+            group: route.group.clone(),
+            access: route.access,
+            route: route.pattern.clone(),
+        },
+        route.generation,
+    );
+    facts.output_field.clone_from(&route.output_field);
+    if route.grpc {
+        facts.protocol = Protocol::Grpc;
+    }
+    facts
+}
+
+fn insert(ext: &mut http::Extensions, facts: RequestFacts, client_ip: Option<IpAddr>) {
+    ext.insert(facts);
     if let Some(ip) = client_ip {
         ext.insert(ClientIp(ip));
-    }
-    if let Some(m) = model {
-        ext.insert(RequestedModel::new(m));
     }
 }
 
@@ -482,7 +525,7 @@ where
                 principal: principal.clone(),
                 route: checked.route_id,
                 client_ip: checked.client_ip,
-                url_model: checked.url_model.map(Cow::into_owned),
+                url_model: checked.url_model.map(|(m, src)| (m.into_owned(), src)),
                 kind,
                 coding,
             };
@@ -496,24 +539,24 @@ where
                 },
             };
         }
+        let client_ip = checked.client_ip;
+        let mut facts = facts_of(checked.route);
+        if let Some((m, source)) = checked.url_model {
+            facts.model = Some(RequestedModel::new(&*m));
+            facts.model_source = Some(source);
+        }
         let result = finish(
             shared,
             principal,
             checked.route,
-            checked.client_ip,
-            checked.url_model.as_deref(),
+            client_ip,
+            facts,
             req.method(),
             req.uri().path(),
         );
         match result {
-            Ok(endpoint) => {
-                let model = checked.url_model.map(|m| RequestedModel::new(&*m));
-                let ip = checked.client_ip;
-                let ext = req.extensions_mut();
-                insert(ext, endpoint, ip, None);
-                if let Some(m) = model {
-                    ext.insert(m);
-                }
+            Ok(facts) => {
+                insert(req.extensions_mut(), facts, client_ip);
                 ResponseFuture::inner(self.inner.call(req))
             }
             Err(d) => ResponseFuture::denied(d, req.headers()),
@@ -526,7 +569,7 @@ struct Pending {
     principal: Principal,
     route: u32,
     client_ip: Option<IpAddr>,
-    url_model: Option<String>,
+    url_model: Option<(String, ModelSource)>,
     kind: BodyKind,
     coding: Option<Coding>,
 }
@@ -582,18 +625,34 @@ where
     }
 }
 
-/// Reads the model from a collected body and runs the rest of the check.
-fn check_body(
-    shared: &Shared,
-    parts: &http::request::Parts,
-    pending: &Pending,
-    bytes: &[u8],
-) -> Result<(EndpointMatch, Option<String>), Denial> {
-    // Decoded only to be inspected; the encoded bytes are what goes inward.
-    #[cfg(feature = "decompression")]
-    let decoded;
-    let bytes = match pending.coding {
-        None => bytes,
+fn json_denial(e: JsonError) -> Denial {
+    let bad = |code, message| scope_denial(StatusCode::BAD_REQUEST, code, message);
+    match e {
+        JsonError::NotUtf8 => bad("invalid_encoding", "The request body is not valid UTF-8."),
+        JsonError::NotObject => bad("invalid_json", "The request body must be a JSON object."),
+        JsonError::DuplicateKey => bad(
+            "duplicate_key",
+            "The request body has a key more than once.",
+        ),
+        JsonError::AmbiguousModel => bad_model(
+            "ambiguous_model",
+            "The request body names the model more than once.",
+        ),
+        JsonError::BadField("model") => bad_model("invalid_model", "The model must be a string."),
+        JsonError::BadField(field) => bad(
+            "invalid_value",
+            "A field of the request has a value of the wrong type or range.",
+        )
+        .with_param(field),
+        _ => bad("invalid_json", "The request body is not valid JSON."),
+    }
+}
+
+/// The body as inspected: decoded if it was compressed (and then forwarded decoded, so the
+/// inner service acts on exactly the bytes that were checked).
+fn decoded_body(shared: &Shared, pending: &Pending, bytes: Bytes) -> Result<Bytes, Denial> {
+    match pending.coding {
+        None => Ok(bytes),
         #[cfg(feature = "decompression")]
         Some(coding) => {
             let cap = shared
@@ -602,7 +661,7 @@ fn check_body(
                 .and_then(|d| d.max_decompressed)
                 .unwrap_or(shared.body_limit);
             let mut out = Vec::new();
-            decompress::decode(coding, bytes, cap, &mut out).map_err(|e| match e {
+            decompress::decode(coding, &bytes, cap, &mut out).map_err(|e| match e {
                 DecodeError::TooLarge => too_large().with_detail("decompressed body over the cap"),
                 DecodeError::Corrupt => scope_denial(
                     StatusCode::BAD_REQUEST,
@@ -610,38 +669,34 @@ fn check_body(
                     format!("The request body is not valid {coding} data."),
                 ),
             })?;
-            decoded = out;
-            &decoded[..]
+            Ok(Bytes::from(out))
         }
         #[cfg(not(feature = "decompression"))]
-        Some(never) => match never {},
-    };
+        Some(never) => {
+            let _ = (shared, bytes);
+            match never {}
+        }
+    }
+}
+
+/// Analyses a collected body into the request's facts and runs the rest of the check.
+fn check_body(
+    shared: &Shared,
+    parts: &http::request::Parts,
+    pending: &Pending,
+    bytes: &[u8],
+) -> Result<RequestFacts, Denial> {
+    let route = shared.routes.route(pending.route);
+    let mut facts = facts_of(route);
     let body_model: Option<Cow<'_, str>> = match &pending.kind {
-        BodyKind::Json => find_json_model(bytes).map_err(|e| match e {
-            JsonModelError::Invalid => scope_denial(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                "The request body is not valid JSON.",
-            ),
-            JsonModelError::NotObject => scope_denial(
-                StatusCode::BAD_REQUEST,
-                "invalid_json",
-                "The request body must be a JSON object.",
-            ),
-            JsonModelError::DuplicateKey => scope_denial(
-                StatusCode::BAD_REQUEST,
-                "duplicate_key",
-                "The request body has a key more than once.",
-            ),
-            JsonModelError::AmbiguousModel => bad_model(
-                "ambiguous_model",
-                "The request body names the model more than once.",
-            ),
-            JsonModelError::ModelNotString => {
-                bad_model("invalid_model", "The model must be a string.")
-            }
-        })?,
+        BodyKind::Json => {
+            let fields = scan_json(bytes).map_err(json_denial)?;
+            facts.absorb_json(&fields);
+            fields.model
+        }
         BodyKind::Multipart(boundary) => {
+            facts.protocol = Protocol::Multipart;
+            facts.prompt = PromptSize::default();
             multipart::find_model(bytes, boundary).map_err(|e| match e {
                 FormError::Invalid => scope_denial(
                     StatusCode::BAD_REQUEST,
@@ -656,30 +711,32 @@ fn check_body(
             })?
         }
     };
-    let model = match (pending.url_model.as_deref(), body_model.as_deref()) {
-        (Some(a), Some(b)) if !same_model(a, b) => {
+    let model = match (&pending.url_model, body_model) {
+        (Some((a, _)), Some(b)) if !same_model(a, &b) => {
             return Err(bad_model(
                 "ambiguous_model",
                 "The model is given in two places with different values.",
             ));
         }
-        (Some(a), _) => Some(a),
-        (None, b) => b,
+        (Some((a, source)), _) => Some((Cow::Borrowed(a.as_str()), *source)),
+        (None, b) => b.map(|b| (b, ModelSource::Body)),
     };
-    if let (Some(trace), Some(m)) = (parts.extensions.get::<RequestTrace>(), model) {
-        trace.set_model(m);
+    if let Some((m, source)) = model {
+        if let Some(trace) = parts.extensions.get::<RequestTrace>() {
+            trace.set_model(&*m);
+        }
+        facts.model = Some(RequestedModel::new(&*m));
+        facts.model_source = Some(source);
     }
-    let route = shared.routes.route(pending.route);
-    let endpoint = finish(
+    finish(
         shared,
         &pending.principal,
         route,
         pending.client_ip,
-        model,
+        facts,
         &parts.method,
         parts.uri.path(),
-    )?;
-    Ok((endpoint, model.map(str::to_owned)))
+    )
 }
 
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
@@ -728,14 +785,19 @@ where
                             continue;
                         }
                     };
-                    match check_body(&shared, &parts, &pending, &bytes) {
-                        Ok((endpoint, model)) => {
-                            insert(
-                                &mut parts.extensions,
-                                endpoint,
-                                pending.client_ip,
-                                model.as_deref(),
-                            );
+                    let checked = decoded_body(&shared, &pending, bytes).and_then(|bytes| {
+                        check_body(&shared, &parts, &pending, &bytes).map(|f| (f, bytes))
+                    });
+                    match checked {
+                        Ok((facts, bytes)) => {
+                            insert(&mut parts.extensions, facts, pending.client_ip);
+                            if pending.coding.is_some() {
+                                // Forwarded as checked: decoded.
+                                parts.headers.remove(CONTENT_ENCODING);
+                                parts
+                                    .headers
+                                    .insert(CONTENT_LENGTH, http::HeaderValue::from(bytes.len()));
+                            }
                             let req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
                             State::Inner {
                                 future: inner.call(req),

@@ -11,9 +11,8 @@ use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full};
 use keygate_core::{
-    Access, ClientIp, Credential, Denial, EndpointMatch, KeyDigest, KeyId, KeyRecord, ManualClock,
-    ModelPattern, ModelRules, Permissions, Principal, ProjectRecord, RequestedModel, Secret, Stage,
-    Timestamp,
+    Access, ClientIp, Credential, Denial, KeyDigest, KeyId, KeyRecord, ManualClock, ModelPattern,
+    ModelRules, Permissions, Principal, ProjectRecord, RequestFacts, Secret, Stage, Timestamp,
 };
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -46,10 +45,11 @@ fn restricted(groups: &[(&str, Access)]) -> Permissions {
 /// Echoes the body, and reports what the layer put in extensions as headers.
 async fn echo(req: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
     let mut res = Response::builder();
-    if let Some(m) = req.extensions().get::<RequestedModel>() {
-        res = res.header("x-model", m.as_str());
-    }
-    if let Some(e) = req.extensions().get::<EndpointMatch>() {
+    if let Some(facts) = req.extensions().get::<RequestFacts>() {
+        if let Some(m) = facts.model() {
+            res = res.header("x-model", m);
+        }
+        let e = &facts.endpoint;
         res = res.header("x-group", e.group.as_str());
         res = res.header("x-access", e.access.as_str());
     }
@@ -627,13 +627,21 @@ async fn missing_model_with_model_rules_is_refused() {
         (c.status, code(&c)),
         (StatusCode::BAD_REQUEST, "model_required")
     );
-    // Where the API has a default, a missing model passes.
+    // Where the API has a default, a missing model is checked as that default.
     let c = run(
         &ScopeLayer::openai(),
         json("/v1/moderations", r#"{"input":"x"}"#, &p),
     )
     .await;
+    assert_eq!(code(&c), "model_not_allowed");
+    let moderator = principal_with(Permissions::All, &["omni-moderation-*"], &[]);
+    let c = run(
+        &ScopeLayer::openai(),
+        json("/v1/moderations", r#"{"input":"x"}"#, &moderator),
+    )
+    .await;
     assert_eq!(c.status, StatusCode::OK);
+    assert_eq!(c.headers["x-model"], "omni-moderation-latest");
 }
 
 #[tokio::test]
@@ -666,15 +674,30 @@ async fn non_json_content_type_on_json_route_is_415() {
         (c.status, code(&c)),
         (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
     );
+    // gRPC framing is never read as JSON, whatever its codec.
+    for ct in ["application/grpc+json", "application/grpc"] {
+        let r = with(
+            &all(),
+            Request::post("/v1/chat/completions")
+                .header("content-type", ct)
+                .body(Full::new(Bytes::from(r#"{"model":"x"}"#)))
+                .unwrap(),
+        );
+        let c = run(&ScopeLayer::openai(), r).await;
+        // Refused (in gRPC's own shape, for a gRPC client).
+        assert_eq!(code(&c), "unsupported_media_type", "{ct}");
+    }
+    // No Content-Type at all: parsed as JSON (and so checked).
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
     let r = with(
-        &all(),
+        &p,
         Request::post("/v1/chat/completions")
-            .body(Full::new(Bytes::from(r#"{"model":"x"}"#)))
+            .body(Full::new(Bytes::from(r#"{"model":"gpt-4o"}"#)))
             .unwrap(),
     );
     assert_eq!(
-        run(&ScopeLayer::openai(), r).await.status,
-        StatusCode::UNSUPPORTED_MEDIA_TYPE
+        code(&run(&ScopeLayer::openai(), r).await),
+        "model_not_allowed"
     );
 }
 
@@ -773,13 +796,13 @@ mod compressed {
     }
 
     #[tokio::test]
-    async fn gzip_json_with_allowed_model_passes_with_the_compressed_body_and_header() {
-        let body = gzip(br#"{"model":"gpt-4o-mini","messages":[]}"#);
-        let c = run(&layer(), chat("gzip", body.clone(), &mini())).await;
+    async fn gzip_json_with_allowed_model_is_forwarded_decoded_as_checked() {
+        let plain = br#"{"model":"gpt-4o-mini","messages":[]}"#;
+        let c = run(&layer(), chat("gzip", gzip(plain), &mini())).await;
         assert_eq!(c.status, StatusCode::OK);
         assert_eq!(c.headers["x-model"], "gpt-4o-mini");
-        assert_eq!(c.headers["x-content-encoding"], "gzip");
-        assert_eq!(c.body, body);
+        assert!(!c.headers.contains_key("x-content-encoding"));
+        assert_eq!(c.body, &plain[..]);
     }
 
     #[tokio::test]
@@ -794,11 +817,11 @@ mod compressed {
 
     #[tokio::test]
     async fn deflate_json_is_decoded_as_zlib_and_checked() {
-        let ok = zlib(br#"{"model":"gpt-4o-mini"}"#);
-        let c = run(&layer(), chat("deflate", ok.clone(), &mini())).await;
+        let plain = br#"{"model":"gpt-4o-mini"}"#;
+        let c = run(&layer(), chat("deflate", zlib(plain), &mini())).await;
         assert_eq!(c.status, StatusCode::OK);
-        assert_eq!(c.headers["x-content-encoding"], "deflate");
-        assert_eq!(c.body, ok);
+        assert!(!c.headers.contains_key("x-content-encoding"));
+        assert_eq!(c.body, &plain[..]);
         let bad = zlib(br#"{"model":"gpt-4o"}"#);
         let c = run(&layer(), chat("Deflate", bad, &mini())).await;
         assert_eq!(code(&c), "model_not_allowed");
@@ -1101,16 +1124,16 @@ async fn path_model_is_checked_on_retrieve() {
 fn azure_layer() -> ScopeLayer {
     let table = RouteTable::builder()
         .spec(RouteSpec {
-            method: "POST".into(),
-            path: "/openai/deployments/{model}/chat/completions".into(),
-            group: "chat.completions".into(),
-            access: None,
             model: vec![
                 ModelIn::Path("model".into()),
                 ModelIn::Json,
                 ModelIn::Query("model".into()),
             ],
-            model_required: true,
+            ..RouteSpec::new(
+                "POST",
+                "/openai/deployments/{model}/chat/completions",
+                "chat.completions",
+            )
         })
         .model_route(Method::GET, "/q", "q", ModelIn::Query("model".into()))
         .build()
@@ -1310,10 +1333,12 @@ async fn works_as_an_axum_layer() {
         .route(
             "/v1/chat/completions",
             axum::routing::post(
-                |model: Option<axum::Extension<RequestedModel>>, body: String| async move {
+                |facts: Option<axum::Extension<RequestFacts>>, body: String| async move {
                     format!(
                         "{}|{body}",
-                        model.map(|m| m.0.as_str().to_owned()).unwrap_or_default()
+                        facts
+                            .and_then(|f| f.0.model().map(str::to_owned))
+                            .unwrap_or_default()
                     )
                 },
             ),
@@ -1381,7 +1406,8 @@ async fn works_in_a_hyper_server() {
             .layer(ScopeLayer::openai())
             .service(service_fn(
                 |req: Request<BoxBody<Bytes, hyper::Error>>| async move {
-                    let model = req.extensions().get::<RequestedModel>().unwrap().clone();
+                    let model = req.extensions().get::<RequestFacts>().unwrap().clone();
+                    let model = model.model.unwrap();
                     let ip = req.extensions().get::<ClientIp>().unwrap().0;
                     let body = req.into_body().collect().await.unwrap().to_bytes();
                     let res = Response::builder()

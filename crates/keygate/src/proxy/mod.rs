@@ -6,7 +6,7 @@
 //!   system's, [`Roots::System`]) plus any extra CA of a private endpoint
 //!   ([`ProxyBuilder::extra_ca_pem`]).
 //! - **Several upstreams**, chosen per request by the model the scope layer found
-//!   ([`RequestedModel`]): the first [`Upstream`] whose patterns match serves it; a request
+//!   ([`RequestFacts`]): the first [`Upstream`] whose patterns match serves it; a request
 //!   that names no model goes to the default upstream (the first one for every model). A
 //!   model no upstream serves gets 404 `model_not_found`.
 //! - **Credentials**: the client's credential headers are never forwarded (the extraction layer
@@ -39,7 +39,7 @@ use http_body_util::combinators::UnsyncBoxBody;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use keygate_core::{Cut, Denial, ModelPattern, RequestTrace, RequestedModel, Stage};
+use keygate_core::{Cut, Denial, ModelPattern, RequestFacts, RequestTrace, Stage};
 
 mod body;
 mod jwks;
@@ -492,8 +492,11 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let model = request.extensions().get::<RequestedModel>();
-        let Some(upstream) = self.upstream_for(model.map(RequestedModel::as_str)) else {
+        let model = request
+            .extensions()
+            .get::<RequestFacts>()
+            .and_then(RequestFacts::model);
+        let Some(upstream) = self.upstream_for(model) else {
             return Box::pin(std::future::ready(Ok(error_response(
                 StatusCode::NOT_FOUND,
                 "model_not_found",

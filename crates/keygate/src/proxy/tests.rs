@@ -3,6 +3,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use http_body_util::{BodyExt, Full};
+use keygate_core::RequestedModel;
 use tower::ServiceExt;
 
 type Req = Request<Full<Bytes>>;
@@ -12,7 +13,9 @@ fn get(path: &str) -> Req {
 }
 
 fn with_model(mut req: Req, model: &str) -> Req {
-    req.extensions_mut().insert(RequestedModel::new(model));
+    let mut facts = RequestFacts::unrouted();
+    facts.model = Some(RequestedModel::new(model));
+    req.extensions_mut().insert(facts);
     req
 }
 

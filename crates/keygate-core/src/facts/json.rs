@@ -1,0 +1,695 @@
+//! The one JSON scanner: validates a request body as strictly as `serde_json` does, in one
+//! pass and in time linear in its length, and picks up the few top-level fields accounting
+//! needs (with their byte positions, so a field can be set without re-encoding the body).
+//!
+//! No tree is built. Strings are found with `memchr`; keys are decoded only to compare them;
+//! the keys of every object are checked for duplicates with a short list that turns into a
+//! hash set past a handful, so a body of many keys costs linear time, not quadratic.
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::ops::Range;
+
+use smallvec::SmallVec;
+
+/// Objects and arrays nested deeper than this are refused (as `serde_json` refuses them).
+pub const MAX_DEPTH: u32 = 128;
+
+/// Why a JSON body was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JsonError {
+    /// Not UTF-8.
+    #[error("the body is not UTF-8")]
+    NotUtf8,
+    /// Not valid JSON, or nested deeper than [`MAX_DEPTH`].
+    #[error("not valid JSON")]
+    Invalid,
+    /// Valid JSON, but not an object.
+    #[error("the JSON is not an object")]
+    NotObject,
+    /// An object has a key twice (at any depth): the upstream might read the other copy.
+    #[error("an object has a key more than once")]
+    DuplicateKey,
+    /// `model` twice, or a key equal to `model` apart from letter case.
+    #[error("the model is named more than once")]
+    AmbiguousModel,
+    /// A field keygate reads has the wrong type or value (`model` not a string,
+    /// `max_tokens` not a non-negative integer, `n` below 1, ...): its name.
+    #[error("the field {0} has an invalid value")]
+    BadField(&'static str),
+}
+
+/// The top-level fields of a JSON request object that accounting reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JsonFields<'a> {
+    /// The top-level `model`, decoded.
+    pub model: Option<Cow<'a, str>>,
+    /// The largest non-null `max_tokens` / `max_completion_tokens` / `max_output_tokens`.
+    pub max_output: Option<u64>,
+    /// `n`, if given and not null.
+    pub n: Option<u64>,
+    /// `best_of`, if given and not null.
+    pub best_of: Option<u64>,
+    /// `stream: true`.
+    pub stream: bool,
+    /// `stream_options`: `None` absent or null; `Some(None)` an object without
+    /// `include_usage` (or with it null); `Some(Some(b))` with it.
+    pub include_usage: Option<Option<bool>>,
+    /// Bytes of string values (at any depth, escapes counted as written), except the values
+    /// of the fields above: an upper bound on the text the model sees.
+    pub text_bytes: u64,
+    /// Number values (at any depth) outside the fields above: token ids count one each.
+    pub numbers: u64,
+    /// Objects at depth two or more (messages, content parts, tools): each costs the model a
+    /// few tokens of framing.
+    pub items: u64,
+    pub(crate) edits: Edits,
+}
+
+/// Where the body can be changed without re-encoding it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Edits {
+    /// The top-level object's closing `}`.
+    pub(crate) close: usize,
+    /// Whether the top-level object has no members.
+    pub(crate) empty: bool,
+    /// The `stream_options` object's opening `{`, and whether it is empty.
+    pub(crate) stream_options: Option<(usize, bool)>,
+    /// The `stream_options.include_usage` value's range.
+    pub(crate) include_usage_at: Option<Range<usize>>,
+    /// The ranges of the output-cap values (`null` included), in body order.
+    pub(crate) max_output_at: SmallVec<[Range<usize>; 2]>,
+    /// Whether `stream_options.include_usage` is already `true`.
+    pub(crate) usage_on: bool,
+}
+
+/// Scans `body`, which must be one JSON object.
+///
+/// # Errors
+///
+/// Not UTF-8, not JSON, not an object, a key twice in any object, `model` ambiguous, or a
+/// field keygate reads with a value of the wrong type.
+pub fn scan_json(body: &[u8]) -> Result<JsonFields<'_>, JsonError> {
+    let text = std::str::from_utf8(body).map_err(|_| JsonError::NotUtf8)?;
+    let mut s = Scanner {
+        b: text.as_bytes(),
+        i: 0,
+        f: JsonFields::default(),
+    };
+    s.ws();
+    if s.peek() != Some(b'{') {
+        s.value(0)?;
+        s.ws();
+        return Err(if s.i == s.b.len() {
+            JsonError::NotObject
+        } else {
+            JsonError::Invalid
+        });
+    }
+    s.top()?;
+    s.ws();
+    if s.i != s.b.len() {
+        return Err(JsonError::Invalid);
+    }
+    Ok(s.f)
+}
+
+/// Keys seen in one object: a short list while there are few (no hashing, no allocation for
+/// the usual handful), a hash set past that.
+#[derive(Default)]
+struct Keys<'a> {
+    few: SmallVec<[Cow<'a, str>; 8]>,
+    many: Option<HashSet<Cow<'a, str>>>,
+}
+
+impl<'a> Keys<'a> {
+    const FEW: usize = 16;
+
+    /// Adds `key`; false if it was already there.
+    fn insert(&mut self, key: Cow<'a, str>) -> bool {
+        if let Some(set) = &mut self.many {
+            return set.insert(key);
+        }
+        if self.few.contains(&key) {
+            return false;
+        }
+        if self.few.len() < Self::FEW {
+            self.few.push(key);
+        } else {
+            let mut set: HashSet<Cow<'a, str>> = self.few.drain(..).collect();
+            set.insert(key);
+            self.many = Some(set);
+        }
+        true
+    }
+}
+
+/// The top-level fields read, by name.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Model,
+    MaxOutput,
+    N,
+    BestOf,
+    Stream,
+    StreamOptions,
+    Other,
+}
+
+fn field(key: &str) -> Field {
+    match key {
+        "model" => Field::Model,
+        "max_tokens" | "max_completion_tokens" | "max_output_tokens" => Field::MaxOutput,
+        "n" => Field::N,
+        "best_of" => Field::BestOf,
+        "stream" => Field::Stream,
+        "stream_options" => Field::StreamOptions,
+        _ => Field::Other,
+    }
+}
+
+struct Scanner<'a> {
+    b: &'a [u8],
+    i: usize,
+    f: JsonFields<'a>,
+}
+
+impl<'a> Scanner<'a> {
+    #[inline]
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    #[inline]
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.peek() {
+            self.i += 1;
+        }
+    }
+
+    #[inline]
+    fn expect(&mut self, c: u8) -> Result<(), JsonError> {
+        self.ws();
+        if self.peek() == Some(c) {
+            self.i += 1;
+            Ok(())
+        } else {
+            Err(JsonError::Invalid)
+        }
+    }
+
+    /// After `,` or `}` of a member: true if the object goes on.
+    #[inline]
+    fn more(&mut self, close: u8) -> Result<bool, JsonError> {
+        self.ws();
+        match self.peek() {
+            Some(b',') => {
+                self.i += 1;
+                Ok(true)
+            }
+            Some(c) if c == close => {
+                self.i += 1;
+                Ok(false)
+            }
+            _ => Err(JsonError::Invalid),
+        }
+    }
+
+    /// The top-level object, at its `{`.
+    fn top(&mut self) -> Result<(), JsonError> {
+        self.i += 1;
+        let mut keys = Keys::default();
+        let mut model_seen = false;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.f.edits.close = self.i;
+            self.f.edits.empty = true;
+            self.i += 1;
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            if self.peek() != Some(b'"') {
+                return Err(JsonError::Invalid);
+            }
+            let key = self.string()?;
+            let which = field(&key);
+            if key.eq_ignore_ascii_case("model") && (which != Field::Model || model_seen) {
+                return Err(JsonError::AmbiguousModel);
+            }
+            if !keys.insert(key) {
+                return Err(JsonError::DuplicateKey);
+            }
+            self.expect(b':')?;
+            self.ws();
+            let start = self.i;
+            match which {
+                Field::Model => {
+                    model_seen = true;
+                    if self.peek() != Some(b'"') {
+                        self.value(1)?;
+                        return Err(JsonError::BadField("model"));
+                    }
+                    self.f.model = Some(self.string()?);
+                }
+                Field::MaxOutput => {
+                    if let Some(v) = self.count_or_null("max_tokens", 0)? {
+                        self.f.max_output = Some(self.f.max_output.map_or(v, |m| m.max(v)));
+                    }
+                    self.f.edits.max_output_at.push(start..self.i);
+                }
+                Field::N => self.f.n = self.count_or_null("n", 1)?,
+                Field::BestOf => self.f.best_of = self.count_or_null("best_of", 1)?,
+                Field::Stream => {
+                    self.f.stream = self.bool_or_null("stream")? == Some(true);
+                }
+                Field::StreamOptions => self.stream_options()?,
+                Field::Other => self.value(1)?,
+            }
+            if !self.more(b'}')? {
+                self.f.edits.close = self.i - 1;
+                return Ok(());
+            }
+        }
+    }
+
+    /// `stream_options`: null or an object, of which `include_usage` is read.
+    fn stream_options(&mut self) -> Result<(), JsonError> {
+        match self.peek() {
+            Some(b'n') => return self.literal(b"null"),
+            Some(b'{') => {}
+            _ => {
+                self.value(1)?;
+                return Err(JsonError::BadField("stream_options"));
+            }
+        }
+        let open = self.i;
+        self.i += 1;
+        let mut include = None;
+        let mut keys = Keys::default();
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            self.f.edits.stream_options = Some((open, true));
+            self.f.include_usage = Some(None);
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            if self.peek() != Some(b'"') {
+                return Err(JsonError::Invalid);
+            }
+            let key = self.string()?;
+            let is_usage = key == "include_usage";
+            if !keys.insert(key) {
+                return Err(JsonError::DuplicateKey);
+            }
+            self.expect(b':')?;
+            self.ws();
+            if is_usage {
+                let at = self.i;
+                include = self.bool_or_null("stream_options.include_usage")?;
+                self.f.edits.include_usage_at = Some(at..self.i);
+                self.f.edits.usage_on = include == Some(true);
+            } else {
+                self.value(2)?;
+            }
+            if !self.more(b'}')? {
+                break;
+            }
+        }
+        self.f.edits.stream_options = Some((open, false));
+        self.f.include_usage = Some(include);
+        Ok(())
+    }
+
+    /// `null` or an integer ≥ `min` (as a u64; larger ones saturate).
+    fn count_or_null(&mut self, name: &'static str, min: u64) -> Result<Option<u64>, JsonError> {
+        if self.peek() == Some(b'n') {
+            self.literal(b"null")?;
+            return Ok(None);
+        }
+        if !matches!(self.peek(), Some(b'-' | b'0'..=b'9')) {
+            self.value(1)?;
+            return Err(JsonError::BadField(name));
+        }
+        let start = self.i;
+        self.number()?;
+        let raw = &self.b[start..self.i];
+        let v = raw.iter().try_fold(0u64, |acc, &d| {
+            let digit = d.checked_sub(b'0').filter(|d| *d <= 9)?;
+            acc.checked_mul(10)?.checked_add(u64::from(digit))
+        });
+        match v {
+            Some(v) if v >= min => Ok(Some(v)),
+            _ => Err(JsonError::BadField(name)),
+        }
+    }
+
+    fn bool_or_null(&mut self, name: &'static str) -> Result<Option<bool>, JsonError> {
+        match self.peek() {
+            Some(b't') => self.literal(b"true").map(|()| Some(true)),
+            Some(b'f') => self.literal(b"false").map(|()| Some(false)),
+            Some(b'n') => self.literal(b"null").map(|()| None),
+            _ => {
+                self.value(1)?;
+                Err(JsonError::BadField(name))
+            }
+        }
+    }
+
+    /// One value of any kind at nesting `depth`, counted towards the prompt size.
+    fn value(&mut self, depth: u32) -> Result<(), JsonError> {
+        match self.peek().ok_or(JsonError::Invalid)? {
+            b'"' => {
+                let len = self.skip_string()?;
+                self.f.text_bytes += len as u64;
+                Ok(())
+            }
+            b'{' => self.object(depth + 1),
+            b'[' => self.array(depth + 1),
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            b'-' | b'0'..=b'9' => {
+                self.f.numbers += 1;
+                self.number()
+            }
+            _ => Err(JsonError::Invalid),
+        }
+    }
+
+    fn object(&mut self, depth: u32) -> Result<(), JsonError> {
+        if depth >= MAX_DEPTH {
+            return Err(JsonError::Invalid);
+        }
+        if depth >= 2 {
+            self.f.items += 1;
+        }
+        self.i += 1;
+        self.ws();
+        if self.peek() == Some(b'}') {
+            self.i += 1;
+            return Ok(());
+        }
+        let mut keys = Keys::default();
+        loop {
+            self.ws();
+            if self.peek() != Some(b'"') {
+                return Err(JsonError::Invalid);
+            }
+            let key = self.string()?;
+            if !keys.insert(key) {
+                return Err(JsonError::DuplicateKey);
+            }
+            self.expect(b':')?;
+            self.ws();
+            self.value(depth)?;
+            if !self.more(b'}')? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn array(&mut self, depth: u32) -> Result<(), JsonError> {
+        if depth >= MAX_DEPTH {
+            return Err(JsonError::Invalid);
+        }
+        self.i += 1;
+        self.ws();
+        if self.peek() == Some(b']') {
+            self.i += 1;
+            return Ok(());
+        }
+        loop {
+            self.ws();
+            self.value(depth)?;
+            if !self.more(b']')? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Result<(), JsonError> {
+        if self.b[self.i..].starts_with(word) {
+            self.i += word.len();
+            Ok(())
+        } else {
+            Err(JsonError::Invalid)
+        }
+    }
+
+    fn digits(&mut self) -> usize {
+        let start = self.i;
+        while let Some(b'0'..=b'9') = self.peek() {
+            self.i += 1;
+        }
+        self.i - start
+    }
+
+    /// A number, as JSON writes them; one that does not fit an `f64` is refused, as
+    /// `serde_json` refuses it.
+    fn number(&mut self) -> Result<(), JsonError> {
+        let start = self.i;
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        match self.peek() {
+            Some(b'0') => self.i += 1,
+            Some(b'1'..=b'9') => {
+                self.digits();
+            }
+            _ => return Err(JsonError::Invalid),
+        }
+        let mut float = false;
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            float = true;
+            if self.digits() == 0 {
+                return Err(JsonError::Invalid);
+            }
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.i += 1;
+            float = true;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.i += 1;
+            }
+            if self.digits() == 0 {
+                return Err(JsonError::Invalid);
+            }
+        }
+        let raw = &self.b[start..self.i];
+        // Integers of up to 308 digits always fit; beyond, and for any float, check.
+        if float || raw.len() > 300 {
+            let finite = std::str::from_utf8(raw)
+                .ok()
+                .and_then(|s| s.parse::<f64>().ok())
+                .is_some_and(f64::is_finite);
+            if !finite {
+                return Err(JsonError::Invalid);
+            }
+        }
+        Ok(())
+    }
+
+    /// Skips a string (at its opening quote), validating its escapes and refusing control
+    /// characters; returns its length as written, quotes excluded.
+    fn skip_string(&mut self) -> Result<usize, JsonError> {
+        self.i += 1;
+        let start = self.i;
+        loop {
+            let rest = &self.b[self.i..];
+            let at = memchr::memchr2(b'"', b'\\', rest).ok_or(JsonError::Invalid)?;
+            if has_control(&rest[..at]) {
+                return Err(JsonError::Invalid);
+            }
+            self.i += at;
+            if self.b[self.i] == b'"' {
+                let len = self.i - start;
+                self.i += 1;
+                return Ok(len);
+            }
+            self.escape(None)?;
+        }
+    }
+
+    /// Reads a string (at its opening quote) and decodes it as JSON does.
+    fn string(&mut self) -> Result<Cow<'a, str>, JsonError> {
+        self.i += 1;
+        let b = self.b;
+        let start = self.i;
+        let rest = &b[start..];
+        let at = memchr::memchr2(b'"', b'\\', rest).ok_or(JsonError::Invalid)?;
+        if has_control(&rest[..at]) {
+            return Err(JsonError::Invalid);
+        }
+        if rest[at] == b'"' {
+            self.i += at + 1;
+            // The body was checked to be UTF-8 and a quote is never inside a character.
+            return std::str::from_utf8(&rest[..at])
+                .map(Cow::Borrowed)
+                .map_err(|_| JsonError::NotUtf8);
+        }
+        let mut out = Vec::with_capacity(at + 16);
+        out.extend_from_slice(&rest[..at]);
+        self.i += at;
+        loop {
+            self.escape(Some(&mut out))?;
+            let rest = &b[self.i..];
+            let at = memchr::memchr2(b'"', b'\\', rest).ok_or(JsonError::Invalid)?;
+            if has_control(&rest[..at]) {
+                return Err(JsonError::Invalid);
+            }
+            out.extend_from_slice(&rest[..at]);
+            self.i += at;
+            if b[self.i] == b'"' {
+                self.i += 1;
+                break;
+            }
+        }
+        String::from_utf8(out)
+            .map(Cow::Owned)
+            .map_err(|_| JsonError::NotUtf8)
+    }
+
+    fn hex4(&mut self) -> Result<u16, JsonError> {
+        let digits = self.b.get(self.i..self.i + 4).ok_or(JsonError::Invalid)?;
+        let mut v = 0u16;
+        for &d in digits {
+            let n = (d as char).to_digit(16).ok_or(JsonError::Invalid)?;
+            v = v << 4 | n as u16;
+        }
+        self.i += 4;
+        Ok(v)
+    }
+
+    /// One escape at `self.i` (a backslash); its decoding appended to `out` if given.
+    fn escape(&mut self, out: Option<&mut Vec<u8>>) -> Result<(), JsonError> {
+        let c = *self.b.get(self.i + 1).ok_or(JsonError::Invalid)?;
+        self.i += 2;
+        let ch: char = match c {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let hi = self.hex4()?;
+                let code = if (0xD800..0xDC00).contains(&hi) {
+                    // A surrogate pair must follow.
+                    if self.b.get(self.i..self.i + 2) != Some(b"\\u") {
+                        return Err(JsonError::Invalid);
+                    }
+                    self.i += 2;
+                    let lo = self.hex4()?;
+                    if !(0xDC00..0xE000).contains(&lo) {
+                        return Err(JsonError::Invalid);
+                    }
+                    0x10000 + ((u32::from(hi) - 0xD800) << 10) + (u32::from(lo) - 0xDC00)
+                } else if (0xDC00..0xE000).contains(&hi) {
+                    return Err(JsonError::Invalid);
+                } else {
+                    u32::from(hi)
+                };
+                char::from_u32(code).ok_or(JsonError::Invalid)?
+            }
+            _ => return Err(JsonError::Invalid),
+        };
+        if let Some(out) = out {
+            let mut buf = [0u8; 4];
+            out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
+        }
+        Ok(())
+    }
+}
+
+/// Whether `s` holds a byte below 0x20 (not allowed raw inside a JSON string).
+#[inline]
+fn has_control(s: &[u8]) -> bool {
+    // A branch-free fold the compiler vectorises.
+    s.iter().fold(false, |acc, &c| acc | (c < 0x20))
+}
+
+/// What to change in a JSON body, by position, keeping every other byte as it was.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JsonEdit<'f> {
+    /// Set `stream_options.include_usage` to `true`.
+    pub include_usage: bool,
+    /// Set every output cap the body has to this; if it has none, add one under the field
+    /// name given.
+    pub max_output: Option<(u64, &'f str)>,
+}
+
+/// One change to a body: at this position, insert these bytes in place of that many.
+type Splice = (usize, Cow<'static, [u8]>, usize);
+
+/// `body` (the body `fields` was scanned from) with `edit` applied; `None` if nothing changes.
+pub fn edit_json(body: &[u8], fields: &JsonFields<'_>, edit: JsonEdit<'_>) -> Option<Vec<u8>> {
+    apply(body, &fields.edits, edit)
+}
+
+pub(crate) fn apply(body: &[u8], e: &Edits, edit: JsonEdit<'_>) -> Option<Vec<u8>> {
+    let mut ops: SmallVec<[Splice; 4]> = SmallVec::new();
+    let mut appended: Vec<u8> = Vec::new();
+    if edit.include_usage && !e.usage_on {
+        match (&e.stream_options, &e.include_usage_at) {
+            (Some(_), Some(at)) => {
+                ops.push((at.start, Cow::Borrowed(b"true"), at.end - at.start));
+            }
+            (Some((open, empty)), None) => {
+                let text: &'static [u8] = if *empty {
+                    b"\"include_usage\":true"
+                } else {
+                    b"\"include_usage\":true,"
+                };
+                ops.push((open + 1, Cow::Borrowed(text), 0));
+            }
+            (None, _) => appended.extend_from_slice(b"\"stream_options\":{\"include_usage\":true}"),
+        }
+    }
+    if let Some((to, name)) = edit.max_output {
+        let value = to.to_string().into_bytes();
+        if e.max_output_at.is_empty() {
+            if !appended.is_empty() {
+                appended.push(b',');
+            }
+            appended.push(b'"');
+            appended.extend_from_slice(name.as_bytes());
+            appended.extend_from_slice(b"\":");
+            appended.extend_from_slice(&value);
+        } else {
+            for at in &e.max_output_at {
+                ops.push((at.start, Cow::Owned(value.clone()), at.end - at.start));
+            }
+        }
+    }
+    if !appended.is_empty() {
+        if !e.empty {
+            appended.insert(0, b',');
+        }
+        ops.push((e.close, Cow::Owned(appended), 0));
+    }
+    if ops.is_empty() {
+        return None;
+    }
+    ops.sort_by_key(|op| op.0);
+    let mut out = Vec::with_capacity(body.len() + 64);
+    let mut at = 0;
+    for (pos, text, skip) in ops {
+        out.extend_from_slice(&body[at..pos]);
+        out.extend_from_slice(&text);
+        at = pos + skip;
+    }
+    out.extend_from_slice(&body[at..]);
+    Some(out)
+}
+
+#[cfg(test)]
+#[path = "json_tests.rs"]
+mod tests;

@@ -1,0 +1,406 @@
+use super::*;
+use proptest::prelude::*;
+use serde_json::Value;
+
+fn model(s: &str) -> Result<Option<String>, JsonError> {
+    scan_json(s.as_bytes()).map(|f| f.model.map(Cow::into_owned))
+}
+
+#[test]
+fn finds_the_top_level_model_only() {
+    assert_eq!(
+        model(
+            r#"{"messages":[{"role":"user","content":"hi \"model\": x"}],"model":"gpt-4o-mini"}"#
+        ),
+        Ok(Some("gpt-4o-mini".into()))
+    );
+    assert_eq!(model(r#" { "model" : "a" } "#), Ok(Some("a".into())));
+    assert_eq!(model(r#"{}"#), Ok(None));
+    assert_eq!(
+        model(r#"{"x":{"model":"evil"},"model":"good"}"#),
+        Ok(Some("good".into()))
+    );
+    assert_eq!(model(r#"{"x":[{"model":"evil"}]}"#), Ok(None));
+}
+
+#[test]
+fn backslash_runs_before_quotes_are_counted() {
+    assert_eq!(model(r#"{"x":"a\\","model":"m"}"#), Ok(Some("m".into())));
+    assert_eq!(
+        model(r#"{"x":"a\\\",\"model\":\"evil","model":"m"}"#),
+        Ok(Some("m".into()))
+    );
+}
+
+#[test]
+fn escaped_keys_and_values_are_decoded() {
+    assert_eq!(
+        model(r#"{"mod\u0065l":"gpt\u002d4"}"#),
+        Ok(Some("gpt-4".into()))
+    );
+    assert_eq!(
+        model(r#"{"model":"a","mod\u0065l":"b"}"#),
+        Err(JsonError::AmbiguousModel)
+    );
+    assert_eq!(
+        model(r#"{"\ud83d\ude00":1,"model":"m"}"#),
+        Ok(Some("m".into()))
+    );
+}
+
+#[test]
+fn ambiguous_shapes_are_errors() {
+    for (body, want) in [
+        (r#"{"model":"a","model":"b"}"#, JsonError::AmbiguousModel),
+        (r#"{"model":"a","model":"a"}"#, JsonError::AmbiguousModel),
+        (r#"{"Model":"a"}"#, JsonError::AmbiguousModel),
+        (r#"{"model":["a"]}"#, JsonError::BadField("model")),
+        (r#"{"model":null}"#, JsonError::BadField("model")),
+        (r#"{"stream":true,"stream":false}"#, JsonError::DuplicateKey),
+        (r#"{"x":{"a":1,"a":2}}"#, JsonError::DuplicateKey),
+        (r#"{"x":[{"a":1,"\u0061":2}]}"#, JsonError::DuplicateKey),
+        (
+            r#"{"stream_options":{"include_usage":true,"include_usage":false}}"#,
+            JsonError::DuplicateKey,
+        ),
+        (r#"["model","a"]"#, JsonError::NotObject),
+        (r#"{"max_tokens":-1}"#, JsonError::BadField("max_tokens")),
+        (r#"{"max_tokens":1.5}"#, JsonError::BadField("max_tokens")),
+        (r#"{"max_tokens":"9"}"#, JsonError::BadField("max_tokens")),
+        (r#"{"n":0}"#, JsonError::BadField("n")),
+        (r#"{"best_of":"2"}"#, JsonError::BadField("best_of")),
+        (r#"{"stream":"yes"}"#, JsonError::BadField("stream")),
+        (
+            r#"{"stream_options":[]}"#,
+            JsonError::BadField("stream_options"),
+        ),
+        (
+            r#"{"stream_options":{"include_usage":1}}"#,
+            JsonError::BadField("stream_options.include_usage"),
+        ),
+    ] {
+        assert_eq!(scan_json(body.as_bytes()).map(|_| ()), Err(want), "{body}");
+    }
+}
+
+#[test]
+fn invalid_json_and_non_utf8_are_errors() {
+    for bad in [
+        &br#"{"model":"a""#[..],
+        br#"{"model":"a",}"#,
+        br#"{"model":"a"} x"#,
+        br#"{"model":"a", /* "model":"b" */ "x":1}"#,
+        br#"{'model':'a'}"#,
+        br#"{"x":NaN,"model":"a"}"#,
+        br#"{"x":01}"#,
+        br#"{"x":1e400}"#,
+        br#"{"\ud800":1}"#,
+        br#"{"x":"\udc00"}"#,
+        br#"{"x\q":1}"#,
+        br#"{"x":"\q"}"#,
+        b"{\"model\":\"a\nb\"}",
+        b"{\"x\":\"a\x01b\"}",
+        b"",
+    ] {
+        assert!(scan_json(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+    }
+    assert_eq!(
+        scan_json(b"{\"x\":\"\xff\"}").map(|_| ()),
+        Err(JsonError::NotUtf8)
+    );
+    assert_eq!(
+        scan_json(b"{\"model\":\"\xc3\"}").map(|_| ()),
+        Err(JsonError::NotUtf8)
+    );
+}
+
+#[test]
+fn accounting_fields_are_read() {
+    let f = scan_json(
+        br#"{"model":"gpt-4o","messages":[{"role":"user","content":"max_tokens \"}"}],"max_tokens":50,"n":3,"stream":true,"stream_options":{"include_usage":false}}"#,
+    )
+    .unwrap();
+    assert_eq!(f.model.as_deref(), Some("gpt-4o"));
+    assert_eq!(f.max_output, Some(50));
+    assert_eq!(f.n, Some(3));
+    assert!(f.stream);
+    assert_eq!(f.include_usage, Some(Some(false)));
+    // "user" + `max_tokens \"}` as written: the text, not the JSON around it.
+    assert_eq!(f.text_bytes, 4 + 14);
+    assert_eq!(f.items, 1);
+    let f = scan_json(
+        br#"{"max_tokens":5,"max_output_tokens":null,"max_completion_tokens":9,"best_of":4}"#,
+    )
+    .unwrap();
+    assert_eq!(f.max_output, Some(9));
+    assert_eq!(f.best_of, Some(4));
+    assert_eq!(f.numbers, 0);
+    let f = scan_json(br#"{"prompt":[1,2,3],"stream_options":null}"#).unwrap();
+    assert_eq!(f.numbers, 3);
+    assert_eq!(f.include_usage, None);
+}
+
+fn edited(body: &str, edit: JsonEdit<'_>) -> Option<String> {
+    let f = scan_json(body.as_bytes()).unwrap();
+    edit_json(body.as_bytes(), &f, edit).map(|b| String::from_utf8(b).unwrap())
+}
+
+const USAGE: JsonEdit<'static> = JsonEdit {
+    include_usage: true,
+    max_output: None,
+};
+
+#[test]
+fn include_usage_is_set_without_changing_anything_else() {
+    assert_eq!(
+        edited(r#"{"model":"m","stream":true}"#, USAGE).as_deref(),
+        Some(r#"{"model":"m","stream":true,"stream_options":{"include_usage":true}}"#)
+    );
+    assert_eq!(
+        edited(r#"{"stream":true,"stream_options":{"x":1}}"#, USAGE).as_deref(),
+        Some(r#"{"stream":true,"stream_options":{"include_usage":true,"x":1}}"#)
+    );
+    assert_eq!(
+        edited(r#"{"stream_options":{ }}"#, USAGE).as_deref(),
+        Some(r#"{"stream_options":{"include_usage":true }}"#)
+    );
+    assert_eq!(
+        edited(
+            r#"{"stream_options":{"include_usage": false ,"x":1}}"#,
+            USAGE
+        )
+        .as_deref(),
+        Some(r#"{"stream_options":{"include_usage": true ,"x":1}}"#)
+    );
+    assert_eq!(
+        edited(r#"{"stream_options":{"include_usage":null}}"#, USAGE).as_deref(),
+        Some(r#"{"stream_options":{"include_usage":true}}"#)
+    );
+    assert_eq!(
+        edited(r#"{"stream_options":{"include_usage":true}}"#, USAGE),
+        None
+    );
+    assert_eq!(
+        edited("{ }", USAGE).as_deref(),
+        Some(r#"{ "stream_options":{"include_usage":true}}"#)
+    );
+}
+
+#[test]
+fn output_caps_are_set_or_added() {
+    let cap = |to| JsonEdit {
+        include_usage: false,
+        max_output: Some((to, "max_completion_tokens")),
+    };
+    assert_eq!(
+        edited(
+            r#"{"max_tokens": 500 ,"messages":[],"max_completion_tokens":null}"#,
+            cap(42)
+        )
+        .as_deref(),
+        Some(r#"{"max_tokens": 42 ,"messages":[],"max_completion_tokens":42}"#)
+    );
+    assert_eq!(
+        edited(r#"{"model":"m"}"#, cap(7)).as_deref(),
+        Some(r#"{"model":"m","max_completion_tokens":7}"#)
+    );
+    assert_eq!(
+        edited("{}", cap(7)).as_deref(),
+        Some(r#"{"max_completion_tokens":7}"#)
+    );
+    let both = JsonEdit {
+        include_usage: true,
+        max_output: Some((7, "max_tokens")),
+    };
+    let out = edited(r#"{"stream":true}"#, both).unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["max_tokens"], 7);
+    assert_eq!(v["stream_options"]["include_usage"], true);
+}
+
+#[test]
+fn many_keys_and_deep_nesting_are_handled() {
+    let keys: Vec<String> = (0..2000).map(|i| format!(r#""k{i}":{i}"#)).collect();
+    let body = format!(r#"{{{},"model":"m"}}"#, keys.join(","));
+    assert_eq!(model(&body), Ok(Some("m".into())));
+    let body = format!(r#"{{{},"model":"m","k1999":0}}"#, keys.join(","));
+    assert_eq!(model(&body), Err(JsonError::DuplicateKey));
+    let nested = format!(r#"{{"x":{{{}}}}}"#, keys.join(","));
+    assert!(scan_json(nested.as_bytes()).is_ok());
+    let deep = format!(r#"{{"x":{}{}}}"#, "[".repeat(200), "]".repeat(200));
+    assert_eq!(model(&deep), Err(JsonError::Invalid));
+}
+
+/// Whether serde_json and the scanner agree on nesting this deep.
+#[test]
+fn the_depth_limit_matches_serde_json() {
+    for depth in 120..135 {
+        let body = format!(r#"{{"x":{}{}}}"#, "[".repeat(depth), "]".repeat(depth));
+        let serde = serde_json::from_str::<Value>(&body).is_ok();
+        let ours = scan_json(body.as_bytes()).is_ok();
+        assert_eq!(ours, serde, "depth {depth}");
+    }
+}
+
+// ---- differential: the scanner against serde_json ----
+
+fn key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just("model".to_owned()),
+        Just("Model".to_owned()),
+        Just("max_tokens".to_owned()),
+        Just("max_completion_tokens".to_owned()),
+        Just("n".to_owned()),
+        Just("best_of".to_owned()),
+        Just("stream".to_owned()),
+        Just("stream_options".to_owned()),
+        Just("include_usage".to_owned()),
+        "[a-z\\\\\"\u{e9}\u{1F600}]{0,6}",
+    ]
+}
+
+fn json_value() -> impl Strategy<Value = Value> {
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<u64>().prop_map(Value::from),
+        any::<i64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        ".{0,12}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(5, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::btree_map(key(), inner, 0..6)
+                .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+fn top_object() -> impl Strategy<Value = Value> {
+    prop::collection::btree_map(key(), json_value(), 0..8)
+        .prop_map(|m| Value::Object(m.into_iter().collect()))
+}
+
+/// What serde_json makes of the fields the scanner reads, for a body without duplicates.
+fn expected(v: &Value) -> Result<(Option<String>, Option<u64>, bool), JsonError> {
+    let obj = v.as_object().ok_or(JsonError::NotObject)?;
+    if obj.contains_key("Model") {
+        return Err(JsonError::AmbiguousModel);
+    }
+    let model = match obj.get("model") {
+        None => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(JsonError::BadField("model")),
+    };
+    let mut max = None;
+    for k in ["max_tokens", "max_completion_tokens", "max_output_tokens"] {
+        match obj.get(k) {
+            None | Some(Value::Null) => {}
+            Some(v) => {
+                let n = v.as_u64().ok_or(JsonError::BadField("max_tokens"))?;
+                max = Some(max.map_or(n, |m: u64| m.max(n)));
+            }
+        }
+    }
+    for k in ["n", "best_of"] {
+        match obj.get(k) {
+            None | Some(Value::Null) => {}
+            Some(v) if v.as_u64().is_some_and(|n| n >= 1) => {}
+            Some(_) => return Err(JsonError::BadField(if k == "n" { "n" } else { "best_of" })),
+        }
+    }
+    let stream = match obj.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(JsonError::BadField("stream")),
+    };
+    match obj.get("stream_options") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) => match o.get("include_usage") {
+            None | Some(Value::Null | Value::Bool(_)) => {}
+            Some(_) => return Err(JsonError::BadField("stream_options.include_usage")),
+        },
+        Some(_) => return Err(JsonError::BadField("stream_options")),
+    }
+    Ok((model, max, stream))
+}
+
+fn check_against_serde(body: &[u8]) -> Result<(), TestCaseError> {
+    let ours = scan_json(body);
+    let theirs = serde_json::from_slice::<Value>(body);
+    match (&ours, &theirs) {
+        (Ok(f), Ok(v)) => {
+            let (model, max, stream) = expected(v)
+                .map_err(|e| TestCaseError::fail(format!("scanner accepted, serde says {e}")))?;
+            prop_assert_eq!(f.model.as_deref(), model.as_deref());
+            prop_assert_eq!(f.max_output, max);
+            prop_assert_eq!(f.stream, stream);
+        }
+        (Ok(_), Err(e)) => {
+            return Err(TestCaseError::fail(format!(
+                "scanner accepted invalid JSON: {e}"
+            )));
+        }
+        (Err(JsonError::Invalid | JsonError::NotUtf8), Ok(_)) => {
+            return Err(TestCaseError::fail("scanner refused valid JSON as invalid"));
+        }
+        (Err(JsonError::NotObject), Ok(v)) => prop_assert!(!v.is_object()),
+        (Err(JsonError::DuplicateKey), Ok(_)) => {}
+        (Err(e), Ok(v)) => {
+            // Refused for a field's value: serde_json's view must show a problem too (the
+            // scanner names the first in body order, the oracle its own first).
+            prop_assert!(
+                expected(v).is_err(),
+                "scanner refused with {e}, serde sees none"
+            );
+        }
+        (Err(_), Err(_)) => {}
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    #[test]
+    fn agrees_with_serde_json_on_valid_objects(v in top_object(), pretty in any::<bool>()) {
+        let text = if pretty {
+            serde_json::to_string_pretty(&v).unwrap()
+        } else {
+            serde_json::to_string(&v).unwrap()
+        };
+        prop_assert!(scan_json(text.as_bytes()).is_ok() || expected(&v).is_err());
+        check_against_serde(text.as_bytes())?;
+    }
+
+    #[test]
+    fn agrees_with_serde_json_on_mutated_bodies(
+        v in top_object(),
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..3), 1..4),
+    ) {
+        let mut bytes = serde_json::to_vec(&v).unwrap();
+        for (at, byte, op) in edits {
+            let i = at.index(bytes.len() + 1);
+            match op {
+                0 => bytes.insert(i, byte),
+                1 if i < bytes.len() => { bytes.remove(i); }
+                _ if i < bytes.len() => bytes[i] = byte,
+                _ => bytes.push(byte),
+            }
+        }
+        check_against_serde(&bytes)?;
+    }
+
+    #[test]
+    fn agrees_with_serde_json_on_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..64)) {
+        check_against_serde(&bytes)?;
+    }
+
+    #[test]
+    fn agrees_with_serde_json_on_json_like_text(s in "[{}\\[\\]\":,0-9a-z.eE+\\- \\\\]{0,40}") {
+        check_against_serde(s.as_bytes())?;
+    }
+}

@@ -1,0 +1,204 @@
+//! [`RequestFacts`]: what a request is and what it may cost, decided once (by the scope layer)
+//! and read by every later layer, never re-derived.
+//!
+//! The one JSON scanner ([`scan_json`]) lives here too, with the one way to change a JSON body
+//! by position ([`edit_json`]), so the layer that reads a body and the layer that forwards
+//! it can never disagree on where a field is.
+
+mod json;
+
+use std::sync::Arc;
+
+pub use json::{JsonEdit, JsonError, JsonFields, MAX_DEPTH, edit_json, scan_json};
+use serde::{Deserialize, Serialize};
+
+use crate::ext::{EndpointMatch, RequestedModel};
+use crate::rights::{Access, EndpointGroup};
+
+/// How a request's body is framed, as its route and `Content-Type` decided together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Protocol {
+    /// No body was read (a route that takes none, or one keygate need not look into).
+    #[default]
+    Unread,
+    /// A JSON object, read and scanned.
+    Json,
+    /// A `multipart/form-data` form, read.
+    Multipart,
+    /// gRPC framing (only on routes declared gRPC): never buffered.
+    Grpc,
+}
+
+/// Where a request's model was found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ModelSource {
+    /// The body (JSON `model`, or a form's `model` field).
+    Body,
+    /// A path parameter.
+    Path,
+    /// A query parameter.
+    Query,
+    /// Not named by the request: the route's default model (the one the API applies).
+    Default,
+}
+
+/// What a route makes, which decides what a request to it reserves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Generation {
+    /// Nothing billed (list, retrieve, delete, upload): never reserves tokens or money and
+    /// never needs a price.
+    Nothing,
+    /// Text: the prompt plus up to the output cap, for each of `n` (or `best_of`) choices.
+    #[default]
+    Text,
+    /// Embeddings: the input only.
+    Embeddings,
+    /// Images: up to the output cap per image, `n` images.
+    Images,
+    /// Audio (speech, transcription, translation): up to the output cap.
+    Audio,
+}
+
+impl Generation {
+    /// Whether requests of this kind are billed at all.
+    pub fn bills(self) -> bool {
+        self != Generation::Nothing
+    }
+}
+
+/// The size of what the model will read, as measured from the body.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct PromptSize {
+    /// Bytes of text the model sees (string values, JSON syntax and keys excluded; for a
+    /// body that is not JSON, the body's length).
+    pub text_bytes: u64,
+    /// Numbers in the body (token ids of a pre-tokenized prompt count one token each).
+    pub numbers: u64,
+    /// Nested items (messages, content parts, tools), each framed by a few tokens.
+    pub items: u64,
+    /// The exact token count, when a tokenizer for the model counted it.
+    pub tokens: Option<u64>,
+}
+
+impl PromptSize {
+    /// A prompt of `text_bytes` bytes and nothing else.
+    pub fn bytes(text_bytes: u64) -> Self {
+        PromptSize {
+            text_bytes,
+            ..PromptSize::default()
+        }
+    }
+}
+
+/// Everything keygate decided about one request: route, endpoint group and access, body
+/// framing, model and where it came from, and what the request may generate. Put in request
+/// extensions by the scope layer (or, without one, by the first layer that needs it); read by
+/// the rate and token layers, the proxy and the audit layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RequestFacts {
+    /// The matched route, its endpoint group and the access it needs.
+    pub endpoint: EndpointMatch,
+    /// How the body was framed.
+    pub protocol: Protocol,
+    /// The model the request is for (as named, or the route's default).
+    pub model: Option<RequestedModel>,
+    /// Where `model` came from.
+    pub model_source: Option<ModelSource>,
+    /// What the route makes.
+    pub generation: Generation,
+    /// The output cap the client asked for (the largest of the fields it gave).
+    pub max_output: Option<u64>,
+    /// How many outputs the request generates: `max(n, best_of)`, at least 1 (`best_of`
+    /// candidates are generated and billed even when fewer are returned).
+    pub choices: u64,
+    /// Whether the response streams.
+    pub stream: bool,
+    /// `stream_options.include_usage` as the client sent it (`None`: not given).
+    pub usage_requested: Option<bool>,
+    /// The prompt's size.
+    pub prompt: PromptSize,
+    /// The body field that caps output on this route (`max_completion_tokens` for chat), if
+    /// the API has one: where keygate writes a cap when the client names none.
+    pub output_field: Option<Arc<str>>,
+    /// The JSON body's layout, when it was scanned: where fields can be changed.
+    pub(crate) layout: Option<json::Edits>,
+}
+
+impl RequestFacts {
+    /// Facts of a request to `endpoint` that generates `generation`, with nothing read yet.
+    pub fn new(endpoint: EndpointMatch, generation: Generation) -> Self {
+        RequestFacts {
+            endpoint,
+            protocol: Protocol::Unread,
+            model: None,
+            model_source: None,
+            generation,
+            max_output: None,
+            choices: 1,
+            stream: false,
+            usage_requested: None,
+            prompt: PromptSize::default(),
+            output_field: None,
+            layout: None,
+        }
+    }
+
+    /// Facts of a request no route table classified (a layer used on its own): group `*`,
+    /// Write access, generating text.
+    pub fn unrouted() -> Self {
+        Self::new(
+            EndpointMatch {
+                group: EndpointGroup::new("*"),
+                access: Access::Write,
+                route: Arc::from("*"),
+            },
+            Generation::Text,
+        )
+    }
+
+    /// The model, if known.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_ref().map(RequestedModel::as_str)
+    }
+
+    /// Takes what a scan of the JSON body found (all but the model, which the caller
+    /// reconciles with the other places a model can be named).
+    pub fn absorb_json(&mut self, fields: &JsonFields<'_>) {
+        self.protocol = Protocol::Json;
+        self.max_output = fields.max_output;
+        self.choices = fields
+            .n
+            .unwrap_or(1)
+            .max(fields.best_of.unwrap_or(1))
+            .max(1);
+        self.stream = fields.stream;
+        self.usage_requested = fields.include_usage.flatten();
+        self.prompt = PromptSize {
+            text_bytes: fields.text_bytes,
+            numbers: fields.numbers,
+            items: fields.items,
+            tokens: None,
+        };
+        self.layout = Some(fields.edits.clone());
+    }
+
+    /// The JSON body (the one these facts were scanned from) with `edit` applied; `None` if
+    /// nothing changes or the body was not scanned.
+    pub fn edit_json(&self, body: &[u8], edit: JsonEdit<'_>) -> Option<Vec<u8>> {
+        json::apply(body, self.layout.as_ref()?, edit)
+    }
+
+    /// Whether the JSON body's layout is known (it was scanned), so [`edit_json`] can work.
+    ///
+    /// [`edit_json`]: RequestFacts::edit_json
+    pub fn has_layout(&self) -> bool {
+        self.layout.is_some()
+    }
+}
