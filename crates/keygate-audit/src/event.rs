@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method};
-use keygate_core::{Alert, Cut, EndpointGroup, KeyId, Money, Stage, Timestamp, Usage};
+use keygate_core::{Alert, Cut, EndpointGroup, KeyId, Money, Stage, Timestamp, Usage, UsageSource};
 use serde::{Serialize, Serializer};
 
 /// One audit record: the outcome of a request, or an alert a layer raised.
@@ -97,6 +97,14 @@ pub struct RequestEvent {
     /// Cost in dollars, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cost: Option<Money>,
+    /// Whether the usage was reported (by the upstream or the handler) or estimated (the
+    /// reservation was charged), when a limit layer settled one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage_source: Option<UsageSource>,
+    /// The upstream reported more than keygate reserved for the request's worst case (it was
+    /// charged what it reported).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub over_reservation: bool,
     /// Why keygate cut the request short (an upstream timeout, or the server's shutdown), if
     /// it did.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -149,6 +149,8 @@ impl Pending {
             duration: end.saturating_duration_since(start),
             usage: meter.usage().or(usage_ext),
             cost: meter.cost(),
+            usage_source: meter.source(),
+            over_reservation: meter.over_reservation(),
             cut,
         };
         if shared.metrics {

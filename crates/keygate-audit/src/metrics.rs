@@ -46,6 +46,8 @@ pub const REQUESTS_TOTAL: &str = "keygate_requests_total";
 pub const TOKENS_TOTAL: &str = "keygate_tokens_total";
 /// Cost in nano-dollars.
 pub const COST_TOTAL: &str = "keygate_cost_nanodollars_total";
+/// Requests whose upstream reported more than was reserved for their worst case.
+pub const OVER_RESERVATION_TOTAL: &str = "keygate_usage_over_reservation_total";
 /// Requests by key, project and endpoint group (only with per-key metrics on).
 pub const KEY_REQUESTS_TOTAL: &str = "keygate_key_requests_total";
 /// Tokens used, by key and kind (only with per-key metrics on).
@@ -70,6 +72,10 @@ pub fn describe_metrics() {
     describe_counter!(REQUESTS_TOTAL, "Requests seen by keygate, by decision.");
     describe_counter!(TOKENS_TOTAL, "Tokens used, by kind.");
     describe_counter!(COST_TOTAL, "Cost in nano-dollars.");
+    describe_counter!(
+        OVER_RESERVATION_TOTAL,
+        "Requests whose upstream reported more usage than keygate reserved for their worst case."
+    );
     describe_counter!(KEY_REQUESTS_TOTAL, "Requests by key and endpoint group.");
     describe_counter!(KEY_TOKENS_TOTAL, "Tokens used, by key.");
     describe_counter!(KEY_COST_TOTAL, "Cost in nano-dollars, by key.");
@@ -99,6 +105,7 @@ pub(crate) struct Handles {
     prompt_tokens: Counter,
     completion_tokens: Counter,
     cost: Counter,
+    over_reservation: Counter,
     /// Indexed by [`decision_index`].
     duration: [Histogram; 3],
     head: [Histogram; 3],
@@ -122,6 +129,7 @@ impl Handles {
             prompt_tokens: counter!(TOKENS_TOTAL, "kind" => "prompt"),
             completion_tokens: counter!(TOKENS_TOTAL, "kind" => "completion"),
             cost: counter!(COST_TOTAL),
+            over_reservation: counter!(OVER_RESERVATION_TOTAL),
             duration: DECISIONS.map(|d| histogram!(REQUEST_DURATION, "decision" => d)),
             head: DECISIONS.map(|d| histogram!(RESPONSE_HEAD, "decision" => d)),
         }
@@ -151,6 +159,9 @@ pub(crate) fn request(
     }
     if let Some(cost) = event.cost {
         h.cost.increment(cost.as_nanos());
+    }
+    if event.over_reservation {
+        h.over_reservation.increment(1);
     }
     let i = decision_index(&event.decision);
     h.duration[i].record(event.duration.as_secs_f64());

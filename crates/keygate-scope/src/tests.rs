@@ -1830,3 +1830,102 @@ async fn records_group_and_model_in_the_request_trace_even_when_denied() {
     );
     assert!(trace.model().is_none());
 }
+
+// ---- model rules on every route ----
+
+/// A request to a preset route, naming `model` wherever the route takes one (or nowhere).
+fn preset_request(spec: &RouteSpec, model: Option<&str>) -> Request<Full<Bytes>> {
+    let mut path = String::new();
+    for seg in spec.path.split('/').skip(1) {
+        path.push('/');
+        match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            Some(name) if spec.model.contains(&ModelIn::Path(name.into())) => {
+                path.push_str(model.unwrap_or("x"))
+            }
+            Some(_) => path.push_str("obj_1"),
+            None => path.push_str(seg),
+        }
+    }
+    let named = |m: Option<&str>| m.map_or(String::from("{}"), |m| format!(r#"{{"model":"{m}"}}"#));
+    let builder = Request::builder().method(spec.method.as_str()).uri(path);
+    if spec.model.contains(&ModelIn::Multipart) {
+        let mut body = String::from(
+            "--B0\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a\"\r\n\r\nx\r\n",
+        );
+        if let Some(m) = model {
+            body.push_str(&format!(
+                "--B0\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n{m}\r\n"
+            ));
+        }
+        body.push_str("--B0--\r\n");
+        return builder
+            .header("content-type", "multipart/form-data; boundary=B0")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap();
+    }
+    if spec.method == "GET" || spec.method == "DELETE" {
+        return builder.body(Full::default()).unwrap();
+    }
+    builder
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(named(model))))
+        .unwrap()
+}
+
+/// Every preset route either checks the model (named, the API's default, or named to override
+/// an indirect one) or refuses a model-restricted key: no route gets another model's work done.
+#[tokio::test]
+async fn every_preset_route_checks_the_model_or_refuses_a_restricted_key() {
+    use keygate_core::Generation;
+    let layer = ScopeLayer::openai();
+    let restricted = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let mut checked = 0;
+    for spec in RouteTable::openai_specs() {
+        let bills = spec.generates.is_some_and(Generation::bills);
+        let carries = !spec.model.is_empty();
+        let label = format!("{} {}", spec.method, spec.path);
+        // Naming a model outside the rules is refused wherever a model does the work.
+        if bills || carries || spec.model_indirect {
+            let c = run(
+                &layer,
+                with(&restricted, preset_request(&spec, Some("gpt-4o"))),
+            )
+            .await;
+            assert!(
+                c.status == StatusCode::FORBIDDEN || c.status == StatusCode::BAD_REQUEST,
+                "{label}: {:?}",
+                c.status
+            );
+            checked += 1;
+        }
+        // Naming none: refused where work is done (model required, the default checked, or
+        // the indirect model unverifiable).
+        if bills || spec.model_indirect {
+            let c = run(&layer, with(&restricted, preset_request(&spec, None))).await;
+            assert!(
+                matches!(
+                    code(&c),
+                    "model_required" | "model_not_allowed" | "model_unverifiable"
+                ),
+                "{label}: {:?} {}",
+                c.status,
+                code(&c)
+            );
+        }
+        // Naming an allowed model passes where a request can name one.
+        if carries {
+            let c = run(
+                &layer,
+                with(&restricted, preset_request(&spec, Some("gpt-4o-mini"))),
+            )
+            .await;
+            assert_eq!(c.status, StatusCode::OK, "{label}: {}", code(&c));
+        }
+        // Routes that make nothing and carry no model need none.
+        if !bills && !carries && !spec.model_indirect {
+            let c = run(&layer, with(&restricted, preset_request(&spec, None))).await;
+            assert_eq!(c.status, StatusCode::OK, "{label}: {}", code(&c));
+        }
+    }
+    assert!(checked >= 20, "{checked}");
+}

@@ -66,6 +66,8 @@ pub use builder::{BuildError, Keygate, KeygateBuilder, KeygateLayer, KeygateServ
 pub use source::KeySource;
 pub use spend::SpendBackend;
 #[cfg(test)]
+mod bounded_tests;
+#[cfg(test)]
 mod tests;
 
 pub use config::{
