@@ -4,6 +4,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
+use keygate_core::facts::TokenCounter;
 use keygate_core::{ClientIp, Clock};
 use tower_layer::Layer;
 
@@ -16,6 +17,10 @@ use crate::service::Scope;
 
 /// The default body limit for reading a request's model: 8 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 8 * 1024 * 1024;
+
+/// The most bytes of a body's text a token counter counts by default: 1 MiB (about 20 ms
+/// with an OpenAI tokenizer); text beyond counts a token a byte.
+pub const DEFAULT_MAX_TOKENIZED: usize = 1 << 20;
 
 /// Reads the connection's peer address from request extensions.
 pub type PeerAddrFn = fn(&http::Extensions) -> Option<IpAddr>;
@@ -43,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) clock: Clock,
     #[cfg(feature = "decompression")]
     pub(crate) decompression: Option<Decompression>,
+    pub(crate) tokens: Option<Arc<dyn TokenCounter>>,
+    pub(crate) max_tokenized: usize,
 }
 
 /// Checks every request against the caller's rights: route → endpoint group and access,
@@ -77,6 +84,8 @@ impl ScopeLayer {
                 peer: default_peer_addr,
                 policies: Vec::new(),
                 clock: Clock::system(),
+                tokens: None,
+                max_tokenized: DEFAULT_MAX_TOKENIZED,
                 #[cfg(feature = "decompression")]
                 decompression: None,
             }),
@@ -170,6 +179,17 @@ impl ScopeLayer {
     #[cfg_attr(docsrs, doc(cfg(feature = "decompression")))]
     pub fn with_decompression(mut self, decompression: Decompression) -> Self {
         self.shared_mut().decompression = Some(decompression);
+        self
+    }
+
+    /// Counts prompt tokens with `counter` for the models it knows (see
+    /// [`OpenAiTokenizer`](crate::OpenAiTokenizer)), so the token layer reserves the prompt's
+    /// exact size instead of a byte bound. Up to `max_bytes` of a body's text is counted
+    /// (default [`DEFAULT_MAX_TOKENIZED`]); text beyond counts a token a byte.
+    pub fn with_token_counter(mut self, counter: Arc<dyn TokenCounter>, max_bytes: usize) -> Self {
+        let shared = self.shared_mut();
+        shared.tokens = Some(counter);
+        shared.max_tokenized = max_bytes;
         self
     }
 

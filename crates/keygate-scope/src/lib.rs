@@ -152,6 +152,8 @@ mod path;
 mod policy;
 mod route;
 mod service;
+#[cfg(feature = "tokenizer")]
+mod tokenizer;
 
 pub use body::BodyFromBytes;
 #[cfg(feature = "decompression")]
@@ -159,7 +161,8 @@ pub use body::BodyFromBytes;
 pub use decompress::{ContentCoding, Decompression};
 pub use ip::{ForwardedHeader, TrustedProxies};
 pub use layer::{
-    DEFAULT_BODY_LIMIT, PeerAddrFn, ScopeConfig, ScopeConfigError, ScopeLayer, default_peer_addr,
+    DEFAULT_BODY_LIMIT, DEFAULT_MAX_TOKENIZED, PeerAddrFn, ScopeConfig, ScopeConfigError,
+    ScopeLayer, default_peer_addr,
 };
 pub use models::{ModelList, ModelListLayer};
 pub use path::{PathError, check_path};
@@ -169,6 +172,8 @@ pub use policy::{
 };
 pub use route::{ModelIn, RouteConfig, RouteError, RouteSpec, RouteTable, RouteTableBuilder};
 pub use service::{METHOD_OVERRIDE_HEADERS, ResponseFuture, Scope};
+#[cfg(feature = "tokenizer")]
+pub use tokenizer::OpenAiTokenizer;
 
 #[cfg(test)]
 mod tests;

@@ -17,7 +17,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::combinators::Collect;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use keygate_core::facts::{JsonError, scan_json};
+use keygate_core::facts::{JsonError, count_prompt, scan_json, scan_json_text};
 use keygate_core::{
     ClientIp, Denial, EndpointMatch, ModelSource, Principal, PromptSize, Protocol, RequestFacts,
     RequestTrace, RequestedModel, ResponseBody, Stage, is_grpc,
@@ -688,11 +688,19 @@ fn check_body(
 ) -> Result<RequestFacts, Denial> {
     let route = shared.routes.route(pending.route);
     let mut facts = facts_of(route);
+    let mut scanned = None;
     let body_model: Option<Cow<'_, str>> = match &pending.kind {
         BodyKind::Json => {
-            let fields = scan_json(bytes).map_err(json_denial)?;
+            let fields = if shared.tokens.is_some() {
+                scan_json_text(bytes)
+            } else {
+                scan_json(bytes)
+            }
+            .map_err(json_denial)?;
             facts.absorb_json(&fields);
-            fields.model
+            let model = fields.model.clone();
+            scanned = Some(fields);
+            model
         }
         BodyKind::Multipart(boundary) => {
             facts.protocol = Protocol::Multipart;
@@ -727,6 +735,17 @@ fn check_body(
         }
         facts.model = Some(RequestedModel::new(&*m));
         facts.model_source = Some(source);
+    }
+    let route_default = facts
+        .model
+        .is_none()
+        .then(|| route.default_model.clone())
+        .flatten();
+    if let (Some(counter), Some(fields)) = (&shared.tokens, &scanned)
+        && let Some(model) = facts.model().or(route_default.as_ref().map(|m| m.as_str()))
+    {
+        facts.prompt.tokens =
+            count_prompt(fields, bytes, model, counter.as_ref(), shared.max_tokenized);
     }
     finish(
         shared,

@@ -227,8 +227,8 @@ async fn n_and_best_of_multiply_the_output_reservation() {
     let best = r#"{"model":"gpt-4o-mini","prompt":"hi","max_tokens":10,"n":2,"best_of":5}"#;
     let (_, headers, _) = call!(svc, s.post("/v1/completions", best));
     // best_of candidates are generated (and billed) even though only n come back: a prompt of
-    // one token ("hi") and 5 × 10 output.
-    assert_eq!(10_000 - remaining(&headers), 1 + 50);
+    // one token ("hi") and 4 of framing, and 5 × 10 output.
+    assert_eq!(10_000 - remaining(&headers), 5 + 50);
 }
 
 #[tokio::test]
@@ -242,8 +242,13 @@ async fn a_request_without_a_cap_is_forwarded_with_one_the_budget_can_pay_for() 
     assert_eq!(status, StatusCode::OK);
     let forwarded: serde_json::Value = serde_json::from_slice(&seen.lock().unwrap()[0]).unwrap();
     let cap = forwarded["max_completion_tokens"].as_u64().unwrap();
-    // 6 prompt tokens (2 of text, 4 of framing) at 150, the rest at 600 a token.
-    assert_eq!(cap, (1_000 * 600 + 10 * 150 - 6 * 150) / 600, "{forwarded}");
+    // 12 prompt tokens, counted with gpt-4o-mini's tokenizer ("role", "user", "content",
+    // "hi": 4, and 8 of framing), at 150 nano-dollars; the rest at 600 a token.
+    assert_eq!(
+        cap,
+        (1_000 * 600 + 10 * 150 - 12 * 150) / 600,
+        "{forwarded}"
+    );
     // Everything else is as the client sent it.
     assert_eq!(forwarded["messages"][0]["content"], "hi");
     // The honest upstream used it all, and the budget held.
@@ -268,7 +273,7 @@ async fn a_cap_beyond_the_budget_is_refused_naming_what_it_can_afford() {
     assert_eq!(refusal_code(&body), "insufficient_quota");
     let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
     let message = v["error"]["message"].as_str().unwrap();
-    assert!(message.contains("at most 1001 output tokens"), "{message}");
+    assert!(message.contains("at most 999 output tokens"), "{message}");
     assert!(seen.lock().unwrap().is_empty());
 }
 
@@ -529,4 +534,49 @@ async fn grpc_framing_on_a_json_route_is_refused_before_any_reservation() {
     assert_eq!(denial.code(), "unsupported_media_type");
     assert!(seen.lock().unwrap().is_empty());
     assert_eq!(s.spent(), 0);
+}
+
+#[tokio::test]
+async fn the_prompt_is_counted_with_the_models_tokenizer_or_bounded_by_its_bytes() {
+    let s = stack(|k| k.limits.tokens_per_minute = NonZeroU64::new(1_000_000));
+    let (_, up) =
+        upstream(|_| json(r#"{"usage":{"prompt_tokens":0,"completion_tokens":0}}"#.into()));
+    let svc = ServiceBuilder::new().layer(s.layer.clone()).service(up);
+    let text = "Counting the text the model sees, not the JSON around it. ".repeat(20);
+    let body = |model: &str| {
+        format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"{text}"}}],"max_tokens":1}}"#
+        )
+    };
+    let reserved = |h: &http::HeaderMap| -> u64 {
+        let left: u64 = h["x-ratelimit-remaining-tokens"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        1_000_000 - left - 1
+    };
+    let (_, h, _) = call!(svc, s.post("/v1/chat/completions", &body("gpt-4o-mini")));
+    let gpt = reserved(&h);
+    let counted = bpe_like_count(&text);
+    // The text's own tokens, the three short keys and role, and the framing.
+    assert!(
+        gpt >= counted && gpt <= counted + 4 + 8,
+        "{gpt} vs {counted}"
+    );
+    s.clock.advance(std::time::Duration::from_secs(120));
+    let (_, h, _) = call!(svc, s.post("/v1/chat/completions", &body("llama-3-70b")));
+    let other = reserved(&h);
+    // No tokenizer for it: a token a byte of text.
+    assert_eq!(
+        other,
+        (text.len() + "role".len() + "user".len() + "content".len()) as u64 + 8
+    );
+    assert!(gpt * 3 < other);
+}
+
+/// The tokens of `text` for gpt-4o-mini, by the tokenizer the scope layer uses.
+fn bpe_like_count(text: &str) -> u64 {
+    use keygate_core::facts::TokenCounter;
+    keygate_scope::OpenAiTokenizer.count("gpt-4o-mini", text)
 }

@@ -79,6 +79,7 @@ impl Keygate {
             keep_credential_headers: false,
             trusted_proxies: TrustedProxies::default(),
             body_limit: DEFAULT_BODY_LIMIT,
+            count_tokens: true,
             policies: Vec::new(),
             model_list_path: Some("/v1/models".to_owned()),
             rate_max_entries: None,
@@ -174,6 +175,7 @@ pub struct KeygateBuilder<K, T = NoTokens> {
     keep_credential_headers: bool,
     trusted_proxies: TrustedProxies,
     body_limit: usize,
+    count_tokens: bool,
     policies: Vec<ScopeEdit>,
     model_list_path: Option<String>,
     rate_max_entries: Option<usize>,
@@ -306,6 +308,7 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
             keep_credential_headers: self.keep_credential_headers,
             trusted_proxies: self.trusted_proxies,
             body_limit: self.body_limit,
+            count_tokens: self.count_tokens,
             policies: self.policies,
             model_list_path: self.model_list_path,
             rate_max_entries: self.rate_max_entries,
@@ -350,6 +353,14 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
     /// See [`TrustedProxies`]: a trusted address can claim to forward for any client.
     pub fn trusted_proxies(mut self, proxies: TrustedProxies) -> Self {
         self.trusted_proxies = proxies;
+        self
+    }
+
+    /// Whether prompts of OpenAI model families are counted with OpenAI's tokenizer
+    /// ([`keygate_scope::OpenAiTokenizer`]; default on), so reservations are exact; off, or for
+    /// other models, a prompt is bounded by its bytes of text.
+    pub fn count_prompt_tokens(mut self, on: bool) -> Self {
+        self.count_tokens = on;
         self
     }
 
@@ -442,6 +453,12 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
             .with_body_limit(self.body_limit)
             .with_trusted_proxies(self.trusted_proxies)
             .with_clock(clock.clone());
+        if self.count_tokens {
+            scope = scope.with_token_counter(
+                Arc::new(keygate_scope::OpenAiTokenizer),
+                keygate_scope::DEFAULT_MAX_TOKENIZED,
+            );
+        }
         for edit in self.policies {
             scope = edit(scope);
         }

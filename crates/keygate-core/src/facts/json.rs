@@ -57,8 +57,9 @@ pub struct JsonFields<'a> {
     /// `stream_options`: `None` absent or null; `Some(None)` an object without
     /// `include_usage` (or with it null); `Some(Some(b))` with it.
     pub include_usage: Option<Option<bool>>,
-    /// Bytes of string values (at any depth, escapes counted as written), except the values
-    /// of the fields above: an upper bound on the text the model sees.
+    /// Bytes of string values (at any depth, escapes counted as written) and of the keys of
+    /// nested objects (a tool's parameter names reach the model), except the values of the
+    /// fields above: an upper bound on the text the model sees.
     pub text_bytes: u64,
     /// Number values (at any depth) outside the fields above: token ids count one each.
     pub numbers: u64,
@@ -66,6 +67,33 @@ pub struct JsonFields<'a> {
     /// few tokens of framing.
     pub items: u64,
     pub(crate) edits: Edits,
+    /// Where the text counted in `text_bytes` is (quotes excluded), when collected.
+    pub(crate) text: Vec<Span>,
+}
+
+/// A string's contents in the body, and whether they hold escapes (then decoded to count).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub(crate) range: Range<usize>,
+    pub(crate) escaped: bool,
+}
+
+impl JsonFields<'_> {
+    /// Each piece of text counted in [`text_bytes`](JsonFields::text_bytes), decoded (empty
+    /// unless the scan collected text: [`scan_json_text`]).
+    pub fn text<'b>(&'b self, body: &'b [u8]) -> impl Iterator<Item = Cow<'b, str>> + 'b {
+        self.text.iter().filter_map(move |span| {
+            let raw = body.get(span.range.clone())?;
+            if span.escaped {
+                let quoted = body.get(span.range.start - 1..span.range.end + 1)?;
+                serde_json::from_slice::<String>(quoted)
+                    .ok()
+                    .map(Cow::Owned)
+            } else {
+                std::str::from_utf8(raw).ok().map(Cow::Borrowed)
+            }
+        })
+    }
 }
 
 /// Where the body can be changed without re-encoding it.
@@ -92,11 +120,26 @@ pub(crate) struct Edits {
 /// Not UTF-8, not JSON, not an object, a key twice in any object, `model` ambiguous, or a
 /// field keygate reads with a value of the wrong type.
 pub fn scan_json(body: &[u8]) -> Result<JsonFields<'_>, JsonError> {
+    scan(body, false)
+}
+
+/// [`scan_json`], also noting where the text the model sees is, for a tokenizer to count
+/// ([`JsonFields::text`]).
+///
+/// # Errors
+///
+/// As [`scan_json`].
+pub fn scan_json_text(body: &[u8]) -> Result<JsonFields<'_>, JsonError> {
+    scan(body, true)
+}
+
+fn scan(body: &[u8], collect: bool) -> Result<JsonFields<'_>, JsonError> {
     let text = std::str::from_utf8(body).map_err(|_| JsonError::NotUtf8)?;
     let mut s = Scanner {
         b: text.as_bytes(),
         i: 0,
         f: JsonFields::default(),
+        collect,
     };
     s.ws();
     if s.peek() != Some(b'{') {
@@ -174,6 +217,7 @@ struct Scanner<'a> {
     b: &'a [u8],
     i: usize,
     f: JsonFields<'a>,
+    collect: bool,
 }
 
 impl<'a> Scanner<'a> {
@@ -363,11 +407,7 @@ impl<'a> Scanner<'a> {
     /// One value of any kind at nesting `depth`, counted towards the prompt size.
     fn value(&mut self, depth: u32) -> Result<(), JsonError> {
         match self.peek().ok_or(JsonError::Invalid)? {
-            b'"' => {
-                let len = self.skip_string()?;
-                self.f.text_bytes += len as u64;
-                Ok(())
-            }
+            b'"' => self.text_string(),
             b'{' => self.object(depth + 1),
             b'[' => self.array(depth + 1),
             b't' => self.literal(b"true"),
@@ -400,7 +440,9 @@ impl<'a> Scanner<'a> {
             if self.peek() != Some(b'"') {
                 return Err(JsonError::Invalid);
             }
+            let at = self.i;
             let key = self.string()?;
+            self.note_text(at + 1..self.i - 1);
             if !keys.insert(key) {
                 return Err(JsonError::DuplicateKey);
             }
@@ -493,6 +535,24 @@ impl<'a> Scanner<'a> {
             }
         }
         Ok(())
+    }
+
+    /// A string value the model may read: skipped, and counted as text.
+    fn text_string(&mut self) -> Result<(), JsonError> {
+        let at = self.i;
+        self.skip_string()?;
+        self.note_text(at + 1..self.i - 1);
+        Ok(())
+    }
+
+    /// Counts the string contents at `range` as text (and notes where they are).
+    #[inline]
+    fn note_text(&mut self, range: Range<usize>) {
+        self.f.text_bytes += range.len() as u64;
+        if self.collect && !range.is_empty() {
+            let escaped = memchr::memchr(b'\\', &self.b[range.clone()]).is_some();
+            self.f.text.push(Span { range, escaped });
+        }
     }
 
     /// Skips a string (at its opening quote), validating its escapes and refusing control

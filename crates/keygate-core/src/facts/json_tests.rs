@@ -125,8 +125,14 @@ fn accounting_fields_are_read() {
     assert_eq!(f.n, Some(3));
     assert!(f.stream);
     assert_eq!(f.include_usage, Some(Some(false)));
-    // "user" + `max_tokens \"}` as written: the text, not the JSON around it.
-    assert_eq!(f.text_bytes, 4 + 14);
+    // "role", "user", "content" + `max_tokens \"}` as written: the text (and the keys of
+    // nested objects), not the JSON around it.
+    assert_eq!(f.text_bytes, 4 + 4 + 7 + 14);
+    let body = br#"{"model":"m","messages":[{"role":"user","content":"a\nb"}]}"#;
+    let f = scan_json_text(body).unwrap();
+    let text: Vec<_> = f.text(body).collect();
+    assert_eq!(text, ["role", "user", "content", "a\nb"]);
+    assert!(scan_json(body).unwrap().text(body).next().is_none());
     assert_eq!(f.items, 1);
     let f = scan_json(
         br#"{"max_tokens":5,"max_output_tokens":null,"max_completion_tokens":9,"best_of":4}"#,

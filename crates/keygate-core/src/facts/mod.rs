@@ -9,7 +9,7 @@ mod json;
 
 use std::sync::Arc;
 
-pub use json::{JsonEdit, JsonError, JsonFields, MAX_DEPTH, edit_json, scan_json};
+pub use json::{JsonEdit, JsonError, JsonFields, MAX_DEPTH, edit_json, scan_json, scan_json_text};
 use serde::{Deserialize, Serialize};
 
 use crate::ext::{EndpointMatch, RequestedModel};
@@ -86,7 +86,25 @@ pub struct PromptSize {
     pub tokens: Option<u64>,
 }
 
+/// Tokens of framing the model reads around each nested item (a message's role markers, a
+/// content part), and once around the whole prompt.
+pub const TOKENS_PER_ITEM: u64 = 4;
+
 impl PromptSize {
+    /// The most tokens this prompt can be: the exact count when a tokenizer made one; else
+    /// the text at `bytes_per_token` (1, the default of the token layer, is a bound for every
+    /// byte-level tokenizer: no token is shorter than a byte), one token per number (token
+    /// ids) and the framing of each item.
+    pub fn tokens_at_most(&self, bytes_per_token: u64) -> u64 {
+        if let Some(tokens) = self.tokens {
+            return tokens;
+        }
+        self.text_bytes
+            .div_ceil(bytes_per_token.max(1))
+            .saturating_add(self.numbers)
+            .saturating_add((self.items + 1).saturating_mul(TOKENS_PER_ITEM))
+    }
+
     /// A prompt of `text_bytes` bytes and nothing else.
     pub fn bytes(text_bytes: u64) -> Self {
         PromptSize {
@@ -94,6 +112,47 @@ impl PromptSize {
             ..PromptSize::default()
         }
     }
+}
+
+/// Counts the tokens of text for the models it knows (an OpenAI tokenizer for OpenAI's model
+/// families): what makes the prompt side of a reservation tight instead of a byte bound.
+pub trait TokenCounter: Send + Sync + 'static {
+    /// Whether this counter knows how `model` tokenizes.
+    fn knows(&self, model: &str) -> bool;
+
+    /// The tokens of `text` for `model` (a model [`knows`](TokenCounter::knows) accepted).
+    fn count(&self, model: &str, text: &str) -> u64;
+}
+
+/// The prompt tokens of a JSON body scanned with [`scan_json_text`], for `model`, when
+/// `counter` knows it: every piece of text counted (up to `max_bytes` of it; text beyond
+/// counts a token a byte), plus numbers and framing as in [`PromptSize::tokens_at_most`].
+/// Each piece is counted apart, which never counts fewer tokens than the pieces joined.
+pub fn count_prompt(
+    fields: &JsonFields<'_>,
+    body: &[u8],
+    model: &str,
+    counter: &dyn TokenCounter,
+    max_bytes: usize,
+) -> Option<u64> {
+    if !counter.knows(model) {
+        return None;
+    }
+    let mut counted = 0usize;
+    let mut tokens = 0u64;
+    for text in fields.text(body) {
+        if counted + text.len() <= max_bytes {
+            counted += text.len();
+            tokens = tokens.saturating_add(counter.count(model, &text));
+        } else {
+            tokens = tokens.saturating_add(text.len() as u64);
+        }
+    }
+    Some(
+        tokens
+            .saturating_add(fields.numbers)
+            .saturating_add((fields.items + 1).saturating_mul(TOKENS_PER_ITEM)),
+    )
 }
 
 /// Everything keygate decided about one request: route, endpoint group and access, body

@@ -225,17 +225,8 @@ impl WorstCase {
     }
 }
 
-/// Prompt tokens at most, from what the scan measured: the exact count when known; else the
-/// text at `bytes_per_token`, one token per number (token ids), and a few tokens of framing
-/// per item (message, content part, tool).
+/// Prompt tokens at most, from what the scan measured (see
+/// [`PromptSize::tokens_at_most`](keygate_core::PromptSize::tokens_at_most)).
 pub(super) fn prompt_tokens(facts: &RequestFacts, bytes_per_token: u64) -> u64 {
-    const PER_ITEM: u64 = 4;
-    let p = facts.prompt;
-    if let Some(tokens) = p.tokens {
-        return tokens;
-    }
-    p.text_bytes
-        .div_ceil(bytes_per_token.max(1))
-        .saturating_add(p.numbers)
-        .saturating_add(p.items.saturating_mul(PER_ITEM))
+    facts.prompt.tokens_at_most(bytes_per_token)
 }

@@ -150,7 +150,7 @@ impl Default for TokenLimitLayer<MemoryBackend> {
 }
 
 impl<B: LimitBackend> TokenLimitLayer<B> {
-    /// A layer over `backend`: no prices, unpriced models denied when a budget applies, 4 bytes
+    /// A layer over `backend`: no prices, unpriced models denied when a budget applies, 1 byte
     /// per token, a default output ceiling of 4,096 tokens, request bodies up to 8 MiB.
     pub fn new(backend: B) -> Self {
         Self::with_shared_backend(Arc::new(backend))
@@ -164,7 +164,7 @@ impl<B: LimitBackend> TokenLimitLayer<B> {
                 clock: Clock::system(),
                 prices: PriceTable::new(),
                 unpriced: Unpriced::Deny,
-                bytes_per_token: 4,
+                bytes_per_token: 1,
                 default_output: 4096,
                 min_output: 16,
                 max_body: 8 << 20,
@@ -202,7 +202,9 @@ impl<B: LimitBackend> TokenLimitLayer<B> {
         self.edit(|c| c.unpriced = unpriced)
     }
 
-    /// Bytes of JSON request body per estimated prompt token (default 4).
+    /// Bytes of prompt text per token, for prompts no tokenizer counted (default 1: a bound,
+    /// since no token of a byte-level tokenizer is shorter than a byte; more admits more, at
+    /// the risk of a prompt that costs more than was reserved).
     pub fn with_bytes_per_token(self, bytes: NonZeroU32) -> Self {
         self.edit(|c| c.bytes_per_token = u64::from(bytes.get()))
     }

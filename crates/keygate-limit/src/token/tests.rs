@@ -73,12 +73,12 @@ fn tpm_used(layer: &TokenLimitLayer, owner: &str, now: Timestamp) -> u64 {
         .unwrap_or(0)
 }
 
-/// The prompt tokens the layer reserves for `body` (4 bytes of text a token).
+/// The prompt tokens the layer reserves for `body` (a token a byte of text).
 fn prompt_of(body: &str) -> u64 {
     let fields = keygate_core::facts::scan_json(body.as_bytes()).unwrap();
     let mut facts = keygate_core::RequestFacts::unrouted();
     facts.absorb_json(&fields);
-    prompt_tokens(&facts, 4)
+    prompt_tokens(&facts, 1)
 }
 
 /// The stream of [`sse_frames`] as a client that did not ask for usage sees it.
@@ -322,8 +322,9 @@ async fn token_rate_refuses_with_rate_limit_exceeded_and_token_headers() {
         },
     );
     let p = principal_with(|k, _| k.tokens_per_minute = NonZeroU64::new(150));
-    // 23 bytes of text (6 tokens) in one message (4 tokens of framing), and 92: 102.
-    let body = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello there, friend"}],"max_tokens":92}"#;
+    // 6 bytes of text (a token a byte), 4 tokens of framing, and 92: 102.
+    let body = r#"{"model":"gpt-4o-mini","prompt":"hello!","max_tokens":92}"#;
+    assert_eq!(prompt_of(body), 10);
     let res = svc.clone().oneshot(chat(&p, body)).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["x-ratelimit-remaining-tokens"], "48");
