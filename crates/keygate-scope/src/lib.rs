@@ -141,6 +141,7 @@
 //!   structure from them).
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod batch;
 mod body;
 #[cfg(feature = "decompression")]
 mod decompress;

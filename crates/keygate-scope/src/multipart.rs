@@ -39,11 +39,16 @@ pub(crate) fn boundary(content_type: &str) -> Option<&str> {
     found.filter(|b| !b.is_empty() && b.len() <= 70)
 }
 
-/// The value of the `model` field of the form `body` with `boundary`, if present.
-pub(crate) fn find_model<'a>(
-    body: &'a [u8],
-    boundary: &str,
-) -> Result<Option<Cow<'a, str>>, FormError> {
+/// One part of a form: its name, whether parsers may disagree on it as a text field, and its
+/// contents.
+pub(crate) struct Part<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) unusual: bool,
+    pub(crate) content: &'a [u8],
+}
+
+/// The parts of the form `body` with `boundary`, strictly delimited.
+pub(crate) fn parts<'a>(body: &'a [u8], boundary: &str) -> Result<Vec<Part<'a>>, FormError> {
     let dash = format!("--{boundary}");
     let delim = format!("\r\n--{boundary}");
     if !body.starts_with(dash.as_bytes()) {
@@ -51,12 +56,12 @@ pub(crate) fn find_model<'a>(
     }
     let finder = memmem::Finder::new(delim.as_bytes());
     let mut pos = dash.len();
-    let mut model = None;
+    let mut out = Vec::new();
     loop {
         let rest = &body[pos..];
         if rest.starts_with(b"--") {
             // Close delimiter; an epilogue after it is ignored by every parser.
-            return Ok(model);
+            return Ok(out);
         }
         if !rest.starts_with(b"\r\n") {
             return Err(FormError::Invalid);
@@ -70,16 +75,41 @@ pub(crate) fn find_model<'a>(
             .ok_or(FormError::Invalid)?;
         let content = &body[content_start..content_start + content_len];
         pos = content_start + content_len + delim.len();
-        let part = part_head(headers)?;
-        let name = part.name;
-        if name.eq_ignore_ascii_case("model") {
-            if name != "model" || model.is_some() || part.unusual {
+        let head = part_head(headers)?;
+        out.push(Part {
+            name: head.name,
+            unusual: head.unusual,
+            content,
+        });
+    }
+}
+
+/// The text field `field` of a form's parts, if present: exactly one part of that name (no
+/// case variant), a plain text part.
+pub(crate) fn text_field<'a>(
+    parts: &[Part<'a>],
+    field: &str,
+) -> Result<Option<&'a str>, FormError> {
+    let mut found = None;
+    for part in parts {
+        if part.name.eq_ignore_ascii_case(field) {
+            if part.name != field || found.is_some() || part.unusual {
                 return Err(FormError::AmbiguousModel);
             }
-            let text = std::str::from_utf8(content).map_err(|_| FormError::ModelNotText)?;
-            model = Some(Cow::Borrowed(text));
+            found = Some(std::str::from_utf8(part.content).map_err(|_| FormError::ModelNotText)?);
         }
     }
+    Ok(found)
+}
+
+/// The value of the `model` field of the form `body` with `boundary`, if present.
+#[cfg(test)]
+pub(crate) fn find_model<'a>(
+    body: &'a [u8],
+    boundary: &str,
+) -> Result<Option<Cow<'a, str>>, FormError> {
+    let parts = parts(body, boundary)?;
+    Ok(text_field(&parts, "model")?.map(Cow::Borrowed))
 }
 
 /// What matters of a part's headers.

@@ -83,6 +83,12 @@ pub struct RouteSpec {
     /// reads its body, a gRPC `Content-Type` is refused.
     #[serde(default, skip_serializing_if = "is_false")]
     pub grpc: bool,
+    /// The route uploads files, and a file with `purpose=batch` is a list of requests: for a
+    /// caller with model rules, the upload is read (up to the body limit) and refused unless
+    /// every request in it names an allowed model (`POST /v1/files`); an upload in parts
+    /// (`POST /v1/uploads` with `purpose: batch`) cannot be read whole and is refused.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub batch_input: bool,
 }
 
 impl RouteSpec {
@@ -101,6 +107,7 @@ impl RouteSpec {
             default_model: None,
             model_indirect: false,
             grpc: false,
+            batch_input: false,
         }
     }
 }
@@ -201,6 +208,7 @@ pub(crate) struct Route {
     pub(crate) default_model: Option<RequestedModel>,
     pub(crate) indirect: bool,
     pub(crate) grpc: bool,
+    pub(crate) batch_input: bool,
 }
 
 impl Route {
@@ -550,6 +558,7 @@ impl RouteTable {
             default_model: spec.default_model.as_deref().map(RequestedModel::new),
             indirect: spec.model_indirect,
             grpc: spec.grpc,
+            batch_input: spec.batch_input,
         });
         let map = if wildcard {
             &mut self.nodes[node].wildcard
@@ -713,6 +722,13 @@ fn openai_specs() -> Vec<RouteSpec> {
         spec.model_indirect = true;
         specs.push(spec);
     }
+    // Uploads: a batch input file is read for the models its requests name.
+    for (path, group) in [("/v1/files", "files"), ("/v1/uploads", "uploads")] {
+        let mut spec = RouteSpec::new("POST", path, group);
+        spec.generates = Some(Nothing);
+        spec.batch_input = true;
+        specs.push(spec);
+    }
     // Routes without a model that make nothing billed.
     let plain: &[(&str, &str, &str)] = &[
         ("GET", "/v1/models", "models"),
@@ -779,12 +795,10 @@ fn openai_specs() -> Vec<RouteSpec> {
             "/v1/fine_tuning/checkpoints/{checkpoint}/permissions/{permission_id}",
             "fine_tuning",
         ),
-        ("POST", "/v1/files", "files"),
         ("GET", "/v1/files", "files"),
         ("GET", "/v1/files/{file_id}", "files"),
         ("DELETE", "/v1/files/{file_id}", "files"),
         ("GET", "/v1/files/{file_id}/content", "files"),
-        ("POST", "/v1/uploads", "uploads"),
         ("POST", "/v1/uploads/{upload_id}/parts", "uploads"),
         ("POST", "/v1/uploads/{upload_id}/complete", "uploads"),
         ("POST", "/v1/uploads/{upload_id}/cancel", "uploads"),

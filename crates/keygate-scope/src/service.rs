@@ -25,6 +25,7 @@ use keygate_core::{
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
+use crate::batch::{BatchError, batch_models};
 use crate::body::BodyFromBytes;
 #[cfg(feature = "decompression")]
 use crate::decompress::{self, DecodeError};
@@ -329,7 +330,10 @@ impl<S> Scope<S> {
             ));
         }
         let mut body = None;
-        if route.reads_body() {
+        // An upload is read only where its content must be verified: a batch file of a
+        // caller with model rules.
+        let verifies_upload = route.batch_input && principal.has_model_rules();
+        if route.reads_body() || verifies_upload {
             let coding = body_coding(shared, headers)?;
             let mut types = headers.get_all(CONTENT_TYPE).iter();
             let ct = types.next().and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -345,7 +349,9 @@ impl<S> Scope<S> {
                     "unsupported_media_type",
                     "This endpoint does not take gRPC.",
                 ));
-            } else if let Some(b) = multipart::boundary(ct).filter(|_| sources.multipart) {
+            } else if let Some(b) =
+                multipart::boundary(ct).filter(|_| sources.multipart || route.batch_input)
+            {
                 BodyKind::Multipart(b.into())
             } else if takes_json && (ct.is_empty() || keygate_core::is_json_media_type(ct)) {
                 BodyKind::Json
@@ -679,6 +685,50 @@ fn decoded_body(shared: &Shared, pending: &Pending, bytes: Bytes) -> Result<Byte
     }
 }
 
+fn batch_unverifiable() -> Denial {
+    scope_denial(
+        StatusCode::FORBIDDEN,
+        "model_unverifiable",
+        "This key may use only some models, and a batch file uploaded in parts cannot be verified: upload it whole with POST /v1/files.",
+    )
+    .with_param("purpose")
+}
+
+/// The models a batch input file's requests name, each allowed for `principal`.
+fn check_batch_file(
+    principal: &Principal,
+    parts: &[multipart::Part<'_>],
+) -> Result<Vec<Arc<str>>, Denial> {
+    let mut files = parts.iter().filter(|p| p.name == "file");
+    let (Some(file), None) = (files.next(), files.next()) else {
+        return Err(scope_denial(
+            StatusCode::BAD_REQUEST,
+            "invalid_form",
+            "A batch upload takes exactly one file.",
+        ));
+    };
+    let models = batch_models(file.content).map_err(|BatchError::BadLine(line)| {
+        scope_denial(
+            StatusCode::BAD_REQUEST,
+            "invalid_batch_file",
+            format!(
+                "Line {line} of the batch file is not a request naming its model (body.model)."
+            ),
+        )
+        .with_param("file")
+    })?;
+    if let Some(m) = models.iter().find(|m| !principal.allows_model(m)) {
+        let shown = truncate(m, 100);
+        return Err(scope_denial(
+            StatusCode::FORBIDDEN,
+            "model_not_allowed",
+            format!("This key may not use the model {shown:?}, which the batch file names."),
+        )
+        .with_param("file"));
+    }
+    Ok(models)
+}
+
 /// Analyses a collected body into the request's facts and runs the rest of the check.
 fn check_body(
     shared: &Shared,
@@ -698,6 +748,12 @@ fn check_body(
             }
             .map_err(json_denial)?;
             facts.absorb_json(&fields);
+            if route.batch_input
+                && fields.purpose.as_deref() == Some("batch")
+                && pending.principal.has_model_rules()
+            {
+                return Err(batch_unverifiable());
+            }
             let model = fields.model.clone();
             scanned = Some(fields);
             model
@@ -705,7 +761,7 @@ fn check_body(
         BodyKind::Multipart(boundary) => {
             facts.protocol = Protocol::Multipart;
             facts.prompt = PromptSize::default();
-            multipart::find_model(bytes, boundary).map_err(|e| match e {
+            let form_error = |e| match e {
                 FormError::Invalid => scope_denial(
                     StatusCode::BAD_REQUEST,
                     "invalid_form",
@@ -713,10 +769,19 @@ fn check_body(
                 ),
                 FormError::AmbiguousModel => bad_model(
                     "ambiguous_model",
-                    "The form names the model more than once.",
+                    "The form names the model (or the file's purpose) more than once.",
                 ),
                 FormError::ModelNotText => bad_model("invalid_model", "The model must be text."),
-            })?
+            };
+            let parts = multipart::parts(bytes, boundary).map_err(form_error)?;
+            if route.batch_input
+                && multipart::text_field(&parts, "purpose").map_err(form_error)? == Some("batch")
+            {
+                facts.batch_models = Some(check_batch_file(&pending.principal, &parts)?);
+            }
+            multipart::text_field(&parts, "model")
+                .map_err(form_error)?
+                .map(Cow::Borrowed)
         }
     };
     let model = match (&pending.url_model, body_model) {

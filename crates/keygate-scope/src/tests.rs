@@ -649,14 +649,7 @@ async fn routes_without_a_model_need_none_under_model_rules() {
     let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
     let c = run(&ScopeLayer::openai(), get("/v1/models", &p)).await;
     assert_eq!(c.status, StatusCode::OK, "{:?}", c.denial);
-    let c = run(
-        &ScopeLayer::openai(),
-        with(
-            &p,
-            Request::post("/v1/files").body(Full::default()).unwrap(),
-        ),
-    )
-    .await;
+    let c = run(&ScopeLayer::openai(), with(&p, upload("fine-tune", "{}"))).await;
     assert_eq!(c.status, StatusCode::OK, "{:?}", c.denial);
 }
 
@@ -1928,4 +1921,96 @@ async fn every_preset_route_checks_the_model_or_refuses_a_restricted_key() {
         }
     }
     assert!(checked >= 20, "{checked}");
+}
+
+// ---- batch input files ----
+
+fn upload(purpose: &str, file: &str) -> Request<Full<Bytes>> {
+    let body = format!(
+        "--B0\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\n{purpose}\r\n--B0\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b.jsonl\"\r\nContent-Type: application/jsonl\r\n\r\n{file}\r\n--B0--\r\n"
+    );
+    Request::post("/v1/files")
+        .header("content-type", "multipart/form-data; boundary=B0")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+fn batch_line(model: &str) -> String {
+    format!(
+        r#"{{"custom_id":"r","method":"POST","url":"/v1/chat/completions","body":{{"model":"{model}","messages":[]}}}}"#
+    )
+}
+
+#[tokio::test]
+async fn a_batch_file_naming_a_model_outside_the_rules_is_refused_at_upload() {
+    let layer = ScopeLayer::openai();
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let file = format!("{}\n{}\n", batch_line("gpt-4o-mini"), batch_line("gpt-4o"));
+    let c = run(&layer, with(&p, upload("batch", &file))).await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::FORBIDDEN, "model_not_allowed")
+    );
+    let file = format!(
+        "{}\n{}\n",
+        batch_line("gpt-4o-mini"),
+        batch_line("gpt-4o-mini")
+    );
+    let c = run(&layer, with(&p, upload("batch", &file))).await;
+    assert_eq!(c.status, StatusCode::OK, "{}", code(&c));
+    // A line without a model is refused for a restricted key.
+    let c = run(&layer, with(&p, upload("batch", r#"{"body":{}}"#))).await;
+    assert_eq!(code(&c), "invalid_batch_file");
+    // Other purposes are not requests: not checked.
+    let c = run(
+        &layer,
+        with(&p, upload("assistants", &batch_line("gpt-4o"))),
+    )
+    .await;
+    assert_eq!(c.status, StatusCode::OK);
+    // A key without model rules uploads anything, unread.
+    let c = run(&layer, with(&all(), upload("batch", &batch_line("gpt-4o")))).await;
+    assert_eq!(c.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_models_of_a_batch_file_are_carried_in_the_facts() {
+    let p = principal_with(Permissions::All, &["gpt-4o*"], &[]);
+    let svc = tower::ServiceBuilder::new()
+        .layer(ScopeLayer::openai())
+        .service_fn(|req: Request<Full<Bytes>>| async move {
+            let facts = req.extensions().get::<RequestFacts>().unwrap();
+            let models = facts.batch_models.clone().unwrap_or_default().join(",");
+            Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(models))))
+        });
+    let file = format!("{}\n{}\n", batch_line("gpt-4o-mini"), batch_line("gpt-4o"));
+    let res = svc.oneshot(with(&p, upload("batch", &file))).await.unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "gpt-4o,gpt-4o-mini");
+}
+
+#[tokio::test]
+async fn a_batch_upload_in_parts_is_refused_for_a_restricted_key() {
+    let layer = ScopeLayer::openai();
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    let c = run(
+        &layer,
+        json(
+            "/v1/uploads",
+            r#"{"purpose":"batch","filename":"b.jsonl","bytes":10,"mime_type":"text/jsonl"}"#,
+            &p,
+        ),
+    )
+    .await;
+    assert_eq!(code(&c), "model_unverifiable");
+    let c = run(
+        &layer,
+        json(
+            "/v1/uploads",
+            r#"{"purpose":"assistants","filename":"a.pdf","bytes":10,"mime_type":"application/pdf"}"#,
+            &p,
+        ),
+    )
+    .await;
+    assert_eq!(c.status, StatusCode::OK);
 }

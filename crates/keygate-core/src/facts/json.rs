@@ -54,6 +54,8 @@ pub struct JsonFields<'a> {
     pub best_of: Option<u64>,
     /// `stream: true`.
     pub stream: bool,
+    /// The top-level `purpose`, when a string (an upload's: `batch` files are requests).
+    pub purpose: Option<Cow<'a, str>>,
     /// `stream_options`: `None` absent or null; `Some(None)` an object without
     /// `include_usage` (or with it null); `Some(Some(b))` with it.
     pub include_usage: Option<Option<bool>>,
@@ -198,6 +200,7 @@ enum Field {
     BestOf,
     Stream,
     StreamOptions,
+    Purpose,
     Other,
 }
 
@@ -209,6 +212,7 @@ fn field(key: &str) -> Field {
         "best_of" => Field::BestOf,
         "stream" => Field::Stream,
         "stream_options" => Field::StreamOptions,
+        "purpose" => Field::Purpose,
         _ => Field::Other,
     }
 }
@@ -310,7 +314,10 @@ impl<'a> Scanner<'a> {
                     self.f.stream = self.bool_or_null("stream")? == Some(true);
                 }
                 Field::StreamOptions => self.stream_options()?,
-                Field::Other => self.value(1)?,
+                Field::Purpose if self.peek() == Some(b'"') => {
+                    self.f.purpose = Some(self.string()?);
+                }
+                Field::Purpose | Field::Other => self.value(1)?,
             }
             if !self.more(b'}')? {
                 self.f.edits.close = self.i - 1;

@@ -186,6 +186,10 @@ pub struct RequestFacts {
     /// The body field that caps output on this route (`max_completion_tokens` for chat), if
     /// the API has one: where keygate writes a cap when the client names none.
     pub output_field: Option<Arc<str>>,
+    /// The models the requests of an uploaded batch input file name (sorted, each once), when
+    /// keygate read the file: what a batch made from it will run, for the ownership registry
+    /// to keep with the file.
+    pub batch_models: Option<Vec<Arc<str>>>,
     /// The JSON body's layout, when it was scanned: where fields can be changed.
     pub(crate) layout: Option<json::Edits>,
 }
@@ -205,6 +209,7 @@ impl RequestFacts {
             usage_requested: None,
             prompt: PromptSize::default(),
             output_field: None,
+            batch_models: None,
             layout: None,
         }
     }
