@@ -1,7 +1,5 @@
 //! Finds the `model` field of a `multipart/form-data` body (RFC 7578), strictly.
 
-use std::borrow::Cow;
-
 use memchr::memmem;
 
 /// Why the form's model could not be read unambiguously.
@@ -107,9 +105,9 @@ pub(crate) fn text_field<'a>(
 pub(crate) fn find_model<'a>(
     body: &'a [u8],
     boundary: &str,
-) -> Result<Option<Cow<'a, str>>, FormError> {
+) -> Result<Option<std::borrow::Cow<'a, str>>, FormError> {
     let parts = parts(body, boundary)?;
-    Ok(text_field(&parts, "model")?.map(Cow::Borrowed))
+    Ok(text_field(&parts, "model")?.map(std::borrow::Cow::Borrowed))
 }
 
 /// What matters of a part's headers.
