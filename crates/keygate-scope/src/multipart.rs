@@ -188,6 +188,7 @@ fn part_head(headers: &[u8]) -> Result<PartHead<'_>, FormError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::borrow::Cow;
 
     fn form(parts: &[(&str, &str)]) -> Vec<u8> {
         let mut out = Vec::new();
