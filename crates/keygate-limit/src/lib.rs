@@ -79,6 +79,17 @@ mod rate;
 mod token;
 mod usage;
 
+/// Entry points for the fuzz targets (`fuzz/`): built only with `--cfg fuzzing`.
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Runs `chunks` through the SSE usage observer (stripping the usage chunk or not): what
+    /// the client receives, and the usage seen.
+    pub fn sse(chunks: &[&[u8]], strip: bool) -> (Vec<u8>, Option<keygate_core::Usage>) {
+        crate::usage::sse_pass(chunks, strip)
+    }
+}
+
 pub use backend::{LimitBackend, MemoryBackend};
 pub use body::{OnDisconnect, RequestBody, TokenBody};
 pub use guard::{GuardConfigError, Suspension, SuspensionHook, WalletGuard};

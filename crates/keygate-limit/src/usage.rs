@@ -159,6 +159,26 @@ impl SseScanner {
     }
 }
 
+/// Runs `chunks` through an SSE scanner (stripping or not) as the response body does: what
+/// the client receives, and the usage seen. For the fuzz target and the property test.
+#[cfg_attr(not(any(test, fuzzing)), allow(dead_code))]
+pub(crate) fn sse_pass(chunks: &[&[u8]], strip: bool) -> (Vec<u8>, Option<Usage>) {
+    let mut s = if strip {
+        SseScanner::stripping()
+    } else {
+        SseScanner::default()
+    };
+    let mut out = Vec::new();
+    for chunk in chunks {
+        out.extend_from_slice(&s.pass(Bytes::copy_from_slice(chunk)));
+    }
+    if let Some(rest) = s.rest() {
+        out.extend_from_slice(&rest);
+    }
+    s.finish();
+    (out, s.usage)
+}
+
 /// Whether `data` ends with the blank line that ends an SSE event.
 fn ends_an_event(data: &[u8]) -> bool {
     data.ends_with(b"\n\n") || data.ends_with(b"\r\n\r\n")
@@ -279,5 +299,66 @@ mod strip_tests {
         out.extend_from_slice(&s.pass(Bytes::from_static(b"\n\n")));
         assert_eq!(out.len(), long.len() + 2);
         assert!(s.strip.is_none());
+    }
+}
+
+#[cfg(test)]
+mod sse_properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The events of a stream, as the upstream framed them.
+    fn event() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z ]{0,12}".prop_map(|t| format!("data: {{\"choices\":[{{\"delta\":{{\"content\":\"{t}\"}}}}],\"usage\":null}}\n\n")),
+            (0u64..1000, 0u64..1000).prop_map(|(p, c)| format!("data: {{\"choices\":[],\"usage\":{{\"prompt_tokens\":{p},\"completion_tokens\":{c}}}}}\n\n")),
+            Just(": keep-alive\n\n".to_owned()),
+            Just("event: ping\r\ndata: {}\r\n\r\n".to_owned()),
+            Just("data: [DONE]\n\n".to_owned()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn stripping_removes_exactly_the_usage_chunks_however_the_stream_is_cut(
+            events in prop::collection::vec(event(), 0..8),
+            cuts in prop::collection::vec(any::<prop::sample::Index>(), 0..6),
+        ) {
+            let stream = events.concat();
+            let mut at: Vec<usize> = cuts.iter().map(|c| c.index(stream.len() + 1)).collect();
+            at.sort_unstable();
+            let mut chunks = Vec::new();
+            let mut from = 0;
+            for cut in at {
+                chunks.push(&stream.as_bytes()[from..cut]);
+                from = cut;
+            }
+            chunks.push(&stream.as_bytes()[from..]);
+            let want: String = events
+                .iter()
+                .filter(|e| !e.contains("\"choices\":[],\"usage\":{"))
+                .cloned()
+                .collect();
+            let last_usage = events.iter().rev().find_map(|e| {
+                e.strip_prefix("data: ").filter(|d| d.contains("\"usage\":{")).and_then(|d| usage_of(d.trim().as_bytes()))
+            });
+            let (out, usage) = sse_pass(&chunks, true);
+            prop_assert_eq!(String::from_utf8(out).unwrap(), want);
+            prop_assert_eq!(usage, last_usage);
+            let (plain, plain_usage) = sse_pass(&chunks, false);
+            prop_assert_eq!(plain, stream.as_bytes());
+            prop_assert_eq!(plain_usage, last_usage);
+        }
+
+        #[test]
+        fn any_bytes_pass_without_panic_and_unstripped_untouched(
+            chunks in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..64), 0..6),
+        ) {
+            let chunks: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+            let (plain, _) = sse_pass(&chunks, false);
+            prop_assert_eq!(&plain, &chunks.concat());
+            let (stripped, _) = sse_pass(&chunks, true);
+            prop_assert!(stripped.len() <= plain.len());
+        }
     }
 }

@@ -166,6 +166,9 @@ pub use layer::{
     ScopeLayer, default_peer_addr,
 };
 pub use models::{ModelList, ModelListLayer};
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub use path::canonical_path;
 pub use path::{PathError, check_path};
 pub use policy::{
     MembersOnly, Policy, PolicyConfig, PolicyConfigError, PolicyContext, PolicyDenial,

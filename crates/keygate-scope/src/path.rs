@@ -209,6 +209,53 @@ pub(crate) fn decode(s: &str) -> Option<std::borrow::Cow<'_, str>> {
     percent_encoding::percent_decode_str(s).decode_utf8().ok()
 }
 
+/// The path as a server that normalizes it (RFC 3986 section 6.2.2, plus merged empty
+/// segments) would act on it: unreserved characters decoded, other escapes kept (their hex
+/// digits decode alike in either case), `.` and `..` segments resolved, empty segments dropped; `None` for a malformed escape. A
+/// path [`check_path`] accepts is its own canonical form: the decision made on the raw path is
+/// the decision on the path every server acts on. For the property test and the fuzz target.
+#[cfg(any(test, fuzzing))]
+#[doc(hidden)]
+pub fn canonical_path(path: &str) -> Option<String> {
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let h = hex(*bytes.get(i + 1)?)?;
+            let l = hex(*bytes.get(i + 2)?)?;
+            let c = h << 4 | l;
+            if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                decoded.push(char::from(c));
+            } else {
+                // Hex digits of either case decode alike: kept as written.
+                decoded.push_str(&path[i..i + 3]);
+            }
+            i += 3;
+        } else {
+            let ch = path[i..].chars().next()?;
+            decoded.push(ch);
+            i += ch.len_utf8();
+        }
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let trailing = decoded.ends_with('/') && decoded.len() > 1;
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let mut canonical = format!("/{}", out.join("/"));
+    if trailing && !out.is_empty() {
+        canonical.push('/');
+    }
+    Some(canonical)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,5 +387,31 @@ mod tests {
     fn non_ascii_is_rejected() {
         assert_eq!(check_path("/v1/mod\u{e9}ls"), Err(PathError::NonAscii));
         assert_eq!(check_path("/v1/a b"), Err(PathError::NonAscii));
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2048))]
+        /// Raw decision == canonical decision: a path the check accepts is exactly the path
+        /// a normalizing server acts on.
+        #[test]
+        fn an_accepted_path_is_its_own_canonical_form(
+            segs in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "v1", "models", "a", ".", "..", "", "%2e", "%2E", "%2f", "%41", "%7e",
+                    "%zz", "%", "x%20y", "a.b", "~", ";", "\\", "%5c", "é",
+                ]),
+                0..6,
+            ),
+            trailing in proptest::prelude::any::<bool>(),
+        ) {
+            let mut path = format!("/{}", segs.join("/"));
+            if trailing {
+                path.push('/');
+            }
+            if check_path(&path).is_ok() {
+                let canonical = canonical_path(&path);
+                proptest::prop_assert_eq!(canonical.as_deref(), Some(path.as_str()));
+            }
+        }
     }
 }
