@@ -72,6 +72,8 @@ impl Keygate {
             prices: PriceTable::new(),
             unpriced: Unpriced::Deny,
             default_output_tokens: None,
+            min_output_tokens: None,
+            max_tokens_lowering: false,
             bytes_per_token: None,
             include_usage: true,
             key_format: KeyFormat::default(),
@@ -168,6 +170,8 @@ pub struct KeygateBuilder<K, T = NoTokens> {
     prices: PriceTable,
     unpriced: Unpriced,
     default_output_tokens: Option<u64>,
+    min_output_tokens: Option<u64>,
+    max_tokens_lowering: bool,
     bytes_per_token: Option<NonZeroU32>,
     include_usage: bool,
     key_format: KeyFormat,
@@ -266,20 +270,32 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
         self
     }
 
-    /// Output tokens reserved when a request sets no `max_tokens` (default 4,096).
+    /// The output cap of a request that names none (default 4,096): see
+    /// [`TokenLimitLayer::with_default_output_tokens`].
     pub fn default_output_tokens(mut self, tokens: u64) -> Self {
         self.default_output_tokens = Some(tokens);
         self
     }
 
-    /// Request body bytes per estimated prompt token (default 4).
+    /// See [`TokenLimitLayer::with_min_output_tokens`].
+    pub fn min_output_tokens(mut self, tokens: u64) -> Self {
+        self.min_output_tokens = Some(tokens);
+        self
+    }
+
+    /// See [`TokenLimitLayer::with_max_tokens_lowering`].
+    pub fn max_tokens_lowering(mut self, on: bool) -> Self {
+        self.max_tokens_lowering = on;
+        self
+    }
+
+    /// See [`TokenLimitLayer::with_bytes_per_token`].
     pub fn bytes_per_token(mut self, bytes: NonZeroU32) -> Self {
         self.bytes_per_token = Some(bytes);
         self
     }
 
-    /// Whether streaming chat requests get `stream_options.include_usage` added so their
-    /// usage can be settled (default on).
+    /// See [`TokenLimitLayer::with_include_usage`] (default on).
     pub fn include_usage(mut self, on: bool) -> Self {
         self.include_usage = on;
         self
@@ -301,6 +317,8 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
             prices: self.prices,
             unpriced: self.unpriced,
             default_output_tokens: self.default_output_tokens,
+            min_output_tokens: self.min_output_tokens,
+            max_tokens_lowering: self.max_tokens_lowering,
             bytes_per_token: self.bytes_per_token,
             include_usage: self.include_usage,
             key_format: self.key_format,
@@ -489,6 +507,10 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
             .with_unpriced(self.unpriced)
             .with_max_body(self.body_limit)
             .with_include_usage(self.include_usage);
+        if let Some(n) = self.min_output_tokens {
+            tokens = tokens.with_min_output_tokens(n);
+        }
+        tokens = tokens.with_max_tokens_lowering(self.max_tokens_lowering);
         if let Some(n) = self.default_output_tokens {
             tokens = tokens.with_default_output_tokens(n);
         }

@@ -344,17 +344,28 @@ pub struct LimitsConfig {
     /// When a money budget applies to a model with no price: `"deny"` (default; 403
     /// `model_not_priced`) or `"count_tokens_only"`.
     pub unpriced: UnpricedConfig,
-    /// Output tokens reserved for a request that sets no `max_tokens` (default 4096).
+    /// The output cap of a request that names none (default 4096): reserved, and set on the
+    /// forwarded request (lowered to what the budget and token rate can still pay for).
     pub default_output_tokens: u64,
-    /// Request body bytes per estimated prompt token (default 4).
+    /// The smallest cap keygate lowers an output cap to, to fit (default 16); below it the
+    /// request is refused.
+    pub min_output_tokens: u64,
+    /// Lower a cap the client named, to what fits, instead of refusing the request with 429
+    /// naming what it can afford (default false).
+    pub max_tokens_lowering: bool,
+    /// Count the prompts of OpenAI model families with OpenAI's tokenizers (default true).
+    pub count_prompt_tokens: bool,
+    /// Bytes of prompt text per token for prompts no tokenizer counts (default 1: a bound, as
+    /// no token is shorter than a byte; more admits more at the risk of under-reserving).
     pub bytes_per_token: NonZeroU32,
     /// At most this many keys (and projects) tracked by the request rate limiter at once
     /// (default 4,000,000; at least 64).
     pub max_rate_entries: usize,
     /// Add `x-ratelimit-*-requests` headers to allowed responses (default true).
     pub rate_limit_headers: bool,
-    /// Add `stream_options.include_usage` to streaming chat requests so their usage can be
-    /// settled (default true).
+    /// Force `stream_options.include_usage` on in streaming completions requests so their
+    /// usage can be settled; a client that did not ask does not see the usage chunk (default
+    /// true).
     pub include_usage: bool,
     /// What a committed ledger write survives: `"process_crash"` (default: `kill -9`, a
     /// panic; no fsync on the request's path) or `"power_loss"` (an fsync per group commit,
@@ -379,7 +390,10 @@ impl Default for LimitsConfig {
         LimitsConfig {
             unpriced: UnpricedConfig::Deny,
             default_output_tokens: 4096,
-            bytes_per_token: NonZeroU32::new(4).unwrap_or(NonZeroU32::MIN),
+            min_output_tokens: 16,
+            max_tokens_lowering: false,
+            count_prompt_tokens: true,
+            bytes_per_token: NonZeroU32::MIN,
             max_rate_entries: 4_000_000,
             rate_limit_headers: true,
             include_usage: true,
@@ -722,6 +736,9 @@ impl Config {
             .prices(self.price_table()?)
             .unpriced(unpriced)
             .default_output_tokens(limits.default_output_tokens)
+            .min_output_tokens(limits.min_output_tokens)
+            .max_tokens_lowering(limits.max_tokens_lowering)
+            .count_prompt_tokens(limits.count_prompt_tokens)
             .bytes_per_token(limits.bytes_per_token)
             .max_rate_entries(limits.max_rate_entries)
             .rate_limit_headers(limits.rate_limit_headers)
@@ -1095,10 +1112,16 @@ mod tests {
             path = "/v1/chat/completions"
             group = "chat"
             model = ["json"]
+            generates = "text"
+            output_field = "max_tokens"
+            default_model = "gpt-4o-mini"
 
             [limits]
             unpriced = "count_tokens_only"
             default_output_tokens = 100
+            min_output_tokens = 8
+            max_tokens_lowering = true
+            count_prompt_tokens = false
             bytes_per_token = 3
             max_rate_entries = 1000
             rate_limit_headers = false
@@ -1190,6 +1213,12 @@ mod tests {
         assert!(Config::default().guard.guard().unwrap().is_none());
         assert!(c.audit.key_metrics);
         assert_eq!(c.limits.ledger_durability, LedgerDurability::PowerLoss);
+        assert_eq!(c.limits.min_output_tokens, 8);
+        assert!(c.limits.max_tokens_lowering && !c.limits.count_prompt_tokens);
+        assert_eq!(
+            c.routes.custom[0].output_field.as_deref(),
+            Some("max_tokens")
+        );
         assert_eq!(c.audit.jsonl.as_ref().unwrap().fallback_after_secs, 1);
         assert_eq!(c.upstreams.len(), 2);
         assert_eq!(c.upstreams[0].models, ["gpt-*"]);
