@@ -17,8 +17,9 @@ use http::{Request, StatusCode};
 use keygate_benches::{
     PROJECT, call, key_record, measuring, models_request, rss_bytes, rt_current_thread, upstream,
 };
-use keygate_core::{Credential, KeyDigest, MemoryStore, Principal, ProjectRecord, Secret};
+use keygate_core::{Credential, KeyDigest, Principal, ProjectRecord, Secret};
 use keygate_limit::{RateLimitLayer, TokenLimitLayer};
+use keygate_store::MemoryStore;
 use tower::Layer;
 
 const CASE_VAR: &str = "KEYGATE_MEM_CASE";

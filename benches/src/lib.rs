@@ -28,12 +28,13 @@ use http_body::Body as HttpBody;
 use http_body_util::BodyExt;
 use keygate_audit::{AuditLayer, NoopSink};
 use keygate_core::{
-    Access, Credential, KeyDigest, KeyFormat, KeyId, KeyRecord, MemoryStore, ModelPattern,
-    ModelRules, Permissions, Principal, ProjectRecord, Secret, Timestamp,
+    Access, Credential, KeyDigest, KeyFormat, KeyId, KeyRecord, ModelPattern, ModelRules,
+    Permissions, Principal, ProjectRecord, Secret, Timestamp,
 };
 use keygate_extract::KeyExtractLayer;
 use keygate_limit::{RateLimitLayer, TokenLimitLayer};
 use keygate_scope::ScopeLayer;
+use keygate_store::MemoryStore;
 use tower::{Service, ServiceBuilder, ServiceExt};
 
 /// The project every bench key belongs to.

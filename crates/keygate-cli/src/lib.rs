@@ -1,12 +1,13 @@
 //! The `keygate` command-line tool: `keygate serve` runs the [gateway]; the key commands
 //! create, list, show, rotate, disable and revoke keys and create projects in a key file (the
-//! TOML file a [`keygate_core::FileStore`] serves).
+//! TOML file a [`keygate_store::FileStore`] serves).
 //!
 //! The command logic lives here so tests run it in-process with an injected time; the binary
 //! only wires process arguments, stdout and the system clock to [`run`].
 //!
 //! ```
-//! use keygate_core::{FileStore, KeyFormat, Secret, Timestamp};
+//! use keygate_core::{KeyFormat, Secret, Timestamp};
+//! use keygate_store::FileStore;
 //!
 //! let dir = std::env::temp_dir().join(format!("keygate-cli-doc-{}", std::process::id()));
 //! std::fs::create_dir_all(&dir)?;
@@ -46,11 +47,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use keygate_core::{
-    Access, Budget, FileStoreError, KeyFile, KeyFormat, KeyId, KeyRecord, Limits, ModelPattern,
-    ModelRules, Money, Period, Permissions, PreviousSecret, ProjectRecord, RandomError, Secret,
-    Timestamp,
+    Access, Budget, KeyFormat, KeyId, KeyRecord, Limits, ModelPattern, ModelRules, Money, Period,
+    Permissions, PreviousSecret, ProjectRecord, RandomError, Secret, Timestamp,
 };
-use keygate_store::{Db, StoreUrl};
+use keygate_store::{Db, FileStoreError, KeyFile, StoreUrl};
 use serde_json::{Value, json};
 
 pub mod gateway;

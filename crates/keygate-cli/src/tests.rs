@@ -1,7 +1,8 @@
 use std::fs;
 use std::time::Duration;
 
-use keygate_core::{FileStore, KeyFormat, KeyStore, Rejection};
+use keygate_core::{KeyFormat, KeyStore, Rejection};
+use keygate_store::FileStore;
 use serde_json::Value;
 
 use super::*;

@@ -1,20 +1,21 @@
 //! Shared types of keygate: the key format and digests, key and project records, the
-//! [`KeyStore`] trait, the values layers hand each other in `http::Extensions`, and the one
-//! [`Denial`] builder every layer answers with.
+//! [`KeyStore`] trait and the [`Snapshot`] stores serve from, the values layers hand each other
+//! in `http::Extensions`, and the one [`Denial`] builder every layer answers with. The stores
+//! themselves (memory, TOML file, SQLite) are in `keygate-store`.
 //!
 //! ```
-//! use keygate_core::{KeyFormat, KeyId, KeyRecord, MemoryStore, Permissions, ProjectRecord, Timestamp};
+//! use keygate_core::{KeyFormat, KeyId, KeyRecord, Permissions, ProjectRecord, Snapshot, Timestamp};
 //!
 //! // Make a key: the secret is shown once; only its digest is stored.
 //! let format = KeyFormat::default();
 //! let secret = format.generate()?;
 //! let mut record = KeyRecord::new(KeyId::generate()?, "default", secret.digest(), Timestamp::UNIX_EPOCH);
 //! record.permissions = Permissions::ReadOnly;
-//! let store = MemoryStore::from_records([ProjectRecord::new("default")], [record])?;
+//! let keys = Snapshot::new([ProjectRecord::new("default")], [record])?;
 //!
 //! // A request presents the secret; parsing checks the checksum before any lookup.
 //! let digest = format.parse(secret.expose())?;
-//! let found = store.get(&digest).expect("the key is in the store");
+//! let found = keys.get(&digest).expect("the key is in the snapshot");
 //! assert_eq!(found.key.permissions, Permissions::ReadOnly);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
@@ -30,7 +31,7 @@ mod limits;
 mod principal;
 mod record;
 mod rights;
-pub mod store;
+mod store;
 mod trace;
 
 pub use auth::{NoTokens, TokenError, TokenVerifier};
@@ -55,8 +56,5 @@ pub use record::{
     ip_in_ranges,
 };
 pub use rights::{Access, EndpointGroup, ModelPattern, ModelPatternError, ModelRules, Permissions};
-pub use store::{
-    FileStore, FileStoreError, KEY_FILE_VERSION, KeyFile, KeyStore, Lookup, MemoryStore,
-    ReloadOutcome, Snapshot, SnapshotError, StoreError,
-};
+pub use store::{KeyStore, Lookup, Snapshot, SnapshotError, StoreError};
 pub use trace::{Cut, RequestTrace};

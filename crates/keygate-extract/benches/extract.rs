@@ -6,6 +6,7 @@
 #![allow(missing_docs)]
 
 use std::hint::black_box;
+use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
@@ -14,13 +15,12 @@ use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_ma
 use futures_util::FutureExt;
 use http::Request;
 use keygate_core::{
-    KeyDigest, KeyFormat, KeyId, KeyRecord, KeyStore, MemoryStore, ProjectRecord, SecretKey,
-    Timestamp,
+    KeyDigest, KeyFormat, KeyId, KeyRecord, KeyStore, ProjectRecord, SecretKey, Snapshot, Timestamp,
 };
 use keygate_extract::KeyExtractLayer;
 use tower::{Layer, Service};
 
-fn store_with(n: usize) -> (MemoryStore, SecretKey) {
+fn store_with(n: usize) -> (Arc<Snapshot>, SecretKey) {
     let format = KeyFormat::default();
     let secret = format.generate().unwrap();
     let real = KeyRecord::new(
@@ -37,10 +37,11 @@ fn store_with(n: usize) -> (MemoryStore, SecretKey) {
             Timestamp::UNIX_EPOCH,
         )
     });
-    let store = MemoryStore::from_records(
+    let store = Snapshot::new(
         [ProjectRecord::new("p")],
         std::iter::once(real).chain(fillers),
     )
+    .map(Arc::new)
     .unwrap();
     (store, secret)
 }

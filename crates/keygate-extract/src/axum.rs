@@ -12,7 +12,7 @@ use keygate_core::{Denial, Principal, is_grpc};
 ///
 /// ```
 /// use axum::{Router, routing::get};
-/// use keygate_core::MemoryStore;
+/// use keygate_core::Snapshot;
 /// use keygate_extract::{Authenticated, KeyExtractLayer};
 ///
 /// async fn whoami(Authenticated(caller): Authenticated) -> String {
@@ -21,7 +21,7 @@ use keygate_core::{Denial, Principal, is_grpc};
 ///
 /// let app: Router = Router::new()
 ///     .route("/whoami", get(whoami))
-///     .layer(KeyExtractLayer::new(MemoryStore::default()));
+///     .layer(KeyExtractLayer::new(std::sync::Arc::new(Snapshot::default())));
 /// ```
 ///
 /// Without [`KeyExtractLayer`](crate::KeyExtractLayer) in front, extraction fails with

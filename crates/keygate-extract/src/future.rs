@@ -19,7 +19,7 @@ pub(crate) type Decision = Pin<Box<dyn Future<Output = Result<Principal, Denial>
 pin_project! {
     /// Response future of [`KeyExtract`](crate::KeyExtract).
     ///
-    /// With a store that answers at once ([`MemoryStore`](keygate_core::MemoryStore), a cache
+    /// With a store that answers at once (a [`Snapshot`](keygate_core::Snapshot), a cache
     /// hit) this is the inner service's future or a ready refusal, with nothing boxed; only a
     /// store or verifier that has to wait puts its lookup in a box.
     pub struct ResponseFuture<S, ReqBody>

@@ -5,11 +5,12 @@
 //!
 //! ```
 //! use std::convert::Infallible;
+//! use std::sync::Arc;
 //!
 //! use bytes::Bytes;
 //! use http::{Request, Response, StatusCode};
 //! use http_body_util::Full;
-//! use keygate_core::{KeyFormat, KeyId, KeyRecord, MemoryStore, Principal, ProjectRecord, Timestamp};
+//! use keygate_core::{KeyFormat, KeyId, KeyRecord, Principal, ProjectRecord, Snapshot, Timestamp};
 //! use keygate_extract::KeyExtractLayer;
 //! use tower::{ServiceBuilder, ServiceExt, service_fn};
 //!
@@ -17,7 +18,8 @@
 //! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let secret = KeyFormat::default().generate()?;
 //! let key = KeyRecord::new(KeyId::new("key_demo"), "default", secret.digest(), Timestamp::UNIX_EPOCH);
-//! let store = MemoryStore::from_records([ProjectRecord::new("default")], [key])?;
+//! // A fixed set of keys; keygate-store has stores that change while serving.
+//! let store = Arc::new(Snapshot::new([ProjectRecord::new("default")], [key])?);
 //!
 //! let service = ServiceBuilder::new()
 //!     .layer(KeyExtractLayer::new(store))
@@ -44,14 +46,15 @@
 //!
 //! ```
 //! use axum::{Extension, Router, routing::get};
-//! use keygate_core::{MemoryStore, Principal};
+//! use keygate_core::{Principal, Snapshot};
 //! use keygate_extract::KeyExtractLayer;
 //!
 //! async fn whoami(Extension(caller): Extension<Principal>) -> String {
 //!     format!("hello, {}", caller.key_id())
 //! }
 //!
-//! let store = MemoryStore::default(); // or a FileStore, or your own KeyStore
+//! // Or keygate-store's MemoryStore, FileStore or SqliteStore, or your own KeyStore.
+//! let store = std::sync::Arc::new(Snapshot::default());
 //! let app: Router = Router::new()
 //!     .route("/whoami", get(whoami))
 //!     .layer(KeyExtractLayer::new(store));
@@ -94,9 +97,9 @@
 //!
 //! # Cost
 //!
-//! With a store that answers at once ([`MemoryStore`](keygate_core::MemoryStore), a file
-//! store) nothing is boxed: the lookup future is polled once in `call` and the decision is
-//! made there. The first time a store (or token verifier) makes a request wait, that lookup
+//! With a store that answers at once (a [`Snapshot`](keygate_core::Snapshot), or
+//! keygate-store's memory, file and SQLite stores, which all serve from one) nothing is
+//! boxed: the lookup future is polled once in `call` and the decision is made there. The first time a store (or token verifier) makes a request wait, that lookup
 //! is dropped and started again from a boxed future that owns its inputs; from then on every
 //! lookup of that layer goes to a boxed future directly (one small allocation), so no lookup
 //! is ever started twice after the first.

@@ -13,8 +13,8 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use keygate_core::{
     Credential, Denial, KeyDigest, KeyFormat, KeyId, KeyRecord, KeyStore, Lookup, ManualClock,
-    MemoryStore, PreviousSecret, Principal, ProjectRecord, Secret, SecretKey, StoreError,
-    Timestamp, TokenError, TokenVerifier,
+    PreviousSecret, Principal, ProjectRecord, Secret, SecretKey, Snapshot, SnapshotError,
+    StoreError, Timestamp, TokenError, TokenVerifier,
 };
 use tower::{Layer, ServiceExt, service_fn};
 
@@ -22,9 +22,19 @@ use crate::{ConfigError, CredentialSource, KeyExtractLayer};
 
 const T0: Timestamp = Timestamp::from_unix_secs(1_800_000_000);
 
+/// A fixed set of keys, shared by the clones of a layer: all these tests need of a store.
+type Store = Arc<Snapshot>;
+
+fn store_of(
+    projects: impl IntoIterator<Item = ProjectRecord>,
+    keys: impl IntoIterator<Item = KeyRecord>,
+) -> Result<Store, SnapshotError> {
+    Snapshot::new(projects, keys).map(Arc::new)
+}
+
 struct Fixture {
     clock: ManualClock,
-    store: MemoryStore,
+    store: Store,
     live: SecretKey,
     revoked: SecretKey,
     expired: SecretKey,
@@ -53,7 +63,7 @@ fn record(id: &str, project: &str, s: &SecretKey) -> KeyRecord {
 fn fixture() -> Fixture {
     let f = Fixture {
         clock: ManualClock::new(T0),
-        store: MemoryStore::default(),
+        store: Store::default(),
         live: secret(),
         revoked: secret(),
         expired: secret(),
@@ -82,7 +92,7 @@ fn fixture() -> Fixture {
     });
     let mut off = ProjectRecord::new("off");
     off.disabled = true;
-    let store = MemoryStore::from_records(
+    let store = store_of(
         [ProjectRecord::new("p"), off],
         [
             record("key_live", "p", &f.live),
@@ -100,7 +110,7 @@ fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    fn layer(&self) -> KeyExtractLayer<MemoryStore> {
+    fn layer(&self) -> KeyExtractLayer<Store> {
         KeyExtractLayer::new(self.store.clone()).with_clock(self.clock.clock())
     }
 }
@@ -454,7 +464,7 @@ async fn only_configured_sources_are_read() {
 
 #[test]
 fn an_empty_source_list_is_refused_when_building() {
-    let err = KeyExtractLayer::new(MemoryStore::default())
+    let err = KeyExtractLayer::new(Store::default())
         .with_sources([])
         .unwrap_err();
     assert_eq!(err, ConfigError::NoSources);
@@ -464,8 +474,7 @@ fn an_empty_source_list_is_refused_when_building() {
 async fn keys_of_a_configured_prefix_are_accepted() {
     let format = KeyFormat::with_prefix("acme-").unwrap();
     let s = format.generate().unwrap();
-    let store = MemoryStore::from_records([ProjectRecord::new("p")], [record("key_acme", "p", &s)])
-        .unwrap();
+    let store = store_of([ProjectRecord::new("p")], [record("key_acme", "p", &s)]).unwrap();
     let layer = KeyExtractLayer::new(store.clone()).with_key_format(format);
     assert_eq!(send(layer, bearer(s.expose())).await.status, StatusCode::OK);
     // The default format does not know the prefix.
@@ -514,7 +523,7 @@ async fn the_credential_appears_in_no_response_and_no_debug_output() {
 /// A store whose lookups fail, or succeed only after yielding once.
 #[derive(Clone)]
 struct TestStore {
-    inner: MemoryStore,
+    inner: Store,
     fail: bool,
     wait: bool,
     started: Arc<AtomicUsize>,
@@ -657,8 +666,8 @@ impl TokenVerifier for StubVerifier {
     }
 }
 
-fn token_layer(f: &Fixture) -> KeyExtractLayer<MemoryStore, StubVerifier> {
-    let found = f.store.get(&f.live.digest()).unwrap();
+fn token_layer(f: &Fixture) -> KeyExtractLayer<Store, StubVerifier> {
+    let found = f.store.get(&f.live.digest()).cloned().unwrap();
     let principal = Principal::new(
         found.key,
         found.project,

@@ -1,6 +1,7 @@
 //! The same layer in front of an axum Router, a plain `service_fn` and a tonic service.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use axum::routing::get;
 use axum::{Extension, Router};
@@ -8,12 +9,12 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use keygate_core::{
-    KeyFormat, KeyId, KeyRecord, MemoryStore, Principal, ProjectRecord, SecretKey, Timestamp,
+    KeyFormat, KeyId, KeyRecord, Principal, ProjectRecord, SecretKey, Snapshot, Timestamp,
 };
 use keygate_extract::KeyExtractLayer;
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 
-fn store() -> (MemoryStore, SecretKey) {
+fn store() -> (Arc<Snapshot>, SecretKey) {
     let secret = KeyFormat::default().generate().unwrap();
     let key = KeyRecord::new(
         KeyId::new("key_stack"),
@@ -21,7 +22,7 @@ fn store() -> (MemoryStore, SecretKey) {
         secret.digest(),
         Timestamp::UNIX_EPOCH,
     );
-    let store = MemoryStore::from_records([ProjectRecord::new("p")], [key]).unwrap();
+    let store = Arc::new(Snapshot::new([ProjectRecord::new("p")], [key]).unwrap());
     (store, secret)
 }
 

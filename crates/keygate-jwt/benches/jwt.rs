@@ -13,10 +13,11 @@ use std::task::{Context, Poll, Waker};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use keygate_core::{
-    Access, Credential, KeyDigest, KeyId, KeyRecord, MemoryStore, Permissions, Principal,
-    ProjectRecord, Secret, Timestamp, TokenVerifier,
+    Access, Credential, KeyDigest, KeyId, KeyRecord, Permissions, Principal, ProjectRecord, Secret,
+    Timestamp, TokenVerifier,
 };
 use keygate_jwt::{JwtVerifier, KeySet, SigningKey, TokenExchange, TokenRequest};
+use keygate_store::MemoryStore;
 use sha2::{Digest, Sha256};
 
 const ISS: &str = "https://gw.bench";

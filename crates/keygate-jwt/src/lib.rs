@@ -17,9 +17,10 @@
 //! use http_body_util::{BodyExt, Full};
 //! use bytes::Bytes;
 //! use keygate_core::{
-//!     Access, Credential, KeyDigest, KeyId, KeyRecord, MemoryStore, Permissions, Principal,
-//!     ProjectRecord, Secret, Timestamp, TokenVerifier,
+//!     Access, Credential, KeyDigest, KeyId, KeyRecord, Permissions, Principal, ProjectRecord,
+//!     Secret, Timestamp, TokenVerifier,
 //! };
+//! use keygate_store::MemoryStore;
 //! use keygate_jwt::{JwtVerifier, KeySet, SigningKey, TokenExchange, TokenResponse};
 //! use tower::{ServiceBuilder, ServiceExt};
 //!

@@ -5,9 +5,10 @@ use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use keygate_core::{
-    Access, Credential, KeyDigest, KeyId, KeyRecord, MemoryStore, ModelPattern, ModelRules,
-    Permissions, Principal, ProjectRecord, Secret, Timestamp,
+    Access, Credential, KeyDigest, KeyId, KeyRecord, ModelPattern, ModelRules, Permissions,
+    Principal, ProjectRecord, Secret, Timestamp,
 };
+use keygate_store::MemoryStore;
 use serde_json::{Value, json};
 
 use crate::{JwtVerifier, KeySet, SigningKey};

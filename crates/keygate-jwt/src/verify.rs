@@ -413,7 +413,8 @@ fn rejection_detail(r: keygate_core::Rejection) -> &'static str {
 mod tests {
     use super::*;
     use crate::testutil::*;
-    use keygate_core::{Access, KeyRecord, MemoryStore, ProjectRecord, Snapshot};
+    use keygate_core::{Access, KeyRecord, ProjectRecord, Snapshot};
+    use keygate_store::MemoryStore;
     use serde_json::{Value, json};
 
     async fn verify(token: &str) -> Result<Principal, TokenError> {

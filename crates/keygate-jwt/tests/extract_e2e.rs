@@ -10,11 +10,12 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use keygate_core::{
-    Access, KeyFormat, KeyId, KeyRecord, ManualClock, MemoryStore, ModelPattern, ModelRules,
-    Permissions, Principal, ProjectRecord, Snapshot, Timestamp,
+    Access, KeyFormat, KeyId, KeyRecord, ManualClock, ModelPattern, ModelRules, Permissions,
+    Principal, ProjectRecord, Snapshot, Timestamp,
 };
 use keygate_extract::KeyExtractLayer;
 use keygate_jwt::{JwtVerifier, KeySet, SigningKey, TokenExchange, TokenResponse};
+use keygate_store::MemoryStore;
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 
 const ISS: &str = "https://gw.test";

@@ -13,8 +13,8 @@ use std::task::{Context, Poll, Waker};
 use std::time::Instant;
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
-use keygate_core::{KeyDigest, KeyId, KeyRecord, KeyStore, MemoryStore, ProjectRecord, Timestamp};
-use keygate_store::{Db, RefreshOutcome, SqliteStore};
+use keygate_core::{KeyDigest, KeyId, KeyRecord, KeyStore, ProjectRecord, Timestamp};
+use keygate_store::{Db, MemoryStore, RefreshOutcome, SqliteStore};
 
 const KEYS: usize = 100_000;
 

@@ -4,14 +4,13 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use keygate_core::{
-    KEY_FILE_VERSION, KeyDigest, KeyFile, KeyId, KeyRecord, ProjectRecord, Snapshot, Timestamp,
-};
+use keygate_core::{KeyDigest, KeyId, KeyRecord, ProjectRecord, Snapshot, Timestamp};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::error::DbError;
+use crate::file::{KEY_FILE_VERSION, KeyFile};
 use crate::schema::{MIGRATIONS, SCHEMA_VERSION};
 
 /// How long a write waits for another process's write to finish before giving up.

@@ -1,5 +1,12 @@
-//! Durable keygate state: keys and projects in SQLite, the embedded default store, and the
-//! spend ledger that makes token and budget counters survive restarts.
+//! The keygate key stores, and durable state: keys and projects in SQLite, the embedded
+//! default store, and the spend ledger that makes token and budget counters survive restarts.
+//!
+//! Three [`KeyStore`](keygate_core::KeyStore)s, all serving lookups from memory:
+//!
+//! - [`MemoryStore`]: a [`Snapshot`](keygate_core::Snapshot) you build and replace yourself;
+//! - [`FileStore`]: a TOML [`KeyFile`] (digests only), reloaded when it changes, for keys kept
+//!   in git;
+//! - [`SqliteStore`]: the database the CLI writes, refreshed with the rows that changed.
 //!
 //! [`Db`] is the database (synchronous; what the CLI and admin tools use). [`SqliteStore`]
 //! is the [`KeyStore`](keygate_core::KeyStore) a gateway serves from: a memory snapshot of
@@ -53,7 +60,9 @@
 
 mod db;
 mod error;
+mod file;
 mod ledger;
+mod memory;
 mod rates;
 mod schema;
 mod store;
@@ -64,7 +73,9 @@ mod test_support;
 
 pub use db::{Changes, Db, ImportOutcome, StoredKey};
 pub use error::DbError;
+pub use file::{FileStore, FileStoreError, KEY_FILE_VERSION, KeyFile, ReloadOutcome};
 pub use ledger::{Durability, LedgerBackend, LedgerUsage};
+pub use memory::MemoryStore;
 pub use rates::{RateBegin, RateStart};
 pub use store::{RefreshOutcome, SqliteStore};
 pub use url::{DEFAULT_STORE_URL, StoreUrl, StoreUrlError};

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use keygate_core::{KeyDigest, KeyId, KeyStore, Lookup, MemoryStore, StoreError, Timestamp};
+use keygate_core::{KeyDigest, KeyId, KeyStore, Lookup, StoreError, Timestamp};
 
 use crate::db::Db;
 use crate::error::DbError;
+use crate::memory::MemoryStore;
 
 /// At most this many keys' uses wait for the next write; uses of further keys are dropped
 /// (a use already waiting is still moved forward).

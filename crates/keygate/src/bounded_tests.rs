@@ -13,14 +13,14 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use keygate_audit::{AuditEvent, RequestEvent};
 use keygate_core::{
-    Budget, KeyFormat, KeyId, KeyRecord, LimitScope, ManualClock, MemoryStore, ModelPattern,
-    ModelRules, Money, Period, Permissions, ProjectRecord, SecretKey, Timestamp, UsageSource,
+    Budget, KeyFormat, KeyId, KeyRecord, LimitScope, ManualClock, ModelPattern, ModelRules, Money,
+    Period, Permissions, ProjectRecord, SecretKey, Timestamp, UsageSource,
 };
 use keygate_limit::backend::Window;
 use keygate_limit::{Price, PriceTable, budget_counter};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
-use crate::{Keygate, KeygateLayer};
+use crate::{Keygate, KeygateLayer, MemoryStore};
 
 /// $0.15 / $0.60 per million tokens: 150 and 600 nano-dollars a token.
 fn prices() -> PriceTable {

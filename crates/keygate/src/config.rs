@@ -37,12 +37,13 @@ use keygate_audit::{
     NoopSink, TracingSink,
 };
 use keygate_core::{
-    FileStore, FileStoreError, KeyFormat, KeyFormatConfigError, KeyStore, Money, Principal,
-    Timestamp, TokenError, TokenVerifier,
+    KeyFormat, KeyFormatConfigError, KeyStore, Money, Principal, Timestamp, TokenError,
+    TokenVerifier,
 };
 use keygate_jwt::{JwtVerifier, KeySet, SigningKey, TokenExchange};
 use keygate_limit::{Price, PriceTable, Unpriced, WalletGuard};
 use keygate_scope::{DEFAULT_BODY_LIMIT, RouteError, RouteSpec, RouteTable, TrustedProxies};
+use keygate_store::{FileStore, FileStoreError};
 use serde::{Deserialize, Serialize};
 
 use crate::builder::{BuildError, Keygate, KeygateBuilder, KeygateLayer};
@@ -1282,7 +1283,9 @@ mod tests {
     fn jwt_secret_from_an_unset_variable_fails_to_build() {
         let dir = tempfile::tempdir().unwrap();
         let keys = dir.path().join("keys.toml");
-        keygate_core::KeyFile::default().save_atomic(&keys).unwrap();
+        keygate_store::KeyFile::default()
+            .save_atomic(&keys)
+            .unwrap();
         let mut c = Config {
             keys_file: Some(keys),
             ..Config::default()

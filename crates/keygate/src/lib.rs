@@ -1,7 +1,8 @@
 //! keygate: granular, scoped API keys for AI model endpoints, as tower middleware.
 //!
 //! This facade re-exports the layer crates ([`extract`], [`scope`], [`limit`], [`audit`],
-//! [`jwt`]) and the core types, and offers one builder that stacks the layers in the right
+//! [`jwt`]), the core types and the key stores ([`store`]: [`MemoryStore`], [`FileStore`],
+//! [`SqliteStore`]), and offers one builder that stacks the layers in the right
 //! order — audit → key extraction → scope → model-list filter → request rate → token rate and
 //! budgets — plus a TOML [`Config`] that builds the same stack.
 //!
@@ -61,6 +62,10 @@ pub use keygate_extract as extract;
 pub use keygate_jwt as jwt;
 pub use keygate_limit as limit;
 pub use keygate_scope as scope;
+pub use keygate_store as store;
+pub use keygate_store::{
+    FileStore, FileStoreError, KEY_FILE_VERSION, KeyFile, MemoryStore, ReloadOutcome, SqliteStore,
+};
 
 pub use builder::{BuildError, Keygate, KeygateBuilder, KeygateLayer, KeygateService, SharedSink};
 pub use source::KeySource;

@@ -4,8 +4,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use keygate_core::{FileStore, KeyDigest, KeyStore, Lookup, MemoryStore, StoreError};
-use keygate_store::SqliteStore;
+use keygate_core::{KeyDigest, KeyStore, Lookup, StoreError};
+use keygate_store::{FileStore, MemoryStore, SqliteStore};
 
 /// The key store of a [`Config`](crate::Config): the SQLite database (`store =
 /// "sqlite:keygate.db"`, the default) or a TOML key file (`keys_file`). Lookups are served

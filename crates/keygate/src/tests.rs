@@ -8,9 +8,10 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use keygate_audit::AuditEvent;
 use keygate_core::{
-    KeyFile, KeyFormat, KeyId, KeyRecord, ManualClock, MemoryStore, Permissions, ProjectRecord,
-    SecretKey, Stage, Timestamp,
+    KeyFormat, KeyId, KeyRecord, ManualClock, Permissions, ProjectRecord, SecretKey, Stage,
+    Timestamp,
 };
+use keygate_store::{KeyFile, MemoryStore};
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 
 use crate::{BuildError, Config, Keygate};

@@ -1,21 +1,16 @@
-//! Where keys live: the [`KeyStore`] trait and the in-memory store.
+//! Where keys live: the [`KeyStore`] trait and the [`Snapshot`] every store serves from.
 //!
 //! A store answers one question on the hot path: which key has this digest? Every backend
-//! (memory, file, and later SQL or Redis with a cache in front) implements the same trait and
-//! returns the same shared, immutable [`Lookup`], so layers never know which one they use.
+//! (memory, file and SQLite in `keygate-store`, and later PostgreSQL or Redis with a cache in
+//! front) implements the same trait and returns the same shared, immutable [`Lookup`], so
+//! layers never know which one they use.
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-
 use crate::key::{BuildDigestHasher, KeyDigest};
 use crate::record::{KeyRecord, ProjectRecord, Secret};
-
-mod file;
-
-pub use file::{FileStore, FileStoreError, KEY_FILE_VERSION, KeyFile, ReloadOutcome};
 
 /// A key found in a store, with its project and which of its secrets matched.
 #[derive(Debug, Clone)]
@@ -302,65 +297,24 @@ impl Snapshot {
     }
 }
 
-/// Keys in memory: lock-free reads, whole-snapshot atomic replacement.
+/// A fixed set of keys is a store: lookups answer at once from the snapshot.
 ///
-/// Clones share the same keys; [`MemoryStore::replace`] swaps in a new snapshot that the next
-/// lookup sees, while requests holding records of the old one finish with them.
-#[derive(Debug, Clone, Default)]
-pub struct MemoryStore {
-    snapshot: Arc<ArcSwap<Snapshot>>,
-}
-
-impl MemoryStore {
-    /// A store serving `snapshot`.
-    pub fn new(snapshot: Snapshot) -> Self {
-        MemoryStore {
-            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
-        }
-    }
-
-    /// A store built from records.
-    ///
-    /// # Errors
-    ///
-    /// As [`Snapshot::new`].
-    pub fn from_records(
-        projects: impl IntoIterator<Item = ProjectRecord>,
-        keys: impl IntoIterator<Item = KeyRecord>,
-    ) -> Result<Self, SnapshotError> {
-        Snapshot::new(projects, keys).map(Self::new)
-    }
-
-    /// Serves `snapshot` from the next lookup on.
-    pub fn replace(&self, snapshot: Snapshot) {
-        self.snapshot.store(Arc::new(snapshot));
-    }
-
-    /// The snapshot being served.
-    pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.load_full()
-    }
-
-    /// Looks a digest up without going through a future.
-    #[inline]
-    pub fn get(&self, digest: &KeyDigest) -> Option<Lookup> {
-        self.snapshot.load().get(digest).cloned()
-    }
-}
-
-impl KeyStore for MemoryStore {
+/// For keys that change while serving, put the snapshot behind a store that can replace it
+/// (`keygate-store` has `MemoryStore`, `FileStore` and `SqliteStore`); wrap it in an `Arc`
+/// to share one snapshot between clones of a layer.
+impl KeyStore for Snapshot {
     fn lookup(
         &self,
         digest: &KeyDigest,
     ) -> impl Future<Output = Result<Option<Lookup>, StoreError>> + Send {
-        std::future::ready(Ok(self.get(digest)))
+        std::future::ready(Ok(self.get(digest).cloned()))
     }
 
     fn lookup_id(
         &self,
         id: &str,
     ) -> impl Future<Output = Result<Option<Lookup>, StoreError>> + Send {
-        std::future::ready(Ok(self.snapshot.load().get_id(id).cloned()))
+        std::future::ready(Ok(self.get_id(id).cloned()))
     }
 }
 
@@ -382,13 +336,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn lookup_finds_current_and_previous_secrets() {
+    async fn a_snapshot_finds_current_and_previous_secrets() {
         let mut k = key("key_a", "new");
         k.previous = Some(PreviousSecret {
             digest: KeyDigest::of("old"),
             valid_until: Timestamp::from_unix_secs(10),
         });
-        let store = MemoryStore::from_records([ProjectRecord::new("p")], [k]).unwrap();
+        let store = Snapshot::new([ProjectRecord::new("p")], [k]).unwrap();
         let hit = store.lookup(&KeyDigest::of("new")).await.unwrap().unwrap();
         assert_eq!(hit.secret, Secret::Current);
         assert_eq!(hit.project.id, "p");
@@ -412,16 +366,6 @@ mod tests {
                 .as_str(),
             "key_a"
         );
-    }
-
-    #[tokio::test]
-    async fn replace_takes_effect_for_the_next_lookup() {
-        let store =
-            MemoryStore::from_records([ProjectRecord::new("p")], [key("key_a", "a")]).unwrap();
-        let clone = store.clone();
-        clone.replace(Snapshot::new([ProjectRecord::new("p")], [key("key_b", "b")]).unwrap());
-        assert!(store.lookup(&KeyDigest::of("a")).await.unwrap().is_none());
-        assert!(store.lookup(&KeyDigest::of("b")).await.unwrap().is_some());
     }
 
     #[test]

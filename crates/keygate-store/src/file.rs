@@ -32,9 +32,11 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::{KeyStore, Lookup, MemoryStore, Snapshot, SnapshotError, StoreError};
-use crate::key::KeyDigest;
-use crate::record::{KeyRecord, ProjectRecord};
+use keygate_core::{
+    KeyDigest, KeyRecord, KeyStore, Lookup, ProjectRecord, Snapshot, SnapshotError, StoreError,
+};
+
+use crate::memory::MemoryStore;
 
 /// The key file format version this crate reads and writes.
 pub const KEY_FILE_VERSION: u32 = 1;
@@ -379,8 +381,8 @@ struct Inner {
 /// Clones share the same keys.
 ///
 /// ```
-/// use keygate_core::store::FileStore;
-/// use keygate_core::{KeyDigest, KeyFile, KeyId, KeyRecord, Permissions, ProjectRecord, Timestamp};
+/// use keygate_core::{KeyDigest, KeyId, KeyRecord, Permissions, ProjectRecord, Timestamp};
+/// use keygate_store::{FileStore, KeyFile};
 ///
 /// let dir = std::env::temp_dir().join(format!("keygate-doc-{}", std::process::id()));
 /// std::fs::create_dir_all(&dir)?;
@@ -570,9 +572,7 @@ impl KeyStore for FileStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::Timestamp;
-    use crate::key::KeyId;
-    use crate::rights::Permissions;
+    use keygate_core::{KeyId, Permissions, Timestamp};
 
     fn key(id: &str, project: &str, secret: &str) -> KeyRecord {
         let mut k = KeyRecord::new(
@@ -613,13 +613,13 @@ mod tests {
     fn key_file_round_trips_through_toml() {
         let mut k = key("key_a", "p", "a");
         k.permissions =
-            Permissions::Restricted([("models".to_owned(), crate::Access::Read)].into());
-        k.limits.budgets.push(crate::Budget {
-            amount: crate::Money::from_dollars(5),
-            period: crate::Period::Month,
+            Permissions::Restricted([("models".to_owned(), keygate_core::Access::Read)].into());
+        k.limits.budgets.push(keygate_core::Budget {
+            amount: keygate_core::Money::from_dollars(5),
+            period: keygate_core::Period::Month,
             model: None,
         });
-        k.previous = Some(crate::PreviousSecret {
+        k.previous = Some(keygate_core::PreviousSecret {
             digest: KeyDigest::of("old"),
             valid_until: Timestamp::from_unix_secs(5_000),
         });
@@ -650,7 +650,7 @@ mod tests {
 
     #[test]
     fn parse_errors_do_not_echo_a_pasted_secret() {
-        let secret = crate::KeyFormat::default().generate().unwrap();
+        let secret = keygate_core::KeyFormat::default().generate().unwrap();
         for text in [
             format!("version = \"{}\"\n", secret.expose()),
             format!(
