@@ -1095,6 +1095,17 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_config_reference_parses() {
+        let readme = include_str!("../../../README.md");
+        let section = &readme[readme.find("## Config reference").unwrap()..];
+        let start = section.find("```toml\n").unwrap() + "```toml\n".len();
+        let block = &section[start..start + section[start..].find("```").unwrap()];
+        let config = Config::from_toml_str(block).unwrap();
+        assert_eq!(config.routes.custom[0].default_model.as_deref(), Some("rerank-1"));
+        assert_eq!(config.limits.bytes_per_token.get(), 1);
+    }
+
+    #[test]
     fn every_section_parses() {
         let text = r#"
             keys_file = "keys.toml"
