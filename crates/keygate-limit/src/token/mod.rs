@@ -41,7 +41,7 @@ pub enum Unpriced {
 
 /// Limits tokens per minute (per key, project, token and model pattern) and money budgets
 /// (per key, project and token, overall or per model pattern, per UTC day, week, month or
-/// lifetime), from the limits the request's [`Principal`] carries.
+/// lifetime), from the limits the request's [`Principal`](keygate_core::Principal) carries.
 ///
 /// What a request is comes from its [`RequestFacts`](keygate_core::RequestFacts), which the
 /// scope layer decided once; used alone, this layer scans a JSON body itself with the same
