@@ -38,7 +38,7 @@ use keygate_audit::{
 };
 use keygate_core::{
     FileStore, FileStoreError, KeyFormat, KeyFormatConfigError, KeyStore, Money, Principal,
-    Timestamp, TokenError, TokenVerifier,
+    SecretScanner, Timestamp, TokenError, TokenVerifier,
 };
 use keygate_jwt::{JwtVerifier, KeySet, SigningKey, TokenExchange};
 use keygate_limit::{Price, PriceTable, Unpriced, WalletGuard};
@@ -440,8 +440,14 @@ pub struct AuditConfig {
     /// `"drop_and_count"` (default): serve and count records a full sink drops;
     /// `"fail_closed"`: refuse requests with 503 while the JSON Lines sink cannot take them.
     pub backpressure: BackpressureConfig,
-    /// Keep a valid `x-request-id` the client sends (default true).
+    /// Keep a valid `x-request-id` the client sends (default true). An id that could be a
+    /// credential is never kept.
     pub accept_request_id: bool,
+    /// Key prefixes that count as credentials besides the built-in ones
+    /// ([`DEFAULT_SECRET_PREFIXES`](keygate_core::DEFAULT_SECRET_PREFIXES)) and `key_prefix`:
+    /// request ids carrying one are replaced, path segments and models carrying one are
+    /// recorded as `[redacted]` (default none).
+    pub secret_prefixes: Vec<String>,
     /// Also write records as JSON Lines to a file (`[audit.jsonl]`).
     pub jsonl: Option<JsonlConfig>,
 }
@@ -454,6 +460,7 @@ impl Default for AuditConfig {
             key_metrics: false,
             backpressure: BackpressureConfig::DropAndCount,
             accept_request_id: true,
+            secret_prefixes: Vec::new(),
             jsonl: None,
         }
     }
@@ -751,7 +758,12 @@ impl Config {
             .audit_backpressure(backpressure)
             .metrics(self.audit.metrics)
             .key_metrics(self.audit.key_metrics)
-            .accept_request_id(self.audit.accept_request_id))
+            .accept_request_id(self.audit.accept_request_id)
+            .secret_scanner(
+                SecretScanner::new()
+                    .with_prefixes(&self.audit.secret_prefixes)
+                    .map_err(|e| ConfigError::Invalid(format!("audit.secret_prefixes: {e}")))?,
+            ))
     }
 
     /// Opens the key file and the audit sinks and builds the whole stack.
@@ -1293,5 +1305,24 @@ mod tests {
         let built = c.build().unwrap();
         assert!(built.token_exchange().is_none());
         assert!(built.audit_file().is_none());
+    }
+
+    #[test]
+    fn audit_secret_prefixes_and_the_key_prefix_reach_the_audit_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys.toml");
+        keygate_core::KeyFile::default().save_atomic(&keys).unwrap();
+        let mut c = Config::from_toml_str(
+            "key_prefix = \"acme_\"\n[jwt]\nenabled = false\n[audit]\nsecret_prefixes = [\"corp.\"]",
+        )
+        .unwrap();
+        c.keys_file = Some(keys);
+        assert_eq!(c.audit.secret_prefixes, ["corp."]);
+        let built = c.build().unwrap();
+        let scanner = built.layer().audit_layer().secret_scanner();
+        assert!(scanner.could_be_secret("corp.abcdefgh"));
+        assert!(scanner.could_be_secret("acme_abcdefgh"));
+        c.audit.secret_prefixes = vec!["has space".to_owned()];
+        assert!(matches!(c.build(), Err(ConfigError::Invalid(_))));
     }
 }
