@@ -13,8 +13,8 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use keygate_audit::{AuditLayer, JsonlSink, NoopSink};
 use keygate_core::{
-    Credential, EndpointGroup, KeyDigest, KeyId, KeyRecord, Principal, ProjectRecord, RequestTrace,
-    Secret, Timestamp,
+    Credential, EndpointGroup, KeyDigest, KeyFormat, KeyId, KeyRecord, Principal, ProjectRecord,
+    RequestTrace, Secret, SecretScanner, Timestamp,
 };
 use tower::{Layer, Service, service_fn};
 
@@ -233,5 +233,67 @@ fn bench(c: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, bench, bench_metrics);
+/// What the secret scanner costs per call: request ids and paths the audit layer sees on every
+/// request, and the rare ones that hold a secret.
+fn bench_redact(c: &mut Criterion) {
+    let mut group = c.benchmark_group("redact");
+    let scanner = SecretScanner::new().with_prefix("corp.").unwrap();
+    let key = KeyFormat::default().generate().unwrap();
+    let jwt = "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJrZXlfYWJjIiwiZXhwIjo0MTAyNDQ0ODAwfQ.c2lnbmF0dXJlLWJ5dGVzLW9mLWEtand0LXRva2Vu";
+    for (name, id) in [
+        ("id_uuid", "550e8400-e29b-41d4-a716-446655440000"),
+        (
+            "id_traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        ("id_short", "req-123"),
+        ("id_keygate_key", key.expose()),
+        ("id_jwt", jwt),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| black_box(scanner.could_be_secret(black_box(id))))
+        });
+    }
+    let key_path = format!("/v1/files/{}/content", key.expose());
+    for (name, path) in [
+        ("path_chat", "/v1/chat/completions"),
+        ("path_file", "/v1/files/file-AbCdEf1234567890GhIjKl/content"),
+        (
+            "path_model",
+            "/v1/models/ft:gpt-4o-mini:acme:task-xyz:abc123",
+        ),
+        (
+            "path_response",
+            "/v1/responses/resp_67ccd2bed1ec8190b14f964abc0542670bb6a6b452d3795b",
+        ),
+        ("path_with_key", key_path.as_str()),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter(|| black_box(scanner.redact_path(black_box(path))))
+        });
+    }
+    group.finish();
+
+    // The audit layer with a client's request id: the id is scanned before it is taken.
+    let mut group = c.benchmark_group("audit_request_path");
+    let mut noop = AuditLayer::new(NoopSink)
+        .with_metrics(false)
+        .layer(handler());
+    let with_id = || {
+        Request::post("/v1/chat/completions?stream=true")
+            .header("x-request-id", "550e8400-e29b-41d4-a716-446655440000")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    group.bench_function("noop_sink_client_request_id", |b| {
+        b.iter_batched(
+            with_id,
+            |r| head_only(&mut noop, r),
+            BatchSize::PerIteration,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, bench_metrics, bench_redact);
 criterion_main!(benches);

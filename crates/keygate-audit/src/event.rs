@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method};
-use keygate_core::{Alert, Cut, EndpointGroup, KeyId, Money, Stage, Timestamp, Usage, UsageSource};
+use keygate_core::{
+    Alert, Cut, EndpointGroup, KeyId, Money, SecretScanner, Stage, Timestamp, Usage, UsageSource,
+};
 use serde::{Serialize, Serializer};
 
 /// One audit record: the outcome of a request, or an alert a layer raised.
@@ -47,7 +49,9 @@ impl AuditEvent {
 
 /// What became of one request: who, what, the decision, timings and usage.
 ///
-/// Holds no secret: credential headers are never read, and keys appear only by id and name.
+/// Holds no secret: credential headers are never read, keys appear only by id and name, the
+/// request id is never one a client sent that could be a credential, and credential-shaped
+/// path segments and model names are redacted.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[non_exhaustive]
 pub struct RequestEvent {
@@ -58,7 +62,10 @@ pub struct RequestEvent {
     /// The HTTP method.
     #[serde(serialize_with = "ser_method")]
     pub method: Method,
-    /// The request path, without the query string.
+    /// The request path, without the query string, with every segment that could be a
+    /// credential replaced by `[redacted]` ([`SecretScanner::redact_path`]).
+    ///
+    /// [`SecretScanner::redact_path`]: keygate_core::SecretScanner::redact_path
     pub path: String,
     /// The caller's key id, once the extraction layer knew it.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -75,7 +82,7 @@ pub struct RequestEvent {
     /// The endpoint group the request matched.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub endpoint_group: Option<EndpointGroup>,
-    /// The model the request asked for.
+    /// The model the request asked for; `[redacted]` if the name could be a credential.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<Arc<str>>,
     /// Allowed, or denied by which layer and why.
@@ -201,7 +208,8 @@ fn ser_opt_micros<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S:
 /// The longest `x-request-id` taken from a request.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// A request id: taken from a valid incoming `x-request-id`, or made up.
+/// A request id: taken from a valid incoming `x-request-id` that cannot be a credential, or
+/// made up.
 ///
 /// Always visible ASCII (`!`..=`~`), 1 to [`MAX_REQUEST_ID_LEN`] bytes, so it cannot break a log
 /// line or a header. Put in request extensions by the audit layer. Cheap to clone.
@@ -209,13 +217,26 @@ pub const MAX_REQUEST_ID_LEN: usize = 128;
 pub struct RequestId(HeaderValue);
 
 impl RequestId {
-    /// Takes an incoming header value if it is a valid request id.
+    /// Takes an incoming header value if it is a valid request id and cannot be a credential
+    /// by the default shapes and prefixes ([`SecretScanner::new`]).
     pub fn from_header(value: &HeaderValue) -> Option<Self> {
+        static DEFAULT: SecretScanner = SecretScanner::new();
+        Self::from_header_with(value, &DEFAULT)
+    }
+
+    /// Takes an incoming header value if it is a valid request id and `scanner` says it cannot
+    /// be a credential.
+    pub fn from_header_with(value: &HeaderValue, scanner: &SecretScanner) -> Option<Self> {
         let bytes = value.as_bytes();
         let valid = !bytes.is_empty()
             && bytes.len() <= MAX_REQUEST_ID_LEN
             && bytes.iter().all(|b| (0x21..=0x7e).contains(b));
-        valid.then(|| RequestId(value.clone()))
+        if !valid {
+            return None;
+        }
+        // Visible ASCII, so the conversion cannot fail.
+        let text = std::str::from_utf8(bytes).ok()?;
+        (!scanner.could_be_secret(text)).then(|| RequestId(value.clone()))
     }
 
     /// A fresh id: a per-process random prefix and a counter (`kg3fz0q8m2c1x-1f`).

@@ -12,7 +12,9 @@ use http::uri::PathAndQuery;
 use http::{Method, Response, Uri};
 use http_body::Body;
 use http_body_util::Full;
-use keygate_core::{Cut, Denial, RequestTrace, ResponseBody, Timestamp, Usage, UsageMeter};
+use keygate_core::{
+    Cut, Denial, REDACTED, RequestTrace, ResponseBody, Timestamp, Usage, UsageMeter,
+};
 use pin_project_lite::pin_project;
 
 use crate::body::AuditBody;
@@ -131,17 +133,25 @@ impl Pending {
                 .then_some(Cut::Shutdown)
         });
         let key = trace.key();
+        // A key pasted into the path or sent as the model must not reach the record.
+        let model = trace.model().map(|m| {
+            if shared.scanner.could_be_secret(m) {
+                Arc::from(REDACTED)
+            } else {
+                m.clone()
+            }
+        });
         let event = RequestEvent {
             timestamp: start,
             request_id,
             method,
-            path: path.as_str().to_owned(),
+            path: shared.scanner.redact_path(path.as_str()).into_owned(),
             key_id: key.map(|k| k.id.clone()),
             key_name: key.filter(|k| !k.name.is_empty()).map(|k| k.name.clone()),
             project: trace.project().map(|p| p.id.clone()),
             client_ip: client_ip.or_else(|| trace.client_ip()),
             endpoint_group: trace.endpoint_group().cloned(),
-            model: trace.model().cloned(),
+            model,
             decision,
             status,
             completion,

@@ -5,7 +5,10 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 
 use http::{HeaderName, Request, Response};
-use keygate_core::{Alert, AlertSink, ClientIp, Clock, Denial, RequestTrace, Stage, UsageMeter};
+use keygate_core::{
+    Alert, AlertSink, ClientIp, Clock, Denial, RequestTrace, SecretPrefixError, SecretScanner,
+    Stage, UsageMeter,
+};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -40,11 +43,14 @@ pub(crate) struct Shared {
     pub(crate) handles: OnceLock<crate::metrics::Handles>,
     pub(crate) sink: Arc<dyn AuditSink>,
     pub(crate) cut_in_flight: Arc<AtomicBool>,
+    /// Refuses credential-shaped request ids; redacts the path and model of records.
+    pub(crate) scanner: SecretScanner,
 }
 
 /// Records one [`AuditEvent`] per request. Meant to be the outermost keygate layer.
 ///
-/// On the way in: takes a valid `x-request-id` or makes one (and sets it on the request), and
+/// On the way in: takes a valid `x-request-id` that cannot be a credential, or makes one (and
+/// sets it on the request, replacing the client's), and
 /// puts a [`RequestId`], a [`UsageMeter`] and a [`RequestTrace`] in request extensions for inner
 /// layers to fill. On the way out: sets `x-request-id` on the response, reads the [`Denial`] a
 /// layer refused with, and emits the event when the response body ends or is dropped (or when
@@ -58,6 +64,7 @@ pub struct AuditLayer<K> {
     key_metrics: bool,
     accept_request_id: bool,
     cut_in_flight: Arc<AtomicBool>,
+    scanner: SecretScanner,
 }
 
 impl<K> Clone for AuditLayer<K> {
@@ -70,6 +77,7 @@ impl<K> Clone for AuditLayer<K> {
             key_metrics: self.key_metrics,
             accept_request_id: self.accept_request_id,
             cut_in_flight: self.cut_in_flight.clone(),
+            scanner: self.scanner.clone(),
         }
     }
 }
@@ -82,6 +90,7 @@ impl<K> std::fmt::Debug for AuditLayer<K> {
             .field("metrics", &self.metrics)
             .field("key_metrics", &self.key_metrics)
             .field("accept_request_id", &self.accept_request_id)
+            .field("scanner", &self.scanner)
             .finish_non_exhaustive()
     }
 }
@@ -98,6 +107,7 @@ impl<K: AuditSink> AuditLayer<K> {
             key_metrics: false,
             accept_request_id: true,
             cut_in_flight: Arc::new(AtomicBool::new(false)),
+            scanner: SecretScanner::new(),
         }
     }
 
@@ -143,6 +153,11 @@ impl<K: AuditSink> AuditLayer<K> {
 
     /// Whether to take a valid incoming `x-request-id` (default) or always make a new one.
     ///
+    /// An id that could be a credential (a keygate key, a JWT, a known or configured key
+    /// prefix, a long random token: see [`SecretScanner`]) is never taken: a new one is made,
+    /// and replaces it on the request and the response, so a key sent there by mistake
+    /// reaches no log and no upstream.
+    ///
     /// # Security
     ///
     /// A client chooses the id it sends, so it can reuse another request's id. Ids are for
@@ -151,6 +166,36 @@ impl<K: AuditSink> AuditLayer<K> {
     pub fn with_accept_request_id(mut self, accept: bool) -> Self {
         self.accept_request_id = accept;
         self
+    }
+
+    /// Sets what counts as a credential (default [`SecretScanner::new`]): incoming request ids
+    /// it flags are replaced, and the path segments and model it flags are recorded as
+    /// `[redacted]`. Add your key format's prefix with [`SecretScanner::with_key_format`]
+    /// when it is not covered by the defaults.
+    pub fn with_secret_scanner(mut self, scanner: SecretScanner) -> Self {
+        self.scanner = scanner;
+        self
+    }
+
+    /// Adds key prefixes to those that count as a credential (see
+    /// [`AuditLayer::with_secret_scanner`]).
+    ///
+    /// # Errors
+    ///
+    /// [`SecretPrefixError`] for an empty or over-long prefix, or one with characters other
+    /// than ASCII letters, digits, `-`, `_` and `.`.
+    pub fn with_secret_prefixes<I>(mut self, prefixes: I) -> Result<Self, SecretPrefixError>
+    where
+        I: IntoIterator,
+        I::Item: AsRef<str>,
+    {
+        self.scanner = self.scanner.with_prefixes(prefixes)?;
+        Ok(self)
+    }
+
+    /// What counts as a credential.
+    pub fn secret_scanner(&self) -> &SecretScanner {
+        &self.scanner
     }
 
     /// The sink.
@@ -182,6 +227,7 @@ impl<S, K: AuditSink> Layer<S> for AuditLayer<K> {
                 handles: OnceLock::new(),
                 sink,
                 cut_in_flight: self.cut_in_flight.clone(),
+                scanner: self.scanner.clone(),
             }),
             fail_closed: self.backpressure == Backpressure::FailClosed,
             accept_request_id: self.accept_request_id,
@@ -283,7 +329,7 @@ where
         let incoming = if self.accept_request_id {
             req.headers()
                 .get(X_REQUEST_ID)
-                .and_then(RequestId::from_header)
+                .and_then(|v| RequestId::from_header_with(v, &self.shared.scanner))
         } else {
             None
         };

@@ -72,8 +72,16 @@
 //!
 //! # Nothing secret
 //!
-//! The layer never reads credential headers, and events name keys only by id and name. Other
-//! request logging in the stack should hide credential headers too: wrap it in tower-http's
+//! The layer never reads credential headers, and events name keys only by id and name. What a
+//! client chose and the record repeats is checked for credential shapes (keygate keys of any
+//! prefix, JWTs, common provider prefixes such as `sk-`, long random tokens, and prefixes you
+//! add with [`AuditLayer::with_secret_prefixes`]; see
+//! [`SecretScanner`](keygate_core::SecretScanner)): an incoming `x-request-id` that could be a
+//! credential is replaced by a generated one (on the request, the response and the record),
+//! and path segments and model names that could be one are recorded as `[redacted]`. The query
+//! string is never recorded.
+//!
+//! Other request logging in the stack should hide credential headers too: wrap it in tower-http's
 //! `SetSensitiveRequestHeadersLayer::new(keygate_audit::sensitive_headers())` (feature
 //! `sensitive-headers` of tower-http), so `Authorization`, `x-api-key`, `api-key` and
 //! `proxy-authorization` are marked sensitive and shown as `Sensitive` by `Debug` and tower-http's

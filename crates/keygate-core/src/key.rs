@@ -20,6 +20,8 @@ pub const RANDOM_LEN: usize = 32;
 pub const CHECKSUM_LEN: usize = 6;
 /// The default key prefix.
 pub const DEFAULT_PREFIX: &str = "sk-kg-";
+/// The longest key prefix, in bytes.
+pub(crate) const MAX_PREFIX_LEN: usize = 32;
 const KEY_ID_PREFIX: &str = "key_";
 const KEY_ID_RANDOM_LEN: usize = 16;
 
@@ -78,7 +80,7 @@ impl KeyFormat {
     /// [`KeyFormatConfigError::InvalidPrefix`] for an empty, over-long or oddly spelt prefix.
     pub fn with_prefix(prefix: &str) -> Result<Self, KeyFormatConfigError> {
         let ok = !prefix.is_empty()
-            && prefix.len() <= 32
+            && prefix.len() <= MAX_PREFIX_LEN
             && prefix
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
@@ -364,7 +366,7 @@ fn push_random_base62(out: &mut String, n: usize) -> Result<(), RandomError> {
     Ok(())
 }
 
-fn push_fixed_base62(out: &mut String, mut v: u64, width: usize) {
+pub(crate) fn push_fixed_base62(out: &mut String, mut v: u64, width: usize) {
     let mut digits = [b'0'; 16];
     for d in digits[..width].iter_mut().rev() {
         *d = BASE62[(v % 62) as usize];
@@ -373,7 +375,7 @@ fn push_fixed_base62(out: &mut String, mut v: u64, width: usize) {
     out.extend(digits[..width].iter().map(|&b| char::from(b)));
 }
 
-fn decode_base62(s: &[u8]) -> Option<u64> {
+pub(crate) fn decode_base62(s: &[u8]) -> Option<u64> {
     s.iter().try_fold(0u64, |acc, &c| {
         let v = match c {
             b'0'..=b'9' => c - b'0',

@@ -30,6 +30,7 @@ mod key;
 mod limits;
 mod principal;
 mod record;
+pub mod redact;
 mod rights;
 mod store;
 mod trace;
@@ -54,6 +55,10 @@ pub use principal::{Credential, LimitScope, Principal};
 pub use record::{
     KeyRecord, PreviousSecret, ProjectRecord, Rejection, Restriction, Secret, canonical_ip,
     ip_in_ranges,
+};
+pub use redact::{
+    DEFAULT_SECRET_PREFIXES, REDACTED, SecretPrefixError, SecretScanner, could_be_secret,
+    redact_path,
 };
 pub use rights::{Access, EndpointGroup, ModelPattern, ModelPatternError, ModelRules, Permissions};
 pub use store::{KeyStore, Lookup, Snapshot, SnapshotError, StoreError};

@@ -247,7 +247,10 @@ impl<S> Scope<S> {
             return Err(scope_denial(
                 StatusCode::NOT_FOUND,
                 "unknown_route",
-                format!("Unknown request URL: {method} {}.", truncate(path, 200)),
+                format!(
+                    "Unknown request URL: {method} {}.",
+                    truncate(&keygate_core::redact_path(path), 200)
+                ),
             ));
         };
         let route = matched.route;

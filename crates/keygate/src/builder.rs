@@ -5,7 +5,7 @@ use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use keygate_audit::{Audit, AuditEvent, AuditLayer, AuditSink, Backpressure, TracingSink};
-use keygate_core::{Clock, KeyFormat, KeyStore, NoTokens, TokenVerifier};
+use keygate_core::{Clock, KeyFormat, KeyStore, NoTokens, SecretScanner, TokenVerifier};
 use keygate_extract::{CredentialSource, KeyExtract, KeyExtractLayer};
 use keygate_limit::{
     PriceTable, RateConfigError, RateLimit, RateLimitLayer, TokenLimit, TokenLimitLayer, Unpriced,
@@ -69,6 +69,7 @@ impl Keygate {
             metrics: true,
             key_metrics: false,
             accept_request_id: true,
+            secret_scanner: SecretScanner::new(),
             prices: PriceTable::new(),
             unpriced: Unpriced::Deny,
             default_output_tokens: None,
@@ -167,6 +168,7 @@ pub struct KeygateBuilder<K, T = NoTokens> {
     metrics: bool,
     key_metrics: bool,
     accept_request_id: bool,
+    secret_scanner: SecretScanner,
     prices: PriceTable,
     unpriced: Unpriced,
     default_output_tokens: Option<u64>,
@@ -258,6 +260,15 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
         self
     }
 
+    /// What the audit layer counts as a credential (default [`SecretScanner::new`]): request
+    /// ids it flags are replaced, path segments and models it flags are recorded as
+    /// `[redacted]` (see [`AuditLayer::with_secret_scanner`]). The key format's prefix is
+    /// always added.
+    pub fn secret_scanner(mut self, scanner: SecretScanner) -> Self {
+        self.secret_scanner = scanner;
+        self
+    }
+
     /// The price table money budgets are charged from.
     pub fn prices(mut self, prices: PriceTable) -> Self {
         self.prices = prices;
@@ -314,6 +325,7 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
             metrics: self.metrics,
             key_metrics: self.key_metrics,
             accept_request_id: self.accept_request_id,
+            secret_scanner: self.secret_scanner,
             prices: self.prices,
             unpriced: self.unpriced,
             default_output_tokens: self.default_output_tokens,
@@ -456,7 +468,8 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
             .with_backpressure(self.backpressure)
             .with_metrics(self.metrics)
             .with_key_metrics(self.key_metrics)
-            .with_accept_request_id(self.accept_request_id);
+            .with_accept_request_id(self.accept_request_id)
+            .with_secret_scanner(self.secret_scanner.with_key_format(&self.key_format));
 
         let mut extract = KeyExtractLayer::new(self.store)
             .with_token_verifier(self.verifier)

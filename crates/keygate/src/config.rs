@@ -37,8 +37,8 @@ use keygate_audit::{
     NoopSink, TracingSink,
 };
 use keygate_core::{
-    KeyFormat, KeyFormatConfigError, KeyStore, Money, Principal, Timestamp, TokenError,
-    TokenVerifier,
+    KeyFormat, KeyFormatConfigError, KeyStore, Money, Principal, SecretScanner, Timestamp,
+    TokenError, TokenVerifier,
 };
 use keygate_jwt::{JwtVerifier, KeySet, SigningKey, TokenExchange};
 use keygate_limit::{Price, PriceTable, Unpriced, WalletGuard};
@@ -441,8 +441,14 @@ pub struct AuditConfig {
     /// `"drop_and_count"` (default): serve and count records a full sink drops;
     /// `"fail_closed"`: refuse requests with 503 while the JSON Lines sink cannot take them.
     pub backpressure: BackpressureConfig,
-    /// Keep a valid `x-request-id` the client sends (default true).
+    /// Keep a valid `x-request-id` the client sends (default true). An id that could be a
+    /// credential is never kept.
     pub accept_request_id: bool,
+    /// Key prefixes that count as credentials besides the built-in ones
+    /// ([`DEFAULT_SECRET_PREFIXES`](keygate_core::DEFAULT_SECRET_PREFIXES)) and `key_prefix`:
+    /// request ids carrying one are replaced, path segments and models carrying one are
+    /// recorded as `[redacted]` (default none).
+    pub secret_prefixes: Vec<String>,
     /// Also write records as JSON Lines to a file (`[audit.jsonl]`).
     pub jsonl: Option<JsonlConfig>,
 }
@@ -455,6 +461,7 @@ impl Default for AuditConfig {
             key_metrics: false,
             backpressure: BackpressureConfig::DropAndCount,
             accept_request_id: true,
+            secret_prefixes: Vec::new(),
             jsonl: None,
         }
     }
@@ -752,7 +759,12 @@ impl Config {
             .audit_backpressure(backpressure)
             .metrics(self.audit.metrics)
             .key_metrics(self.audit.key_metrics)
-            .accept_request_id(self.audit.accept_request_id))
+            .accept_request_id(self.audit.accept_request_id)
+            .secret_scanner(
+                SecretScanner::new()
+                    .with_prefixes(&self.audit.secret_prefixes)
+                    .map_err(|e| ConfigError::Invalid(format!("audit.secret_prefixes: {e}")))?,
+            ))
     }
 
     /// Opens the key file and the audit sinks and builds the whole stack.
@@ -1101,7 +1113,10 @@ mod tests {
         let start = section.find("```toml\n").unwrap() + "```toml\n".len();
         let block = &section[start..start + section[start..].find("```").unwrap()];
         let config = Config::from_toml_str(block).unwrap();
-        assert_eq!(config.routes.custom[0].default_model.as_deref(), Some("rerank-1"));
+        assert_eq!(
+            config.routes.custom[0].default_model.as_deref(),
+            Some("rerank-1")
+        );
         assert_eq!(config.limits.bytes_per_token.get(), 1);
     }
 
@@ -1307,5 +1322,26 @@ mod tests {
         let built = c.build().unwrap();
         assert!(built.token_exchange().is_none());
         assert!(built.audit_file().is_none());
+    }
+
+    #[test]
+    fn audit_secret_prefixes_and_the_key_prefix_reach_the_audit_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys.toml");
+        keygate_store::KeyFile::default()
+            .save_atomic(&keys)
+            .unwrap();
+        let mut c = Config::from_toml_str(
+            "key_prefix = \"acme_\"\n[jwt]\nenabled = false\n[audit]\nsecret_prefixes = [\"corp.\"]",
+        )
+        .unwrap();
+        c.keys_file = Some(keys);
+        assert_eq!(c.audit.secret_prefixes, ["corp."]);
+        let built = c.build().unwrap();
+        let scanner = built.layer().audit_layer().secret_scanner();
+        assert!(scanner.could_be_secret("corp.abcdefgh"));
+        assert!(scanner.could_be_secret("acme_abcdefgh"));
+        c.audit.secret_prefixes = vec!["has space".to_owned()];
+        assert!(matches!(c.build(), Err(ConfigError::Invalid(_))));
     }
 }

@@ -258,6 +258,128 @@ async fn incoming_request_id_is_ignored_when_not_accepted() {
     assert_ne!(requests(&events)[0].request_id.as_str(), "chosen-by-client");
 }
 
+const JWT: &str =
+    "eyJhbGciOiJIUzI1NiIsInR5cCI6IkpXVCJ9.eyJzdWIiOiJrZXlfYWJjIn0.c2lnbmF0dXJlLWJ5dGVz";
+
+/// One of each credential shape a client might send by mistake.
+fn credential_shapes() -> Vec<String> {
+    let key = KeyFormat::default().generate().unwrap();
+    let other_prefix = KeyFormat::with_prefix("acme_").unwrap().generate().unwrap();
+    vec![
+        key.expose().to_owned(),
+        other_prefix.expose().to_owned(),
+        JWT.to_owned(),
+        "sk-proj-AbCdEfGhIjKlMnOpQrStUvWx".to_owned(),
+        "corp.tok-abcdefgh12345678".to_owned(),
+    ]
+}
+
+#[tokio::test]
+async fn credential_shaped_request_id_is_replaced_on_request_record_and_response() {
+    let (events, sink) = recorder();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let inner_seen = seen.clone();
+    let svc = AuditLayer::new(sink)
+        .with_metrics(false)
+        .with_secret_prefixes(["corp."])
+        .unwrap()
+        .layer(service_fn(move |req: Request<Full<Bytes>>| {
+            inner_seen
+                .lock()
+                .unwrap()
+                .push(req.headers()[X_REQUEST_ID].clone());
+            async { ok_response() }
+        }));
+    let shapes = credential_shapes();
+    for secret in &shapes {
+        let mut req = get("/");
+        req.headers_mut()
+            .insert(X_REQUEST_ID, HeaderValue::from_str(secret).unwrap());
+        let response = finish(svc.clone().oneshot(req).await.unwrap()).await;
+        let returned = response.headers()[X_REQUEST_ID].to_str().unwrap();
+        assert_ne!(returned, secret);
+        assert!(returned.starts_with('k'), "a generated id: {returned}");
+    }
+    let records = requests(&events);
+    for (i, secret) in shapes.iter().enumerate() {
+        assert_ne!(records[i].request_id.as_str(), secret);
+        assert_ne!(seen.lock().unwrap()[i], secret.as_str(), "forwarded inward");
+    }
+}
+
+#[tokio::test]
+async fn ordinary_request_ids_are_still_kept() {
+    let (events, sink) = recorder();
+    let svc = AuditLayer::new(sink).with_metrics(false).layer(service_fn(
+        |_req: Request<Full<Bytes>>| async { ok_response() },
+    ));
+    let ids = [
+        "550e8400-e29b-41d4-a716-446655440000",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "req_01ARZ3NDEKTSV4RRFFQ69G5FAV",
+        "task-1234",
+    ];
+    for id in ids {
+        let mut req = get("/");
+        req.headers_mut()
+            .insert(X_REQUEST_ID, HeaderValue::from_static(id));
+        finish(svc.clone().oneshot(req).await.unwrap()).await;
+    }
+    let kept: Vec<_> = requests(&events)
+        .iter()
+        .map(|r| r.request_id.as_str().to_owned())
+        .collect();
+    assert_eq!(kept, ids);
+}
+
+#[tokio::test]
+async fn credential_shaped_path_segments_and_model_are_redacted_in_the_record() {
+    let (events, sink) = recorder();
+    let shapes = credential_shapes();
+    let model = shapes[0].clone();
+    let svc = AuditLayer::new(sink)
+        .with_metrics(false)
+        .with_secret_scanner(
+            keygate_core::SecretScanner::new()
+                .with_prefix("corp.")
+                .unwrap(),
+        )
+        .layer(service_fn(move |req: Request<Full<Bytes>>| {
+            record_trace(&req, "k", &model);
+            async { ok_response() }
+        }));
+    for secret in &shapes {
+        let req = get(&format!("/v1/files/{secret}/content?after={secret}"));
+        finish(svc.clone().oneshot(req).await.unwrap()).await;
+    }
+    for (record, secret) in requests(&events).iter().zip(&shapes) {
+        assert_eq!(record.path, "/v1/files/[redacted]/content");
+        assert_eq!(record.model.as_deref(), Some("[redacted]"));
+        let json = serde_json::to_string(record).unwrap();
+        assert!(!json.contains(secret.as_str()), "{json}");
+    }
+}
+
+#[tokio::test]
+async fn clean_path_and_model_are_recorded_as_sent() {
+    let (events, sink) = recorder();
+    let svc =
+        AuditLayer::new(sink)
+            .with_metrics(false)
+            .layer(service_fn(|req: Request<Full<Bytes>>| {
+                record_trace(&req, "k", "ft:gpt-4o-mini:acme:task-xyz:abc123");
+                async { ok_response() }
+            }));
+    let path = "/v1/files/file-AbCdEf1234567890GhIjKl/content";
+    finish(svc.oneshot(get(path)).await.unwrap()).await;
+    let record = &requests(&events)[0];
+    assert_eq!(record.path, path);
+    assert_eq!(
+        record.model.as_deref(),
+        Some("ft:gpt-4o-mini:acme:task-xyz:abc123")
+    );
+}
+
 /// A streamed body that reports usage into the meter like the token limit layer's wrapper:
 /// at its end, or (if `on_drop`) only when dropped.
 struct Streamed {
