@@ -26,6 +26,24 @@ fn ordinary(size: usize) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A chat request whose text quotes now and then (an escaped quote every ~40 bytes): the
+/// body of the stack benchmarks.
+fn quoting(size: usize) -> Vec<u8> {
+    let content =
+        r#"Explain \"tower\" middleware in Rust: layers, services, and back-pressure. "#.repeat(4);
+    let mut messages = Vec::new();
+    let mut len = 0;
+    while len + content.len() + 80 < size {
+        len += content.len() + 30;
+        messages.push(format!(r#"{{"role":"user","content":"{content}"}}"#));
+    }
+    format!(
+        r#"{{"messages":[{}],"max_tokens":64,"model":"gpt-4o-mini"}}"#,
+        messages.join(",")
+    )
+    .into_bytes()
+}
+
 /// Many distinct keys in the top-level object (quadratic for a naive duplicate check).
 fn many_keys(size: usize) -> Vec<u8> {
     let mut out = String::from(r#"{"model":"gpt-4o-mini""#);
@@ -86,8 +104,9 @@ fn escaped_keys(size: usize) -> Vec<u8> {
 
 fn facts(c: &mut Criterion) {
     type Shape = fn(usize) -> Vec<u8>;
-    let shapes: [(&str, Shape); 6] = [
+    let shapes: [(&str, Shape); 7] = [
         ("ordinary", ordinary),
+        ("quoting", quoting),
         ("many_keys", many_keys),
         ("deep", deep),
         ("long_string", long_string),

@@ -7,7 +7,6 @@
 //! hash set past a handful, so a body of many keys costs linear time, not quadratic.
 
 use std::borrow::Cow;
-use std::collections::HashSet;
 use std::ops::Range;
 
 use smallvec::SmallVec;
@@ -165,15 +164,15 @@ fn scan(body: &[u8], collect: bool) -> Result<JsonFields<'_>, JsonError> {
 /// the usual handful), a hash set past that.
 #[derive(Default)]
 struct Keys<'a> {
-    few: SmallVec<[Cow<'a, str>; 8]>,
-    many: Option<HashSet<Cow<'a, str>>>,
+    few: SmallVec<[Cow<'a, [u8]>; 8]>,
+    many: Option<hashbrown::HashSet<Cow<'a, [u8]>>>,
 }
 
 impl<'a> Keys<'a> {
     const FEW: usize = 16;
 
     /// Adds `key`; false if it was already there.
-    fn insert(&mut self, key: Cow<'a, str>) -> bool {
+    fn insert(&mut self, key: Cow<'a, [u8]>, rest: usize) -> bool {
         if let Some(set) = &mut self.many {
             return set.insert(key);
         }
@@ -183,7 +182,10 @@ impl<'a> Keys<'a> {
         if self.few.len() < Self::FEW {
             self.few.push(key);
         } else {
-            let mut set: HashSet<Cow<'a, str>> = self.few.drain(..).collect();
+            // Sized for as many keys as the rest of the body could hold (one every six
+            // bytes at most), so it is not rehashed again and again as it grows.
+            let mut set = hashbrown::HashSet::with_capacity((rest / 6).clamp(64, 1 << 16));
+            set.extend(self.few.drain(..));
             set.insert(key);
             self.many = Some(set);
         }
@@ -204,15 +206,15 @@ enum Field {
     Other,
 }
 
-fn field(key: &str) -> Field {
+fn field(key: &[u8]) -> Field {
     match key {
-        "model" => Field::Model,
-        "max_tokens" | "max_completion_tokens" | "max_output_tokens" => Field::MaxOutput,
-        "n" => Field::N,
-        "best_of" => Field::BestOf,
-        "stream" => Field::Stream,
-        "stream_options" => Field::StreamOptions,
-        "purpose" => Field::Purpose,
+        b"model" => Field::Model,
+        b"max_tokens" | b"max_completion_tokens" | b"max_output_tokens" => Field::MaxOutput,
+        b"n" => Field::N,
+        b"best_of" => Field::BestOf,
+        b"stream" => Field::Stream,
+        b"stream_options" => Field::StreamOptions,
+        b"purpose" => Field::Purpose,
         _ => Field::Other,
     }
 }
@@ -282,12 +284,12 @@ impl<'a> Scanner<'a> {
             if self.peek() != Some(b'"') {
                 return Err(JsonError::Invalid);
             }
-            let key = self.string()?;
+            let key = self.key()?;
             let which = field(&key);
-            if key.eq_ignore_ascii_case("model") && (which != Field::Model || model_seen) {
+            if key.eq_ignore_ascii_case(b"model") && (which != Field::Model || model_seen) {
                 return Err(JsonError::AmbiguousModel);
             }
-            if !keys.insert(key) {
+            if !keys.insert(key, self.b.len() - self.i) {
                 return Err(JsonError::DuplicateKey);
             }
             self.expect(b':')?;
@@ -352,9 +354,9 @@ impl<'a> Scanner<'a> {
             if self.peek() != Some(b'"') {
                 return Err(JsonError::Invalid);
             }
-            let key = self.string()?;
-            let is_usage = key == "include_usage";
-            if !keys.insert(key) {
+            let key = self.key()?;
+            let is_usage = &*key == b"include_usage";
+            if !keys.insert(key, self.b.len() - self.i) {
                 return Err(JsonError::DuplicateKey);
             }
             self.expect(b':')?;
@@ -448,9 +450,9 @@ impl<'a> Scanner<'a> {
                 return Err(JsonError::Invalid);
             }
             let at = self.i;
-            let key = self.string()?;
+            let key = self.key()?;
             self.note_text(at + 1..self.i - 1);
-            if !keys.insert(key) {
+            if !keys.insert(key, self.b.len() - self.i) {
                 return Err(JsonError::DuplicateKey);
             }
             self.expect(b':')?;
@@ -568,12 +570,7 @@ impl<'a> Scanner<'a> {
         self.i += 1;
         let start = self.i;
         loop {
-            let rest = &self.b[self.i..];
-            let at = memchr::memchr2(b'"', b'\\', rest).ok_or(JsonError::Invalid)?;
-            if has_control(&rest[..at]) {
-                return Err(JsonError::Invalid);
-            }
-            self.i += at;
+            self.i += long_span_end(&self.b[self.i..])?;
             if self.b[self.i] == b'"' {
                 let len = self.i - start;
                 self.i += 1;
@@ -585,20 +582,29 @@ impl<'a> Scanner<'a> {
 
     /// Reads a string (at its opening quote) and decodes it as JSON does.
     fn string(&mut self) -> Result<Cow<'a, str>, JsonError> {
+        match self.key()? {
+            // The body was checked to be UTF-8, and a quote or backslash is never inside a
+            // character: a slice between them is UTF-8 too.
+            Cow::Borrowed(raw) => std::str::from_utf8(raw)
+                .map(Cow::Borrowed)
+                .map_err(|_| JsonError::NotUtf8),
+            Cow::Owned(out) => String::from_utf8(out)
+                .map(Cow::Owned)
+                .map_err(|_| JsonError::NotUtf8),
+        }
+    }
+
+    /// Reads a string (at its opening quote), decoded as JSON does, as bytes: what keys are
+    /// compared as (their UTF-8 was checked with the whole body).
+    fn key(&mut self) -> Result<Cow<'a, [u8]>, JsonError> {
         self.i += 1;
         let b = self.b;
         let start = self.i;
         let rest = &b[start..];
-        let at = memchr::memchr2(b'"', b'\\', rest).ok_or(JsonError::Invalid)?;
-        if has_control(&rest[..at]) {
-            return Err(JsonError::Invalid);
-        }
+        let at = span_end(rest)?;
         if rest[at] == b'"' {
             self.i += at + 1;
-            // The body was checked to be UTF-8 and a quote is never inside a character.
-            return std::str::from_utf8(&rest[..at])
-                .map(Cow::Borrowed)
-                .map_err(|_| JsonError::NotUtf8);
+            return Ok(Cow::Borrowed(&rest[..at]));
         }
         let mut out = Vec::with_capacity(at + 16);
         out.extend_from_slice(&rest[..at]);
@@ -606,20 +612,14 @@ impl<'a> Scanner<'a> {
         loop {
             self.escape(Some(&mut out))?;
             let rest = &b[self.i..];
-            let at = memchr::memchr2(b'"', b'\\', rest).ok_or(JsonError::Invalid)?;
-            if has_control(&rest[..at]) {
-                return Err(JsonError::Invalid);
-            }
+            let at = span_end(rest)?;
             out.extend_from_slice(&rest[..at]);
             self.i += at;
             if b[self.i] == b'"' {
                 self.i += 1;
-                break;
+                return Ok(Cow::Owned(out));
             }
         }
-        String::from_utf8(out)
-            .map(Cow::Owned)
-            .map_err(|_| JsonError::NotUtf8)
     }
 
     fn hex4(&mut self) -> Result<u16, JsonError> {
@@ -674,6 +674,41 @@ impl<'a> Scanner<'a> {
         }
         Ok(())
     }
+}
+
+/// Where the run of plain string bytes at the start of `rest` ends (at a quote or a
+/// backslash); a control byte before it is an error. Short runs (keys, the text between two
+/// escapes) are walked byte by byte, which costs less than setting up a search; long ones
+/// are searched.
+#[inline]
+fn span_end(rest: &[u8]) -> Result<usize, JsonError> {
+    const SHORT: usize = 16;
+    for (k, &c) in rest.iter().take(SHORT).enumerate() {
+        if c == b'"' || c == b'\\' {
+            return Ok(k);
+        }
+        if c < 0x20 {
+            return Err(JsonError::Invalid);
+        }
+    }
+    if rest.len() <= SHORT {
+        return Err(JsonError::Invalid);
+    }
+    let at = SHORT + memchr::memchr2(b'"', b'\\', &rest[SHORT..]).ok_or(JsonError::Invalid)?;
+    if has_control(&rest[SHORT..at]) {
+        return Err(JsonError::Invalid);
+    }
+    Ok(at)
+}
+
+/// [`span_end`] for runs that are usually long (string values): searched at once.
+#[inline]
+fn long_span_end(rest: &[u8]) -> Result<usize, JsonError> {
+    let at = memchr::memchr2(b'"', b'\\', rest).ok_or(JsonError::Invalid)?;
+    if has_control(&rest[..at]) {
+        return Err(JsonError::Invalid);
+    }
+    Ok(at)
 }
 
 /// Whether `s` holds a byte below 0x20 (not allowed raw inside a JSON string).
