@@ -162,6 +162,16 @@ impl Principal {
                 .is_none_or(|r| ip_in_ranges(&r.allowed_ips, ip))
     }
 
+    /// Whether any token rate or money budget applies to this caller (key, project or token):
+    /// then what a request may cost must be known before it is forwarded.
+    pub fn has_token_limits(&self) -> bool {
+        self.limits().any(|(_, l)| {
+            l.tokens_per_minute.is_some()
+                || !l.budgets.is_empty()
+                || l.models.values().any(|m| m.tokens_per_minute.is_some())
+        })
+    }
+
     /// Every set of limits that applies to this principal's requests, with whose it is.
     pub fn limits(&self) -> impl Iterator<Item = (LimitScope, &Limits)> {
         [

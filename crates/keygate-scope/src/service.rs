@@ -744,7 +744,7 @@ fn check_body(
     let mut scanned = None;
     let body_model: Option<Cow<'_, str>> = match &pending.kind {
         BodyKind::Json => {
-            let fields = if shared.tokens.is_some() {
+            let fields = if shared.tokens.is_some() && pending.principal.has_token_limits() {
                 scan_json_text(bytes)
             } else {
                 scan_json(bytes)
@@ -809,7 +809,9 @@ fn check_body(
         .is_none()
         .then(|| route.default_model.clone())
         .flatten();
+    // Counted only where a token rate or budget makes the prompt's size matter.
     if let (Some(counter), Some(fields)) = (&shared.tokens, &scanned)
+        && pending.principal.has_token_limits()
         && let Some(model) = facts.model().or(route_default.as_ref().map(|m| m.as_str()))
     {
         facts.prompt.tokens =

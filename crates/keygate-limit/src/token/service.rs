@@ -26,14 +26,6 @@ use crate::backend::{LimitBackend, Reservation, ReserveError};
 use crate::body::{RequestBody, TokenBody};
 use crate::rate::missing_principal;
 
-fn has_token_limits(principal: &Principal) -> bool {
-    principal.limits().any(|(_, l)| {
-        l.tokens_per_minute.is_some()
-            || !l.budgets.is_empty()
-            || l.models.values().any(|m| m.tokens_per_minute.is_some())
-    })
-}
-
 impl<S, B, ReqBody, ResBody> Service<Request<ReqBody>> for TokenLimit<S, B>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
@@ -72,7 +64,7 @@ where
         let bills = facts.is_none_or(|f| f.generation.bills());
         let metered =
             !self.config.prices.is_empty() && req.extensions().get::<UsageMeter>().is_some();
-        if !bills || (guard.is_none() && !metered && !has_token_limits(principal)) {
+        if !bills || (guard.is_none() && !metered && !principal.has_token_limits()) {
             // Nothing to count (a route that makes nothing billed, or a key without limits):
             // no body read, no reservation.
             return ResponseFuture::pass(self.inner.call(req.map(RequestBody::inner)));
