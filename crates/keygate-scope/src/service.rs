@@ -17,7 +17,7 @@ use http::{HeaderMap, Method, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::combinators::Collect;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
-use keygate_core::facts::{JsonError, count_prompt, scan_json, scan_json_text};
+use keygate_core::facts::{count_prompt, scan_json, scan_json_text};
 use keygate_core::{
     ClientIp, Denial, EndpointMatch, ModelSource, Principal, PromptSize, Protocol, RequestFacts,
     RequestTrace, RequestedModel, ResponseBody, Stage, is_grpc,
@@ -634,29 +634,6 @@ where
     }
 }
 
-fn json_denial(e: JsonError) -> Denial {
-    let bad = |code, message| scope_denial(StatusCode::BAD_REQUEST, code, message);
-    match e {
-        JsonError::NotUtf8 => bad("invalid_encoding", "The request body is not valid UTF-8."),
-        JsonError::NotObject => bad("invalid_json", "The request body must be a JSON object."),
-        JsonError::DuplicateKey => bad(
-            "duplicate_key",
-            "The request body has a key more than once.",
-        ),
-        JsonError::AmbiguousModel => bad_model(
-            "ambiguous_model",
-            "The request body names the model more than once.",
-        ),
-        JsonError::BadField("model") => bad_model("invalid_model", "The model must be a string."),
-        JsonError::BadField(field) => bad(
-            "invalid_value",
-            "A field of the request has a value of the wrong type or range.",
-        )
-        .with_param(field),
-        _ => bad("invalid_json", "The request body is not valid JSON."),
-    }
-}
-
 /// The body as inspected: decoded if it was compressed (and then forwarded decoded, so the
 /// inner service acts on exactly the bytes that were checked).
 fn decoded_body(shared: &Shared, pending: &Pending, bytes: Bytes) -> Result<Bytes, Denial> {
@@ -749,7 +726,7 @@ fn check_body(
             } else {
                 scan_json(bytes)
             }
-            .map_err(json_denial)?;
+            .map_err(|e| e.denial(Stage::Scope))?;
             facts.absorb_json(&fields);
             if route.batch_input
                 && fields.purpose.as_deref() == Some("batch")

@@ -170,18 +170,21 @@ fn json(body: String) -> Response<Full<Bytes>> {
 
 /// An honest upstream: it uses up every output token it was allowed, for every choice.
 fn honest(req: &serde_json::Value) -> Response<Full<Bytes>> {
+    json(format!(
+        r#"{{"usage":{{"prompt_tokens":1,"completion_tokens":{}}}}}"#,
+        all_allowed(req)
+    ))
+}
+
+/// The most output an upstream may produce for `req`: every token of its cap, for every
+/// choice (`best_of` of them when more than `n`).
+fn all_allowed(req: &serde_json::Value) -> u64 {
     let cap = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
         .iter()
         .find_map(|k| req[k].as_u64())
         .unwrap_or(0);
-    let n = req["n"]
-        .as_u64()
-        .unwrap_or(1)
-        .max(req["best_of"].as_u64().unwrap_or(1));
-    json(format!(
-        r#"{{"usage":{{"prompt_tokens":1,"completion_tokens":{}}}}}"#,
-        cap * n
-    ))
+    let n = req["n"].as_u64().unwrap_or(1);
+    cap * n.max(req["best_of"].as_u64().unwrap_or(1))
 }
 
 macro_rules! call {
@@ -471,11 +474,7 @@ fn a_thousand_concurrent_requests_of_every_shape_never_overspend() {
         let admitted = rt.block_on(async {
             // The most an upstream may do: the whole prompt and every output token allowed.
             let (_, up) = upstream(move |req| {
-                let cap = ["max_completion_tokens", "max_tokens"]
-                    .iter()
-                    .find_map(|k| req[k].as_u64())
-                    .unwrap_or(0);
-                let used = cap * req["n"].as_u64().unwrap_or(1);
+                let used = all_allowed(req);
                 let usage = format!(r#"{{"prompt_tokens":{prompt},"completion_tokens":{used}}}"#);
                 if req["stream"] == true {
                     sse(&format!(

@@ -39,6 +39,52 @@ pub enum JsonError {
     BadField(&'static str),
 }
 
+impl JsonError {
+    /// The 400 answering a body refused for this reason, from `stage` (in the OpenAI shape:
+    /// `invalid_json`, `invalid_encoding`, `duplicate_key`, `ambiguous_model`,
+    /// `invalid_model`, `invalid_value` with the field as `param`).
+    pub fn denial(self, stage: crate::Stage) -> crate::Denial {
+        let (code, message, param) = match self {
+            JsonError::NotUtf8 => (
+                "invalid_encoding",
+                "The request body is not valid UTF-8.",
+                None,
+            ),
+            JsonError::NotObject => (
+                "invalid_json",
+                "The request body must be a JSON object.",
+                None,
+            ),
+            JsonError::DuplicateKey => (
+                "duplicate_key",
+                "The request body has a key more than once.",
+                None,
+            ),
+            JsonError::AmbiguousModel => (
+                "ambiguous_model",
+                "The request body names the model more than once.",
+                Some("model"),
+            ),
+            JsonError::BadField("model") => (
+                "invalid_model",
+                "The model must be a string.",
+                Some("model"),
+            ),
+            JsonError::BadField(field) => (
+                "invalid_value",
+                "A field of the request has a value of the wrong type or range.",
+                Some(field),
+            ),
+            JsonError::Invalid => ("invalid_json", "The request body is not valid JSON.", None),
+        };
+        let denial = crate::Denial::new(stage, http::StatusCode::BAD_REQUEST, code, message);
+        match param {
+            Some(p) => denial.with_param(p),
+            None => denial,
+        }
+    }
+}
+
 /// The top-level fields of a JSON request object that accounting reads.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]

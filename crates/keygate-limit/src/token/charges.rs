@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use keygate_core::{Denial, LimitScope, Limits, Principal, RequestFacts, Stage, Timestamp, Usage};
+use keygate_core::{Denial, LimitScope, Limits, Principal, Stage, Timestamp, Usage};
 use smallvec::SmallVec;
 
 use super::{Config, Unpriced};
@@ -223,10 +223,4 @@ impl WorstCase {
     pub(super) fn fitting(&self, e: &Exceeded, meta: Meta, price: Option<Price>) -> Option<u64> {
         output_that_fits(e, meta, self.prompt, price).map(|total| total / self.choices.max(1))
     }
-}
-
-/// Prompt tokens at most, from what the scan measured (see
-/// [`PromptSize::tokens_at_most`](keygate_core::PromptSize::tokens_at_most)).
-pub(super) fn prompt_tokens(facts: &RequestFacts, bytes_per_token: u64) -> u64 {
-    facts.prompt.tokens_at_most(bytes_per_token)
 }

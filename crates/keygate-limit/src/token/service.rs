@@ -11,7 +11,7 @@ use http::header::{CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Body;
 use http_body_util::{BodyExt, Full};
-use keygate_core::facts::{JsonEdit, JsonError, scan_json};
+use keygate_core::facts::{JsonEdit, scan_json};
 use keygate_core::{
     Denial, Generation, Principal, Protocol, RequestFacts, RequestedModel, ResponseBody, Stage,
     UsageMeter, is_grpc,
@@ -19,7 +19,7 @@ use keygate_core::{
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::charges::{Meta, WorstCase, plan, prompt_tokens};
+use super::charges::{Meta, WorstCase, plan};
 use super::respond::{After, Shape, bad_request, deny, exceeded_response, meta_of, refused};
 use super::{BoxFuture, Config, Out, TokenLimit};
 use crate::backend::{LimitBackend, Reservation, ReserveError};
@@ -187,25 +187,6 @@ fn per_choice<B>(config: &Config<B>, facts: &RequestFacts) -> u64 {
     }
 }
 
-fn json_refusal<ResBody>(e: JsonError, headers: &HeaderMap) -> Out<ResBody> {
-    let (code, message) = match e {
-        JsonError::NotUtf8 => ("invalid_encoding", "The request body is not valid UTF-8."),
-        JsonError::DuplicateKey => (
-            "duplicate_key",
-            "The request body has a key more than once.",
-        ),
-        JsonError::BadField(_) => (
-            "invalid_value",
-            "A field of the request has a value of the wrong type or range.",
-        ),
-        _ => (
-            "invalid_json",
-            "The request body is not a valid JSON object.",
-        ),
-    };
-    bad_request(code, message, headers)
-}
-
 /// Whether the forwarded stream must be made to carry usage: a streaming completions request
 /// whose client did not ask for usage (then removed from what the client sees).
 fn forces_usage<B>(config: &Config<B>, facts: &RequestFacts, path: &str) -> bool {
@@ -272,7 +253,7 @@ where
             // The same scanner the scope layer uses, on the same bytes.
             let fields = match scan_json(&bytes) {
                 Ok(f) => f,
-                Err(e) => return Ok(json_refusal(e, &parts.headers)),
+                Err(e) => return Ok(deny(e.denial(Stage::TokenLimit), &parts.headers)),
             };
             let mut facts = RequestFacts::unrouted();
             facts.absorb_json(&fields);
@@ -288,7 +269,7 @@ where
     let now = config.clock.now();
     let asked = facts.max_output;
     let mut worst = WorstCase {
-        prompt: prompt_tokens(&facts, config.bytes_per_token),
+        prompt: facts.prompt.tokens_at_most(config.bytes_per_token),
         per_choice: per_choice(&config, &facts),
         choices: facts.choices,
     };

@@ -78,7 +78,7 @@ fn prompt_of(body: &str) -> u64 {
     let fields = keygate_core::facts::scan_json(body.as_bytes()).unwrap();
     let mut facts = keygate_core::RequestFacts::unrouted();
     facts.absorb_json(&fields);
-    prompt_tokens(&facts, 1)
+    facts.prompt.tokens_at_most(1)
 }
 
 /// The stream of [`sse_frames`] as a client that did not ask for usage sees it.
