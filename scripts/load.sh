@@ -2,14 +2,16 @@
 # Loopback load test of the gateway (`keygate serve`), with and without the keygate stack.
 #
 # Builds the `keygate` binary (gateway with its embedded mock upstream, and the CLI) in release mode,
-# creates a throw-away key with all permissions and no limits, then for each mode (see
-# start_gateway below: bare, keygate, logged) starts the gateway on 127.0.0.1 (a free port),
+# creates a throw-away key with all permissions and no limits (and a metered one), then for each
+# mode (see start_gateway below: bare, keygate, logged, metered_memory, metered_ledger) starts the
+# gateway on 127.0.0.1 (a free port),
 # drives it with `wrk`
 # for DURATION per scenario, and stops it. Prints requests/s, p50 and p99 latency per
 # scenario and the ratios to bare. Everything stays on loopback and stops by itself.
 #
 #   scripts/load.sh                         # 3 interleaved rounds, 10 s per scenario and mode, 32 connections
 #   ROUNDS=5 DURATION=5s CONNECTIONS=64 scripts/load.sh
+#   MODES="metered_memory metered_ledger" scripts/load.sh   # what the SQLite spend ledger costs
 #
 # Needs `wrk`; installs it with apt-get when missing.
 set -euo pipefail
@@ -18,6 +20,7 @@ DURATION=${DURATION:-10s}
 CONNECTIONS=${CONNECTIONS:-32}
 THREADS=${THREADS:-1}
 ROUNDS=${ROUNDS:-3}
+read -r -a modes <<<"${MODES:-bare keygate logged}"
 # Scenarios: NAME METHOD PATH (POST bodies are a small chat request).
 SCENARIOS=("models GET /v1/models" "chat POST /v1/chat/completions")
 
@@ -59,6 +62,16 @@ if [[ -z "$secret" ]]; then
     exit 1
 fi
 
+# A metered key: a money budget and a tokens-per-minute limit, both far from reached, so every
+# chat request is reserved (and, with the ledger, committed) and settled. Created in a SQLite
+# store (served with its spend ledger) and exported as a TOML key file (served with spend in
+# memory only).
+metered=$("$keygate_bin" --store "sqlite:$work/metered.db" --json keys create \
+    --project metered --create-project --name metered --permissions all \
+    --budget 1000000/day --tpm 1000000000000 |
+    grep -o '"secret": *"[^"]*"' | sed 's/.*"\([^"]*\)"$/\1/')
+"$keygate_bin" --store "sqlite:$work/metered.db" keys export --output "$work/metered.toml" >/dev/null
+
 cat >"$work/chat.lua" <<EOF
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
@@ -68,6 +81,8 @@ EOF
 cat >"$work/get.lua" <<EOF
 wrk.headers["Authorization"] = "Bearer $secret"
 EOF
+sed "s/$secret/$metered/" "$work/chat.lua" >"$work/metered_chat.lua"
+sed "s/$secret/$metered/" "$work/get.lua" >"$work/metered_get.lua"
 
 # Starts the gateway in mode $1 and sets $addr. Modes:
 #   bare     the same listener and proxy with no keygate layer (--without-keygate)
@@ -85,6 +100,16 @@ start_gateway() {
         extra=(--config "$work/keygate.toml")
         ;;
     logged) extra=(--keys-file "$work/keys.toml") ;;
+    metered_memory | metered_ledger)
+        printf '[audit]\ntracing = false\n[audit.jsonl]\npath = "%s"\n[prices."gpt-4o-mini"]\ninput_per_million = "0.15"\noutput_per_million = "0.60"\n' \
+            "$work/audit.jsonl" >"$work/metered.toml.conf"
+        if [[ "$mode" == metered_memory ]]; then
+            printf 'keys_file = "%s"\n' "$work/metered.toml" | cat - "$work/metered.toml.conf" >"$work/keygate.toml"
+        else
+            printf 'store = "sqlite:%s"\n' "$work/metered.db" | cat - "$work/metered.toml.conf" >"$work/keygate.toml"
+        fi
+        extra=(--config "$work/keygate.toml")
+        ;;
     esac
     "$keygate_bin" serve --listen 127.0.0.1:0 "${extra[@]}" \
         >"$work/gateway.out" 2>"$work/gateway.err" &
@@ -131,6 +156,10 @@ run_mode() {
         read -r name method path <<<"$scenario"
         local script="$work/get.lua"
         [[ "$method" == POST ]] && script="$work/chat.lua"
+        if [[ "$mode" == metered_* ]]; then
+            script="$work/metered_get.lua"
+            [[ "$method" == POST ]] && script="$work/metered_chat.lua"
+        fi
         # A short warm-up (connections, caches), then the measured run.
         wrk -t"$THREADS" -c"$CONNECTIONS" -d2s -s "$script" "$addr$path" >/dev/null
         local cpu_before cpu_after
@@ -165,7 +194,6 @@ median() {
 
 # Rounds interleave the modes (bare, keygate, logged, bare, ...) so a slow spell of the machine
 # falls on all of them; the report gives medians, and the median of the per-round ratios.
-modes=(bare keygate logged)
 for round in $(seq 1 "$ROUNDS"); do
     for mode in "${modes[@]}"; do
         run_mode "$mode"
@@ -187,11 +215,20 @@ for scenario in "${SCENARIOS[@]}"; do
     done
 done
 echo
+# Each mode against its baseline: bare for the stack, spend in memory for the ledger.
+baseline_of() {
+    case "$1" in
+    keygate | logged) echo bare ;;
+    metered_ledger) echo metered_memory ;;
+    esac
+}
 for scenario in "${SCENARIOS[@]}"; do
     read -r name method path <<<"$scenario"
-    # shellcheck disable=SC2206
-    bare=(${RPS[bare.$name]})
-    for mode in keygate logged; do
+    for mode in "${modes[@]}"; do
+        base=$(baseline_of "$mode")
+        [[ -n "$base" && -n "${RPS[$base.$name]:-}" ]] || continue
+        # shellcheck disable=SC2206
+        bare=(${RPS[$base.$name]})
         # shellcheck disable=SC2206
         this=(${RPS[$mode.$name]})
         ratios=()
@@ -199,9 +236,11 @@ for scenario in "${SCENARIOS[@]}"; do
             ratios+=("$(awk -v k="${this[$i]}" -v b="${bare[$i]}" 'BEGIN { printf "%.4f", k / b }')")
         done
         # shellcheck disable=SC2086
-        printf '%s %s: throughput %s/bare, median of %d rounds = %.2f (target >= 0.90); per round: %s; p50 %+.3f ms, p99 %+.3f ms (medians)\n' \
-            "$method" "$path" "$mode" "${#ratios[@]}" "$(median "${ratios[@]}")" "${ratios[*]}" \
-            "$(awk -v a="$(median ${P50[$mode.$name]})" -v b="$(median ${P50[bare.$name]})" 'BEGIN { print a - b }')" \
-            "$(awk -v a="$(median ${P99[$mode.$name]})" -v b="$(median ${P99[bare.$name]})" 'BEGIN { print a - b }')"
+        target=0.90
+        [[ "$base" == metered_memory ]] && target=0.80
+        printf '%s %s: throughput %s/%s, median of %d rounds = %.2f (target >= %s); per round: %s; p50 %+.3f ms, p99 %+.3f ms (medians)\n' \
+            "$method" "$path" "$mode" "$base" "${#ratios[@]}" "$(median "${ratios[@]}")" "$target" "${ratios[*]}" \
+            "$(awk -v a="$(median ${P50[$mode.$name]})" -v b="$(median ${P50[$base.$name]})" 'BEGIN { print a - b }')" \
+            "$(awk -v a="$(median ${P99[$mode.$name]})" -v b="$(median ${P99[$base.$name]})" 'BEGIN { print a - b }')"
     done
 done

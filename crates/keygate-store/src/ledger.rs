@@ -5,14 +5,14 @@ use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use keygate_core::{Clock, Timestamp};
 use keygate_limit::backend::{
     Actual, BackendError, Charge, LimitBackend, MemoryBackend, Reservation, ReserveError, Reserved,
     Unit, Window,
 };
-use rusqlite::{Connection, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::oneshot;
 
 use crate::{Db, DbError};
@@ -73,11 +73,14 @@ type Ack = oneshot::Sender<Result<(), BackendError>>;
 /// [`LimitBackend`] of a single gateway on the embedded database.
 ///
 /// Admission is decided in memory by a [`MemoryBackend`], exactly as without a ledger. A
-/// reservation that holds charges is then written to the ledger by one writer thread, which
-/// drains everything queued (reservations, settlements, releases) into one transaction
-/// (group commit): [`reserve`](LimitBackend::reserve) resolves only once the transaction
-/// holding its rows has committed, so a request is never forwarded on spend the ledger does
-/// not know. Settlements and releases are applied to memory at once and written without
+/// reservation that holds charges is then queued for the ledger, and everything queued
+/// (reservations, settlements, releases) is written in one transaction (group commit):
+/// [`reserve`](LimitBackend::reserve) resolves only once the transaction holding its rows
+/// has committed, so a request is never forwarded on spend the ledger does not know. The
+/// commit is made by the first reservation that finds no commit under way, on its own
+/// thread (no hand-off to another thread and back); reservations queued meanwhile wait for
+/// the next one, which that same caller makes (at most two in a row, then the writer thread
+/// takes over, so no caller is kept committing for others under steady load). Settlements and releases are applied to memory at once and written without
 /// being waited for, in the next reservation's commit (or alone within 20 ms when none
 /// comes): one lost in a crash leaves its reservation open, and an open reservation is
 /// counted at its reserved amount.
@@ -90,18 +93,24 @@ type Ack = oneshot::Sender<Result<(), BackendError>>;
 ///   charges in that period: the actual amounts of settled reservations, nothing for released
 ///   ones;
 /// - a token-rate counter ([`Window::Rate`]) is **restored conservatively**: it holds the sum
-///   of every amount charged to it within the last `per` before now, as if none of it had
-///   drained yet, and drains from the moment of the restart. A leaky bucket never holds more
-///   than what entered it during the last `per` (it holds at most its limit), so this is never
-///   less than what the bucket held before the restart.
+///   of every amount charged to it within the last `per` before now (counted in buckets of
+///   `per / 64`, so up to one bucket more), as if none of it had drained yet, and drains from
+///   the moment of the restart. A leaky bucket never holds more than what entered it during
+///   the last `per` (it holds at most its limit), so this is never less than what the bucket
+///   held before the restart.
 ///
 /// So a budget is never overspent across a graceful restart, a crash, or `kill -9`: what is
 /// admitted after a restart fits on top of everything that was admitted before it.
 ///
-/// Rows are keyed by the reservation's [`id`](Reservation::id) (the largest id in the ledger
-/// plus one, onwards, at every open); every write is an insert that ignores an existing id
-/// or an update of an open row, so writing an operation twice has no second effect.
-/// Settled rows are never deleted: they are the spend history (see [`Db::ledger_usage`]).
+/// Two tables (schema version 4): `spend_reservations`, one row per reservation keyed by its
+/// [`id`](Reservation::id) (the largest id in the ledger plus one, onwards, at every open)
+/// and holding its charges, and `spend_totals`, what settled reservations spent per counter
+/// and period, added to in the transaction that settles them. A restart reads the totals
+/// and the few open rows, never the history. A new reservation is appended at the end of its
+/// table and its settlement rewrites that same recent page, so a commit writes a few pages
+/// whatever the size of the ledger. Every write is an insert that ignores an existing id or
+/// an update of an open row, so writing an operation twice has no second effect. Settled
+/// rows are never deleted: they are the spend history (see [`Db::ledger_usage`]).
 ///
 /// One `LedgerBackend` per database file at a time: opening one settles every reservation
 /// that is still open, including those of another live process.
@@ -109,11 +118,13 @@ type Ack = oneshot::Sender<Result<(), BackendError>>;
 /// Cheap to clone (the clones share the counters and the writer). Dropping the last clone
 /// commits what is queued and stops the writer thread (blocking until it has).
 ///
-/// Two threads of its own: the writer, and a checkpointer that copies SQLite's write-ahead
-/// log into the database every hundred commits, off the writer's path. Once the log has
-/// grown to 16 MiB, the writer copies the pages committed since the last checkpoint itself,
-/// after a commit (one pause, about two `fsync`s), so that the log starts again from the
-/// beginning instead of growing for as long as commits keep coming.
+/// Two threads of its own: the writer (settlements and releases nobody waits for, commits
+/// handed over by a caller, and the log restarts below), and a checkpointer that copies
+/// SQLite's write-ahead log into the database every hundred commits, off the request path.
+/// Once the log has grown to 16 MiB, the writer thread copies the pages committed since the
+/// last checkpoint itself, after a commit (one pause, about two `fsync`s, never on a
+/// caller's thread), so that the log starts again from the beginning instead of growing for
+/// as long as commits keep coming.
 ///
 /// ```
 /// use keygate_core::Timestamp;
@@ -158,21 +169,55 @@ pub struct LedgerBackend {
 #[derive(Debug)]
 struct Shared {
     memory: MemoryBackend,
-    /// `None` only while dropping (so the writer sees the queue close).
-    queue: Option<mpsc::Sender<Op>>,
+    core: Arc<Core>,
     writer: Option<JoinHandle<()>>,
     checkpointer: Option<JoinHandle<()>>,
     next_id: AtomicU64,
+}
+
+/// What callers and the writer thread share: the queue, and the connection that whoever
+/// leads the next commit writes with.
+#[derive(Debug)]
+struct Core {
+    queue: Mutex<Queue>,
+    /// The writer thread waits here.
+    wake: Condvar,
+    db: Mutex<Writer>,
+    /// Set by the checkpointer: the log can start again once the writer thread has copied
+    /// what was committed since.
+    restart: Arc<AtomicBool>,
     #[cfg(test)]
-    hooks: Arc<Hooks>,
+    hooks: Hooks,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    ops: Vec<Op>,
+    /// Someone (a caller, or the writer thread) is writing what is queued: the others wait.
+    leading: bool,
+    /// The commit under way hands over to the writer thread.
+    handoff: bool,
+    /// No more operations (the backend is being dropped).
+    closed: bool,
+    /// The writer thread has been told of settlements and releases waiting (it commits them
+    /// within [`END_DELAY`] unless a reservation's commit takes them first).
+    timing: bool,
+}
+
+#[derive(Debug)]
+struct Writer {
+    db: Db,
+    next_prune: u64,
+    /// Tells the checkpointer of each commit.
+    commits: mpsc::SyncSender<()>,
 }
 
 /// Test hooks: hold the writer (operations queue up), or make it stop writing for good as a
 /// crashed process would.
+#[cfg(test)]
 #[derive(Debug, Default)]
 struct Hooks {
-    held: Mutex<bool>,
-    resumed: Condvar,
+    held: AtomicBool,
     crashed: AtomicBool,
     /// Transactions committed.
     commits: AtomicU64,
@@ -180,48 +225,226 @@ struct Hooks {
     tail_checkpoints: AtomicU64,
 }
 
-impl Hooks {
-    fn wait_while_held(&self) {
-        let held = self
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let _unheld = self
-            .resumed
-            .wait_while(held, |held| *held)
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-    }
-
-    #[cfg(test)]
-    fn set_held(&self, value: bool) {
-        let mut held = self
-            .held
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        *held = value;
-        self.resumed.notify_all();
-    }
-}
-
 #[derive(Debug)]
 enum Op {
     Reserve {
         id: u64,
         at: u64,
-        charges: Vec<Reserved>,
+        /// The JSON of its charges (made on the request's thread).
+        charges: String,
         ack: Ack,
     },
     /// Settled at these amounts (one per charge), or released (`None`).
     End {
         id: u64,
         at: u64,
+        charges: Vec<Reserved>,
         actual: Option<Vec<u64>>,
     },
     Flush(Ack),
 }
 
+impl Op {
+    /// Whether someone waits for this operation's commit.
+    fn urgent(&self) -> bool {
+        !matches!(self, Op::End { .. })
+    }
+}
+
 fn stopped() -> BackendError {
     BackendError("spend ledger writer stopped".into())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How many commits in a row a caller makes before the writer thread takes over.
+const CALLER_COMMITS: usize = 2;
+
+impl Core {
+    /// Queues `op`. An urgent one is committed before this returns when no commit is under
+    /// way (this caller leads it); otherwise the commit under way, or the writer thread,
+    /// picks it up.
+    fn submit(&self, op: Op) -> Result<(), BackendError> {
+        if self.enqueue(op)? {
+            self.lead(Some(CALLER_COMMITS));
+        }
+        Ok(())
+    }
+
+    /// Queues `op`; `true` when the caller is to lead the next commit (an urgent operation
+    /// and no commit under way).
+    fn enqueue(&self, op: Op) -> Result<bool, BackendError> {
+        let urgent = op.urgent();
+        let mut q = lock(&self.queue);
+        if q.closed {
+            return Err(stopped());
+        }
+        q.ops.push(op);
+        Ok(if q.leading {
+            false
+        } else if urgent {
+            q.leading = true;
+            true
+        } else {
+            if !q.timing {
+                // The writer thread commits it within END_DELAY if nothing else does (one
+                // wake-up per END_DELAY at most: not once per settlement).
+                q.timing = true;
+                self.wake.notify_one();
+            }
+            false
+        })
+    }
+
+    /// Hands the lead of the next commit to the writer thread.
+    fn hand_off(&self) {
+        let mut q = lock(&self.queue);
+        q.handoff = true;
+        self.wake.notify_one();
+    }
+
+    /// Commits what is queued, batch after batch, until the queue is empty. Called with
+    /// `leading` set by the caller; clears it, or (after `rounds` commits, or when the log is
+    /// to restart) hands it to the writer thread.
+    fn lead(&self, rounds: Option<usize>) {
+        let mut done = 0;
+        loop {
+            let batch = {
+                let mut q = lock(&self.queue);
+                if q.ops.is_empty() || self.held() {
+                    q.leading = false;
+                    if q.closed {
+                        // The writer thread waits for this commit to end before it returns.
+                        self.wake.notify_one();
+                    }
+                    return;
+                }
+                let handoff = rounds.is_some_and(|r| done >= r)
+                    || (rounds.is_some() && self.restart.load(Ordering::Relaxed));
+                if handoff {
+                    q.handoff = true;
+                    self.wake.notify_one();
+                    return;
+                }
+                let n = q.ops.len().min(MAX_BATCH);
+                q.ops.drain(..n).collect::<Vec<_>>()
+            };
+            self.commit(batch);
+            done += 1;
+        }
+    }
+
+    /// Writes `batch` in one transaction and answers everyone waiting on it.
+    fn commit(&self, batch: Vec<Op>) {
+        #[cfg(test)]
+        if self.hooks.crashed.load(Ordering::SeqCst) {
+            // Dropped unwritten: every waiting reservation sees the writer gone.
+            return;
+        }
+        let mut w = lock(&self.db);
+        let Writer {
+            db,
+            next_prune,
+            commits,
+        } = &mut *w;
+        let result = write(db.conn_mut(), &batch, next_prune).map_err(|e| {
+            tracing::error!(error = %e, operations = batch.len(), "spend ledger write failed");
+            BackendError(format!("spend ledger write failed: {e}").into())
+        });
+        if result.is_ok() {
+            #[cfg(test)]
+            self.hooks.commits.fetch_add(1, Ordering::Relaxed);
+            // Full: the checkpointer is behind and will catch up anyway.
+            let _ = commits.try_send(());
+        }
+        drop(w);
+        for op in batch {
+            match op {
+                Op::Reserve { ack, .. } | Op::Flush(ack) => {
+                    // A receiver gone is a request that was cancelled: nothing to tell.
+                    let _ = ack.send(result.clone());
+                }
+                Op::End { .. } => {}
+            }
+        }
+    }
+
+    /// Whether a test holds the writer.
+    fn held(&self) -> bool {
+        #[cfg(test)]
+        {
+            self.hooks.held.load(Ordering::SeqCst)
+        }
+        #[cfg(not(test))]
+        {
+            false
+        }
+    }
+
+    /// The writer thread copies the log when the checkpointer asks (see [`RESTART_PAGES`]).
+    fn restart_log(&self) {
+        if self.restart.swap(false, Ordering::Relaxed) {
+            let w = lock(&self.db);
+            match checkpoint(&w.db) {
+                Ok(_) => {
+                    #[cfg(test)]
+                    self.hooks.tail_checkpoints.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::warn!(error = %e, "spend ledger checkpoint failed"),
+            }
+        }
+    }
+}
+
+/// The writer thread: takes over commits handed to it, commits settlements and releases
+/// within [`END_DELAY`] when no reservation shares their commit, copies the log when it is
+/// to restart, and at the end commits what is left.
+fn write_loop(core: &Core) {
+    let mut q = lock(&core.queue);
+    let mut waited = false;
+    loop {
+        let take_over = if q.handoff {
+            // `leading` stays set: handed over.
+            q.handoff = false;
+            true
+        } else if !q.leading && !core.held() && !q.ops.is_empty() {
+            if !q.closed && !waited && !q.ops.iter().any(Op::urgent) {
+                // Only settlements and releases: a reservation may come to share the commit.
+                q = core
+                    .wake
+                    .wait_timeout(q, END_DELAY)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
+                waited = true;
+                continue;
+            }
+            q.leading = true;
+            q.timing = false;
+            true
+        } else {
+            false
+        };
+        waited = false;
+        if take_over {
+            drop(q);
+            core.restart_log();
+            core.lead(None);
+            q = lock(&core.queue);
+            continue;
+        }
+        if q.closed && !q.leading {
+            // Everything is written (or, in tests, held or crashed).
+            return;
+        }
+        // Nothing queued that the writer thread must commit: the next settlement tells it.
+        q.timing = false;
+        q = core
+            .wake
+            .wait(q)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+    }
 }
 
 impl LedgerBackend {
@@ -262,42 +485,47 @@ impl LedgerBackend {
             Durability::PowerLoss => "FULL",
         };
         db.conn().pragma_update(None, "synchronous", synchronous)?;
-        // The checkpointer copies the log into the database, off the writer's path.
+        // The checkpointer copies the log into the database, off the request path.
         db.conn().pragma_update(None, "wal_autocheckpoint", 0)?;
         let checkpoints = Db::open(path.as_ref())?;
         let memory = MemoryBackend::new();
         let last_id = restore(db.conn_mut(), &memory, now)?;
-        let (queue, rx) = mpsc::channel();
         let (commits, committed) = mpsc::sync_channel(CHECKPOINT_EVERY);
         let restart = Arc::new(AtomicBool::new(false));
-        let hooks = Arc::new(Hooks::default());
+        let core = Arc::new(Core {
+            queue: Mutex::new(Queue::default()),
+            wake: Condvar::new(),
+            db: Mutex::new(Writer {
+                db,
+                next_prune: 0,
+                commits,
+            }),
+            restart: restart.clone(),
+            #[cfg(test)]
+            hooks: Hooks::default(),
+        });
         let spawn_error = |e: std::io::Error| DbError::Open {
             path: path.as_ref().to_path_buf(),
             message: format!("cannot start the ledger writer: {e}"),
         };
-        let checkpointer = {
-            let restart = restart.clone();
-            std::thread::Builder::new()
-                .name("keygate-ledger-checkpoint".into())
-                .spawn(move || checkpoint_loop(&checkpoints, &committed, &restart))
-                .map_err(spawn_error)?
-        };
+        let checkpointer = std::thread::Builder::new()
+            .name("keygate-ledger-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpoints, &committed, &restart))
+            .map_err(spawn_error)?;
         let writer = {
-            let hooks = hooks.clone();
+            let core = core.clone();
             std::thread::Builder::new()
                 .name("keygate-ledger".into())
-                .spawn(move || write_loop(db, &rx, &commits, &restart, &hooks))
+                .spawn(move || write_loop(&core))
                 .map_err(spawn_error)?
         };
         Ok(LedgerBackend {
             shared: Arc::new(Shared {
                 memory,
-                queue: Some(queue),
+                core,
                 writer: Some(writer),
                 checkpointer: Some(checkpointer),
                 next_id: AtomicU64::new(last_id.saturating_add(1)),
-                #[cfg(test)]
-                hooks,
             }),
         })
     }
@@ -316,7 +544,7 @@ impl LedgerBackend {
     /// writer has stopped.
     pub fn flush(&self) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
         let (ack, done) = oneshot::channel();
-        let sent = self.shared.send(Op::Flush(ack));
+        let sent = self.shared.core.submit(Op::Flush(ack));
         async move {
             sent?;
             done.await.unwrap_or_else(|_| Err(stopped()))
@@ -344,13 +572,18 @@ impl LedgerBackend {
         let op = Op::Reserve {
             id,
             at: now.as_unix_nanos(),
-            charges: reservation.charges.clone(),
+            charges: encode_charges(&reservation.charges),
             ack,
         };
-        if let Err(e) = self.shared.send(op) {
-            self.shared.memory.release_now(reservation, now);
-            return Step::Done(Err(e.into()));
-        }
+        let leader = match self.shared.core.enqueue(op) {
+            Ok(lead) => lead.then(|| Leader {
+                core: Some(self.shared.core.clone()),
+            }),
+            Err(e) => {
+                self.shared.memory.release_now(reservation, now);
+                return Step::Done(Err(e.into()));
+            }
+        };
         Step::Wait(
             Hold {
                 shared: self.shared.clone(),
@@ -358,32 +591,40 @@ impl LedgerBackend {
                 now,
             },
             committed,
+            leader,
         )
     }
 
     /// Ends in memory at once and queues the ledger update.
     fn end(&self, reservation: Reservation, actual: Option<Actual>, now: Timestamp) {
         let id = reservation.id;
-        let amounts = actual.map(|a| {
+        let ledgered = id != 0;
+        let amounts = actual.filter(|_| ledgered).map(|a| {
             reservation
                 .charges
                 .iter()
                 .map(|c| a.amount(c.unit))
                 .collect()
         });
+        let charges = if ledgered {
+            reservation.charges.clone()
+        } else {
+            Vec::new()
+        };
         match actual {
             Some(a) => self.shared.memory.settle_now(reservation, a, now),
             None => self.shared.memory.release_now(reservation, now),
         }
-        if id == 0 {
+        if !ledgered {
             return;
         }
         let op = Op::End {
             id,
             at: now.as_unix_nanos(),
+            charges,
             actual: amounts,
         };
-        if self.shared.send(op).is_err() {
+        if self.shared.core.submit(op).is_err() {
             // Left open in the ledger: counted at its reserved amount after a restart.
             tracing::warn!(
                 reservation = id,
@@ -396,42 +637,47 @@ impl LedgerBackend {
     #[cfg(test)]
     async fn hold(&self) {
         self.flush().await.unwrap();
-        self.shared.hooks.set_held(true);
+        self.shared.core.hooks.held.store(true, Ordering::SeqCst);
     }
 
     #[cfg(test)]
     fn resume(&self) {
-        self.shared.hooks.set_held(false);
+        let core = &self.shared.core;
+        // Under the queue's lock: the writer thread cannot miss it.
+        let _q = lock(&core.queue);
+        core.hooks.held.store(false, Ordering::SeqCst);
+        core.wake.notify_one();
     }
 
     /// The writer stops writing, as if the process had been killed: what is queued, and
     /// everything after, is never committed.
     #[cfg(test)]
     fn crash(&self) {
-        self.shared.hooks.crashed.store(true, Ordering::SeqCst);
-        self.shared.hooks.set_held(false);
+        self.shared.core.hooks.crashed.store(true, Ordering::SeqCst);
+        self.resume();
     }
-}
 
-impl Shared {
-    fn send(&self, op: Op) -> Result<(), BackendError> {
-        match &self.queue {
-            Some(queue) => queue.send(op).map_err(|_| stopped()),
-            None => Err(stopped()),
-        }
+    #[cfg(test)]
+    fn hooks(&self) -> &Hooks {
+        &self.shared.core.hooks
     }
 }
 
 impl Drop for Shared {
     fn drop(&mut self) {
         // Closing the queue lets the writer commit what is left and return.
-        self.queue = None;
+        {
+            let mut q = lock(&self.core.queue);
+            q.closed = true;
+            self.core.wake.notify_one();
+        }
         if let Some(writer) = self.writer.take()
             && writer.join().is_err()
         {
             tracing::error!("the spend ledger writer panicked");
         }
-        // The writer gone, the checkpointer's queue is closed too.
+        // Replacing the checkpointer's sender closes its queue.
+        lock(&self.core.db).commits = mpsc::sync_channel(0).0;
         if let Some(checkpointer) = self.checkpointer.take()
             && checkpointer.join().is_err()
         {
@@ -442,7 +688,36 @@ impl Drop for Shared {
 
 enum Step {
     Done(Result<Reservation, ReserveError>),
-    Wait(Hold, oneshot::Receiver<Result<(), BackendError>>),
+    Wait(
+        Hold,
+        oneshot::Receiver<Result<(), BackendError>>,
+        Option<Leader>,
+    ),
+}
+
+/// The lead of the next commit, taken by a reservation that found none under way. It first
+/// lets every other task that is ready run (one pass of the scheduler), so that under load
+/// the reservations they make share its commit; dropped before it has committed (the
+/// request was cancelled), it hands the lead to the writer thread.
+struct Leader {
+    core: Option<Arc<Core>>,
+}
+
+impl Leader {
+    async fn commit(mut self) {
+        tokio::task::yield_now().await;
+        if let Some(core) = self.core.take() {
+            core.lead(Some(CALLER_COMMITS));
+        }
+    }
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        if let Some(core) = self.core.take() {
+            core.hand_off();
+        }
+    }
 }
 
 /// A memory reservation waiting for its rows to commit. Dropped before that (the request
@@ -493,7 +768,10 @@ impl LimitBackend for LedgerBackend {
         async move {
             match step {
                 Step::Done(result) => result,
-                Step::Wait(hold, committed) => {
+                Step::Wait(hold, committed, leader) => {
+                    if let Some(leader) = leader {
+                        leader.commit().await;
+                    }
                     let committed = committed.await;
                     hold.finish(committed)
                 }
@@ -541,6 +819,162 @@ impl LimitBackend for LedgerBackend {
     }
 }
 
+fn known(window: Window, unit: Unit) -> bool {
+    matches!(window, Window::Rate { .. } | Window::Fixed { .. })
+        && matches!(unit, Unit::Tokens | Unit::Nanodollars)
+}
+
+/// SQL integers are signed 64-bit: larger amounts are recorded as the largest one.
+fn sql_int(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn from_sql(v: i64) -> u64 {
+    v.max(0).unsigned_abs()
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// One charge of a reservation, as `spend_reservations.charges` holds it.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct StoredCharge<'a> {
+    #[serde(borrow)]
+    counter: std::borrow::Cow<'a, str>,
+    #[serde(borrow)]
+    window: std::borrow::Cow<'a, str>,
+    #[serde(default)]
+    start: Option<i64>,
+    #[serde(default)]
+    end: Option<i64>,
+    #[serde(default)]
+    per: Option<i64>,
+    #[serde(borrow)]
+    unit: std::borrow::Cow<'a, str>,
+    limit: i64,
+    amount: i64,
+}
+
+impl<'a> StoredCharge<'a> {
+    fn of(c: &'a Reserved) -> StoredCharge<'a> {
+        let (window, start, end, per) = match c.window {
+            Window::Rate { per } => ("rate", None, None, Some(sql_int(nanos(per)))),
+            Window::Fixed { start, end } => (
+                "fixed",
+                Some(sql_int(start.as_unix_nanos())),
+                end.map(|e| sql_int(e.as_unix_nanos())),
+                None,
+            ),
+            // Refused before queueing (`known`); recorded as a lifetime budget if ever.
+            _ => ("fixed", Some(0), None, None),
+        };
+        let unit = match c.unit {
+            Unit::Tokens => "tokens",
+            _ => "nanodollars",
+        };
+        StoredCharge {
+            counter: (*c.key).into(),
+            window: window.into(),
+            start,
+            end,
+            per,
+            unit: unit.into(),
+            limit: sql_int(c.limit),
+            amount: sql_int(c.amount),
+        }
+    }
+}
+
+/// The JSON of a reservation's charges.
+fn encode_charges(charges: &[Reserved]) -> String {
+    let stored: Vec<StoredCharge<'_>> = charges.iter().map(StoredCharge::of).collect();
+    serde_json::to_string(&stored).unwrap_or_else(|_| "[]".into())
+}
+
+fn decode_charges(json: &str) -> Result<Vec<StoredCharge<'_>>, rusqlite::Error> {
+    serde_json::from_str(json).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// A rate's buckets are 1/64 of its period: restored, a rate counts at most that much more
+/// than it held.
+const RATE_BUCKETS: u64 = 64;
+
+/// Settled amounts of one transaction, added up per row of `spend_totals` before they are
+/// written: one statement per counter and period, however many settlements share it.
+#[derive(Debug, Default)]
+struct Totals {
+    rows: std::collections::HashMap<TotalKey, TotalRow>,
+}
+
+/// Counter, window kind, window start, rate period (0 for a budget).
+type TotalKey = (String, &'static str, i64, i64);
+
+#[derive(Debug)]
+struct TotalRow {
+    end: Option<i64>,
+    unit: &'static str,
+    limit: i64,
+    amount: i64,
+}
+
+impl Totals {
+    /// Adds `amount` of charge `c`, reserved at `at`, to its total: a budget's period, or
+    /// the rate bucket holding `at` (so it counts until at most one bucket after `at` plus
+    /// the rate's period, never less than the charge itself did).
+    fn add(&mut self, c: &StoredCharge<'_>, amount: i64, at: i64) {
+        let (kind, start, per, end) = match (&*c.window, c.per) {
+            ("rate", Some(per)) => {
+                let per = per.max(0);
+                let len = (per / RATE_BUCKETS as i64).max(1);
+                let bucket = at - at.rem_euclid(len);
+                let end = bucket.saturating_add(len).saturating_add(per);
+                ("rate", bucket, per, Some(end))
+            }
+            _ => ("fixed", c.start.unwrap_or(0), 0, c.end),
+        };
+        let unit = if c.unit == "tokens" {
+            "tokens"
+        } else {
+            "nanodollars"
+        };
+        let row = self
+            .rows
+            .entry((c.counter.to_string(), kind, start, per))
+            .or_insert(TotalRow {
+                end,
+                unit,
+                limit: c.limit,
+                amount: 0,
+            });
+        row.limit = c.limit;
+        row.amount = row.amount.saturating_add(amount);
+    }
+
+    /// Adds every total to its row.
+    fn write(self, tx: &rusqlite::Transaction<'_>) -> Result<(), rusqlite::Error> {
+        if self.rows.is_empty() {
+            return Ok(());
+        }
+        let mut upsert = tx.prepare_cached(
+            "INSERT INTO spend_totals (counter, window_kind, window_start, rate_per_nanos, \
+                 window_end, unit, limit_amount, settled) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) \
+             ON CONFLICT (counter, window_kind, window_start, rate_per_nanos) DO UPDATE SET \
+                 settled = spend_totals.settled + excluded.settled, \
+                 limit_amount = excluded.limit_amount",
+        )?;
+        for ((counter, kind, start, per), row) in self.rows {
+            upsert.execute(params![
+                counter, kind, start, per, row.end, row.unit, row.limit, row.amount
+            ])?;
+        }
+        Ok(())
+    }
+}
+
 /// The spend recorded for one counter in one budget period (see [`Db::ledger_usage`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -564,70 +998,89 @@ impl Db {
         counter: &str,
         window_start: Timestamp,
     ) -> Result<LedgerUsage, DbError> {
-        let mut stmt = self.conn().prepare_cached(
-            "SELECT COALESCE(SUM(actual), 0), \
-                    COALESCE(SUM(CASE WHEN actual IS NULL THEN reserved ELSE 0 END), 0) \
-             FROM ledger_charges \
-             WHERE counter = ?1 AND window_start = ?2 AND window_kind = 'fixed'",
+        let start = sql_int(window_start.as_unix_nanos());
+        let settled: i64 = self.conn().query_row(
+            "SELECT COALESCE(SUM(settled), 0) FROM spend_totals \
+             WHERE counter = ?1 AND window_kind = 'fixed' AND window_start = ?2",
+            params![counter, start],
+            |r| r.get(0),
         )?;
-        let (settled, open): (i64, i64) = stmt.query_row(
-            params![counter, sql_int(window_start.as_unix_nanos())],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
+        let mut open: u64 = 0;
+        let mut stmt = self
+            .conn()
+            .prepare_cached("SELECT charges FROM spend_reservations WHERE state = 0")?;
+        let mut rows = stmt.query([])?;
+        while let Some(row) = rows.next()? {
+            let json: String = row.get(0)?;
+            for c in decode_charges(&json)? {
+                if c.counter == counter && c.window == "fixed" && c.start == Some(start) {
+                    open = open.saturating_add(from_sql(c.amount));
+                }
+            }
+        }
         Ok(LedgerUsage {
-            settled: settled.max(0).unsigned_abs(),
-            open_reserved: open.max(0).unsigned_abs(),
+            settled: from_sql(settled),
+            open_reserved: open,
         })
     }
-}
-
-fn known(window: Window, unit: Unit) -> bool {
-    matches!(window, Window::Rate { .. } | Window::Fixed { .. })
-        && matches!(unit, Unit::Tokens | Unit::Nanodollars)
-}
-
-/// SQL integers are signed 64-bit: larger amounts are recorded as the largest one.
-fn sql_int(v: u64) -> i64 {
-    i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-fn from_sql(v: i64) -> u64 {
-    v.max(0).unsigned_abs()
 }
 
 /// Settles what an earlier process left open and seeds `memory`; returns the largest id.
 fn restore(conn: &mut Connection, memory: &MemoryBackend, now: Timestamp) -> Result<u64, DbError> {
     let at = sql_int(now.as_unix_nanos());
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.execute(
-        "UPDATE ledger_charges SET actual = reserved WHERE actual IS NULL AND reservation_id IN \
-         (SELECT reservation_id FROM ledger WHERE state = 'open')",
-        [],
-    )?;
-    let left_open = tx.execute(
-        "UPDATE ledger SET state = 'settled', settled_at = ?1 WHERE state = 'open'",
-        [at],
-    )?;
+    let mut left_open = 0_u64;
+    let mut totals = Totals::default();
+    {
+        let mut open = tx.prepare(
+            "SELECT id, at, charges FROM spend_reservations WHERE state = 0 ORDER BY id",
+        )?;
+        let rows = open
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, String>(2)?,
+                ))
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        for (id, reserved_at, json) in rows {
+            let charges = decode_charges(&json)?;
+            let mut actual = Vec::with_capacity(charges.len());
+            for c in &charges {
+                // Counted from when it was reserved: its request may have run since then.
+                totals.add(c, c.amount, reserved_at);
+                actual.push(c.amount);
+            }
+            tx.execute(
+                "UPDATE spend_reservations SET state = 1, ended_at = ?2, actual = ?3 \
+                 WHERE id = ?1",
+                params![id, at, serde_json::to_string(&actual).unwrap_or_default()],
+            )?;
+            left_open += 1;
+        }
+    }
+    totals.write(&tx)?;
     if left_open > 0 {
         tracing::warn!(
             reservations = left_open,
             "reservations left open by an earlier run settled at their reserved amounts"
         );
     }
+    prune(&tx, at)?;
     let last_id: i64 = tx.query_row(
-        "SELECT COALESCE(MAX(reservation_id), 0) FROM ledger",
+        "SELECT COALESCE(MAX(id), 0) FROM spend_reservations",
         [],
         |r| r.get(0),
     )?;
     {
         // Later periods of a counter come last and win (memory holds one period per counter).
         let mut fixed = tx.prepare(
-            "SELECT counter, window_start, MAX(window_end), MAX(limit_amount), \
-                    SUM(COALESCE(actual, reserved)) \
-             FROM ledger_charges \
+            "SELECT counter, window_start, window_end, limit_amount, settled \
+             FROM spend_totals \
              WHERE window_kind = 'fixed' AND (window_end IS NULL OR window_end > ?1) \
                AND window_start <= ?1 \
-             GROUP BY counter, window_start ORDER BY window_start",
+             ORDER BY window_start",
         )?;
         let rows = fixed.query_map([at], |r| {
             Ok((
@@ -652,11 +1105,11 @@ fn restore(conn: &mut Connection, memory: &MemoryBackend, now: Timestamp) -> Res
                 now,
             );
         }
-        // A rate charge counts until `window_end` (= at + per): none of it drained.
+        // Every bucket that still counts, none of it drained.
         let mut rate = tx.prepare(
-            "SELECT counter, rate_per_nanos, MAX(limit_amount), SUM(COALESCE(actual, reserved)) \
-             FROM ledger_charges \
-             WHERE window_kind = 'rate' AND window_end > ?1 AND at <= ?1 \
+            "SELECT counter, rate_per_nanos, MAX(limit_amount), SUM(settled) \
+             FROM spend_totals \
+             WHERE window_kind = 'rate' AND window_end > ?1 AND window_start <= ?1 \
              GROUP BY counter, rate_per_nanos",
         )?;
         let rows = rate.query_map([at], |r| {
@@ -685,51 +1138,10 @@ fn restore(conn: &mut Connection, memory: &MemoryBackend, now: Timestamp) -> Res
     Ok(from_sql(last_id))
 }
 
-fn write_loop(
-    mut db: Db,
-    rx: &mpsc::Receiver<Op>,
-    commits: &mpsc::SyncSender<()>,
-    restart: &AtomicBool,
-    hooks: &Hooks,
-) {
-    let mut batch = Vec::new();
-    while let Ok(first) = rx.recv() {
-        hooks.wait_while_held();
-        batch.push(first);
-        collect(rx, &mut batch);
-        if hooks.crashed.load(Ordering::SeqCst) {
-            // Dropped unwritten: every waiting reservation sees the writer gone.
-            batch.clear();
-            continue;
-        }
-        let result = write(db.conn_mut(), &batch).map_err(|e| {
-            tracing::error!(error = %e, operations = batch.len(), "spend ledger write failed");
-            BackendError(format!("spend ledger write failed: {e}").into())
-        });
-        if result.is_ok() {
-            hooks.commits.fetch_add(1, Ordering::Relaxed);
-            // Full: the checkpointer is behind and will catch up anyway.
-            let _ = commits.try_send(());
-        }
-        for op in batch.drain(..) {
-            match op {
-                Op::Reserve { ack, .. } | Op::Flush(ack) => {
-                    // A receiver gone is a request that was cancelled: nothing to tell.
-                    let _ = ack.send(result.clone());
-                }
-                Op::End { .. } => {}
-            }
-        }
-        if restart.swap(false, Ordering::Relaxed) {
-            // After the acknowledgements: the requests just committed do not wait for it.
-            match checkpoint(&db) {
-                Ok(_) => {
-                    hooks.tail_checkpoints.fetch_add(1, Ordering::Relaxed);
-                }
-                Err(e) => tracing::warn!(error = %e, "spend ledger checkpoint failed"),
-            }
-        }
-    }
+/// Deletes the rate buckets that no longer count at `at`.
+fn prune(tx: &rusqlite::Transaction<'_>, at: i64) -> Result<usize, rusqlite::Error> {
+    tx.prepare_cached("DELETE FROM spend_totals WHERE window_kind = 'rate' AND window_end <= ?1")?
+        .execute([at])
 }
 
 /// What a passive checkpoint did: pages in the log, and how many of them are now in the
@@ -768,126 +1180,72 @@ fn checkpoint_loop(db: &Db, committed: &mpsc::Receiver<()>, restart: &AtomicBool
     let _ = run();
 }
 
-/// Adds what is queued to `batch`. A batch of settlements and releases only (nobody waits
-/// for those) waits up to [`END_DELAY`] for a reservation or a flush to share its commit.
-fn collect(rx: &mpsc::Receiver<Op>, batch: &mut Vec<Op>) {
-    let urgent = |op: &Op| !matches!(op, Op::End { .. });
-    let mut waiting = !batch.iter().any(urgent);
-    let deadline = Instant::now() + END_DELAY;
-    while batch.len() < MAX_BATCH {
-        let op = match rx.try_recv() {
-            Ok(op) => op,
-            Err(mpsc::TryRecvError::Empty) if waiting => {
-                let left = deadline.saturating_duration_since(Instant::now());
-                match rx.recv_timeout(left) {
-                    Ok(op) => op,
-                    // Timed out, or closed: commit what there is.
-                    Err(_) => return,
-                }
-            }
-            Err(_) => return,
-        };
-        waiting &= !urgent(&op);
-        batch.push(op);
-    }
-}
+/// How often (in the time of the operations written) the rate buckets that no longer count
+/// are deleted.
+const PRUNE_EVERY: u64 = 10_000_000_000;
 
-/// Writes `batch` in one transaction. Each write has an effect only the first time.
-fn write(conn: &mut Connection, batch: &[Op]) -> Result<(), rusqlite::Error> {
+/// Writes `batch` in one transaction. Each write has an effect only the first time. Once
+/// the operations' time has passed `next_prune`, also deletes the rate buckets that ended.
+fn write(conn: &mut Connection, batch: &[Op], next_prune: &mut u64) -> Result<(), rusqlite::Error> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut latest = 0;
+    let mut totals = Totals::default();
     for op in batch {
         match op {
             Op::Reserve {
                 id, at, charges, ..
             } => {
-                let (id, at) = (sql_int(*id), sql_int(*at));
-                let inserted = tx
-                    .prepare_cached(
-                        "INSERT INTO ledger (reservation_id, at, state) VALUES (?1, ?2, 'open') \
-                         ON CONFLICT (reservation_id) DO NOTHING",
-                    )?
-                    .execute(params![id, at])?;
-                if inserted == 0 {
-                    continue;
-                }
-                let mut insert = tx.prepare_cached(
-                    "INSERT INTO ledger_charges (reservation_id, idx, counter, window_kind, at, \
-                         window_start, window_end, rate_per_nanos, unit, limit_amount, reserved) \
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11) \
-                     ON CONFLICT (reservation_id, idx) DO NOTHING",
-                )?;
-                for (idx, c) in charges.iter().enumerate() {
-                    let (kind, start, end, per) = match c.window {
-                        Window::Fixed { start, end } => (
-                            "fixed",
-                            Some(sql_int(start.as_unix_nanos())),
-                            end.map(|e| sql_int(e.as_unix_nanos())),
-                            None,
-                        ),
-                        Window::Rate { per } => {
-                            let per = sql_int(u64::try_from(per.as_nanos()).unwrap_or(u64::MAX));
-                            ("rate", None, Some(at.saturating_add(per)), Some(per))
-                        }
-                        // Refused before queueing (`known`).
-                        _ => return Err(rusqlite::Error::InvalidQuery),
-                    };
-                    let unit = match c.unit {
-                        Unit::Tokens => "tokens",
-                        Unit::Nanodollars => "nanodollars",
-                        _ => return Err(rusqlite::Error::InvalidQuery),
-                    };
-                    insert.execute(params![
-                        id,
-                        i64::try_from(idx).unwrap_or(i64::MAX),
-                        &*c.key,
-                        kind,
-                        at,
-                        start,
-                        end,
-                        per,
-                        unit,
-                        sql_int(c.limit),
-                        sql_int(c.amount),
-                    ])?;
-                }
+                latest = latest.max(*at);
+                tx.prepare_cached(
+                    "INSERT INTO spend_reservations (id, at, state, charges) \
+                     VALUES (?1, ?2, 0, ?3) ON CONFLICT (id) DO NOTHING",
+                )?
+                .execute(params![sql_int(*id), sql_int(*at), charges])?;
             }
-            Op::End { id, at, actual } => {
-                let state = if actual.is_some() {
-                    "settled"
-                } else {
-                    "released"
+            Op::End {
+                id,
+                at,
+                charges,
+                actual,
+            } => {
+                latest = latest.max(*at);
+                let (state, amounts) = match actual {
+                    Some(amounts) => (1, amounts.clone()),
+                    None => (2, vec![0; charges.len()]),
                 };
-                let id = sql_int(*id);
-                let ended = tx
+                // The reservation's time: a rate charge counts from when it was made.
+                let reserved_at: Option<i64> = tx
                     .prepare_cached(
-                        "UPDATE ledger SET state = ?2, settled_at = ?3 \
-                         WHERE reservation_id = ?1 AND state = 'open'",
+                        "UPDATE spend_reservations SET state = ?2, ended_at = ?3, actual = ?4 \
+                         WHERE id = ?1 AND state = 0 RETURNING at",
                     )?
-                    .execute(params![id, state, sql_int(*at)])?;
-                if ended == 0 {
+                    .query_row(
+                        params![
+                            sql_int(*id),
+                            state,
+                            sql_int(*at),
+                            serde_json::to_string(&amounts).unwrap_or_default()
+                        ],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let Some(reserved_at) = reserved_at.filter(|_| actual.is_some()) else {
+                    // Already ended (a replay), or released: nothing to add.
                     continue;
-                }
-                match actual {
-                    Some(amounts) => {
-                        let mut update = tx.prepare_cached(
-                            "UPDATE ledger_charges SET actual = ?3 \
-                             WHERE reservation_id = ?1 AND idx = ?2",
-                        )?;
-                        for (idx, amount) in amounts.iter().enumerate() {
-                            let idx = i64::try_from(idx).unwrap_or(i64::MAX);
-                            update.execute(params![id, idx, sql_int(*amount)])?;
-                        }
-                    }
-                    None => {
-                        tx.prepare_cached(
-                            "UPDATE ledger_charges SET actual = 0 WHERE reservation_id = ?1",
-                        )?
-                        .execute([id])?;
+                };
+                for (c, amount) in charges.iter().zip(amounts) {
+                    if amount > 0 {
+                        totals.add(&StoredCharge::of(c), sql_int(amount), reserved_at);
                     }
                 }
             }
             Op::Flush(_) => {}
         }
+    }
+    totals.write(&tx)?;
+    if latest >= *next_prune {
+        prune(&tx, sql_int(latest))?;
+        *next_prune = latest.saturating_add(PRUNE_EVERY);
     }
     tx.commit()
 }

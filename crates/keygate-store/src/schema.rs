@@ -3,7 +3,12 @@
 //! Each migration takes the database from `version - 1` to `version`; `PRAGMA user_version`
 //! records the last one applied. The SQL keeps to what PostgreSQL reads the same way (`TEXT`,
 //! `BIGINT`, `REFERENCES`, `UNIQUE`), so a PostgreSQL store can replay the same list. Version 2 adds the spend
-//! ledger next to the key tables without touching them; version 3 the request-rate cells.
+//! ledger next to the key tables without touching them; version 3 the request-rate cells;
+//! version 4 rebuilds the ledger as one appended row per reservation and a total per
+//! counter and period (fewer pages written per commit, and a restart reads the totals, not
+//! the history). Version 4 uses SQLite's row ids (`INTEGER PRIMARY KEY`), a table
+//! `WITHOUT ROWID` and its JSON functions (to carry version 3's rows over): a PostgreSQL
+//! store keeps the same tables and columns in its own dialect.
 //!
 //! Records are stored whole as JSON (`record`), so every field `KeyRecord` and
 //! `ProjectRecord` carry now or later survives without a migration; the other columns are
@@ -110,10 +115,92 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         );
     ",
     },
+    Migration {
+        version: 4,
+        sql: "
+        -- The spend ledger (see `LedgerBackend`), version 4.
+        --
+        -- One row per reservation, keyed by its id (SQLite's row id, so a new reservation is
+        -- appended at the end of the table and its settlement rewrites the same recent page).
+        -- `state`: 0 open, 1 settled, 2 released. `charges` is the JSON array of what was
+        -- reserved (`counter`, `window` 'fixed' or 'rate', `start` and `end` of a budget
+        -- period, `per` of a rate, both in Unix nanoseconds; `unit` 'tokens' or
+        -- 'nanodollars'; `limit`; `amount`); `actual` the JSON array of the settled amounts,
+        -- one per charge (zeros once released). Never deleted: the spend history.
+        CREATE TABLE spend_reservations (
+            id INTEGER PRIMARY KEY,
+            at BIGINT NOT NULL,
+            state INTEGER NOT NULL,
+            ended_at BIGINT,
+            charges TEXT NOT NULL,
+            actual TEXT
+        );
+        -- The reservations still open: few (those in flight), read at every open.
+        CREATE INDEX spend_open ON spend_reservations (id) WHERE state = 0;
+
+        -- What settled reservations spent, per counter and period, added in the transaction
+        -- that settles them. A budget (`window_kind` 'fixed', `rate_per_nanos` 0) has one row
+        -- per period [window_start, window_end) (`window_end` NULL: a lifetime budget). A
+        -- rate has one row per bucket of 1/64 of its period (`window_start` is the bucket's
+        -- start; `window_end` the moment none of it counts any more: the bucket's end plus the
+        -- period); buckets that ended are deleted.
+        CREATE TABLE spend_totals (
+            counter TEXT NOT NULL,
+            window_kind TEXT NOT NULL,
+            window_start BIGINT NOT NULL,
+            rate_per_nanos BIGINT NOT NULL,
+            window_end BIGINT,
+            unit TEXT NOT NULL,
+            limit_amount BIGINT NOT NULL,
+            settled BIGINT NOT NULL,
+            PRIMARY KEY (counter, window_kind, window_start, rate_per_nanos)
+        ) WITHOUT ROWID;
+        -- Restore reads the totals whose window has not ended (written once per new row:
+        -- adding to `settled` leaves it alone).
+        CREATE INDEX spend_totals_end ON spend_totals (window_end);
+
+        -- Version 3's ledger, carried over.
+        INSERT INTO spend_reservations (id, at, state, ended_at, charges, actual)
+        SELECT l.reservation_id, l.at,
+               CASE l.state WHEN 'open' THEN 0 WHEN 'settled' THEN 1 ELSE 2 END,
+               l.settled_at,
+               (SELECT json_group_array(json_object(
+                    'counter', c.counter, 'window', c.window_kind, 'start', c.window_start,
+                    'end', CASE c.window_kind WHEN 'fixed' THEN c.window_end END,
+                    'per', c.rate_per_nanos, 'unit', c.unit, 'limit', c.limit_amount,
+                    'amount', c.reserved))
+                FROM (SELECT * FROM ledger_charges c
+                      WHERE c.reservation_id = l.reservation_id ORDER BY c.idx) c),
+               CASE WHEN l.state = 'open' THEN NULL ELSE
+                   (SELECT json_group_array(COALESCE(c.actual, 0))
+                    FROM (SELECT actual FROM ledger_charges c
+                          WHERE c.reservation_id = l.reservation_id ORDER BY c.idx) c)
+               END
+        FROM ledger l;
+        INSERT INTO spend_totals (counter, window_kind, window_start, rate_per_nanos,
+                                  window_end, unit, limit_amount, settled)
+        SELECT counter, 'fixed', window_start, 0, MAX(window_end), MAX(unit),
+               MAX(limit_amount), SUM(actual)
+        FROM ledger_charges
+        WHERE window_kind = 'fixed' AND actual IS NOT NULL
+        GROUP BY counter, window_start;
+        INSERT INTO spend_totals (counter, window_kind, window_start, rate_per_nanos,
+                                  window_end, unit, limit_amount, settled)
+        SELECT counter, 'rate', bucket, per, bucket + len + per, MAX(unit), MAX(limit_amount),
+               SUM(actual)
+        FROM (SELECT counter, rate_per_nanos AS per, MAX(rate_per_nanos / 64, 1) AS len,
+                     at - at % MAX(rate_per_nanos / 64, 1) AS bucket, unit, limit_amount, actual
+              FROM ledger_charges
+              WHERE window_kind = 'rate' AND actual IS NOT NULL)
+        GROUP BY counter, per, bucket;
+        DROP TABLE ledger_charges;
+        DROP TABLE ledger;
+    ",
+    },
 ];
 
 /// The schema version this build writes: the last migration's.
-pub(crate) const SCHEMA_VERSION: u32 = 3;
+pub(crate) const SCHEMA_VERSION: u32 = 4;
 
 #[cfg(test)]
 mod tests {

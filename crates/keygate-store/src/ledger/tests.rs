@@ -61,14 +61,25 @@ fn used(b: &LedgerBackend, c: &Charge, now: Timestamp) -> u64 {
     b.memory().used(&c.key, c.window, c.limit, now).unwrap_or(0)
 }
 
+fn state_name(state: i64) -> String {
+    match state {
+        0 => "open",
+        1 => "settled",
+        2 => "released",
+        _ => "unknown",
+    }
+    .into()
+}
+
 fn state(path: &Path, id: u64) -> Option<String> {
     raw(path)
         .query_row(
-            "SELECT state FROM ledger WHERE reservation_id = ?1",
+            "SELECT state FROM spend_reservations WHERE id = ?1",
             [id as i64],
             |r| r.get(0),
         )
         .ok()
+        .map(state_name)
 }
 
 #[test]
@@ -84,7 +95,7 @@ fn reserve_resolves_only_once_its_rows_are_committed() {
         }
         assert!(!waiting.is_finished());
         let rows: i64 = raw(&path)
-            .query_row("SELECT COUNT(*) FROM ledger", [], |r| r.get(0))
+            .query_row("SELECT COUNT(*) FROM spend_reservations", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 0);
         b.resume();
@@ -93,7 +104,8 @@ fn reserve_resolves_only_once_its_rows_are_committed() {
         assert_eq!(state(&path, r.id).as_deref(), Some("open"));
         let reserved: i64 = raw(&path)
             .query_row(
-                "SELECT reserved FROM ledger_charges WHERE reservation_id = ?1",
+                "SELECT json_extract(charges, '$[0].amount') FROM spend_reservations \
+                 WHERE id = ?1",
                 [r.id as i64],
                 |row| row.get(0),
             )
@@ -109,7 +121,7 @@ fn reservations_queued_together_share_one_commit() {
     let b = LedgerBackend::open_at(&path, t(5)).unwrap();
     rt.block_on(async {
         b.hold().await;
-        let before = b.shared.hooks.commits.load(Ordering::Relaxed);
+        let before = b.hooks().commits.load(Ordering::Relaxed);
         let waiting: Vec<_> = (0..50)
             .map(|_| tokio::spawn(b.reserve(vec![budget(1000, 10)], t(5))))
             .collect();
@@ -117,10 +129,10 @@ fn reservations_queued_together_share_one_commit() {
         for w in waiting {
             w.await.unwrap().unwrap();
         }
-        assert_eq!(b.shared.hooks.commits.load(Ordering::Relaxed), before + 1);
+        assert_eq!(b.hooks().commits.load(Ordering::Relaxed), before + 1);
     });
     let rows: i64 = raw(&path)
-        .query_row("SELECT COUNT(*) FROM ledger_charges", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM spend_reservations", [], |r| r.get(0))
         .unwrap();
     assert_eq!(rows, 50);
 }
@@ -149,7 +161,7 @@ fn back_to_back_commits_still_let_the_log_start_again() {
         rt.block_on(b.settle(r, cost(1), t(5))).unwrap();
         let now = log_restarts(&path);
         let first = *first.get_or_insert(now);
-        if b.shared.hooks.tail_checkpoints.load(Ordering::Relaxed) > 0 && now > first {
+        if b.hooks().tail_checkpoints.load(Ordering::Relaxed) > 0 && now > first {
             restarted = true;
             break;
         }
@@ -291,6 +303,26 @@ fn a_reservation_not_yet_committed_at_a_crash_fails_and_counts_nothing() {
 }
 
 #[test]
+fn a_leader_cancelled_before_its_commit_hands_the_commit_over() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    rt.block_on(async {
+        // Made, never polled: it leads the next commit, and is dropped before making it.
+        let leader = b.reserve(vec![budget(1000, 400)], t(5));
+        let follower = tokio::spawn(b.reserve(vec![budget(1000, 100)], t(5)));
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!follower.is_finished(), "waits for the leader's commit");
+        drop(leader);
+        let r = follower.await.unwrap().unwrap();
+        assert_eq!(state(&path, r.id).as_deref(), Some("open"));
+    });
+    assert_eq!(used(&b, &budget(1000, 0), t(5)), 100);
+}
+
+#[test]
 fn a_cancelled_reservation_gives_back_its_hold_and_its_rows() {
     let (_dir, path) = temp();
     let rt = rt();
@@ -303,11 +335,11 @@ fn a_cancelled_reservation_gives_back_its_hold_and_its_rows() {
     b.resume();
     rt.block_on(b.flush()).unwrap();
     let states: Vec<String> = raw(&path)
-        .prepare("SELECT state FROM ledger")
+        .prepare("SELECT state FROM spend_reservations")
         .unwrap()
         .query_map([], |r| r.get(0))
         .unwrap()
-        .map(Result::unwrap)
+        .map(|s| state_name(s.unwrap()))
         .collect();
     assert_eq!(states, ["released"]);
 }
@@ -338,8 +370,13 @@ fn a_rate_window_is_restored_with_everything_charged_in_its_last_period() {
     let b = LedgerBackend::open_at(&path, t(61)).unwrap();
     assert_eq!(used(&b, &tpm, t(61)), 100);
     drop(b);
+    // Restored, a charge counts until the end of its bucket (1/64 of the period: 0.94 s
+    // here) plus the period: the one of t(10) until t(70.3).
     let b = LedgerBackend::open_at(&path, t(70)).unwrap();
-    assert_eq!(used(&b, &tpm, t(70)), 0);
+    assert_eq!(used(&b, &tpm, t(70)), 100);
+    drop(b);
+    let b = LedgerBackend::open_at(&path, t(71)).unwrap();
+    assert_eq!(used(&b, &tpm, t(71)), 0);
 }
 
 #[test]
@@ -368,7 +405,10 @@ fn a_failing_database_fails_reservations_closed_and_gives_the_memory_back() {
     let rt = rt();
     let b = LedgerBackend::open_at(&path, t(5)).unwrap();
     raw(&path)
-        .execute_batch("DROP TABLE ledger_charges")
+        .execute_batch(
+            "CREATE TRIGGER full BEFORE INSERT ON spend_reservations \
+             BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;",
+        )
         .unwrap();
     let result = rt.block_on(b.reserve(vec![budget(1000, 400)], t(5)));
     let Err(ReserveError::Backend(e)) = result else {
@@ -401,7 +441,7 @@ fn a_reservation_without_charges_is_not_tracked() {
     assert_eq!(r.id, 0);
     drop(b);
     let rows: i64 = raw(&path)
-        .query_row("SELECT COUNT(*) FROM ledger", [], |r| r.get(0))
+        .query_row("SELECT COUNT(*) FROM spend_reservations", [], |r| r.get(0))
         .unwrap();
     assert_eq!(rows, 0);
 }
@@ -420,22 +460,30 @@ fn writing_an_operation_twice_has_no_second_effect() {
         Op::Reserve {
             id: 7,
             at: 1,
-            charges,
+            charges: encode_charges(&charges),
             ack: oneshot::channel().0,
         }
     };
     let settle = |actual: u64| Op::End {
         id: 7,
         at: 2,
+        charges: reserved.clone(),
         actual: Some(vec![actual]),
     };
     let release = Op::End {
         id: 7,
         at: 3,
+        charges: reserved.clone(),
         actual: None,
     };
-    write(db.conn_mut(), &[reserve(400), settle(150)]).unwrap();
-    write(db.conn_mut(), &[reserve(999), settle(300), release]).unwrap();
+    let mut prune = 0;
+    write(db.conn_mut(), &[reserve(400), settle(150)], &mut prune).unwrap();
+    write(
+        db.conn_mut(),
+        &[reserve(999), settle(300), release],
+        &mut prune,
+    )
+    .unwrap();
     assert_eq!(state(&path, 7).as_deref(), Some("settled"));
     assert_eq!(
         db.ledger_usage("budget:key_a", t(0)).unwrap(),
@@ -461,6 +509,69 @@ fn a_version_1_database_gains_the_ledger() {
         Db::open(&path).unwrap().schema_version().unwrap(),
         crate::schema::SCHEMA_VERSION
     );
+}
+
+#[test]
+fn a_version_3_ledger_is_carried_over_with_its_spend() {
+    let (_dir, path) = temp();
+    let conn = raw(&path);
+    for m in &crate::schema::MIGRATIONS[..3] {
+        conn.execute_batch(m.sql).unwrap();
+    }
+    conn.pragma_update(None, "user_version", 3).unwrap();
+    let ns = |secs: u64| t(secs).as_unix_nanos() as i64;
+    // Reservation 1: settled at 150 of a budget and 200 tokens; 2: still open (400 and
+    // 100 reserved); 3: released.
+    conn.execute_batch(&format!(
+        "INSERT INTO ledger VALUES (1, {a}, 'settled', {a}), (2, {b}, 'open', NULL), \
+                                   (3, {b}, 'released', {b});
+         INSERT INTO ledger_charges VALUES
+           (1, 0, 'budget:key_a', 'fixed', {a}, {s}, {e}, NULL, 'nanodollars', 1000, 400, 150),
+           (1, 1, 'tpm:key_a', 'rate', {a}, NULL, {a_end}, {per}, 'tokens', 600, 300, 200),
+           (2, 0, 'budget:key_a', 'fixed', {b}, {s}, {e}, NULL, 'nanodollars', 1000, 400, NULL),
+           (2, 1, 'tpm:key_a', 'rate', {b}, NULL, {b_end}, {per}, 'tokens', 600, 100, NULL),
+           (3, 0, 'budget:key_a', 'fixed', {b}, {s}, {e}, NULL, 'nanodollars', 1000, 999, 0);",
+        s = ns(0),
+        e = ns(DAY),
+        a = ns(1),
+        b = ns(10),
+        a_end = ns(61),
+        b_end = ns(70),
+        per = 60_000_000_000_i64,
+    ))
+    .unwrap();
+    drop(conn);
+
+    assert_eq!(
+        Db::open(&path)
+            .unwrap()
+            .ledger_usage("budget:key_a", t(0))
+            .unwrap(),
+        LedgerUsage {
+            settled: 150,
+            open_reserved: 400
+        }
+    );
+    let b = LedgerBackend::open_at(&path, t(30)).unwrap();
+    assert_eq!(used(&b, &budget(1000, 0), t(30)), 550);
+    assert_eq!(used(&b, &tokens_per_minute(600, 0), t(30)), 300);
+    // New ids follow the old ones.
+    let r = rt()
+        .block_on(b.reserve(vec![budget(1000, 1)], t(30)))
+        .unwrap();
+    assert_eq!(r.id, 4);
+    drop(b);
+    assert_eq!(state(&path, 1).as_deref(), Some("settled"));
+    assert_eq!(state(&path, 2).as_deref(), Some("settled"));
+    assert_eq!(state(&path, 3).as_deref(), Some("released"));
+    let old: i64 = raw(&path)
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_schema WHERE name IN ('ledger', 'ledger_charges')",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(old, 0);
 }
 
 /// One step of a gateway's life, as the crash property test plays it.
