@@ -2,9 +2,11 @@
 //! pass and in time linear in its length, and picks up the few top-level fields accounting
 //! needs (with their byte positions, so a field can be set without re-encoding the body).
 //!
-//! No tree is built. Strings are found with `memchr`; keys are decoded only to compare them;
-//! the keys of every object are checked for duplicates with a short list that turns into a
-//! hash set past a handful, so a body of many keys costs linear time, not quadratic.
+//! No tree is built. Strings are found with `memchr`; only the keys of the objects whose
+//! fields are read (the top level and `stream_options`) are decoded, and a field read that
+//! appears twice is refused (as the scanner and an upstream parser could take different
+//! ones); other duplicate keys are passed on, since nothing keygate decides depends on them.
+//! So a body of many keys, escaped or not, costs what its bytes cost.
 
 use std::borrow::Cow;
 use std::ops::Range;
@@ -206,38 +208,30 @@ fn scan(body: &[u8], collect: bool) -> Result<JsonFields<'_>, JsonError> {
     Ok(s.f)
 }
 
-/// Keys seen in one object: a short list while there are few (no hashing, no allocation for
-/// the usual handful), a hash set past that.
+/// The keys of the fields read that were seen in one object: a second of any is refused.
+/// Only those: a duplicate of any other key changes nothing keygate decides (the fields it
+/// reads are these; the text it counts, it counts in full, duplicates included), so no other
+/// key is kept or compared, and a body of many keys costs what its bytes cost.
 #[derive(Default)]
-struct Keys<'a> {
-    few: SmallVec<[Cow<'a, [u8]>; 8]>,
-    many: Option<hashbrown::HashSet<Cow<'a, [u8]>>>,
+struct ReadKeys<'a> {
+    seen: SmallVec<[Cow<'a, [u8]>; 8]>,
 }
 
-impl<'a> Keys<'a> {
-    const FEW: usize = 16;
-
-    /// Adds `key`; false if it was already there.
-    fn insert(&mut self, key: Cow<'a, [u8]>, rest: usize) -> bool {
-        if let Some(set) = &mut self.many {
-            return set.insert(key);
-        }
-        if self.few.contains(&key) {
+impl<'a> ReadKeys<'a> {
+    /// Adds `key` (one of a handful of names: the list stays short); false if it was
+    /// already there.
+    fn insert(&mut self, key: Cow<'a, [u8]>) -> bool {
+        if self.seen.contains(&key) {
             return false;
         }
-        if self.few.len() < Self::FEW {
-            self.few.push(key);
-        } else {
-            // Sized for as many keys as the rest of the body could hold (one every six
-            // bytes at most), so it is not rehashed again and again as it grows.
-            let mut set = hashbrown::HashSet::with_capacity((rest / 6).clamp(64, 1 << 16));
-            set.extend(self.few.drain(..));
-            set.insert(key);
-            self.many = Some(set);
-        }
+        self.seen.push(key);
         true
     }
 }
+
+/// The longest name of a field read (`max_completion_tokens`): a key longer than six
+/// times this as written (every byte an escape) cannot be one, and is not decoded.
+const LONGEST_READ: usize = 21;
 
 /// The top-level fields read, by name.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -316,7 +310,7 @@ impl<'a> Scanner<'a> {
     /// The top-level object, at its `{`.
     fn top(&mut self) -> Result<(), JsonError> {
         self.i += 1;
-        let mut keys = Keys::default();
+        let mut keys = ReadKeys::default();
         let mut model_seen = false;
         self.ws();
         if self.peek() == Some(b'}') {
@@ -330,12 +324,22 @@ impl<'a> Scanner<'a> {
             if self.peek() != Some(b'"') {
                 return Err(JsonError::Invalid);
             }
-            let key = self.key()?;
+            let Some(key) = self.top_key()? else {
+                // Too long to be a field read: validated, not decoded.
+                self.expect(b':')?;
+                self.ws();
+                self.value(1)?;
+                if !self.more(b'}')? {
+                    self.f.edits.close = self.i - 1;
+                    return Ok(());
+                }
+                continue;
+            };
             let which = field(&key);
             if key.eq_ignore_ascii_case(b"model") && (which != Field::Model || model_seen) {
                 return Err(JsonError::AmbiguousModel);
             }
-            if !keys.insert(key, self.b.len() - self.i) {
+            if which != Field::Other && !keys.insert(key) {
                 return Err(JsonError::DuplicateKey);
             }
             self.expect(b':')?;
@@ -387,7 +391,7 @@ impl<'a> Scanner<'a> {
         let open = self.i;
         self.i += 1;
         let mut include = None;
-        let mut keys = Keys::default();
+        let mut usage_seen = false;
         self.ws();
         if self.peek() == Some(b'}') {
             self.i += 1;
@@ -400,9 +404,11 @@ impl<'a> Scanner<'a> {
             if self.peek() != Some(b'"') {
                 return Err(JsonError::Invalid);
             }
-            let key = self.key()?;
-            let is_usage = &*key == b"include_usage";
-            if !keys.insert(key, self.b.len() - self.i) {
+            let is_usage = match self.top_key()? {
+                Some(key) => &*key == b"include_usage",
+                None => false,
+            };
+            if is_usage && std::mem::replace(&mut usage_seen, true) {
                 return Err(JsonError::DuplicateKey);
             }
             self.expect(b':')?;
@@ -489,18 +495,14 @@ impl<'a> Scanner<'a> {
             self.i += 1;
             return Ok(());
         }
-        let mut keys = Keys::default();
         loop {
             self.ws();
             if self.peek() != Some(b'"') {
                 return Err(JsonError::Invalid);
             }
-            let at = self.i;
-            let key = self.key()?;
-            self.note_text(at + 1..self.i - 1);
-            if !keys.insert(key, self.b.len() - self.i) {
-                return Err(JsonError::DuplicateKey);
-            }
+            // A key of a nested object is text the model may read: validated and counted,
+            // never decoded (nothing read lies below here but `stream_options`).
+            self.text_string()?;
             self.expect(b':')?;
             self.ws();
             self.value(depth)?;
@@ -638,6 +640,26 @@ impl<'a> Scanner<'a> {
                 .map(Cow::Owned)
                 .map_err(|_| JsonError::NotUtf8),
         }
+    }
+
+    /// A key of an object whose fields are read (at its opening quote), decoded; `None`
+    /// (validated, not decoded) when it is too long to be the name of a field read.
+    fn top_key(&mut self) -> Result<Option<Cow<'a, [u8]>>, JsonError> {
+        let start = self.i;
+        let rest = &self.b[start + 1..];
+        // The usual short, plain key: found and taken at once.
+        if let Ok(at) = span_end(rest)
+            && rest[at] == b'"'
+        {
+            self.i = start + at + 2;
+            return Ok((at <= LONGEST_READ).then_some(Cow::Borrowed(&rest[..at])));
+        }
+        let len = self.skip_string()?;
+        if len > 6 * LONGEST_READ {
+            return Ok(None);
+        }
+        self.i = start;
+        self.key().map(Some)
     }
 
     /// Reads a string (at its opening quote), decoded as JSON does, as bytes: what keys are

@@ -57,8 +57,11 @@ fn ambiguous_shapes_are_errors() {
         (r#"{"model":["a"]}"#, JsonError::BadField("model")),
         (r#"{"model":null}"#, JsonError::BadField("model")),
         (r#"{"stream":true,"stream":false}"#, JsonError::DuplicateKey),
-        (r#"{"x":{"a":1,"a":2}}"#, JsonError::DuplicateKey),
-        (r#"{"x":[{"a":1,"\u0061":2}]}"#, JsonError::DuplicateKey),
+        (r#"{"n":1,"\u006e":1}"#, JsonError::DuplicateKey),
+        (
+            r#"{"max_tokens":5,"max_tokens":5}"#,
+            JsonError::DuplicateKey,
+        ),
         (
             r#"{"stream_options":{"include_usage":true,"include_usage":false}}"#,
             JsonError::DuplicateKey,
@@ -225,12 +228,33 @@ fn output_caps_are_set_or_added() {
 }
 
 #[test]
+fn only_the_fields_read_may_not_repeat() {
+    for body in [
+        r#"{"x":{"a":1,"a":2}}"#,
+        r#"{"x":[{"a":1,"\u0061":2}]}"#,
+        r#"{"user":"a","user":"b","model":"m"}"#,
+        r#"{"stream_options":{"x":1,"x":2},"messages":[{"role":"user","role":"system"}]}"#,
+    ] {
+        assert!(scan_json(body.as_bytes()).is_ok(), "{body}");
+    }
+    // Long keys are validated all the same, decoded or not.
+    let escaped = r"\u0065".repeat(40);
+    let long = format!(r#"{{"{escaped}":1,"model":"m"}}"#);
+    assert_eq!(model(&long), Ok(Some("m".into())));
+    let long = format!(r#"{{"{escaped}\x":1,"model":"m"}}"#);
+    assert_eq!(model(&long), Err(JsonError::Invalid));
+    let long = format!(r#"{{"{}\u00":1}}"#, "k".repeat(200));
+    assert_eq!(model(&long), Err(JsonError::Invalid));
+}
+
+#[test]
 fn many_keys_and_deep_nesting_are_handled() {
     let keys: Vec<String> = (0..2000).map(|i| format!(r#""k{i}":{i}"#)).collect();
     let body = format!(r#"{{{},"model":"m"}}"#, keys.join(","));
     assert_eq!(model(&body), Ok(Some("m".into())));
+    // A key no field is read from may repeat: nothing keygate decides depends on it.
     let body = format!(r#"{{{},"model":"m","k1999":0}}"#, keys.join(","));
-    assert_eq!(model(&body), Err(JsonError::DuplicateKey));
+    assert_eq!(model(&body), Ok(Some("m".into())));
     let nested = format!(r#"{{"x":{{{}}}}}"#, keys.join(","));
     assert!(scan_json(nested.as_bytes()).is_ok());
     let deep = format!(r#"{{"x":{}{}}}"#, "[".repeat(200), "]".repeat(200));
