@@ -12,7 +12,7 @@ use pin_project_lite::pin_project;
 use crate::backend::{Actual, LimitBackend, Pending};
 use crate::guard::WalletGuard;
 use crate::price::Price;
-use crate::usage::{SseScanner, usage_of};
+use crate::usage::{Reading, SseScanner, images_of, usage_of};
 
 pin_project! {
     /// The request body the token layer hands on: the original body untouched (gRPC, or when
@@ -131,16 +131,19 @@ pub(crate) enum Scan {
         len: usize,
         limit: usize,
         overflow: bool,
+        /// An images response: its `data` array is counted too.
+        images: bool,
     },
 }
 
 impl Scan {
-    pub(crate) fn json(limit: usize) -> Self {
+    pub(crate) fn json(limit: usize, images: bool) -> Self {
         Scan::Json {
             frames: Vec::new(),
             len: 0,
             limit,
             overflow: false,
+            images,
         }
     }
 
@@ -155,6 +158,7 @@ impl Scan {
                 len,
                 limit,
                 overflow,
+                ..
             } => {
                 if !*overflow {
                     *len += data.len();
@@ -179,28 +183,60 @@ impl Scan {
         }
     }
 
-    fn usage(&mut self, complete: bool) -> Option<Usage> {
+    fn reading(&mut self, complete: bool) -> Reading {
         match self {
-            Scan::Nothing => None,
+            Scan::Nothing => Reading::default(),
             Scan::Sse(s) => {
                 if complete {
                     s.finish();
                 }
-                s.usage
+                Reading {
+                    usage: s.usage,
+                    images: None,
+                }
             }
             Scan::Json {
-                frames, overflow, ..
+                frames,
+                overflow,
+                images,
+                ..
             } => {
                 if *overflow || !complete {
-                    return None;
+                    return Reading::default();
                 }
+                let read = |json: &[u8]| {
+                    if *images {
+                        images_of(json).unwrap_or_default()
+                    } else {
+                        Reading {
+                            usage: usage_of(json),
+                            images: None,
+                        }
+                    }
+                };
                 if frames.len() == 1 {
-                    return usage_of(&frames[0]);
+                    return read(&frames[0]);
                 }
                 let all: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
-                usage_of(&all)
+                read(&all)
             }
         }
+    }
+}
+
+/// What the images of a request priced per image cost, and how many were reserved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ImageCharge {
+    /// One image, at the size and quality asked for.
+    pub(crate) each: Money,
+    /// The images reserved for (`n`).
+    pub(crate) count: u64,
+}
+
+impl ImageCharge {
+    /// `images` of them.
+    pub(crate) fn cost(&self, images: u64) -> Money {
+        Money::from_nanos(self.each.as_nanos().saturating_mul(images))
     }
 }
 
@@ -209,6 +245,8 @@ impl Scan {
 pub(crate) struct Settlement<P: Settle + ?Sized = dyn Settle> {
     pub(crate) estimate: Usage,
     pub(crate) price: Option<Price>,
+    /// Images priced per image (then `price` prices only token usage the upstream reports).
+    pub(crate) images: Option<ImageCharge>,
     pub(crate) meter: Option<UsageMeter>,
     pub(crate) guard: Option<(WalletGuard, Principal)>,
     pub(crate) on_disconnect: OnDisconnect,
@@ -227,20 +265,43 @@ impl<P: Settle + ?Sized> std::fmt::Debug for Settlement<P> {
 }
 
 impl<P: Settle + ?Sized> Settlement<P> {
-    /// Ends the reservation at `usage` (or the estimate) and reports it.
-    pub(crate) fn finish_with(&mut self, usage: Option<Usage>) {
+    /// Ends the reservation at what `read` found (or the estimate) and reports it.
+    ///
+    /// Text: the usage reported, at the token price. Images priced per image: the token usage
+    /// reported at the token price when there is one (gpt-image models report it), else the
+    /// images the response holds at the image price, else the reservation; tokens are the
+    /// ones reported (none else), and an over-reservation is a cost above the one reserved.
+    pub(crate) fn finish_with(&mut self, read: Reading) {
         if self.done {
             return;
         }
         self.done = true;
-        let reported = usage.is_some();
-        let usage = usage.unwrap_or(self.estimate);
-        let cost = self.price.map_or(Money::ZERO, |p| p.cost(usage));
+        let usage = read.usage.unwrap_or(self.estimate);
         let tokens = usage
             .total_tokens
             .max(usage.prompt_tokens.saturating_add(usage.completion_tokens));
-        // More than the worst case was reserved for: charged as reported, and flagged.
-        let over = reported && tokens > self.estimate.total_tokens;
+        let (cost, reported, over) = match self.images {
+            None => {
+                let reported = read.usage.is_some();
+                let cost = self.price.map(|p| p.cost(usage));
+                // More than the worst case was reserved for: charged as reported, and flagged.
+                (
+                    cost,
+                    reported,
+                    reported && tokens > self.estimate.total_tokens,
+                )
+            }
+            Some(images) => {
+                let reserved = images.cost(images.count);
+                let read_cost = match (read.usage, self.price, read.images) {
+                    (Some(usage), Some(price), _) => Some(price.cost(usage)),
+                    (_, _, Some(made)) => Some(images.cost(made)),
+                    _ => None,
+                };
+                let cost = read_cost.unwrap_or(reserved);
+                (Some(cost), read_cost.is_some(), cost > reserved)
+            }
+        };
         // Report before settling: the settle may be slow (network backend) and the outer
         // layers read the meter as soon as the body ends.
         if let Some(meter) = &self.meter {
@@ -253,10 +314,11 @@ impl<P: Settle + ?Sized> Settlement<P> {
             if over {
                 meter.flag_over_reservation();
             }
-            if self.price.is_some() {
+            if let Some(cost) = cost {
                 meter.report_cost(cost);
             }
         }
+        let cost = cost.unwrap_or(Money::ZERO);
         self.pending.settle(Actual { tokens, cost });
         if let Some((guard, principal)) = &self.guard {
             guard.record(principal.key_id(), &principal.project().id, tokens, cost);
@@ -275,11 +337,11 @@ impl<P: Settle + ?Sized> Settlement<P> {
         if self.done {
             return;
         }
-        let usage = match (complete, self.on_disconnect) {
-            (true, _) | (false, OnDisconnect::UsageSeen) => self.scan.usage(complete),
-            (false, OnDisconnect::Reservation) => None,
+        let read = match (complete, self.on_disconnect) {
+            (true, _) | (false, OnDisconnect::UsageSeen) => self.scan.reading(complete),
+            (false, OnDisconnect::Reservation) => Reading::default(),
         };
-        self.finish_with(usage);
+        self.finish_with(read);
     }
 }
 

@@ -93,7 +93,9 @@ pub mod fuzzing {
 pub use backend::{LimitBackend, MemoryBackend};
 pub use body::{OnDisconnect, RequestBody, TokenBody};
 pub use guard::{GuardConfigError, Suspension, SuspensionHook, WalletGuard};
-pub use price::{Price, PriceTable};
+pub use price::{
+    DEFAULT_IMAGE_QUALITY, DEFAULT_IMAGE_SIZE, ImageKeyError, ImagePrices, Price, PriceTable,
+};
 pub use rate::{RateConfigError, RateLimit, RateLimitLayer, ResponseFuture as RateResponseFuture};
 pub use token::{
     ResponseFuture as TokenResponseFuture, TokenLimit, TokenLimitLayer, Unpriced, budget_counter,

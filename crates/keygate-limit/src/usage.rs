@@ -52,6 +52,55 @@ pub(crate) fn usage_of(json: &[u8]) -> Option<Usage> {
         .or_else(|| v.response?.usage?.into_usage())
 }
 
+/// What a response says was made: its token usage, and (for an images response,
+/// `{"data":[…],"usage":{…}}`) how many images its `data` array holds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Reading {
+    pub(crate) usage: Option<Usage>,
+    pub(crate) images: Option<u64>,
+}
+
+/// The number of elements of a JSON array, each skipped unread.
+struct Count(u64);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Elements;
+        impl<'de> serde::de::Visitor<'de> for Elements {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an array")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Count, A::Error> {
+                let mut n = 0u64;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(Count(n))
+            }
+        }
+        d.deserialize_seq(Elements)
+    }
+}
+
+/// The images and usage of an images API response body; `None` when it is not one object
+/// whose `data` (if any) is an array (a key twice included: then nothing is believed).
+pub(crate) fn images_of(json: &[u8]) -> Option<Reading> {
+    #[derive(Deserialize)]
+    struct Images {
+        data: Option<Count>,
+        usage: Option<UsageShape>,
+    }
+    let v: Images = serde_json::from_slice(json).ok()?;
+    Some(Reading {
+        usage: v.usage.and_then(UsageShape::into_usage),
+        images: v.data.map(|c| c.0),
+    })
+}
+
 /// Scans an SSE stream as its frames pass, keeping only an unfinished line, and remembers the
 /// last usage any `data:` line carried. In stripping mode it also removes the usage-only chunk
 /// (`"choices":[]` with a `usage`) from the stream: it then hands on whole events only.
@@ -242,6 +291,32 @@ mod tests {
             Some(Usage::new(1, 2))
         );
         assert_eq!(usage_of(br#"{"usage":null}"#), None);
+    }
+
+    #[test]
+    fn an_images_response_is_read_for_its_images_and_usage() {
+        let dalle = br#"{"created":1,"data":[{"url":"https://x/1.png","revised_prompt":"a [cat]"},{"url":"https://x/2.png"}]}"#;
+        assert_eq!(
+            images_of(dalle),
+            Some(Reading {
+                usage: None,
+                images: Some(2)
+            })
+        );
+        let gpt = br#"{"created":1,"data":[{"b64_json":"AAAA"}],"usage":{"total_tokens":4210,"input_tokens":50,"output_tokens":4160,"input_tokens_details":{"text_tokens":50,"image_tokens":0}}}"#;
+        assert_eq!(
+            images_of(gpt),
+            Some(Reading {
+                usage: Some(Usage::new(50, 4160)),
+                images: Some(1)
+            })
+        );
+        assert_eq!(images_of(br#"{"data":[]}"#).unwrap().images, Some(0));
+        // Not an array, a key twice, not JSON: nothing is believed.
+        assert_eq!(images_of(br#"{"data":{"a":1}}"#), None);
+        assert_eq!(images_of(br#"{"data":[1],"data":[1,2,3]}"#), None);
+        assert_eq!(images_of(b"{\"data\":[1,"), None);
+        assert_eq!(images_of(br#"{"error":{}}"#), Some(Reading::default()));
     }
 
     #[test]

@@ -102,7 +102,11 @@ impl ScopeLayer {
     }
 
     /// The most bytes of a body read to find its model (default [`DEFAULT_BODY_LIMIT`]);
-    /// larger bodies on model routes get 413.
+    /// larger bodies on model routes get 413. The same limit bounds the batch input files a
+    /// caller with model rules uploads (routes with `batch_input`), since each is read whole
+    /// to verify its requests' models: a larger upload is 413 `request_too_large` naming the
+    /// limit, refused once the read passes it (or at once, from its `Content-Length`), and
+    /// never forwarded unverified.
     pub fn with_body_limit(mut self, limit: usize) -> Self {
         self.shared_mut().body_limit = limit;
         self

@@ -19,8 +19,8 @@ use http_body_util::combinators::Collect;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use keygate_core::facts::{count_prompt, scan_json, scan_json_text};
 use keygate_core::{
-    ClientIp, Denial, EndpointMatch, ModelSource, Principal, PromptSize, Protocol, RequestFacts,
-    RequestTrace, RequestedModel, ResponseBody, Stage, is_grpc,
+    ClientIp, Denial, EndpointMatch, Generation, ModelSource, Principal, PromptSize, Protocol,
+    RequestFacts, RequestTrace, RequestedModel, ResponseBody, Stage, is_grpc,
 };
 use pin_project_lite::pin_project;
 use tower_service::Service;
@@ -101,6 +101,30 @@ fn too_large() -> Denial {
     )
 }
 
+/// `bytes` for a person: `8388608 bytes (8 MiB)`.
+fn byte_size(bytes: usize) -> String {
+    const MIB: usize = 1 << 20;
+    if bytes >= MIB && bytes.is_multiple_of(MIB) {
+        format!("{bytes} bytes ({} MiB)", bytes / MIB)
+    } else {
+        format!("{bytes} bytes")
+    }
+}
+
+/// The 413 of an upload read only to verify it (a batch input file of a key with model
+/// rules) that is larger than keygate reads (`what`: the limit it passed, `limit` bytes).
+fn upload_too_large(what: &str, limit: usize) -> Denial {
+    let size = byte_size(limit);
+    scope_denial(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "request_too_large",
+        format!(
+            "The upload {what} {size}. This key may use only some models, so its uploads here are read to check every request of a batch input file (purpose=batch) against them: keys with model rules can upload files of up to {size}. Split the batch into smaller files."
+        ),
+    )
+    .with_param("file")
+}
+
 fn unsupported(code: &'static str, message: &'static str) -> Denial {
     scope_denial(StatusCode::UNSUPPORTED_MEDIA_TYPE, code, message)
 }
@@ -179,6 +203,8 @@ struct Checked<'r> {
     client_ip: Option<IpAddr>,
     url_model: Option<(Cow<'r, str>, ModelSource)>,
     body: Option<(BodyKind, Option<Coding>)>,
+    /// The body is read only to verify an upload (a batch input file).
+    verifying: bool,
 }
 
 /// The value of query parameter `name`, percent-decoded; ambiguous if given twice or under
@@ -382,7 +408,11 @@ impl<S> Scope<S> {
                         )
                     })?;
                 if len > shared.body_limit as u64 {
-                    return Err(too_large());
+                    return Err(if route.reads_body() {
+                        too_large()
+                    } else {
+                        upload_too_large("is larger than", shared.body_limit)
+                    });
                 }
             }
         }
@@ -392,6 +422,7 @@ impl<S> Scope<S> {
             client_ip,
             url_model,
             body,
+            verifying: verifies_upload && !route.reads_body(),
         })
     }
 }
@@ -537,6 +568,7 @@ where
                 url_model: checked.url_model.map(|(m, src)| (m.into_owned(), src)),
                 kind,
                 coding,
+                verifying: checked.verifying,
             };
             let (parts, body) = req.into_parts();
             let clone = self.inner.clone();
@@ -581,6 +613,8 @@ struct Pending {
     url_model: Option<(String, ModelSource)>,
     kind: BodyKind,
     coding: Option<Coding>,
+    /// Read only to verify an upload: an over-limit body says so.
+    verifying: bool,
 }
 
 pin_project! {
@@ -648,6 +682,10 @@ fn decoded_body(shared: &Shared, pending: &Pending, bytes: Bytes) -> Result<Byte
                 .unwrap_or(shared.body_limit);
             let mut out = Vec::new();
             decompress::decode(coding, &bytes, cap, &mut out).map_err(|e| match e {
+                DecodeError::TooLarge if pending.verifying => {
+                    upload_too_large("decompresses to more than", cap)
+                        .with_detail("decompressed body over the cap")
+                }
                 DecodeError::TooLarge => too_large().with_detail("decompressed body over the cap"),
                 DecodeError::Corrupt => scope_denial(
                     StatusCode::BAD_REQUEST,
@@ -709,6 +747,40 @@ fn check_batch_file(
     Ok(models)
 }
 
+/// What an image form (an edit or a variation) asks for: `n`, `size` and `quality`, each
+/// exactly once as plain text if given (the JSON scanner reads the same from a JSON body).
+fn image_fields(facts: &mut RequestFacts, parts: &[multipart::Part<'_>]) -> Result<(), Denial> {
+    let field = |name: &'static str| {
+        multipart::text_field(parts, name).map_err(|_| {
+            scope_denial(
+                StatusCode::BAD_REQUEST,
+                "invalid_form",
+                format!("The form's {name} field is given more than once, or is not plain text."),
+            )
+            .with_param(name)
+        })
+    };
+    if let Some(n) = field("n")? {
+        // Digits only: what is billed is never guessed from a value the upstream may read
+        // differently.
+        let valid = !n.is_empty() && n.len() <= 19 && n.bytes().all(|b| b.is_ascii_digit());
+        match n.parse::<u64>() {
+            Ok(n) if valid && n >= 1 => facts.choices = n,
+            _ => {
+                return Err(scope_denial(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_value",
+                    "The number of images (n) must be a whole number of at least 1.",
+                )
+                .with_param("n"));
+            }
+        }
+    }
+    facts.image_size = field("size")?.map(Arc::from);
+    facts.image_quality = field("quality")?.map(Arc::from);
+    Ok(())
+}
+
 /// Analyses a collected body into the request's facts and runs the rest of the check.
 fn check_body(
     shared: &Shared,
@@ -758,6 +830,9 @@ fn check_body(
                 && multipart::text_field(&parts, "purpose").map_err(form_error)? == Some("batch")
             {
                 facts.batch_models = Some(check_batch_file(&pending.principal, &parts)?);
+            }
+            if route.generation == Generation::Images {
+                image_fields(&mut facts, &parts)?;
             }
             multipart::text_field(&parts, "model")
                 .map_err(form_error)?
@@ -835,7 +910,11 @@ where
                         Ok(c) => c.to_bytes(),
                         Err(e) => {
                             let denial = if e.is::<LengthLimitError>() {
-                                too_large()
+                                if pending.verifying {
+                                    upload_too_large("is larger than", shared.body_limit)
+                                } else {
+                                    too_large()
+                                }
                             } else {
                                 scope_denial(
                                     StatusCode::BAD_REQUEST,

@@ -857,6 +857,49 @@ mod compressed {
     }
 
     #[tokio::test]
+    async fn a_batch_file_that_decompresses_past_the_cap_is_413_naming_the_cap() {
+        let p = mini();
+        let line = batch_line("gpt-4o-mini");
+        // Allowed lines, then one naming another model past the cap.
+        let file = format!(
+            "{}{}\n",
+            format!("{line}\n").repeat(64),
+            batch_line("gpt-4o")
+        );
+        let form = format!(
+            "--B0\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--B0\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b.jsonl\"\r\n\r\n{file}\r\n--B0--\r\n"
+        );
+        let small = gzip(form.as_bytes());
+        assert!(small.len() < 2048 && form.len() > 4096);
+        let layer = ScopeLayer::openai()
+            .with_body_limit(2048)
+            .with_decompression(Decompression::new().with_max_decompressed(4096));
+        let upload = || {
+            encoded(
+                "/v1/files",
+                "multipart/form-data; boundary=B0",
+                "gzip",
+                small.clone(),
+                &p,
+            )
+        };
+        let c = run(&layer, upload()).await;
+        assert_eq!(
+            (c.status, code(&c)),
+            (StatusCode::PAYLOAD_TOO_LARGE, "request_too_large")
+        );
+        let message = c.denial.unwrap().message().to_owned();
+        assert!(
+            message.contains("decompresses to more than 4096 bytes"),
+            "{message}"
+        );
+        // With room for it, it is read whole and its last line refused.
+        let roomy = layer.with_decompression(Decompression::new().with_max_decompressed(1 << 20));
+        let c = run(&roomy, upload()).await;
+        assert_eq!(code(&c), "model_not_allowed");
+    }
+
+    #[tokio::test]
     async fn compressed_body_over_the_body_limit_is_413() {
         let body = gzip(
             &(0..4096u32)
@@ -2013,4 +2056,188 @@ async fn a_batch_upload_in_parts_is_refused_for_a_restricted_key() {
     )
     .await;
     assert_eq!(c.status, StatusCode::OK);
+}
+
+/// An inner service that counts the requests that reach it in `calls`.
+fn counting(
+    calls: &Arc<AtomicUsize>,
+) -> impl Service<Request<Full<Bytes>>, Response = Response<Full<Bytes>>, Error = Infallible> + Clone
+{
+    let seen = calls.clone();
+    service_fn(move |_: Request<Full<Bytes>>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async { Ok::<_, Infallible>(Response::new(Full::<Bytes>::default())) }
+    })
+}
+
+#[tokio::test]
+async fn a_batch_file_over_the_body_limit_is_413_naming_the_limit_and_never_forwarded() {
+    let layer = ScopeLayer::openai().with_body_limit(1024);
+    let p = principal_with(Permissions::All, &["gpt-4o-mini"], &[]);
+    // Allowed lines up to past the limit, then one naming a model the key may not use: only
+    // a read of the whole file could find it.
+    let file = format!(
+        "{}{}\n",
+        format!("{}\n", batch_line("gpt-4o-mini")).repeat(12),
+        batch_line("gpt-4o")
+    );
+    assert!(file.len() > 1024);
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = layer.layer(counting(&calls));
+    // Declared too large: refused before reading.
+    let mut declared = with(&p, upload("batch", &file));
+    let len = declared.body().size_hint().exact().unwrap();
+    declared
+        .headers_mut()
+        .insert("content-length", len.to_string().parse().unwrap());
+    // Of no declared length: refused when the read passes the limit.
+    for req in [declared, with(&p, upload("batch", &file))] {
+        let res = svc.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        let denial = res.extensions().get::<Denial>().unwrap().clone();
+        assert_eq!(denial.code(), "request_too_large");
+        assert_eq!(denial.param(), Some("file"));
+        let message = denial.message();
+        assert!(
+            message.contains("larger than 1024 bytes")
+                && message.contains("keys with model rules can upload files of up to 1024 bytes"),
+            "{message}"
+        );
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        0,
+        "an unverified batch file was forwarded"
+    );
+    // Within a limit that holds it, the file is read whole and its last line refused.
+    let c = run(
+        &ScopeLayer::openai().with_body_limit(4096),
+        with(&p, upload("batch", &file)),
+    )
+    .await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::FORBIDDEN, "model_not_allowed")
+    );
+    // A key without model rules has nothing to verify: its upload is forwarded unread.
+    let calls = Arc::new(AtomicUsize::new(0));
+    let res = layer
+        .layer(counting(&calls))
+        .oneshot(with(&all(), upload("batch", &file)))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn an_endless_batch_upload_is_refused_without_reading_past_the_limit() {
+    let polled = Arc::new(AtomicUsize::new(0));
+    let body = Chunked {
+        left: 1_000_000,
+        size: 1024,
+        polled: polled.clone(),
+    };
+    let mut r = Request::post("/v1/files")
+        .header("content-type", "multipart/form-data; boundary=B0")
+        .body(body)
+        .unwrap();
+    r.extensions_mut()
+        .insert(principal_with(Permissions::All, &["gpt-4o-mini"], &[]));
+    let inner = service_fn(|_: Request<Chunked>| async {
+        Ok::<_, Infallible>(Response::new(Full::<Bytes>::default()))
+    });
+    let res = ScopeLayer::openai()
+        .with_body_limit(64 * 1024)
+        .layer(inner)
+        .oneshot(r)
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let denial = res.extensions().get::<Denial>().unwrap();
+    assert!(
+        denial.message().contains("65536 bytes"),
+        "{}",
+        denial.message()
+    );
+    assert!(polled.load(Ordering::SeqCst) <= 64 * 1024 + 1024);
+}
+
+// ---- image forms ----
+
+fn image_form(path: &str, fields: &[(&str, &str)]) -> Request<Full<Bytes>> {
+    let mut body = String::from(
+        "--B0\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\nContent-Type: image/png\r\n\r\n\x089PNG\r\n",
+    );
+    for (name, value) in fields {
+        body.push_str(&format!(
+            "--B0\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n"
+        ));
+    }
+    body.push_str("--B0--\r\n");
+    Request::post(path)
+        .header("content-type", "multipart/form-data; boundary=B0")
+        .body(Full::new(Bytes::from(body)))
+        .unwrap()
+}
+
+/// Reports the image facts the layer decided.
+async fn image_facts(req: Request<Full<Bytes>>) -> Result<Response<Full<Bytes>>, Infallible> {
+    let f = req.extensions().get::<RequestFacts>().unwrap();
+    let text = format!(
+        "{} {} {:?} {:?}",
+        f.model().unwrap_or(""),
+        f.choices,
+        f.image_size.as_deref(),
+        f.image_quality.as_deref()
+    );
+    Ok(Response::new(Full::new(Bytes::from(text))))
+}
+
+#[tokio::test]
+async fn image_forms_carry_n_size_and_quality_in_the_facts() {
+    let svc = ScopeLayer::openai().layer(service_fn(image_facts));
+    let facts = |req| {
+        let svc = svc.clone();
+        async move {
+            let res = svc.oneshot(with(&all(), req)).await.unwrap();
+            let status = res.status();
+            let denial = res.extensions().get::<Denial>().cloned();
+            let body = res.into_body().collect().await.unwrap().to_bytes();
+            (status, denial, String::from_utf8(body.to_vec()).unwrap())
+        }
+    };
+    let (_, _, text) = facts(image_form(
+        "/v1/images/edits",
+        &[
+            ("prompt", "a hat"),
+            ("n", "3"),
+            ("size", "512x512"),
+            ("quality", "hd"),
+        ],
+    ))
+    .await;
+    assert_eq!(text, r#"dall-e-2 3 Some("512x512") Some("hd")"#);
+    let (_, _, text) = facts(image_form("/v1/images/variations", &[])).await;
+    assert_eq!(text, "dall-e-2 1 None None");
+    // n as the API reads it or refused; a field twice is refused, never guessed.
+    for bad in ["0", "two", "2.0", " 2", ""] {
+        let (status, denial, _) = facts(image_form("/v1/images/variations", &[("n", bad)])).await;
+        let denial = denial.unwrap();
+        assert_eq!(
+            (status, denial.code(), denial.param()),
+            (StatusCode::BAD_REQUEST, "invalid_value", Some("n")),
+            "{bad:?}"
+        );
+    }
+    let (status, denial, _) = facts(image_form(
+        "/v1/images/edits",
+        &[("size", "256x256"), ("size", "1024x1024")],
+    ))
+    .await;
+    let denial = denial.unwrap();
+    assert_eq!(
+        (status, denial.code(), denial.param()),
+        (StatusCode::BAD_REQUEST, "invalid_form", Some("size"))
+    );
 }

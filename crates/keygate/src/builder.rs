@@ -269,7 +269,9 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
         self
     }
 
-    /// The price table money budgets are charged from.
+    /// The price table money budgets are charged from: per million tokens
+    /// ([`PriceTable::with_price`]) and, for image models, per image by size and quality
+    /// ([`PriceTable::with_image_prices`]).
     pub fn prices(mut self, prices: PriceTable) -> Self {
         self.prices = prices;
         self

@@ -19,6 +19,10 @@
 //! input_per_million = "0.15"
 //! output_per_million = "0.60"
 //!
+//! [prices."dall-e-3".images]
+//! "1024x1024" = "0.04"
+//! "1024x1024/hd" = "0.08"
+//!
 //! [audit.jsonl]
 //! path = "audit.jsonl"
 //!
@@ -41,7 +45,7 @@ use keygate_core::{
     TokenError, TokenVerifier,
 };
 use keygate_jwt::{JwtVerifier, KeySet, SigningKey, TokenExchange};
-use keygate_limit::{Price, PriceTable, Unpriced, WalletGuard};
+use keygate_limit::{ImagePrices, Price, PriceTable, Unpriced, WalletGuard};
 use keygate_scope::{DEFAULT_BODY_LIMIT, RouteError, RouteSpec, RouteTable, TrustedProxies};
 use keygate_store::{FileStore, FileStoreError};
 use serde::{Deserialize, Serialize};
@@ -83,7 +87,8 @@ pub struct Config {
     /// How limits are enforced (the limits themselves are on keys and projects).
     pub limits: LimitsConfig,
     /// Prices per model pattern (`"gpt-4o-mini"`, `"gpt-4o*"`), in dollars per million
-    /// tokens; the most specific pattern wins. Budgets are charged from these.
+    /// tokens and, for image models, per image (`[prices."dall-e-3".images]`); the most
+    /// specific pattern wins. Budgets are charged from these.
     pub prices: BTreeMap<String, PriceConfig>,
     /// Where audit records go.
     pub audit: AuditConfig,
@@ -415,14 +420,91 @@ pub enum UnpricedConfig {
     CountTokensOnly,
 }
 
-/// A model's price, in dollars per million tokens (`"0.15"`, `0.15` or `"$0.15"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+/// A model's price: in dollars per million tokens (`"0.15"`, `0.15` or `"$0.15"`), per image
+/// by size and quality, or both.
+///
+/// ```toml
+/// [prices."dall-e-3".images]          # dollars per image: "SIZE" (any quality) or "SIZE/QUALITY"
+/// "1024x1024" = "0.04"
+/// "1024x1024/hd" = "0.08"
+///
+/// [prices."gpt-image-1"]
+/// input_per_million = 5               # prices the token usage it reports
+/// output_per_million = 40
+/// default_image_size = "auto"         # what the API makes when a request names none
+/// default_image_quality = "auto"
+/// [prices."gpt-image-1".images]
+/// "*" = "0.25"                        # "*": any size
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PriceConfig {
-    /// Dollars per million input (prompt) tokens.
-    pub input_per_million: Money,
-    /// Dollars per million output (completion) tokens.
-    pub output_per_million: Money,
+    /// Dollars per million input (prompt) tokens (with `output_per_million`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_per_million: Option<Money>,
+    /// Dollars per million output (completion) tokens (with `input_per_million`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_per_million: Option<Money>,
+    /// Dollars per image, by `"SIZE"` (every quality of that size) or `"SIZE/QUALITY"`;
+    /// `SIZE` may be `"*"` (every size). A request is priced at the first of `size/quality`,
+    /// `size`, `*/quality`, `*` that has a price; none: the image is unpriced (403
+    /// `model_not_priced` under a budget, as `[limits] unpriced` says). See
+    /// [`ImagePrices`](keygate_limit::ImagePrices).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub images: BTreeMap<String, Money>,
+    /// The size priced for an image request that names none (default `"1024x1024"`, the
+    /// API's default for `dall-e-2` and `dall-e-3`; `"auto"` for `gpt-image-1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_image_size: Option<String>,
+    /// The quality priced for an image request that names none (default `"standard"`, what
+    /// `dall-e-2` and `dall-e-3` make; `"auto"` for `gpt-image-1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_image_quality: Option<String>,
+}
+
+impl PriceConfig {
+    /// A price per million input and output tokens, and none per image.
+    pub fn per_million(input: Money, output: Money) -> Self {
+        PriceConfig {
+            input_per_million: Some(input),
+            output_per_million: Some(output),
+            ..PriceConfig::default()
+        }
+    }
+
+    /// The token price and the image prices this entry names.
+    fn prices(&self) -> Result<(Option<Price>, Option<ImagePrices>), String> {
+        let tokens = match (self.input_per_million, self.output_per_million) {
+            (Some(input), Some(output)) => Some(Price::per_million(input, output)),
+            (None, None) => None,
+            _ => return Err("give both input_per_million and output_per_million".into()),
+        };
+        let defaults = self.default_image_size.is_some() || self.default_image_quality.is_some();
+        if self.images.is_empty() {
+            if defaults {
+                return Err("default_image_size and default_image_quality need images".into());
+            }
+            if tokens.is_none() {
+                return Err(
+                    "no price: give input_per_million and output_per_million, or images".into(),
+                );
+            }
+            return Ok((tokens, None));
+        }
+        let mut images = ImagePrices::new();
+        if let Some(size) = &self.default_image_size {
+            images = images.with_default_size(size);
+        }
+        if let Some(quality) = &self.default_image_quality {
+            images = images.with_default_quality(quality);
+        }
+        for (key, price) in &self.images {
+            images = images
+                .with_price(key, *price)
+                .map_err(|e| format!("images: {e}"))?;
+        }
+        Ok((tokens, Some(images)))
+    }
 }
 
 /// `[audit]`: where audit records go.
@@ -642,17 +724,26 @@ impl Config {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Invalid`] for a price pattern that is not a model pattern.
+    /// [`ConfigError::Invalid`] for a price pattern that is not a model pattern, an entry
+    /// with one token price of two or no price at all, or an image price key that is not
+    /// `SIZE` or `SIZE/QUALITY`.
     pub fn price_table(&self) -> Result<PriceTable, ConfigError> {
         self.prices
             .iter()
-            .try_fold(PriceTable::new(), |table, (pattern, p)| {
-                table
-                    .with_price(
-                        pattern,
-                        Price::per_million(p.input_per_million, p.output_per_million),
-                    )
-                    .map_err(|e| ConfigError::Invalid(format!("prices.{pattern:?}: {e}")))
+            .try_fold(PriceTable::new(), |mut table, (pattern, p)| {
+                let invalid = |e: String| ConfigError::Invalid(format!("prices.{pattern:?}: {e}"));
+                let (tokens, images) = p.prices().map_err(invalid)?;
+                if let Some(price) = tokens {
+                    table = table
+                        .with_price(pattern, price)
+                        .map_err(|e| invalid(e.to_string()))?;
+                }
+                if let Some(images) = images {
+                    table = table
+                        .with_image_prices(pattern, images)
+                        .map_err(|e| invalid(e.to_string()))?;
+                }
+                Ok(table)
             })
     }
 
@@ -1118,6 +1209,16 @@ mod tests {
             Some("rerank-1")
         );
         assert_eq!(config.limits.bytes_per_token.get(), 1);
+        // Its prices make a table: per token, and per image by size and quality.
+        let prices = config.price_table().unwrap();
+        let dalle = prices.image_prices("dall-e-3").unwrap();
+        assert_eq!(
+            dalle.price(None, Some("hd")),
+            Some(Money::parse("0.08").unwrap())
+        );
+        let gpt = prices.image_prices("gpt-image-1").unwrap();
+        assert_eq!(gpt.price(None, None), Some(Money::parse("0.25").unwrap()));
+        assert!(prices.price("gpt-image-1").is_some());
     }
 
     #[test]
@@ -1222,7 +1323,7 @@ mod tests {
         assert_eq!(c.limits.unpriced, UnpricedConfig::CountTokensOnly);
         assert_eq!(
             c.prices["gpt-4o*"].output_per_million,
-            Money::from_dollars(10)
+            Some(Money::from_dollars(10))
         );
         assert_eq!(c.audit.jsonl.as_ref().unwrap().keep, 2);
         assert_eq!(c.jwt.secret_env.as_deref(), Some("MY_SECRET"));
@@ -1293,6 +1394,77 @@ mod tests {
             Config::from_toml_str("[prices.\"\"]\ninput_per_million = 1\noutput_per_million = 1")
                 .unwrap();
         assert!(matches!(c.price_table(), Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn image_prices_parse_by_size_and_quality_with_their_defaults() {
+        let c = Config::from_toml_str(
+            r#"
+            [prices."dall-e-3".images]
+            "1024x1024" = "0.04"
+            "1024x1024/hd" = 0.08
+            "1792x1024/hd" = "$0.12"
+
+            [prices."gpt-image-1"]
+            input_per_million = 5
+            output_per_million = 40
+            default_image_size = "auto"
+            default_image_quality = "auto"
+            [prices."gpt-image-1".images]
+            "*" = "0.25"
+            "1024x1024/low" = "0.011"
+            "#,
+        )
+        .unwrap();
+        let table = c.price_table().unwrap();
+        let dollars = |s| Money::parse(s).unwrap();
+        let dalle = table.image_prices("dall-e-3").unwrap();
+        assert_eq!(dalle.price(None, None), Some(dollars("0.04")));
+        assert_eq!(dalle.price(None, Some("hd")), Some(dollars("0.08")));
+        assert_eq!(
+            dalle.price(Some("1792x1024"), Some("hd")),
+            Some(dollars("0.12"))
+        );
+        assert_eq!(dalle.price(Some("1792x1024"), None), None);
+        // An entry of images only has no token price.
+        assert!(table.price("dall-e-3").is_none());
+        let gpt = table.image_prices("gpt-image-1").unwrap();
+        assert_eq!(
+            (gpt.default_size(), gpt.default_quality()),
+            ("auto", "auto")
+        );
+        assert_eq!(gpt.price(None, None), Some(dollars("0.25")));
+        assert_eq!(
+            gpt.price(Some("1024x1024"), Some("low")),
+            Some(dollars("0.011"))
+        );
+        assert_eq!(
+            table.price("gpt-image-1").unwrap().output_per_million,
+            Money::from_dollars(40)
+        );
+        // The same configuration written back reads the same.
+        let again = Config::from_toml_str(&toml::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again.prices, c.prices);
+    }
+
+    #[test]
+    fn an_image_price_entry_that_cannot_price_is_an_error() {
+        for (text, says) in [
+            ("[prices.\"m\".images]\n\"1024x1024/\" = 1", "SIZE/QUALITY"),
+            ("[prices.\"m\"]\ninput_per_million = 1", "both"),
+            (
+                "[prices.\"m\"]\ndefault_image_size = \"auto\"\ninput_per_million = 1\noutput_per_million = 1",
+                "need images",
+            ),
+            ("[prices.\"m\"]", "no price"),
+        ] {
+            let c = Config::from_toml_str(text).unwrap();
+            let e = c.price_table().unwrap_err();
+            assert!(matches!(e, ConfigError::Invalid(_)), "{text}");
+            assert!(e.to_string().contains(says), "{text}: {e}");
+        }
+        // An unknown key next to them is refused when read.
+        assert!(Config::from_toml_str("[prices.\"m\"]\nimage = {}").is_err());
     }
 
     #[test]

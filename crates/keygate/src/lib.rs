@@ -73,6 +73,8 @@ pub use spend::SpendBackend;
 #[cfg(test)]
 mod bounded_tests;
 #[cfg(test)]
+mod image_tests;
+#[cfg(test)]
 mod tests;
 
 pub use config::{

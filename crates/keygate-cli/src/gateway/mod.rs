@@ -145,10 +145,10 @@ pub fn config_for(options: &GatewayOptions) -> Result<Config, ConfigError> {
         None => {
             let mut config = Config::default();
             for (model, input, output) in demo_prices() {
-                let price = PriceConfig {
-                    input_per_million: keygate::Money::parse(input).unwrap_or_default(),
-                    output_per_million: keygate::Money::parse(output).unwrap_or_default(),
-                };
+                let price = PriceConfig::per_million(
+                    keygate::Money::parse(input).unwrap_or_default(),
+                    keygate::Money::parse(output).unwrap_or_default(),
+                );
                 config.prices.insert(model.to_owned(), price);
             }
             config

@@ -103,6 +103,10 @@ pub struct JsonFields<'a> {
     pub stream: bool,
     /// The top-level `purpose`, when a string (an upload's: `batch` files are requests).
     pub purpose: Option<Cow<'a, str>>,
+    /// The top-level `size`, when a string (an image request's: `1024x1024`).
+    pub size: Option<Cow<'a, str>>,
+    /// The top-level `quality`, when a string (an image request's: `hd`, `high`).
+    pub quality: Option<Cow<'a, str>>,
     /// `stream_options`: `None` absent or null; `Some(None)` an object without
     /// `include_usage` (or with it null); `Some(Some(b))` with it.
     pub include_usage: Option<Option<bool>>,
@@ -243,6 +247,8 @@ enum Field {
     Stream,
     StreamOptions,
     Purpose,
+    Size,
+    Quality,
     Other,
 }
 
@@ -255,6 +261,8 @@ fn field(key: &[u8]) -> Field {
         b"stream" => Field::Stream,
         b"stream_options" => Field::StreamOptions,
         b"purpose" => Field::Purpose,
+        b"size" => Field::Size,
+        b"quality" => Field::Quality,
         _ => Field::Other,
     }
 }
@@ -369,7 +377,11 @@ impl<'a> Scanner<'a> {
                 Field::Purpose if self.peek() == Some(b'"') => {
                     self.f.purpose = Some(self.string()?);
                 }
-                Field::Purpose | Field::Other => self.value(1)?,
+                Field::Size if self.peek() == Some(b'"') => self.f.size = Some(self.string()?),
+                Field::Quality if self.peek() == Some(b'"') => {
+                    self.f.quality = Some(self.string()?);
+                }
+                Field::Purpose | Field::Size | Field::Quality | Field::Other => self.value(1)?,
             }
             if !self.more(b'}')? {
                 self.f.edits.close = self.i - 1;

@@ -285,6 +285,8 @@ fn key() -> impl Strategy<Value = String> {
         Just("stream".to_owned()),
         Just("stream_options".to_owned()),
         Just("include_usage".to_owned()),
+        Just("size".to_owned()),
+        Just("quality".to_owned()),
         "[a-z\\\\\"\u{e9}\u{1F600}]{0,6}",
     ]
 }
@@ -368,6 +370,9 @@ fn check_against_serde(body: &[u8]) -> Result<(), TestCaseError> {
             prop_assert_eq!(f.model.as_deref(), model.as_deref());
             prop_assert_eq!(f.max_output, max);
             prop_assert_eq!(f.stream, stream);
+            for (name, ours) in [("size", &f.size), ("quality", &f.quality)] {
+                prop_assert_eq!(ours.as_deref(), v[name].as_str(), "{}", name);
+            }
         }
         (Ok(_), Err(e)) => {
             return Err(TestCaseError::fail(format!(

@@ -58,7 +58,8 @@ pub enum Generation {
     Text,
     /// Embeddings: the input only.
     Embeddings,
-    /// Images: up to the output cap per image, `n` images.
+    /// Images: `n` of them, each at the price of its size and quality (or, without a price
+    /// per image, up to the output cap per image).
     Images,
     /// Audio (speech, transcription, translation): up to the output cap.
     Audio,
@@ -186,6 +187,12 @@ pub struct RequestFacts {
     /// The body field that caps output on this route (`max_completion_tokens` for chat), if
     /// the API has one: where keygate writes a cap when the client names none.
     pub output_field: Option<Arc<str>>,
+    /// The image size the request asks for (`size`: `1024x1024`, `auto`), as sent; `None`:
+    /// not named (the API's default applies).
+    pub image_size: Option<Arc<str>>,
+    /// The image quality the request asks for (`quality`: `standard`, `hd`, `high`), as sent;
+    /// `None`: not named.
+    pub image_quality: Option<Arc<str>>,
     /// The models the requests of an uploaded batch input file name (sorted, each once), when
     /// keygate read the file: what a batch made from it will run, for the ownership registry
     /// to keep with the file.
@@ -209,6 +216,8 @@ impl RequestFacts {
             usage_requested: None,
             prompt: PromptSize::default(),
             output_field: None,
+            image_size: None,
+            image_quality: None,
             batch_models: None,
             layout: None,
         }
@@ -250,6 +259,8 @@ impl RequestFacts {
             items: fields.items,
             tokens: None,
         };
+        self.image_size = fields.size.as_deref().map(Arc::from);
+        self.image_quality = fields.quality.as_deref().map(Arc::from);
         self.layout = Some(fields.edits.clone());
     }
 
@@ -264,5 +275,44 @@ impl RequestFacts {
     /// [`edit_json`]: RequestFacts::edit_json
     pub fn has_layout(&self) -> bool {
         self.layout.is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_size_and_quality_are_read_from_a_json_body() {
+        let body =
+            br#"{"model":"dall-e-3","prompt":"a cat","n":2,"size":"1792x1024","quality":"hd"}"#;
+        let fields = scan_json(body).unwrap();
+        assert_eq!(fields.size.as_deref(), Some("1792x1024"));
+        assert_eq!(fields.quality.as_deref(), Some("hd"));
+        let mut facts = RequestFacts::unrouted();
+        facts.absorb_json(&fields);
+        assert_eq!(facts.image_size.as_deref(), Some("1792x1024"));
+        assert_eq!(facts.image_quality.as_deref(), Some("hd"));
+        assert_eq!(facts.choices, 2);
+        // Their values are not prompt text: only "a cat" is.
+        assert_eq!(facts.prompt.text_bytes, 5);
+    }
+
+    #[test]
+    fn image_fields_that_are_not_strings_or_are_escaped_are_read_as_json_does() {
+        // Escapes are decoded; a value that is not a string (or null) is not a size.
+        let fields = scan_json(br#"{"size":"1024\u00781024","quality":null}"#).unwrap();
+        assert_eq!(fields.size.as_deref(), Some("1024x1024"));
+        assert_eq!(fields.quality, None);
+        let fields = scan_json(br#"{"size":1024,"quality":["hd"]}"#).unwrap();
+        assert_eq!((fields.size, fields.quality), (None, None));
+        // Nested ones are not the request's.
+        let fields = scan_json(br#"{"x":{"size":"256x256"}}"#).unwrap();
+        assert_eq!(fields.size, None);
+        // Twice is a duplicate key, as everywhere.
+        assert_eq!(
+            scan_json(br#"{"size":"256x256","size":"1024x1024"}"#).unwrap_err(),
+            JsonError::DuplicateKey
+        );
     }
 }

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use keygate_core::{Denial, LimitScope, Limits, Principal, Stage, Timestamp, Usage};
+use keygate_core::{Denial, LimitScope, Limits, Money, Principal, Stage, Timestamp, Usage};
 use smallvec::SmallVec;
 
 use super::{Config, Unpriced};
@@ -201,6 +201,34 @@ pub(super) fn plan<B>(
             "A spending budget applies to this key, but the model has no price.",
         )
         .with_param("model")),
+    }
+}
+
+/// The estimate and charges of an image request priced per image: `count` images at `each`
+/// (`None`: its size and quality have no price) and no tokens (images count no tokens unless
+/// the upstream reports them); `Err`: the refusal of an unpriced image under a budget.
+pub(super) fn plan_images<B>(
+    config: &Config<B>,
+    principal: &Principal,
+    model: Option<&str>,
+    each: Option<Money>,
+    count: u64,
+    now: Timestamp,
+) -> Result<(Usage, Vec<Charge>, Metas), Denial> {
+    let cost = match (each, config.unpriced) {
+        (Some(each), _) => Some(each.as_nanos().saturating_mul(count)),
+        (None, Unpriced::CountTokensOnly) => Some(0),
+        (None, Unpriced::Deny) => None,
+    };
+    match charges(principal, model, 0, cost, now) {
+        Ok((charges, metas)) => Ok((Usage::default(), charges, metas)),
+        Err(()) => Err(Denial::new(
+            Stage::TokenLimit,
+            StatusCode::FORBIDDEN,
+            "model_not_priced",
+            "A spending budget applies to this key, but images of this size and quality have no price for this model.",
+        )
+        .with_param("size")),
     }
 }
 

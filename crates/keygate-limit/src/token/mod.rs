@@ -6,6 +6,8 @@
 //! - `respond`: refusals, token headers, and what happens once the inner service answers.
 
 mod charges;
+#[cfg(test)]
+mod image_tests;
 mod respond;
 mod service;
 #[cfg(test)]
@@ -62,6 +64,20 @@ pub enum Unpriced {
 /// the largest cap that fits) or 429 `rate_limit_exceeded` (a token rate, with
 /// `x-ratelimit-*-tokens` headers), unless
 /// [`with_max_tokens_lowering`](TokenLimitLayer::with_max_tokens_lowering) clamps it instead.
+///
+/// **Images** whose model has prices per image
+/// ([`PriceTable::with_image_prices`](crate::PriceTable::with_image_prices)) reserve `n` × the
+/// price of one image at the request's `size` and `quality` (the model's defaults where the
+/// request names none), and no tokens: images count against token rates only with the tokens
+/// an upstream reports for them (gpt-image models do), when the response ends; OpenAI limits
+/// image models by images per minute, which a request rate bounds. A budget that cannot pay
+/// for `n` images is 429 `insufficient_quota` naming how many it can; a size and quality with
+/// no price is unpriced (403 `model_not_priced` under a budget, or as [`Unpriced`] says). They
+/// settle at the token usage reported, at the model's token price when it has one; else at the
+/// images the response's `data` array holds × the price; else (a stream, an unreadable or
+/// oversized body) at the reservation. A cost above the reservation (more images than `n`) is
+/// charged and flagged as an over-reservation. An image model with only a token price is
+/// reserved as text is.
 ///
 /// **After**, the reservation is replaced by the actual usage, read from the response's
 /// [`Usage`](keygate_core::Usage) extension, a JSON body's `usage`, or a streamed (SSE) body's

@@ -9,11 +9,11 @@ use keygate_core::{Cut, Denial, LimitScope, Principal, ResponseBody, Stage, Usag
 use super::charges::{Meta, Metas};
 use super::{Config, Out};
 use crate::backend::{CounterStatus, Exceeded, LimitBackend, Pending, Reservation, ReserveError};
-use crate::body::{Scan, Settlement, TokenBody};
+use crate::body::{ImageCharge, Scan, Settlement, TokenBody};
 use crate::guard::WalletGuard;
 use crate::price::Price;
 use crate::rate::{duration_header, limit_header, num_header, scope_name};
-use crate::usage::SseScanner;
+use crate::usage::{Reading, SseScanner};
 
 pub(super) fn deny<ResBody>(denial: Denial, headers: &HeaderMap) -> Out<ResBody> {
     denial.into_response(headers).map(ResponseBody::denied)
@@ -38,19 +38,33 @@ pub(super) fn put_token_headers(
     }
 }
 
+/// What a refused request could have afforded, named in its refusal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Affordable {
+    /// Not known, or not worth naming.
+    Unknown,
+    /// This many output tokens per choice.
+    OutputTokens(u64),
+    /// This many images.
+    Images(u64),
+}
+
 /// The refusal of a request a counter cannot hold; `affordable`: the largest output cap (per
-/// choice) that would have fitted, named in the message.
+/// choice) or number of images that would have fitted, named in the message.
 pub(super) fn exceeded_response<ResBody>(
     e: &Exceeded,
     meta: Meta,
-    affordable: Option<u64>,
+    affordable: Affordable,
     headers: &HeaderMap,
 ) -> Out<ResBody> {
     let scope = scope_name(meta.scope);
     let denial = if meta.budget {
         let message = match affordable {
-            Some(n) if n > 0 => format!(
+            Affordable::OutputTokens(n) if n > 0 => format!(
                 "You exceeded your current quota ({scope} budget): this request can afford at most {n} output tokens. Lower max_tokens, or wait for the budget's next period."
+            ),
+            Affordable::Images(n) if n > 0 => format!(
+                "You exceeded your current quota ({scope} budget): this request can afford at most {n} images at this size and quality. Lower n, or wait for the budget's next period."
             ),
             _ => format!(
                 "You exceeded your current quota ({scope} budget). The budget resets at the start of its next period."
@@ -114,14 +128,25 @@ pub(super) fn meta_of(metas: &Metas, index: usize) -> Meta {
     })
 }
 
-/// The answer to a reservation that was not made.
+/// The answer to a reservation that was not made; `images`: what the request's images are
+/// charged at, when priced per image (a budget's refusal then names how many it can afford).
 pub(super) fn refused<ResBody>(
     e: &ReserveError,
     metas: &Metas,
+    images: Option<ImageCharge>,
     headers: &HeaderMap,
 ) -> Out<ResBody> {
     match e {
-        ReserveError::Exceeded(e) => exceeded_response(e, meta_of(metas, e.index), None, headers),
+        ReserveError::Exceeded(e) => {
+            let meta = meta_of(metas, e.index);
+            let affordable = match images {
+                Some(i) if meta.budget && i.each.as_nanos() > 0 => {
+                    Affordable::Images(e.remaining / i.each.as_nanos())
+                }
+                _ => Affordable::Unknown,
+            };
+            exceeded_response(e, meta, affordable, headers)
+        }
         _ => deny(
             Denial::unavailable(Stage::TokenLimit, "limit_backend"),
             headers,
@@ -140,6 +165,14 @@ pub(super) struct Shape {
     pub(super) strip_usage: bool,
 }
 
+/// What an admitted request is charged at: its token price, and for images priced per image,
+/// the image price and how many were reserved.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Pricing {
+    pub(super) tokens: Option<Price>,
+    pub(super) images: Option<ImageCharge>,
+}
+
 /// What happens once the inner service answers an admitted request: its reservation ends
 /// (now, or when the response body does) and the token headers are added.
 pub(super) struct After {
@@ -154,7 +187,7 @@ impl After {
         config: &Config<B>,
         reservation: Reservation,
         estimate: Usage,
-        price: Option<Price>,
+        pricing: Pricing,
         meter: Option<UsageMeter>,
         guard: Option<(WalletGuard, Principal)>,
         shape: Shape,
@@ -165,7 +198,8 @@ impl After {
             settlement: Box::new(Settlement {
                 pending,
                 estimate,
-                price,
+                price: pricing.tokens,
+                images: pricing.images,
                 meter,
                 guard,
                 on_disconnect: config.on_disconnect,
@@ -196,10 +230,13 @@ impl After {
             }
         };
         if let Some(usage) = response.extensions().get::<Usage>().copied() {
-            settlement.finish_with(Some(usage));
+            settlement.finish_with(Reading {
+                usage: Some(usage),
+                images: None,
+            });
         } else if response.extensions().get::<Cut>().is_some() {
             // Cut by a timeout: the upstream may have generated up to the whole reservation.
-            settlement.finish_with(None);
+            settlement.finish_with(Reading::default());
         } else if !response.status().is_success() && !shape.grpc {
             settlement.release();
         } else {
@@ -207,8 +244,15 @@ impl After {
                 .headers()
                 .get(CONTENT_TYPE)
                 .map(HeaderValue::as_bytes);
+            let images = settlement.images.is_some();
             settlement.scan = match content_type {
                 Some(ct) if ct.starts_with(b"text/event-stream") => {
+                    if images {
+                        // An image stream may report usage per image, and the last usage
+                        // seen would undercount: its tokens count, its cost is the
+                        // reservation.
+                        settlement.price = None;
+                    }
                     Scan::Sse(if shape.strip_usage {
                         SseScanner::stripping()
                     } else {
@@ -216,7 +260,7 @@ impl After {
                     })
                 }
                 Some(ct) if ct.starts_with(b"application/json") && !shape.streaming => {
-                    Scan::json(max_scan)
+                    Scan::json(max_scan, images)
                 }
                 _ => Scan::Nothing,
             };

@@ -13,17 +13,19 @@ use http_body::Body;
 use http_body_util::{BodyExt, Full};
 use keygate_core::facts::{JsonEdit, scan_json};
 use keygate_core::{
-    Denial, Generation, Principal, Protocol, RequestFacts, RequestedModel, ResponseBody, Stage,
-    UsageMeter, is_grpc,
+    Denial, Generation, Money, Principal, Protocol, RequestFacts, RequestedModel, ResponseBody,
+    Stage, Timestamp, Usage, UsageMeter, is_grpc,
 };
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::charges::{Meta, WorstCase, plan};
-use super::respond::{After, Shape, bad_request, deny, exceeded_response, meta_of, refused};
+use super::charges::{Meta, WorstCase, plan, plan_images};
+use super::respond::{
+    Affordable, After, Pricing, Shape, bad_request, deny, exceeded_response, meta_of, refused,
+};
 use super::{BoxFuture, Config, Out, TokenLimit};
 use crate::backend::{LimitBackend, Reservation, ReserveError};
-use crate::body::{RequestBody, TokenBody};
+use crate::body::{ImageCharge, RequestBody, TokenBody};
 use crate::rate::missing_principal;
 
 impl<S, B, ReqBody, ResBody> Service<Request<ReqBody>> for TokenLimit<S, B>
@@ -187,6 +189,47 @@ fn per_choice<B>(config: &Config<B>, facts: &RequestFacts) -> u64 {
     }
 }
 
+/// The price of one image of an image request whose model has prices per image (the inner
+/// `None`: none for its size and quality); `None` for every other request, priced by tokens.
+fn image_price<B>(config: &Config<B>, facts: &RequestFacts) -> Option<Option<Money>> {
+    if facts.generation != Generation::Images {
+        return None;
+    }
+    let prices = config.prices.image_prices(facts.model()?)?;
+    Some(prices.price(facts.image_size.as_deref(), facts.image_quality.as_deref()))
+}
+
+/// A request's estimate, charges (with what each is) and pricing.
+type Plan = (
+    Usage,
+    Vec<crate::backend::Charge>,
+    super::charges::Metas,
+    Pricing,
+);
+
+/// The plan of an image request priced per image.
+fn images_plan<B>(
+    config: &Config<B>,
+    principal: &Principal,
+    facts: &RequestFacts,
+    each: Option<Money>,
+    now: Timestamp,
+) -> Result<Plan, Denial> {
+    let model = facts.model();
+    let count = facts.choices;
+    let (estimate, charges, metas) = plan_images(config, principal, model, each, count, now)?;
+    let pricing = Pricing {
+        // Prices the token usage an upstream reports (gpt-image models do); not for an image
+        // size without a price (counted as tokens only).
+        tokens: each.and(model.and_then(|m| config.prices.price(m))),
+        images: Some(ImageCharge {
+            each: each.unwrap_or(Money::ZERO),
+            count,
+        }),
+    };
+    Ok((estimate, charges, metas, pricing))
+}
+
 /// Whether the forwarded stream must be made to carry usage: a streaming completions request
 /// whose client did not ask for usage (then removed from what the client sees).
 fn forces_usage<B>(config: &Config<B>, facts: &RequestFacts, path: &str) -> bool {
@@ -287,47 +330,75 @@ where
         .as_ref()
         .and(asked.is_none().then_some(worst.per_choice));
     let mut attempts = 0;
-    let (reservation, estimate) = loop {
-        let (estimate, charges, metas) = match plan(
-            &config,
-            principal,
-            model,
-            price,
-            worst.prompt,
-            worst.output(),
-            now,
-        ) {
-            Ok(plan) => plan,
-            Err(denial) => return Ok(deny(denial, &parts.headers)),
+    let image = image_price(&config, &facts);
+    let (reservation, estimate, pricing) = if let Some(each) = image {
+        let (estimate, charges, metas, pricing) =
+            match images_plan(&config, principal, &facts, each, now) {
+                Ok(plan) => plan,
+                Err(denial) => return Ok(deny(denial, &parts.headers)),
+            };
+        let reservation = if charges.is_empty() {
+            Reservation::default()
+        } else {
+            match config.backend.reserve(charges, now).await {
+                Ok(r) => r,
+                Err(e) => return Ok(refused(&e, &metas, pricing.images, &parts.headers)),
+            }
         };
-        if charges.is_empty() {
-            break (Reservation::default(), estimate);
-        }
-        match config.backend.reserve(charges, now).await {
-            Ok(r) => break (r, estimate),
-            Err(ReserveError::Exceeded(e)) => {
-                let meta: Meta = meta_of(&metas, e.index);
-                attempts += 1;
-                let fits = worst.fitting(&e, meta, price);
-                match fits {
-                    Some(fits)
-                        if can_lower
-                            && attempts <= 8
-                            && fits >= config.min_output
-                            && fits < worst.per_choice =>
-                    {
-                        worst.per_choice = fits;
-                        set_cap = Some(fits);
-                    }
-                    _ => {
-                        // Name the largest cap that fits when the client named one.
-                        let affordable = fits.filter(|_| asked.is_some());
-                        return Ok(exceeded_response(&e, meta, affordable, &parts.headers));
+        // Nothing to cap: an image's price bounds it.
+        set_cap = None;
+        (reservation, estimate, pricing)
+    } else {
+        let pricing = Pricing {
+            tokens: price,
+            images: None,
+        };
+        let (reservation, estimate) = loop {
+            let (estimate, charges, metas) = match plan(
+                &config,
+                principal,
+                model,
+                price,
+                worst.prompt,
+                worst.output(),
+                now,
+            ) {
+                Ok(plan) => plan,
+                Err(denial) => return Ok(deny(denial, &parts.headers)),
+            };
+            if charges.is_empty() {
+                break (Reservation::default(), estimate);
+            }
+            match config.backend.reserve(charges, now).await {
+                Ok(r) => break (r, estimate),
+                Err(ReserveError::Exceeded(e)) => {
+                    let meta: Meta = meta_of(&metas, e.index);
+                    attempts += 1;
+                    let fits = worst.fitting(&e, meta, price);
+                    match fits {
+                        Some(fits)
+                            if can_lower
+                                && attempts <= 8
+                                && fits >= config.min_output
+                                && fits < worst.per_choice =>
+                        {
+                            worst.per_choice = fits;
+                            set_cap = Some(fits);
+                        }
+                        _ => {
+                            // Name the largest cap that fits when the client named one.
+                            let affordable = match fits.filter(|_| asked.is_some()) {
+                                Some(n) => Affordable::OutputTokens(n),
+                                None => Affordable::Unknown,
+                            };
+                            return Ok(exceeded_response(&e, meta, affordable, &parts.headers));
+                        }
                     }
                 }
+                Err(e) => return Ok(refused(&e, &metas, None, &parts.headers)),
             }
-            Err(e) => return Ok(refused(&e, &metas, &parts.headers)),
-        }
+        };
+        (reservation, estimate, pricing)
     };
     let force_usage = forces_usage(&config, &facts, parts.uri.path());
     let field = cap_field.as_deref().unwrap_or("max_tokens");
@@ -343,7 +414,7 @@ where
         &config,
         reservation,
         estimate,
-        price,
+        pricing,
         meter,
         guard,
         Shape {
@@ -428,13 +499,26 @@ where
     let facts = req.extensions().get::<RequestFacts>();
     let grpc = facts.map_or_else(|| is_grpc(headers), |f| f.protocol == Protocol::Grpc);
     let model = facts.and_then(RequestFacts::model);
-    let output = match facts {
-        Some(f) => per_choice(config, f).saturating_mul(f.choices),
-        None => config.default_output,
-    };
-    let price = model.and_then(|m| config.prices.price(m));
     let now = config.clock.now();
-    let (estimate, charges, metas) = match plan(config, principal, model, price, 0, output, now) {
+    let planned = match facts.and_then(|f| Some((f, image_price(config, f)?))) {
+        // A form of an image edit or variation, priced per image.
+        Some((f, each)) => images_plan(config, principal, f, each, now),
+        None => {
+            let output = match facts {
+                Some(f) => per_choice(config, f).saturating_mul(f.choices),
+                None => config.default_output,
+            };
+            let price = model.and_then(|m| config.prices.price(m));
+            plan(config, principal, model, price, 0, output, now).map(|(e, c, m)| {
+                let pricing = Pricing {
+                    tokens: price,
+                    images: None,
+                };
+                (e, c, m, pricing)
+            })
+        }
+    };
+    let (estimate, charges, metas, pricing) = match planned {
         Ok(plan) => plan,
         Err(denial) => return ResponseFuture::denied(denial, headers),
     };
@@ -456,7 +540,9 @@ where
     } else {
         match config.backend.reserve_at_once(charges, now) {
             Ok(Ok(reservation)) => reservation,
-            Ok(Err(e)) => return ResponseFuture::ready(refused(&e, &metas, headers)),
+            Ok(Err(e)) => {
+                return ResponseFuture::ready(refused(&e, &metas, pricing.images, headers));
+            }
             Err(charges) => {
                 let config = config.clone();
                 // Reserved when first polled, as on the read path: a future dropped unpolled
@@ -464,16 +550,16 @@ where
                 return ResponseFuture::boxed(Box::pin(async move {
                     let reservation = match config.backend.reserve(charges, now).await {
                         Ok(reservation) => reservation,
-                        Err(e) => return Ok(refused(&e, &metas, req.headers())),
+                        Err(e) => return Ok(refused(&e, &metas, pricing.images, req.headers())),
                     };
                     let after =
-                        After::new(&config, reservation, estimate, price, meter, guard, shape);
+                        After::new(&config, reservation, estimate, pricing, meter, guard, shape);
                     after.respond(inner.call(forward(req)).await)
                 }));
             }
         }
     };
-    let after = After::new(config, reservation, estimate, price, meter, guard, shape);
+    let after = After::new(config, reservation, estimate, pricing, meter, guard, shape);
     ResponseFuture::direct(inner.call(forward(req)), after)
 }
 
