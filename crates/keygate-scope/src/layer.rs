@@ -157,19 +157,10 @@ impl ScopeLayer {
     /// such as a second gzip member) is refused with 400 `invalid_body_encoding`; a coding
     /// not accepted, or more than one coding stacked, stays 415
     /// `unsupported_content_encoding`. The model is then found in the decoded bytes exactly
-    /// as in an uncompressed body, and the request goes inward with the **compressed** body,
-    /// byte-identical, and its `Content-Encoding` untouched.
-    ///
-    /// # Security
-    ///
-    /// The check reads the decoded body, and the inner service is handed the encoded one: turn
-    /// this on only if what lies behind decodes the same codings the same way (RFC 9110: a
-    /// single gzip member, `deflate` as a zlib stream). One that ignored `Content-Encoding`
-    /// would act on bytes that were not checked.
-    ///
-    /// `keygate-limit`'s `TokenLimitLayer` does not decode bodies: a compressed JSON request
-    /// from a key with token rates or budgets is still refused there (415), since its tokens
-    /// could not be estimated. The `keygate` facade therefore leaves this off.
+    /// as in an uncompressed body, and the request goes inward with the **decoded** body,
+    /// exactly the bytes that were checked, with `Content-Encoding` (and `Content-Length`)
+    /// removed, so the layers and the upstream behind read what was checked, never a second
+    /// decoding of their own.
     ///
     /// ```
     /// use keygate_scope::{ContentCoding, Decompression, ScopeLayer};

@@ -112,11 +112,9 @@
 //!   accepted, or codings stacked (`gzip, gzip`, two header lines, `identity, gzip`), stay
 //!   415;
 //! - the model is found in the decoded bytes with every rule of an uncompressed body;
-//! - the inner service gets the **compressed** bytes as sent, and `Content-Encoding`
-//!   untouched.
-//!
-//! Turn it on only if what lies behind the layer decodes the same codings: one that ignored
-//! `Content-Encoding` would act on bytes that were not checked.
+//! - the inner service gets the **decoded** bytes, exactly what was checked, with
+//!   `Content-Encoding` removed and `Content-Length` set to their length, so nothing behind
+//!   the layer decodes the body a second way of its own.
 //!
 //! # Client address
 //!

@@ -514,7 +514,9 @@ impl<'a> Scanner<'a> {
             }
             // A key of a nested object is text the model may read: validated and counted,
             // never decoded (nothing read lies below here but `stream_options`).
-            self.text_string()?;
+            let at = self.i;
+            self.skip_short_string()?;
+            self.note_text(at + 1..self.i - 1);
             self.expect(b':')?;
             self.ws();
             self.value(depth)?;
@@ -627,16 +629,33 @@ impl<'a> Scanner<'a> {
     /// Skips a string (at its opening quote), validating its escapes and refusing control
     /// characters; returns its length as written, quotes excluded.
     fn skip_string(&mut self) -> Result<usize, JsonError> {
+        self.skip_string_from(long_span_end)
+    }
+
+    /// [`skip_string`](Self::skip_string) of a string usually short (a key): its first run
+    /// walked, not searched.
+    fn skip_short_string(&mut self) -> Result<usize, JsonError> {
+        self.skip_string_from(span_end)
+    }
+
+    #[inline]
+    fn skip_string_from(
+        &mut self,
+        first: fn(&[u8]) -> Result<usize, JsonError>,
+    ) -> Result<usize, JsonError> {
         self.i += 1;
         let start = self.i;
+        // After an escape, the next few bytes are walked before a search (escapes tend to
+        // come together, and a step costs less than setting up a search).
+        self.i += first(&self.b[self.i..])?;
         loop {
-            self.i += long_span_end(&self.b[self.i..])?;
             if self.b[self.i] == b'"' {
                 let len = self.i - start;
                 self.i += 1;
                 return Ok(len);
             }
             self.escape(None)?;
+            self.i += walked_span_end::<4>(&self.b[self.i..])?;
         }
     }
 
@@ -666,7 +685,7 @@ impl<'a> Scanner<'a> {
             self.i = start + at + 2;
             return Ok((at <= LONGEST_READ).then_some(Cow::Borrowed(&rest[..at])));
         }
-        let len = self.skip_string()?;
+        let len = self.skip_short_string()?;
         if len > 6 * LONGEST_READ {
             return Ok(None);
         }
@@ -762,7 +781,12 @@ impl<'a> Scanner<'a> {
 /// are searched.
 #[inline]
 fn span_end(rest: &[u8]) -> Result<usize, JsonError> {
-    const SHORT: usize = 16;
+    walked_span_end::<16>(rest)
+}
+
+/// [`span_end`], walking the first `SHORT` bytes before it searches.
+#[inline]
+fn walked_span_end<const SHORT: usize>(rest: &[u8]) -> Result<usize, JsonError> {
     for (k, &c) in rest.iter().take(SHORT).enumerate() {
         if c == b'"' || c == b'\\' {
             return Ok(k);
