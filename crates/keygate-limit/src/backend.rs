@@ -456,17 +456,20 @@ impl MemoryBackend {
 
     /// Settles synchronously (what [`LimitBackend::settle`] does).
     pub fn settle_now(&self, reservation: Reservation, actual: Actual, now: Timestamp) {
-        self.adjust(reservation, Some(actual), now);
+        self.end_now(&reservation, Some(actual), now);
     }
 
     /// Releases synchronously (what [`LimitBackend::release`] does).
     pub fn release_now(&self, reservation: Reservation, now: Timestamp) {
-        self.adjust(reservation, None, now);
+        self.end_now(&reservation, None, now);
     }
 
-    fn adjust(&self, reservation: Reservation, actual: Option<Actual>, now: Timestamp) {
+    /// Settles (`Some`) or releases (`None`) synchronously, leaving `reservation` to the
+    /// caller (a durable backend then records its charges without copying them). Ending the
+    /// same reservation twice applies it twice: the caller ends each once.
+    pub fn end_now(&self, reservation: &Reservation, actual: Option<Actual>, now: Timestamp) {
         let now = now.as_unix_nanos();
-        for r in reservation.charges {
+        for r in &reservation.charges {
             let new = actual.map_or(0, |a| a.amount(r.unit));
             let hash = self.hash_of(&r.key);
             let mut map = lock(&self.shards[Self::shard_of(hash)].map);
@@ -728,7 +731,7 @@ impl LimitBackend for MemoryBackend {
         actual: Option<Actual>,
         now: Timestamp,
     ) -> Option<Reservation> {
-        self.adjust(reservation, actual, now);
+        self.end_now(&reservation, actual, now);
         None
     }
 }

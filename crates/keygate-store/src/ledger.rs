@@ -597,27 +597,12 @@ impl LedgerBackend {
 
     /// Ends in memory at once and queues the ledger update.
     fn end(&self, reservation: Reservation, actual: Option<Actual>, now: Timestamp) {
-        let id = reservation.id;
-        let ledgered = id != 0;
-        let amounts = actual.filter(|_| ledgered).map(|a| {
-            reservation
-                .charges
-                .iter()
-                .map(|c| a.amount(c.unit))
-                .collect()
-        });
-        let charges = if ledgered {
-            reservation.charges.clone()
-        } else {
-            Vec::new()
-        };
-        match actual {
-            Some(a) => self.shared.memory.settle_now(reservation, a, now),
-            None => self.shared.memory.release_now(reservation, now),
-        }
-        if !ledgered {
+        self.shared.memory.end_now(&reservation, actual, now);
+        let Reservation { id, charges, .. } = reservation;
+        if id == 0 {
             return;
         }
+        let amounts = actual.map(|a| charges.iter().map(|c| a.amount(c.unit)).collect());
         let op = Op::End {
             id,
             at: now.as_unix_nanos(),
@@ -888,8 +873,13 @@ impl<'a> StoredCharge<'a> {
 
 /// The JSON of a reservation's charges.
 fn encode_charges(charges: &[Reserved]) -> String {
-    let stored: Vec<StoredCharge<'_>> = charges.iter().map(StoredCharge::of).collect();
-    serde_json::to_string(&stored).unwrap_or_else(|_| "[]".into())
+    struct Stored<'a>(&'a [Reserved]);
+    impl serde::Serialize for Stored<'_> {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.collect_seq(self.0.iter().map(StoredCharge::of))
+        }
+    }
+    serde_json::to_string(&Stored(charges)).unwrap_or_else(|_| "[]".into())
 }
 
 fn decode_charges(json: &str) -> Result<Vec<StoredCharge<'_>>, rusqlite::Error> {
@@ -905,12 +895,12 @@ const RATE_BUCKETS: u64 = 64;
 /// Settled amounts of one transaction, added up per row of `spend_totals` before they are
 /// written: one statement per counter and period, however many settlements share it.
 #[derive(Debug, Default)]
-struct Totals {
-    rows: std::collections::HashMap<TotalKey, TotalRow>,
+struct Totals<'a> {
+    rows: std::collections::HashMap<TotalKey<'a>, TotalRow>,
 }
 
 /// Counter, window kind, window start, rate period (0 for a budget).
-type TotalKey = (String, &'static str, i64, i64);
+type TotalKey<'a> = (std::borrow::Cow<'a, str>, &'static str, i64, i64);
 
 #[derive(Debug)]
 struct TotalRow {
@@ -920,11 +910,11 @@ struct TotalRow {
     amount: i64,
 }
 
-impl Totals {
+impl<'a> Totals<'a> {
     /// Adds `amount` of charge `c`, reserved at `at`, to its total: a budget's period, or
     /// the rate bucket holding `at` (so it counts until at most one bucket after `at` plus
     /// the rate's period, never less than the charge itself did).
-    fn add(&mut self, c: &StoredCharge<'_>, amount: i64, at: i64) {
+    fn add(&mut self, c: StoredCharge<'a>, amount: i64, at: i64) {
         let (kind, start, per, end) = match (&*c.window, c.per) {
             ("rate", Some(per)) => {
                 let per = per.max(0);
@@ -942,7 +932,7 @@ impl Totals {
         };
         let row = self
             .rows
-            .entry((c.counter.to_string(), kind, start, per))
+            .entry((c.counter, kind, start, per))
             .or_insert(TotalRow {
                 end,
                 unit,
@@ -1029,35 +1019,23 @@ impl Db {
 fn restore(conn: &mut Connection, memory: &MemoryBackend, now: Timestamp) -> Result<u64, DbError> {
     let at = sql_int(now.as_unix_nanos());
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut left_open = 0_u64;
+    let open_rows: Vec<(i64, i64, String)> = tx
+        .prepare("SELECT id, at, charges FROM spend_reservations WHERE state = 0 ORDER BY id")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    let left_open = open_rows.len();
     let mut totals = Totals::default();
-    {
-        let mut open = tx.prepare(
-            "SELECT id, at, charges FROM spend_reservations WHERE state = 0 ORDER BY id",
+    for (id, reserved_at, json) in &open_rows {
+        let charges = decode_charges(json)?;
+        let actual: Vec<i64> = charges.iter().map(|c| c.amount).collect();
+        tx.execute(
+            "UPDATE spend_reservations SET state = 1, ended_at = ?2, actual = ?3 WHERE id = ?1",
+            params![id, at, serde_json::to_string(&actual).unwrap_or_default()],
         )?;
-        let rows = open
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, i64>(1)?,
-                    r.get::<_, String>(2)?,
-                ))
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        for (id, reserved_at, json) in rows {
-            let charges = decode_charges(&json)?;
-            let mut actual = Vec::with_capacity(charges.len());
-            for c in &charges {
-                // Counted from when it was reserved: its request may have run since then.
-                totals.add(c, c.amount, reserved_at);
-                actual.push(c.amount);
-            }
-            tx.execute(
-                "UPDATE spend_reservations SET state = 1, ended_at = ?2, actual = ?3 \
-                 WHERE id = ?1",
-                params![id, at, serde_json::to_string(&actual).unwrap_or_default()],
-            )?;
-            left_open += 1;
+        for c in charges {
+            // Counted from when it was reserved: its request may have run since then.
+            let amount = c.amount;
+            totals.add(c, amount, *reserved_at);
         }
     }
     totals.write(&tx)?;
@@ -1209,9 +1187,9 @@ fn write(conn: &mut Connection, batch: &[Op], next_prune: &mut u64) -> Result<()
                 actual,
             } => {
                 latest = latest.max(*at);
-                let (state, amounts) = match actual {
-                    Some(amounts) => (1, amounts.clone()),
-                    None => (2, vec![0; charges.len()]),
+                let (state, recorded) = match actual {
+                    Some(amounts) => (1, serde_json::to_string(amounts)),
+                    None => (2, serde_json::to_string(&vec![0_u64; charges.len()])),
                 };
                 // The reservation's time: a rate charge counts from when it was made.
                 let reserved_at: Option<i64> = tx
@@ -1224,18 +1202,18 @@ fn write(conn: &mut Connection, batch: &[Op], next_prune: &mut u64) -> Result<()
                             sql_int(*id),
                             state,
                             sql_int(*at),
-                            serde_json::to_string(&amounts).unwrap_or_default()
+                            recorded.unwrap_or_default()
                         ],
                         |r| r.get(0),
                     )
                     .optional()?;
-                let Some(reserved_at) = reserved_at.filter(|_| actual.is_some()) else {
+                let (Some(reserved_at), Some(amounts)) = (reserved_at, actual) else {
                     // Already ended (a replay), or released: nothing to add.
                     continue;
                 };
-                for (c, amount) in charges.iter().zip(amounts) {
+                for (c, &amount) in charges.iter().zip(amounts) {
                     if amount > 0 {
-                        totals.add(&StoredCharge::of(c), sql_int(amount), reserved_at);
+                        totals.add(StoredCharge::of(c), sql_int(amount), reserved_at);
                     }
                 }
             }

@@ -13,8 +13,8 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use keygate_audit::{AuditEvent, RequestEvent};
 use keygate_core::{
-    Budget, KeyFormat, KeyId, KeyRecord, LimitScope, ManualClock, ModelPattern, ModelRules, Money,
-    Period, Permissions, ProjectRecord, SecretKey, Timestamp, UsageSource,
+    Budget, KeyRecord, LimitScope, ManualClock, ModelPattern, ModelRules, Money, Period, SecretKey,
+    Timestamp, UsageSource,
 };
 use keygate_limit::backend::Window;
 use keygate_limit::{Price, PriceTable, budget_counter};
@@ -42,34 +42,38 @@ fn day_budget(nanos: u64) -> Budget {
     }
 }
 
-struct Stack {
-    layer: KeygateLayer<MemoryStore>,
-    secret: SecretKey,
-    key: KeyRecord,
-    clock: ManualClock,
+/// The whole stack over one key (`key_t`, all permissions, as `edit` leaves it), with a
+/// manual clock and every audit event kept. The image tests use it too.
+pub(crate) struct Stack {
+    pub(crate) layer: KeygateLayer<MemoryStore>,
+    pub(crate) secret: SecretKey,
+    pub(crate) key: KeyRecord,
+    pub(crate) clock: ManualClock,
     events: Arc<Mutex<Vec<AuditEvent>>>,
 }
 
 fn stack(edit: impl FnOnce(&mut KeyRecord)) -> Stack {
-    let secret = KeyFormat::default().generate().unwrap();
-    let mut key = KeyRecord::new(
-        KeyId::new("key_t"),
-        "p",
-        secret.digest(),
-        Timestamp::UNIX_EPOCH,
-    );
-    key.permissions = Permissions::All;
-    edit(&mut key);
-    let store = MemoryStore::from_records([ProjectRecord::new("p")], [key.clone()]).unwrap();
+    stack_with(prices(), None, edit)
+}
+
+/// [`stack`] with these prices and, if given, this body limit.
+pub(crate) fn stack_with(
+    prices: PriceTable,
+    body_limit: Option<usize>,
+    edit: impl FnOnce(&mut KeyRecord),
+) -> Stack {
+    let (store, secret, key) = crate::tests::store(edit);
     let clock = ManualClock::new(Timestamp::from_unix_secs(START));
     let events = Arc::new(Mutex::new(Vec::new()));
     let seen = events.clone();
-    let layer = Keygate::builder(store)
+    let mut builder = Keygate::builder(store)
         .clock(clock.clock())
-        .prices(prices())
-        .audit_sink(move |e: &AuditEvent| seen.lock().unwrap().push(e.clone()))
-        .build()
-        .unwrap();
+        .prices(prices)
+        .audit_sink(move |e: &AuditEvent| seen.lock().unwrap().push(e.clone()));
+    if let Some(limit) = body_limit {
+        builder = builder.body_limit(limit);
+    }
+    let layer = builder.build().unwrap();
     Stack {
         layer,
         secret,
@@ -95,7 +99,7 @@ impl Stack {
             .unwrap()
     }
 
-    fn spent(&self) -> u64 {
+    pub(crate) fn spent(&self) -> u64 {
         let budget = &self.key.limits.budgets[0];
         let now = self.clock.now();
         let (key, window) = budget_counter(LimitScope::Key, "key_t", budget, now);
@@ -119,7 +123,7 @@ impl Stack {
             .unwrap_or(0)
     }
 
-    fn last_event(&self) -> RequestEvent {
+    pub(crate) fn last_event(&self) -> RequestEvent {
         self.events
             .lock()
             .unwrap()

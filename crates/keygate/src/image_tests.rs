@@ -9,15 +9,11 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use keygate_audit::{AuditEvent, RequestEvent};
-use keygate_core::{
-    Budget, KeyFormat, KeyId, KeyRecord, LimitScope, ManualClock, ModelPattern, ModelRules, Money,
-    Period, Permissions, ProjectRecord, SecretKey, Timestamp, UsageSource,
-};
-use keygate_limit::{ImagePrices, PriceTable, budget_counter};
+use keygate_core::{Budget, KeyRecord, ModelPattern, ModelRules, Money, Period, UsageSource};
+use keygate_limit::{ImagePrices, PriceTable};
 use tower::{Service, ServiceBuilder, ServiceExt};
 
-use crate::{Keygate, KeygateLayer, MemoryStore};
+use crate::bounded_tests::{Stack, stack_with};
 
 fn dollars(s: &str) -> Money {
     Money::parse(s).unwrap()
@@ -48,42 +44,8 @@ fn prices() -> PriceTable {
         .unwrap()
 }
 
-struct Stack {
-    layer: KeygateLayer<MemoryStore>,
-    secret: SecretKey,
-    key: KeyRecord,
-    clock: ManualClock,
-    events: Arc<Mutex<Vec<AuditEvent>>>,
-}
-
 fn stack(body_limit: usize, edit: impl FnOnce(&mut KeyRecord)) -> Stack {
-    let secret = KeyFormat::default().generate().unwrap();
-    let mut key = KeyRecord::new(
-        KeyId::new("key_i"),
-        "p",
-        secret.digest(),
-        Timestamp::UNIX_EPOCH,
-    );
-    key.permissions = Permissions::All;
-    edit(&mut key);
-    let store = MemoryStore::from_records([ProjectRecord::new("p")], [key.clone()]).unwrap();
-    let clock = ManualClock::new(Timestamp::from_unix_secs(1_750_000_000));
-    let events = Arc::new(Mutex::new(Vec::new()));
-    let seen = events.clone();
-    let layer = Keygate::builder(store)
-        .clock(clock.clock())
-        .prices(prices())
-        .body_limit(body_limit)
-        .audit_sink(move |e: &AuditEvent| seen.lock().unwrap().push(e.clone()))
-        .build()
-        .unwrap();
-    Stack {
-        layer,
-        secret,
-        key,
-        clock,
-        events,
-    }
+    stack_with(prices(), Some(body_limit), edit)
 }
 
 fn budget(amount: Money) -> impl FnOnce(&mut KeyRecord) {
@@ -111,27 +73,6 @@ impl Stack {
             "application/json",
             body.as_bytes().to_vec(),
         )
-    }
-
-    fn spent(&self) -> u64 {
-        let now = self.clock.now();
-        let (key, window) =
-            budget_counter(LimitScope::Key, "key_i", &self.key.limits.budgets[0], now);
-        self.layer
-            .token_limit_layer()
-            .backend()
-            .memory()
-            .used(&key, window, u64::MAX, now)
-            .unwrap_or(0)
-    }
-
-    fn last_event(&self) -> RequestEvent {
-        let events = self.events.lock().unwrap();
-        events
-            .iter()
-            .rev()
-            .find_map(|e| e.as_request().cloned())
-            .unwrap()
     }
 }
 

@@ -16,7 +16,7 @@ use tower::{ServiceBuilder, ServiceExt, service_fn};
 
 use crate::{BuildError, Config, Keygate};
 
-fn store(edit: impl FnOnce(&mut KeyRecord)) -> (MemoryStore, SecretKey, KeyRecord) {
+pub(crate) fn store(edit: impl FnOnce(&mut KeyRecord)) -> (MemoryStore, SecretKey, KeyRecord) {
     let secret = KeyFormat::default().generate().unwrap();
     let mut key = KeyRecord::new(
         KeyId::new("key_t"),

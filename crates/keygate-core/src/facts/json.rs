@@ -332,23 +332,16 @@ impl<'a> Scanner<'a> {
             if self.peek() != Some(b'"') {
                 return Err(JsonError::Invalid);
             }
-            let Some(key) = self.top_key()? else {
-                // Too long to be a field read: validated, not decoded.
-                self.expect(b':')?;
-                self.ws();
-                self.value(1)?;
-                if !self.more(b'}')? {
-                    self.f.edits.close = self.i - 1;
-                    return Ok(());
+            // `None`: too long to be a field read (validated, not decoded).
+            let key = self.top_key()?;
+            let which = key.as_deref().map_or(Field::Other, field);
+            if let Some(key) = key {
+                if key.eq_ignore_ascii_case(b"model") && (which != Field::Model || model_seen) {
+                    return Err(JsonError::AmbiguousModel);
                 }
-                continue;
-            };
-            let which = field(&key);
-            if key.eq_ignore_ascii_case(b"model") && (which != Field::Model || model_seen) {
-                return Err(JsonError::AmbiguousModel);
-            }
-            if which != Field::Other && !keys.insert(key) {
-                return Err(JsonError::DuplicateKey);
+                if which != Field::Other && !keys.insert(key) {
+                    return Err(JsonError::DuplicateKey);
+                }
             }
             self.expect(b':')?;
             self.ws();
@@ -416,10 +409,7 @@ impl<'a> Scanner<'a> {
             if self.peek() != Some(b'"') {
                 return Err(JsonError::Invalid);
             }
-            let is_usage = match self.top_key()? {
-                Some(key) => &*key == b"include_usage",
-                None => false,
-            };
+            let is_usage = self.top_key()?.is_some_and(|key| &*key == b"include_usage");
             if is_usage && std::mem::replace(&mut usage_seen, true) {
                 return Err(JsonError::DuplicateKey);
             }
