@@ -28,6 +28,7 @@ mod ext;
 pub mod facts;
 mod key;
 mod limits;
+pub mod objects;
 mod principal;
 mod record;
 pub mod redact;
@@ -45,12 +46,15 @@ pub use ext::{
     Alert, AlertKind, AlertSink, ClientIp, EndpointMatch, RequestedModel, Usage, UsageMeter,
     UsageSource,
 };
-pub use facts::{Generation, ModelSource, PromptSize, Protocol, RequestFacts};
+pub use facts::{Generation, ModelSource, ObjectRef, PromptSize, Protocol, RefAt, RequestFacts};
 pub use key::{
     BuildDigestHasher, CHECKSUM_LEN, DEFAULT_PREFIX, DigestHasher, DigestParseError, KeyDigest,
     KeyFormat, KeyFormatConfigError, KeyFormatError, KeyId, RANDOM_LEN, RandomError, SecretKey,
 };
 pub use limits::{Budget, Limits, ModelLimits, Money, MoneyParseError, Period};
+pub use objects::{
+    MemoryRegistry, ObjectKind, ObjectRecord, ObjectRegistry, RegistryError, RegistryFuture,
+};
 pub use principal::{Credential, LimitScope, Principal};
 pub use record::{
     KeyRecord, PreviousSecret, ProjectRecord, Rejection, Restriction, Secret, canonical_ip,

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use keygate_core::facts::TokenCounter;
-use keygate_core::{ClientIp, Clock};
+use keygate_core::{ClientIp, Clock, ObjectRegistry};
 use tower_layer::Layer;
 
 #[cfg(feature = "decompression")]
@@ -50,6 +50,7 @@ pub(crate) struct Shared {
     pub(crate) decompression: Option<Decompression>,
     pub(crate) tokens: Option<Arc<dyn TokenCounter>>,
     pub(crate) max_tokenized: usize,
+    pub(crate) objects: Option<Arc<dyn ObjectRegistry>>,
 }
 
 /// Checks every request against the caller's rights: route → endpoint group and access,
@@ -66,7 +67,8 @@ impl fmt::Debug for ScopeLayer {
         d.field("routes", &self.shared.routes.len())
             .field("body_limit", &self.shared.body_limit)
             .field("trusted_proxies", &self.shared.proxies)
-            .field("policies", &self.shared.policies.len());
+            .field("policies", &self.shared.policies.len())
+            .field("objects", &self.shared.objects.is_some());
         #[cfg(feature = "decompression")]
         d.field("decompression", &self.shared.decompression);
         d.finish()
@@ -86,6 +88,7 @@ impl ScopeLayer {
                 clock: Clock::system(),
                 tokens: None,
                 max_tokenized: DEFAULT_MAX_TOKENIZED,
+                objects: None,
                 #[cfg(feature = "decompression")]
                 decompression: None,
             }),
@@ -185,6 +188,16 @@ impl ScopeLayer {
         let shared = self.shared_mut();
         shared.tokens = Some(counter);
         shared.max_tokenized = max_bytes;
+        self
+    }
+
+    /// Keeps projects apart on a shared upstream: objects a response creates are recorded in
+    /// `registry` as the caller's project's, and a request naming an object (in its path or
+    /// body) that is not the caller's project's is answered 404 (see [`crate::objects`]).
+    /// Runs and batches that name no model are then checked as the model their assistant or
+    /// input file recorded, instead of being refused to keys with model rules.
+    pub fn with_objects(mut self, registry: Arc<dyn ObjectRegistry>) -> Self {
+        self.shared_mut().objects = Some(registry);
         self
     }
 

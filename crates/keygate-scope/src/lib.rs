@@ -147,6 +147,7 @@ mod ip;
 mod layer;
 mod models;
 mod multipart;
+pub mod objects;
 mod path;
 mod policy;
 mod route;
@@ -177,5 +178,7 @@ pub use service::{METHOD_OVERRIDE_HEADERS, ResponseFuture, Scope};
 #[cfg(feature = "tokenizer")]
 pub use tokenizer::OpenAiTokenizer;
 
+#[cfg(test)]
+mod objects_tests;
 #[cfg(test)]
 mod tests;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use http::Method;
-use keygate_core::{Access, EndpointGroup, Generation, RequestedModel};
+use keygate_core::{Access, EndpointGroup, Generation, ObjectKind, RequestedModel};
 use serde::{Deserialize, Serialize};
 
 /// Where a route's request names its model.
@@ -89,6 +89,50 @@ pub struct RouteSpec {
     /// (`POST /v1/uploads` with `purpose: batch`) cannot be read whole and is refused.
     #[serde(default, skip_serializing_if = "is_false")]
     pub batch_input: bool,
+    /// A successful response creates (or changes) objects: with an object registry, the
+    /// scope layer records each object the response returns (`id` and `object` of a known
+    /// kind, at the top level, as a run's `thread_id`, as an upload's `file`, or in the events
+    /// of a stream) as owned by the caller's project.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub records: bool,
+    /// For a route that records only what the request asks to be stored: whether it is
+    /// stored when the body has no `store` (chat completions: false; responses: true).
+    /// `None`: always recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stored_by_default: Option<bool>,
+    /// A successful response deletes the object named by the route's last path parameter:
+    /// with an object registry, it is forgotten.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub deletes: bool,
+    /// The JSON body can name objects (`input_file_id`, `file_ids`, attachments): with an
+    /// object registry, it is read even when nothing else needs it, and every object it names
+    /// must belong to the caller's project. (Bodies read for other reasons are always
+    /// searched.)
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub body_refs: bool,
+}
+
+/// The kind of object a path parameter names, by the parameter's name (`file_id`,
+/// `assistant_id`, …; `batch_id` after `file_batches` is a vector store's file batch).
+/// Parameters of other names (`model`, `step_id`, `permission_id`) name no object keygate
+/// records.
+pub(crate) fn path_object_kind(name: &str, previous_segment: &str) -> Option<ObjectKind> {
+    Some(match name {
+        "file_id" => ObjectKind::File,
+        "upload_id" => ObjectKind::Upload,
+        "batch_id" if previous_segment == "file_batches" => ObjectKind::VectorStoreFileBatch,
+        "batch_id" => ObjectKind::Batch,
+        "assistant_id" => ObjectKind::Assistant,
+        "thread_id" => ObjectKind::Thread,
+        "message_id" => ObjectKind::Message,
+        "run_id" => ObjectKind::Run,
+        "vector_store_id" => ObjectKind::VectorStore,
+        "job_id" => ObjectKind::FineTuningJob,
+        "checkpoint" => ObjectKind::FineTuningCheckpoint,
+        "response_id" => ObjectKind::Response,
+        "completion_id" => ObjectKind::ChatCompletion,
+        _ => return None,
+    })
 }
 
 impl RouteSpec {
@@ -108,6 +152,10 @@ impl RouteSpec {
             model_indirect: false,
             grpc: false,
             batch_input: false,
+            records: false,
+            stored_by_default: None,
+            deletes: false,
+            body_refs: false,
         }
     }
 }
@@ -209,6 +257,12 @@ pub(crate) struct Route {
     pub(crate) indirect: bool,
     pub(crate) grpc: bool,
     pub(crate) batch_input: bool,
+    /// The path parameters that name objects: (segment index, suffix length, name, kind).
+    pub(crate) objects: Box<[(usize, usize, Arc<str>, ObjectKind)]>,
+    pub(crate) records: bool,
+    pub(crate) stored_by_default: Option<bool>,
+    pub(crate) deletes: bool,
+    pub(crate) body_refs: bool,
 }
 
 impl Route {
@@ -482,6 +536,7 @@ impl RouteTable {
         let segs: Vec<&str> = rest.split('/').collect();
         let mut node = 0usize;
         let mut params = Vec::new();
+        let mut objects = Vec::new();
         let mut wildcard = false;
         for (i, raw) in segs.iter().enumerate() {
             match parse_segment(raw, &spec.path, i + 1 == segs.len())? {
@@ -497,6 +552,10 @@ impl RouteTable {
                     };
                 }
                 Seg::Param { name, suffix } => {
+                    let previous = if i == 0 { "" } else { segs[i - 1] };
+                    if let Some(kind) = path_object_kind(name, previous) {
+                        objects.push((i, suffix.len(), Arc::from(name), kind));
+                    }
                     params.push((name, i, suffix.len()));
                     node = match self.nodes[node].params.iter().find(|(s, _)| &**s == suffix) {
                         Some(&(_, child)) => child,
@@ -559,6 +618,11 @@ impl RouteTable {
             indirect: spec.model_indirect,
             grpc: spec.grpc,
             batch_input: spec.batch_input,
+            objects: objects.into(),
+            records: spec.records,
+            stored_by_default: spec.stored_by_default,
+            deletes: spec.deletes,
+            body_refs: spec.body_refs,
         });
         let map = if wildcard {
             &mut self.nodes[node].wildcard
@@ -925,7 +989,62 @@ fn openai_specs() -> Vec<RouteSpec> {
         spec.generates = Some(Nothing);
         specs.push(spec);
     }
+    mark_objects(&mut specs);
     specs
+}
+
+/// What the preset's routes do to objects: which create them (their responses are recorded),
+/// which delete them, and which take bodies that name them.
+fn mark_objects(specs: &mut [RouteSpec]) {
+    const RECORDS: &[&str] = &[
+        "/v1/files",
+        "/v1/uploads",
+        "/v1/uploads/{upload_id}/complete",
+        "/v1/batches",
+        "/v1/assistants",
+        "/v1/assistants/{assistant_id}",
+        "/v1/threads",
+        "/v1/threads/{thread_id}/messages",
+        "/v1/threads/runs",
+        "/v1/threads/{thread_id}/runs",
+        "/v1/threads/{thread_id}/runs/{run_id}/submit_tool_outputs",
+        "/v1/vector_stores",
+        "/v1/vector_stores/{vector_store_id}/file_batches",
+        "/v1/fine_tuning/jobs",
+        "/v1/responses",
+        "/v1/chat/completions",
+    ];
+    const DELETES: &[&str] = &[
+        "/v1/files/{file_id}",
+        "/v1/assistants/{assistant_id}",
+        "/v1/threads/{thread_id}",
+        "/v1/threads/{thread_id}/messages/{message_id}",
+        "/v1/vector_stores/{vector_store_id}",
+        "/v1/responses/{response_id}",
+        "/v1/chat/completions/{completion_id}",
+    ];
+    const BODY_REFS: &[&str] = &[
+        "/v1/batches",
+        "/v1/threads",
+        "/v1/threads/{thread_id}",
+        "/v1/threads/{thread_id}/messages",
+        "/v1/threads/{thread_id}/messages/{message_id}",
+        "/v1/vector_stores",
+        "/v1/vector_stores/{vector_store_id}",
+        "/v1/vector_stores/{vector_store_id}/files",
+        "/v1/vector_stores/{vector_store_id}/file_batches",
+    ];
+    for spec in specs {
+        let post = spec.method == "POST";
+        spec.records = post && RECORDS.contains(&spec.path.as_str());
+        spec.deletes = spec.method == "DELETE" && DELETES.contains(&spec.path.as_str());
+        spec.body_refs = post && BODY_REFS.contains(&spec.path.as_str());
+        spec.stored_by_default = match (post, spec.path.as_str()) {
+            (true, "/v1/chat/completions") => Some(false),
+            (true, "/v1/responses") => Some(true),
+            _ => None,
+        };
+    }
 }
 
 #[cfg(test)]

@@ -31,6 +31,7 @@ use crate::body::BodyFromBytes;
 use crate::decompress::{self, DecodeError};
 use crate::layer::Shared;
 use crate::multipart::{self, FormError};
+use crate::objects::{self, Action, ObjectBody, Owner};
 use crate::path::{check_path, decode};
 use crate::policy::PolicyContext;
 use crate::route::{Route, path_param};
@@ -362,7 +363,8 @@ impl<S> Scope<S> {
         // An upload is read only where its content must be verified: a batch file of a
         // caller with model rules.
         let verifies_upload = route.batch_input && principal.has_model_rules();
-        if route.reads_body() || verifies_upload {
+        let names_objects = route.body_refs && shared.objects.is_some();
+        if route.reads_body() || verifies_upload || names_objects {
             let coding = body_coding(shared, headers)?;
             let mut types = headers.get_all(CONTENT_TYPE).iter();
             let ct = types.next().and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -448,6 +450,7 @@ fn finish(
     mut facts: RequestFacts,
     method: &Method,
     path: &str,
+    verified: bool,
 ) -> Result<RequestFacts, Denial> {
     if facts.model.is_none()
         && let Some(default) = &route.default_model
@@ -465,7 +468,7 @@ fn finish(
             )
             .with_param("model"));
         }
-        None if rules && route.indirect => {
+        None if rules && route.indirect && !verified => {
             return Err(scope_denial(
                 StatusCode::FORBIDDEN,
                 "model_unverifiable",
@@ -500,6 +503,91 @@ fn finish(
     Ok(facts)
 }
 
+/// A request's facts, once the objects it names are checked (when it names any).
+type Checking = Pin<Box<dyn Future<Output = Result<RequestFacts, Denial>> + Send>>;
+
+/// What follows the facts: the request's objects checked against the registry (when it
+/// names any: then later), and [`finish`].
+enum Next {
+    Done(Result<RequestFacts, Denial>),
+    Later(Checking),
+}
+
+fn after_facts(
+    shared: &Arc<Shared>,
+    principal: &Principal,
+    route_id: u32,
+    client_ip: Option<IpAddr>,
+    mut facts: RequestFacts,
+    method: &Method,
+    path: &str,
+) -> Next {
+    let route = shared.routes.route(route_id);
+    let Some(registry) = &shared.objects else {
+        return Next::Done(finish(
+            shared, principal, route, client_ip, facts, method, path, false,
+        ));
+    };
+    objects::path_refs(route, path, &mut facts.objects);
+    if facts.objects.is_empty() {
+        return Next::Done(finish(
+            shared, principal, route, client_ip, facts, method, path, false,
+        ));
+    }
+    let (shared, registry, principal) = (shared.clone(), registry.clone(), principal.clone());
+    let (method, path) = (method.clone(), path.to_owned());
+    Next::Later(Box::pin(async move {
+        let route = shared.routes.route(route_id);
+        let checked = objects::check(registry, principal.clone(), route.indirect, facts).await?;
+        finish(
+            &shared,
+            &principal,
+            route,
+            client_ip,
+            checked.facts,
+            &method,
+            &path,
+            checked.verified,
+        )
+    }))
+}
+
+/// What the response to a request with `facts` does to the registry, if anything.
+fn action_of(
+    shared: &Shared,
+    principal: &Principal,
+    route: &Route,
+    facts: &RequestFacts,
+) -> Option<Action> {
+    let registry = shared.objects.as_ref()?;
+    if route.deletes {
+        let id = facts
+            .objects
+            .iter()
+            .rev()
+            .find(|r| matches!(r.at, keygate_core::RefAt::Path(_)))?;
+        return Some(Action::Delete(registry.clone(), id.id.clone()));
+    }
+    if !route.records {
+        return None;
+    }
+    if let Some(default) = route.stored_by_default
+        && !facts.store.unwrap_or(default)
+    {
+        return None;
+    }
+    Some(Action::Record(Owner {
+        registry: registry.clone(),
+        project: principal.project().id.clone(),
+        key_id: principal.key_id().as_str().to_owned(),
+        now: shared.clock.now().as_unix_secs(),
+        batch_models: facts
+            .batch_models
+            .as_ref()
+            .map(|m| m.iter().map(|m| m.to_string()).collect()),
+    }))
+}
+
 /// The facts every request to `route` starts from.
 fn facts_of(route: &Route) -> RequestFacts {
     let mut facts = RequestFacts::new(
@@ -529,8 +617,9 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
     ReqBody: Body + BodyFromBytes,
     ReqBody::Error: Into<BoxError>,
+    ResBody: Body,
 {
-    type Response = Response<ResponseBody<ResBody>>;
+    type Response = Response<ResponseBody<ObjectBody<ResBody>>>;
     type Error = S::Error;
     type Future = ResponseFuture<S, ReqBody>;
 
@@ -586,21 +675,33 @@ where
             facts.model = Some(RequestedModel::new(&*m));
             facts.model_source = Some(source);
         }
-        let result = finish(
-            shared,
+        let route_id = checked.route_id;
+        let next = after_facts(
+            &self.shared,
             principal,
-            checked.route,
+            route_id,
             client_ip,
             facts,
             req.method(),
             req.uri().path(),
         );
-        match result {
-            Ok(facts) => {
+        match next {
+            Next::Done(Ok(facts)) => {
+                let action = action_of(shared, principal, checked.route, &facts);
                 insert(req.extensions_mut(), facts, client_ip);
-                ResponseFuture::inner(self.inner.call(req))
+                ResponseFuture::inner(self.inner.call(req), action)
             }
-            Err(d) => ResponseFuture::denied(d, req.headers()),
+            Next::Done(Err(d)) => ResponseFuture::denied(d, req.headers()),
+            Next::Later(check) => {
+                let clone = self.inner.clone();
+                let inner = std::mem::replace(&mut self.inner, clone);
+                ResponseFuture {
+                    state: State::Checking {
+                        check,
+                        rest: Some((req, inner, self.shared.clone(), client_ip, route_id)),
+                    },
+                }
+            }
         }
     }
 }
@@ -633,6 +734,9 @@ pin_project! {
 
 type Rest<S> = (http::request::Parts, S, Arc<Shared>, Pending);
 
+/// A request waiting for its objects to be checked.
+type Waiting<S, ReqBody> = (Request<ReqBody>, S, Arc<Shared>, Option<IpAddr>, u32);
+
 pin_project! {
     #[project = StateProj]
     enum State<S, ReqBody>
@@ -642,8 +746,9 @@ pin_project! {
         ReqBody::Error: Into<BoxError>,
     {
         Denied { response: Option<Response<Full<Bytes>>> },
-        Inner { #[pin] future: S::Future },
+        Inner { #[pin] future: S::Future, action: Option<Action> },
         Reading { #[pin] collect: Collect<Limited<ReqBody>>, rest: Option<Rest<S>> },
+        Checking { check: Checking, rest: Option<Waiting<S, ReqBody>> },
     }
 }
 
@@ -661,9 +766,9 @@ where
         }
     }
 
-    fn inner(future: S::Future) -> Self {
+    fn inner(future: S::Future, action: Option<Action>) -> Self {
         ResponseFuture {
-            state: State::Inner { future },
+            state: State::Inner { future, action },
         }
     }
 }
@@ -782,6 +887,7 @@ fn image_fields(facts: &mut RequestFacts, parts: &[multipart::Part<'_>]) -> Resu
 }
 
 /// Analyses a collected body into the request's facts and runs the rest of the check.
+/// The facts read from the body (not yet [`finish`]ed).
 fn check_body(
     shared: &Shared,
     parts: &http::request::Parts,
@@ -792,6 +898,8 @@ fn check_body(
     let mut facts = facts_of(route);
     let mut scanned = None;
     let body_model: Option<Cow<'_, str>> = match &pending.kind {
+        // Read only for the objects it may name, and empty: it names none.
+        BodyKind::Json if bytes.is_empty() && !route.reads_body() => None,
         BodyKind::Json => {
             let fields = if shared.tokens.is_some() && pending.principal.has_token_limits() {
                 scan_json_text(bytes)
@@ -800,6 +908,9 @@ fn check_body(
             }
             .map_err(|e| e.denial(Stage::Scope))?;
             facts.absorb_json(&fields);
+            if shared.objects.is_some() {
+                facts.absorb_refs(&fields, bytes);
+            }
             if route.batch_input
                 && fields.purpose.as_deref() == Some("batch")
                 && pending.principal.has_model_rules()
@@ -869,15 +980,7 @@ fn check_body(
         facts.prompt.tokens =
             count_prompt(fields, bytes, model, counter.as_ref(), shared.max_tokenized);
     }
-    finish(
-        shared,
-        &pending.principal,
-        route,
-        pending.client_ip,
-        facts,
-        &parts.method,
-        parts.uri.path(),
-    )
+    Ok(facts)
 }
 
 impl<S, ReqBody, ResBody> Future for ResponseFuture<S, ReqBody>
@@ -885,8 +988,9 @@ where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
     ReqBody: Body + BodyFromBytes,
     ReqBody::Error: Into<BoxError>,
+    ResBody: Body,
 {
-    type Output = Result<Response<ResponseBody<ResBody>>, S::Error>;
+    type Output = Result<Response<ResponseBody<ObjectBody<ResBody>>>, S::Error>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
@@ -897,10 +1001,46 @@ where
                         .expect("ResponseFuture polled after completion");
                     return Poll::Ready(Ok(response.map(ResponseBody::denied)));
                 }
-                StateProj::Inner { future } => {
-                    return future
-                        .poll(cx)
-                        .map(|r| r.map(|res| res.map(ResponseBody::inner)));
+                StateProj::Inner { future, action } => {
+                    let res = ready!(future.poll(cx))?;
+                    let body = match action.take() {
+                        Some(action) if res.status().is_success() => {
+                            let events = res
+                                .headers()
+                                .get(CONTENT_TYPE)
+                                .and_then(|v| v.to_str().ok())
+                                .is_some_and(|ct| ct.starts_with("text/event-stream"));
+                            let (parts, body) = res.into_parts();
+                            return Poll::Ready(Ok(Response::from_parts(
+                                parts,
+                                ResponseBody::inner(ObjectBody::new(body, action, events)),
+                            )));
+                        }
+                        _ => res,
+                    };
+                    return Poll::Ready(Ok(body.map(|b| ResponseBody::inner(ObjectBody::pass(b)))));
+                }
+                StateProj::Checking { check, rest } => {
+                    let checked = ready!(check.as_mut().poll(cx));
+                    let (mut req, mut inner, shared, client_ip, route_id) =
+                        rest.take().expect("ResponseFuture polled after completion");
+                    match checked {
+                        Ok(facts) => {
+                            let route = shared.routes.route(route_id);
+                            let action = req
+                                .extensions()
+                                .get::<Principal>()
+                                .and_then(|p| action_of(&shared, p, route, &facts));
+                            insert(req.extensions_mut(), facts, client_ip);
+                            State::Inner {
+                                future: inner.call(req),
+                                action,
+                            }
+                        }
+                        Err(d) => State::Denied {
+                            response: Some(d.into_response(req.headers())),
+                        },
+                    }
                 }
                 StateProj::Reading { collect, rest } => {
                     let collected = ready!(collect.poll(cx));
@@ -933,23 +1073,51 @@ where
                     let checked = decoded_body(&shared, &pending, bytes).and_then(|bytes| {
                         check_body(&shared, &parts, &pending, &bytes).map(|f| (f, bytes))
                     });
-                    match checked {
-                        Ok((facts, bytes)) => {
-                            insert(&mut parts.extensions, facts, pending.client_ip);
-                            if pending.coding.is_some() {
-                                // Forwarded as checked: decoded.
-                                parts.headers.remove(CONTENT_ENCODING);
-                                parts
-                                    .headers
-                                    .insert(CONTENT_LENGTH, http::HeaderValue::from(bytes.len()));
-                            }
-                            let req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
+                    let (facts, bytes) = match checked {
+                        Ok(checked) => checked,
+                        Err(d) => {
+                            let response = Some(d.into_response(&parts.headers));
+                            self.as_mut()
+                                .project()
+                                .state
+                                .set(State::Denied { response });
+                            continue;
+                        }
+                    };
+                    if pending.coding.is_some() {
+                        // Forwarded as checked: decoded.
+                        parts.headers.remove(CONTENT_ENCODING);
+                        parts
+                            .headers
+                            .insert(CONTENT_LENGTH, http::HeaderValue::from(bytes.len()));
+                    }
+                    let next = after_facts(
+                        &shared,
+                        &pending.principal,
+                        pending.route,
+                        pending.client_ip,
+                        facts,
+                        &parts.method,
+                        parts.uri.path(),
+                    );
+                    let req = Request::from_parts(parts, ReqBody::from_bytes(bytes));
+                    match next {
+                        Next::Done(Ok(facts)) => {
+                            let route = shared.routes.route(pending.route);
+                            let action = action_of(&shared, &pending.principal, route, &facts);
+                            let mut req = req;
+                            insert(req.extensions_mut(), facts, pending.client_ip);
                             State::Inner {
                                 future: inner.call(req),
+                                action,
                             }
                         }
-                        Err(d) => State::Denied {
-                            response: Some(d.into_response(&parts.headers)),
+                        Next::Done(Err(d)) => State::Denied {
+                            response: Some(d.into_response(req.headers())),
+                        },
+                        Next::Later(check) => State::Checking {
+                            check,
+                            rest: Some((req, inner, shared, pending.client_ip, pending.route)),
                         },
                     }
                 }

@@ -6,7 +6,7 @@
 //! ledger next to the key tables without touching them; version 3 the request-rate cells;
 //! version 4 rebuilds the ledger as one appended row per reservation and a total per
 //! counter and period (fewer pages written per commit, and a restart reads the totals, not
-//! the history). Version 4 uses SQLite's row ids (`INTEGER PRIMARY KEY`), a table
+//! the history); version 5 adds the object registry. Version 4 uses SQLite's row ids (`INTEGER PRIMARY KEY`), a table
 //! `WITHOUT ROWID` and its JSON functions (to carry version 3's rows over): a PostgreSQL
 //! store keeps the same tables and columns in its own dialect.
 //!
@@ -197,10 +197,28 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         DROP TABLE ledger;
     ",
     },
+    Migration {
+        version: 5,
+        sql: "
+        -- The object registry: which project owns each object created through keygate
+        -- (or imported), and what later requests check (an assistant's model, the models a
+        -- batch input file's requests name, as a JSON array).
+        CREATE TABLE objects (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            project TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            model TEXT,
+            models TEXT
+        );
+        CREATE INDEX objects_by_project ON objects (project, kind, created_at);
+    ",
+    },
 ];
 
 /// The schema version this build writes: the last migration's.
-pub(crate) const SCHEMA_VERSION: u32 = 4;
+pub(crate) const SCHEMA_VERSION: u32 = 5;
 
 #[cfg(test)]
 mod tests {

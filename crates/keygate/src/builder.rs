@@ -84,6 +84,7 @@ impl Keygate {
             body_limit: DEFAULT_BODY_LIMIT,
             count_tokens: true,
             policies: Vec::new(),
+            objects: None,
             model_list_path: Some("/v1/models".to_owned()),
             rate_max_entries: None,
             rate_headers: true,
@@ -183,6 +184,7 @@ pub struct KeygateBuilder<K, T = NoTokens> {
     body_limit: usize,
     count_tokens: bool,
     policies: Vec<ScopeEdit>,
+    objects: Option<Arc<dyn keygate_core::ObjectRegistry>>,
     model_list_path: Option<String>,
     rate_max_entries: Option<usize>,
     rate_headers: bool,
@@ -342,6 +344,7 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
             body_limit: self.body_limit,
             count_tokens: self.count_tokens,
             policies: self.policies,
+            objects: self.objects,
             model_list_path: self.model_list_path,
             rate_max_entries: self.rate_max_entries,
             rate_headers: self.rate_headers,
@@ -400,6 +403,15 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
     /// (default 8 MiB); larger bodies on model routes get 413.
     pub fn body_limit(mut self, bytes: usize) -> Self {
         self.body_limit = bytes;
+        self
+    }
+
+    /// Keeps projects' objects apart with `registry` (see
+    /// [`ScopeLayer::with_objects`](keygate_scope::ScopeLayer::with_objects)): objects a
+    /// response creates are recorded as the caller's project's, and a request naming an object
+    /// of another project (or one keygate never saw) gets 404.
+    pub fn objects(mut self, registry: Arc<dyn keygate_core::ObjectRegistry>) -> Self {
+        self.objects = Some(registry);
         self
     }
 
@@ -494,6 +506,9 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
         }
         for edit in self.policies {
             scope = edit(scope);
+        }
+        if let Some(registry) = self.objects {
+            scope = scope.with_objects(registry);
         }
 
         let models = match self.model_list_path {

@@ -82,6 +82,14 @@ pub struct Config {
     /// Filter the answer of `GET /v1/models` down to the models the caller may use (default
     /// true).
     pub model_list_filter: bool,
+    /// Keep each project's objects to itself on a shared upstream (default true): files,
+    /// uploads, batches, assistants, threads, messages, runs, vector stores, fine-tuning jobs
+    /// and stored responses and chat completions created through the gateway are recorded as
+    /// the creating key's project's (in the store's `objects` table; in memory when keys come
+    /// from a key file and no store is named), and a request naming another project's object,
+    /// or one not created through the gateway, gets 404. Runs and batches of keys with model
+    /// rules are checked as their assistant's model and their input file's models.
+    pub isolate_objects: bool,
     /// Which routes exist and which endpoint group each belongs to.
     pub routes: RoutesConfig,
     /// How limits are enforced (the limits themselves are on keys and projects).
@@ -243,6 +251,7 @@ impl Default for Config {
             keep_credential_headers: false,
             body_limit: DEFAULT_BODY_LIMIT,
             model_list_filter: true,
+            isolate_objects: true,
             routes: RoutesConfig::default(),
             limits: LimitsConfig::default(),
             prices: BTreeMap::new(),
@@ -944,6 +953,18 @@ impl Config {
             let now = keygate_core::Clock::system().now();
             let ledger = keygate_store::LedgerBackend::open_with(&path, now, durability)?;
             builder = builder.spend_backend(crate::SpendBackend::Ledger(ledger));
+        }
+        if self.isolate_objects {
+            let registry: std::sync::Arc<dyn keygate_core::ObjectRegistry> = match &ledger_path {
+                Some(path) => std::sync::Arc::new(keygate_store::SqliteRegistry::open(path)?),
+                None => {
+                    tracing::warn!(
+                        "objects created through the gateway are recorded in memory only (keys come from a key file and no store is named): after a restart, they are refused to everyone"
+                    );
+                    std::sync::Arc::new(keygate_core::MemoryRegistry::new())
+                }
+            };
+            builder = builder.objects(registry);
         }
         if let (Some(guard), Some(sqlite)) = (self.guard.guard()?, store.sqlite()) {
             // A suspension outlives the process: the key is disabled in the store with the

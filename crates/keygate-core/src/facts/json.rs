@@ -39,6 +39,39 @@ pub enum JsonError {
     /// `max_tokens` not a non-negative integer, `n` below 1, ...): its name.
     #[error("the field {0} has an invalid value")]
     BadField(&'static str),
+    /// More than [`MAX_REFS`] values naming objects (`file_id`, `file_ids`, …).
+    #[error("the body names too many objects")]
+    TooManyRefs,
+}
+
+/// The most object ids (values of [`REF_KEYS`]) one body may name: each is checked
+/// against the object registry.
+pub const MAX_REFS: usize = 1000;
+
+/// The keys whose values name objects, at any depth of a JSON body (outside the top-level
+/// `metadata`, whose keys are the client's own): a string value, or an array of strings, is
+/// an object id the caller must own (a file attached to a message, an assistant a run uses,
+/// the input file of a batch, the response a response continues).
+pub const REF_KEYS: [&str; 9] = [
+    "file_id",
+    "file_ids",
+    "input_file_id",
+    "training_file",
+    "validation_file",
+    "assistant_id",
+    "previous_response_id",
+    "vector_store_id",
+    "vector_store_ids",
+];
+
+/// The name in [`REF_KEYS`] that `key` (decoded) is.
+#[inline]
+fn ref_key(key: &[u8]) -> Option<&'static str> {
+    // Most keys are ruled out by their length alone.
+    if !matches!(key.len(), 7 | 8 | 12 | 13 | 15 | 16 | 20) {
+        return None;
+    }
+    REF_KEYS.into_iter().find(|k| k.as_bytes() == key)
 }
 
 impl JsonError {
@@ -78,6 +111,11 @@ impl JsonError {
                 Some(field),
             ),
             JsonError::Invalid => ("invalid_json", "The request body is not valid JSON.", None),
+            JsonError::TooManyRefs => (
+                "too_many_objects",
+                "The request body names more than 1000 objects.",
+                None,
+            ),
         };
         let denial = crate::Denial::new(stage, http::StatusCode::BAD_REQUEST, code, message);
         match param {
@@ -101,6 +139,8 @@ pub struct JsonFields<'a> {
     pub best_of: Option<u64>,
     /// `stream: true`.
     pub stream: bool,
+    /// The top-level `store`, when a boolean (whether the result is kept upstream).
+    pub store: Option<bool>,
     /// The top-level `purpose`, when a string (an upload's: `batch` files are requests).
     pub purpose: Option<Cow<'a, str>>,
     /// The top-level `size`, when a string (an image request's: `1024x1024`).
@@ -122,6 +162,8 @@ pub struct JsonFields<'a> {
     pub(crate) edits: Edits,
     /// Where the text counted in `text_bytes` is (quotes excluded), when collected.
     pub(crate) text: Vec<Span>,
+    /// The object ids the body names ([`REF_KEYS`]): which key, and where the id is.
+    pub(crate) refs: Vec<(&'static str, Span)>,
 }
 
 /// A string's contents in the body, and whether they hold escapes (then decoded to count).
@@ -132,20 +174,36 @@ pub(crate) struct Span {
 }
 
 impl JsonFields<'_> {
+    /// The object ids the body names, decoded, with the key that names each ([`REF_KEYS`]),
+    /// in body order.
+    pub fn object_refs<'b>(
+        &'b self,
+        body: &'b [u8],
+    ) -> impl Iterator<Item = (&'static str, Cow<'b, str>)> + 'b {
+        self.refs
+            .iter()
+            .filter_map(move |(key, span)| Some((*key, span_text(body, span)?)))
+    }
+
     /// Each piece of text counted in [`text_bytes`](JsonFields::text_bytes), decoded (empty
     /// unless the scan collected text: [`scan_json_text`]).
     pub fn text<'b>(&'b self, body: &'b [u8]) -> impl Iterator<Item = Cow<'b, str>> + 'b {
-        self.text.iter().filter_map(move |span| {
-            let raw = body.get(span.range.clone())?;
-            if span.escaped {
-                let quoted = body.get(span.range.start - 1..span.range.end + 1)?;
-                serde_json::from_slice::<String>(quoted)
-                    .ok()
-                    .map(Cow::Owned)
-            } else {
-                std::str::from_utf8(raw).ok().map(Cow::Borrowed)
-            }
-        })
+        self.text
+            .iter()
+            .filter_map(move |span| span_text(body, span))
+    }
+}
+
+/// The string at `span` of `body`, decoded.
+fn span_text<'b>(body: &'b [u8], span: &Span) -> Option<Cow<'b, str>> {
+    let raw = body.get(span.range.clone())?;
+    if span.escaped {
+        let quoted = body.get(span.range.start - 1..span.range.end + 1)?;
+        serde_json::from_slice::<String>(quoted)
+            .ok()
+            .map(Cow::Owned)
+    } else {
+        std::str::from_utf8(raw).ok().map(Cow::Borrowed)
     }
 }
 
@@ -193,6 +251,8 @@ fn scan(body: &[u8], collect: bool) -> Result<JsonFields<'_>, JsonError> {
         i: 0,
         f: JsonFields::default(),
         collect,
+        refs: true,
+        escaped: false,
     };
     s.ws();
     if s.peek() != Some(b'{') {
@@ -249,6 +309,9 @@ enum Field {
     Purpose,
     Size,
     Quality,
+    Metadata,
+    Store,
+    Ref(&'static str),
     Other,
 }
 
@@ -263,7 +326,9 @@ fn field(key: &[u8]) -> Field {
         b"purpose" => Field::Purpose,
         b"size" => Field::Size,
         b"quality" => Field::Quality,
-        _ => Field::Other,
+        b"metadata" => Field::Metadata,
+        b"store" => Field::Store,
+        _ => ref_key(key).map_or(Field::Other, Field::Ref),
     }
 }
 
@@ -272,6 +337,10 @@ struct Scanner<'a> {
     i: usize,
     f: JsonFields<'a>,
     collect: bool,
+    /// Whether object ids are collected here (not inside the top-level `metadata`).
+    refs: bool,
+    /// Whether the last string skipped held an escape.
+    escaped: bool,
 }
 
 impl<'a> Scanner<'a> {
@@ -373,6 +442,14 @@ impl<'a> Scanner<'a> {
                 Field::Size if self.peek() == Some(b'"') => self.f.size = Some(self.string()?),
                 Field::Quality if self.peek() == Some(b'"') => {
                     self.f.quality = Some(self.string()?);
+                }
+                Field::Ref(name) => self.ref_value(name, 1)?,
+                Field::Store => self.f.store = self.bool_or_null("store")?,
+                Field::Metadata => {
+                    self.refs = false;
+                    let read = self.value(1);
+                    self.refs = true;
+                    read?;
                 }
                 Field::Purpose | Field::Size | Field::Quality | Field::Other => self.value(1)?,
             }
@@ -506,14 +583,90 @@ impl<'a> Scanner<'a> {
             // never decoded (nothing read lies below here but `stream_options`).
             let at = self.i;
             self.skip_short_string()?;
-            self.note_text(at + 1..self.i - 1);
+            let key = at + 1..self.i - 1;
+            self.note_text(key.clone());
+            let names = if self.refs {
+                self.ref_name(key, at)?
+            } else {
+                None
+            };
             self.expect(b':')?;
             self.ws();
-            self.value(depth)?;
+            match names {
+                Some(name) => self.ref_value(name, depth)?,
+                None => self.value(depth)?,
+            }
             if !self.more(b'}')? {
                 return Ok(());
             }
         }
+    }
+
+    /// Whether the key at `key` (a nested object's, skipped; its opening quote at `quote`)
+    /// names objects ([`REF_KEYS`]); an escaped key is decoded to tell.
+    #[inline]
+    fn ref_name(
+        &mut self,
+        key: Range<usize>,
+        quote: usize,
+    ) -> Result<Option<&'static str>, JsonError> {
+        if !self.escaped {
+            return Ok(ref_key(&self.b[key]));
+        }
+        // Escaped: at most six bytes as written per byte decoded.
+        if key.len() > 6 * 20 {
+            return Ok(None);
+        }
+        let end = self.i;
+        self.i = quote;
+        let decoded = self.key()?;
+        self.i = end;
+        Ok(ref_key(&decoded))
+    }
+
+    /// The value of a key that names objects, read as [`value`](Self::value) at `depth`
+    /// reads it: a string, or each string of an array, is also noted as an object id.
+    fn ref_value(&mut self, name: &'static str, depth: u32) -> Result<(), JsonError> {
+        match self.peek() {
+            Some(b'"') => self.ref_string(name),
+            Some(b'[') => {
+                if depth + 1 >= MAX_DEPTH {
+                    return Err(JsonError::Invalid);
+                }
+                self.i += 1;
+                self.ws();
+                if self.peek() == Some(b']') {
+                    self.i += 1;
+                    return Ok(());
+                }
+                loop {
+                    self.ws();
+                    if self.peek() == Some(b'"') {
+                        self.ref_string(name)?;
+                    } else {
+                        self.value(depth + 1)?;
+                    }
+                    if !self.more(b']')? {
+                        return Ok(());
+                    }
+                }
+            }
+            _ => self.value(depth),
+        }
+    }
+
+    /// A string naming an object (at its opening quote): noted, and counted as text.
+    fn ref_string(&mut self, name: &'static str) -> Result<(), JsonError> {
+        if self.f.refs.len() >= MAX_REFS {
+            return Err(JsonError::TooManyRefs);
+        }
+        let at = self.i;
+        self.skip_string()?;
+        let range = at + 1..self.i - 1;
+        self.note_text(range.clone());
+        let escaped = self.escaped;
+        self.f.refs.push((name, Span { range, escaped }));
+        Ok(())
     }
 
     fn array(&mut self, depth: u32) -> Result<(), JsonError> {
@@ -638,6 +791,7 @@ impl<'a> Scanner<'a> {
         // After an escape, the next few bytes are walked before a search (escapes tend to
         // come together, and a step costs less than setting up a search).
         self.i += first(&self.b[self.i..])?;
+        self.escaped = self.b[self.i] != b'"';
         loop {
             if self.b[self.i] == b'"' {
                 let len = self.i - start;

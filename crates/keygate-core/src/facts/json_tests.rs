@@ -439,3 +439,55 @@ proptest! {
         check_against_serde(s.as_bytes())?;
     }
 }
+
+#[test]
+fn object_ids_are_found_at_any_depth_but_not_in_metadata() {
+    let body = br#"{"model":"m","input_file_id":"file-1","messages":[{"role":"user","content":[{"type":"file","file":{"file_id":"file-2"}}],"attachments":[{"file_id":"file-3","tools":[]}]}],
+        "tool_resources":{"file_search":{"vector_store_ids":["vs_1","vs_2",3]},"code_interpreter":{"file_ids":[]}},
+        "metadata":{"file_id":"mine","assistant_id":"asst_x"},"previous_response_id":null,"assistant_id":{"not":"an id"}}"#;
+    let fields = scan_json(body).unwrap();
+    let refs: Vec<(&str, String)> = fields
+        .object_refs(body)
+        .map(|(k, v)| (k, v.into_owned()))
+        .collect();
+    assert_eq!(
+        refs,
+        [
+            ("input_file_id", "file-1".to_owned()),
+            ("file_id", "file-2".to_owned()),
+            ("file_id", "file-3".to_owned()),
+            ("vector_store_ids", "vs_1".to_owned()),
+            ("vector_store_ids", "vs_2".to_owned()),
+        ]
+    );
+}
+
+#[test]
+fn escaped_keys_and_ids_are_decoded_as_the_upstream_reads_them() {
+    // `\u005f` is `_`: the upstream reads `file_id`, so keygate must too.
+    let body = br#"{"x":{"file\u005fid":"file-\u0031"},"assistant\u005fid":"asst_1"}"#;
+    let fields = scan_json(body).unwrap();
+    let refs: Vec<(&str, String)> = fields
+        .object_refs(body)
+        .map(|(k, v)| (k, v.into_owned()))
+        .collect();
+    assert_eq!(
+        refs,
+        [
+            ("file_id", "file-1".to_owned()),
+            ("assistant_id", "asst_1".to_owned())
+        ]
+    );
+}
+
+#[test]
+fn a_body_naming_too_many_objects_is_refused() {
+    let ids: Vec<String> = (0..=MAX_REFS).map(|i| format!("\"file-{i}\"")).collect();
+    let body = format!(r#"{{"file_ids":[{}]}}"#, ids.join(","));
+    assert_eq!(
+        scan_json(body.as_bytes()).unwrap_err(),
+        JsonError::TooManyRefs
+    );
+    let ok = format!(r#"{{"file_ids":[{}]}}"#, ids[..MAX_REFS].join(","));
+    assert_eq!(scan_json(ok.as_bytes()).unwrap().refs.len(), MAX_REFS);
+}

@@ -9,10 +9,14 @@ mod json;
 
 use std::sync::Arc;
 
-pub use json::{JsonEdit, JsonError, JsonFields, MAX_DEPTH, edit_json, scan_json, scan_json_text};
+pub use json::{
+    JsonEdit, JsonError, JsonFields, MAX_DEPTH, MAX_REFS, REF_KEYS, edit_json, scan_json,
+    scan_json_text,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::ext::{EndpointMatch, RequestedModel};
+use crate::objects::ObjectKind;
 use crate::rights::{Access, EndpointGroup};
 
 /// How a request's body is framed, as its route and `Content-Type` decided together.
@@ -43,6 +47,65 @@ pub enum ModelSource {
     Query,
     /// Not named by the request: the route's default model (the one the API applies).
     Default,
+    /// Not named by the request: the model of an object it names, as the object registry
+    /// recorded it (a run's assistant's model).
+    Object,
+}
+
+/// Where a request names an object.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum RefAt {
+    /// The path parameter of this name (`file_id` in `/v1/files/{file_id}`).
+    Path(Arc<str>),
+    /// A body field of this name, at any depth ([`REF_KEYS`]).
+    Body(&'static str),
+}
+
+impl RefAt {
+    /// The parameter or field name.
+    pub fn name(&self) -> &str {
+        match self {
+            RefAt::Path(name) => name,
+            RefAt::Body(name) => name,
+        }
+    }
+}
+
+/// An object a request names, which the caller's project must own.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct ObjectRef {
+    /// The id, as named.
+    pub id: Box<str>,
+    /// Where it was named.
+    pub at: RefAt,
+    /// The kind of object that place names.
+    pub kind: ObjectKind,
+}
+
+impl ObjectRef {
+    /// `id` named at `at`, an object of `kind`.
+    pub fn new(id: impl Into<Box<str>>, at: RefAt, kind: ObjectKind) -> Self {
+        ObjectRef {
+            id: id.into(),
+            at,
+            kind,
+        }
+    }
+}
+
+/// The kind of object a body field of [`REF_KEYS`] names.
+pub fn body_ref_kind(key: &str) -> Option<ObjectKind> {
+    Some(match key {
+        "file_id" | "file_ids" | "input_file_id" | "training_file" | "validation_file" => {
+            ObjectKind::File
+        }
+        "assistant_id" => ObjectKind::Assistant,
+        "previous_response_id" => ObjectKind::Response,
+        "vector_store_id" | "vector_store_ids" => ObjectKind::VectorStore,
+        _ => return None,
+    })
 }
 
 /// What a route makes, which decides what a request to it reserves.
@@ -180,6 +243,9 @@ pub struct RequestFacts {
     pub choices: u64,
     /// Whether the response streams.
     pub stream: bool,
+    /// `store` as the client sent it (`None`: not given): whether the upstream keeps the
+    /// result (a stored chat completion or response is an object the caller owns).
+    pub store: Option<bool>,
     /// `stream_options.include_usage` as the client sent it (`None`: not given).
     pub usage_requested: Option<bool>,
     /// The prompt's size.
@@ -197,6 +263,9 @@ pub struct RequestFacts {
     /// keygate read the file: what a batch made from it will run, for the ownership registry
     /// to keep with the file.
     pub batch_models: Option<Vec<Arc<str>>>,
+    /// The objects the request names, in its path and its body: the caller's project must
+    /// own each (checked by the scope layer when it has an object registry).
+    pub objects: Vec<ObjectRef>,
     /// The JSON body's layout, when it was scanned: where fields can be changed.
     pub(crate) layout: Option<json::Edits>,
 }
@@ -213,12 +282,14 @@ impl RequestFacts {
             max_output: None,
             choices: 1,
             stream: false,
+            store: None,
             usage_requested: None,
             prompt: PromptSize::default(),
             output_field: None,
             image_size: None,
             image_quality: None,
             batch_models: None,
+            objects: Vec::new(),
             layout: None,
         }
     }
@@ -252,6 +323,7 @@ impl RequestFacts {
             .max(fields.best_of.unwrap_or(1))
             .max(1);
         self.stream = fields.stream;
+        self.store = fields.store;
         self.usage_requested = fields.include_usage.flatten();
         self.prompt = PromptSize {
             text_bytes: fields.text_bytes,
@@ -262,6 +334,16 @@ impl RequestFacts {
         self.image_size = fields.size.as_deref().map(Arc::from);
         self.image_quality = fields.quality.as_deref().map(Arc::from);
         self.layout = Some(fields.edits.clone());
+    }
+
+    /// Takes the object ids a scan of the JSON `body` found ([`JsonFields::object_refs`]).
+    pub fn absorb_refs(&mut self, fields: &JsonFields<'_>, body: &[u8]) {
+        for (key, id) in fields.object_refs(body) {
+            if let Some(kind) = body_ref_kind(key) {
+                self.objects
+                    .push(ObjectRef::new(id.into_owned(), RefAt::Body(key), kind));
+            }
+        }
     }
 
     /// The JSON body (the one these facts were scanned from) with `edit` applied; `None` if

@@ -1,0 +1,487 @@
+//! Object ownership through the whole layer, against a small upstream that creates objects.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use keygate_core::{
+    Credential, KeyDigest, KeyId, KeyRecord, MemoryRegistry, ModelPattern, ModelRules, ObjectKind,
+    ObjectRecord, ObjectRegistry, Permissions, Principal, ProjectRecord, RegistryError,
+    RegistryFuture, RequestFacts, Secret, Timestamp,
+};
+use serde_json::{Value, json};
+use tower::{Layer, ServiceExt, service_fn};
+
+use crate::*;
+
+fn key_of(project: &str, models: &[&str]) -> Principal {
+    let mut key = KeyRecord::new(
+        KeyId::new(format!("key_{project}")),
+        project,
+        KeyDigest::of(project),
+        Timestamp::UNIX_EPOCH,
+    );
+    key.permissions = Permissions::All;
+    if !models.is_empty() {
+        key.models = ModelRules::allow_only(models.iter().map(|m| ModelPattern::new(m).unwrap()));
+    }
+    Principal::new(
+        Arc::new(key),
+        Arc::new(ProjectRecord::new(project)),
+        Credential::ApiKey(Secret::Current),
+    )
+}
+
+/// An upstream that makes an object for every POST (its kind from the path), answers every
+/// other request with what it was asked, and counts its calls.
+#[derive(Clone, Default)]
+struct Upstream {
+    calls: Arc<AtomicUsize>,
+    next: Arc<AtomicUsize>,
+}
+
+impl Upstream {
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    async fn answer(&self, req: Request<Full<Bytes>>) -> Response<Full<Bytes>> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let n = self.next.fetch_add(1, Ordering::SeqCst);
+        let model = req
+            .extensions()
+            .get::<RequestFacts>()
+            .and_then(|f| f.model().map(str::to_owned));
+        let path = req.uri().path().to_owned();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        let sent: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        let object = |id: String, object: &str| json!({"id": id, "object": object, "model": sent.get("model").cloned().unwrap_or(Value::Null)});
+        let (status, value, sse) = match (path.as_str(), &sent) {
+            ("/v1/files", _) => (200, object(format!("file-{n}"), "file"), false),
+            ("/v1/assistants", _) => (200, object(format!("asst_{n}"), "assistant"), false),
+            ("/v1/threads/runs", s) if s["stream"] == true => (
+                200,
+                json!({"id": format!("run_{n}"), "object": "thread.run", "thread_id": format!("thread_{n}"), "model": "gpt-4o"}),
+                true,
+            ),
+            ("/v1/responses", s) if s["stream"] == true => (
+                200,
+                json!({"type": "response.created", "response": object(format!("resp_{n}"), "response")}),
+                true,
+            ),
+            ("/v1/responses", _) => (200, object(format!("resp_{n}"), "response"), false),
+            ("/v1/chat/completions", _) => (
+                200,
+                object(format!("chatcmpl-{n}"), "chat.completion"),
+                false,
+            ),
+            ("/v1/fail", _) => (400, json!({"id": "file-x", "object": "file"}), false),
+            _ => (
+                200,
+                json!({"path": path, "model": model, "deleted": true}),
+                false,
+            ),
+        };
+        let body = if sse {
+            format!("event: created\ndata: {value}\n\ndata: [DONE]\n\n")
+        } else {
+            value.to_string()
+        };
+        Response::builder()
+            .status(status)
+            .header(
+                "content-type",
+                if sse {
+                    "text/event-stream"
+                } else {
+                    "application/json"
+                },
+            )
+            .body(Full::new(Bytes::from(body)))
+            .unwrap()
+    }
+}
+
+struct Gate {
+    layer: ScopeLayer,
+    registry: Arc<MemoryRegistry>,
+    upstream: Upstream,
+}
+
+impl Gate {
+    fn new() -> Self {
+        let registry = Arc::new(MemoryRegistry::new());
+        Gate {
+            layer: ScopeLayer::openai().with_objects(registry.clone()),
+            registry,
+            upstream: Upstream::default(),
+        }
+    }
+
+    async fn call(
+        &self,
+        who: &Principal,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (StatusCode, Value) {
+        let upstream = self.upstream.clone();
+        let svc = self.layer.layer(service_fn(move |req| {
+            let upstream = upstream.clone();
+            async move { Ok::<_, Infallible>(upstream.answer(req).await) }
+        }));
+        let mut req = Request::builder().method(method).uri(path);
+        if body.is_some() {
+            req = req.header("content-type", "application/json");
+        }
+        let bytes = body.map(|b| b.to_string()).unwrap_or_default();
+        let mut req = req.body(Full::new(Bytes::from(bytes))).unwrap();
+        req.extensions_mut().insert(who.clone());
+        let res = svc.oneshot(req).await.unwrap();
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        let value = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&body).into_owned()));
+        (status, value)
+    }
+
+    /// Creates an object through the gateway as `who`; its id.
+    async fn create(&self, who: &Principal, path: &str, body: Value) -> String {
+        let (status, v) = self.call(who, Method::POST, path, Some(body)).await;
+        assert_eq!(status, StatusCode::OK, "{v}");
+        v["id"].as_str().unwrap().to_owned()
+    }
+}
+
+#[tokio::test]
+async fn an_object_is_reachable_only_by_the_project_that_made_it() {
+    let gate = Gate::new();
+    let (a, b) = (key_of("a", &[]), key_of("b", &[]));
+    let asst = gate
+        .create(&a, "/v1/assistants", json!({"model": "gpt-4o"}))
+        .await;
+    let record = gate.registry.get_now(&asst).unwrap();
+    assert_eq!(
+        (record.project.as_str(), record.kind),
+        ("a", ObjectKind::Assistant)
+    );
+    assert_eq!(record.key_id, "key_a");
+    assert_eq!(record.model.as_deref(), Some("gpt-4o"));
+
+    let path = format!("/v1/assistants/{asst}");
+    let (status, _) = gate.call(&a, Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::OK);
+    let before = gate.upstream.calls();
+    for (who, path) in [
+        (&b, path.clone()),
+        // Unknown, and known but of another kind in that place.
+        (&a, "/v1/assistants/asst_nope".to_owned()),
+        (&a, format!("/v1/files/{asst}")),
+        (&a, format!("/v1/threads/{asst}")),
+    ] {
+        let (status, v) = gate.call(who, Method::GET, &path, None).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {v}");
+        assert_eq!(v["error"]["code"], "object_not_found");
+    }
+    assert_eq!(gate.upstream.calls(), before, "the upstream is never asked");
+}
+
+#[tokio::test]
+async fn objects_named_in_a_body_must_be_the_callers_at_any_depth() {
+    let gate = Gate::new();
+    let (a, b) = (key_of("a", &[]), key_of("b", &[]));
+    let file = gate
+        .create(&b, "/v1/assistants", json!({"model": "m"}))
+        .await;
+    let _ = file;
+    gate.registry.record_now([
+        ObjectRecord::new("file-b", ObjectKind::File, "b", "key_b", 1),
+        ObjectRecord::new("file-a", ObjectKind::File, "a", "key_a", 1),
+    ]);
+    let before = gate.upstream.calls();
+    for (path, body, param) in [
+        (
+            "/v1/batches",
+            json!({"input_file_id": "file-b", "endpoint": "/v1/chat/completions"}),
+            "input_file_id",
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-b"}}]}]}),
+            "file_id",
+        ),
+        (
+            "/v1/vector_stores",
+            json!({"file_ids": ["file-a", "file-b"]}),
+            "file_ids",
+        ),
+        (
+            "/v1/threads",
+            json!({"messages": [{"role": "user", "content": "x", "attachments": [{"file_id": "file-b"}]}]}),
+            "file_id",
+        ),
+    ] {
+        let (status, v) = gate.call(&a, Method::POST, path, Some(body)).await;
+        assert_eq!(status, StatusCode::NOT_FOUND, "{path}: {v}");
+        assert_eq!(v["error"]["param"], param, "{path}");
+    }
+    assert_eq!(gate.upstream.calls(), before);
+    // The caller's own objects, and ids in `metadata` (the client's own keys), pass.
+    let (status, v) = gate
+        .call(
+            &a,
+            Method::POST,
+            "/v1/vector_stores",
+            Some(json!({"file_ids": ["file-a"], "metadata": {"file_id": "file-b"}})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    // An empty body on a route read only for the objects it names names none.
+    let (status, _) = gate.call(&a, Method::POST, "/v1/threads", None).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_run_is_checked_and_priced_as_its_assistants_model() {
+    let gate = Gate::new();
+    let maker = key_of("a", &[]);
+    let asst = gate
+        .create(&maker, "/v1/assistants", json!({"model": "gpt-4o"}))
+        .await;
+    let mini_only = key_of("a", &["gpt-4o-mini"]);
+    let (status, v) = gate
+        .call(
+            &mini_only,
+            Method::POST,
+            "/v1/threads/runs",
+            Some(json!({"assistant_id": asst})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(v["error"]["code"], "model_not_allowed");
+    let allowed = key_of("a", &["gpt-4o"]);
+    let path = format!("/v1/threads/x/runs");
+    let _ = path;
+    let (status, v) = gate
+        .call(
+            &allowed,
+            Method::POST,
+            "/v1/threads/runs",
+            Some(json!({"assistant_id": asst, "stream": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    // The run and its new thread, read from the stream, are the caller's.
+    let runs: Vec<_> = (0..10)
+        .filter_map(|n| gate.registry.get_now(&format!("run_{n}")))
+        .collect();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].model.as_deref(), Some("gpt-4o"));
+    let thread = runs[0].id.replace("run_", "thread_");
+    assert_eq!(gate.registry.get_now(&thread).unwrap().project, "a");
+    // A tool-output submission is checked as its run's model.
+    let submit = format!(
+        "/v1/threads/{thread}/runs/{}/submit_tool_outputs",
+        runs[0].id
+    );
+    let (status, _) = gate
+        .call(
+            &mini_only,
+            Method::POST,
+            &submit,
+            Some(json!({"tool_outputs": []})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, v) = gate
+        .call(
+            &allowed,
+            Method::POST,
+            &submit,
+            Some(json!({"tool_outputs": []})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(v["model"], "gpt-4o", "the facts carry the inherited model");
+}
+
+#[tokio::test]
+async fn a_batch_is_checked_as_the_models_of_its_input_file() {
+    let gate = Gate::new();
+    gate.registry.record_now([
+        ObjectRecord::new("file-read", ObjectKind::File, "a", "k", 1)
+            .with_models(vec!["gpt-4o".into(), "gpt-4o-mini".into()]),
+        ObjectRecord::new("file-unread", ObjectKind::File, "a", "k", 1),
+    ]);
+    let batch = |file: &str| json!({"input_file_id": file, "endpoint": "/v1/chat/completions"});
+    let both = key_of("a", &["gpt-4o", "gpt-4o-mini"]);
+    let (status, v) = gate
+        .call(&both, Method::POST, "/v1/batches", Some(batch("file-read")))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    let mini = key_of("a", &["gpt-4o-mini"]);
+    let (status, v) = gate
+        .call(&mini, Method::POST, "/v1/batches", Some(batch("file-read")))
+        .await;
+    assert_eq!(
+        (status, &v["error"]["code"]),
+        (StatusCode::FORBIDDEN, &json!("model_not_allowed"))
+    );
+    let (status, v) = gate
+        .call(
+            &both,
+            Method::POST,
+            "/v1/batches",
+            Some(batch("file-unread")),
+        )
+        .await;
+    assert_eq!(
+        (status, &v["error"]["code"]),
+        (StatusCode::FORBIDDEN, &json!("model_unverifiable"))
+    );
+    // A key without model rules may batch any file of its project.
+    let any = key_of("a", &[]);
+    let (status, _) = gate
+        .call(
+            &any,
+            Method::POST,
+            "/v1/batches",
+            Some(batch("file-unread")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn a_continued_response_must_be_the_callers_and_of_an_allowed_model() {
+    let gate = Gate::new();
+    let a = key_of("a", &[]);
+    let first = gate
+        .create(
+            &a,
+            "/v1/responses",
+            json!({"model": "gpt-4o", "input": "hi"}),
+        )
+        .await;
+    let mini = key_of("a", &["gpt-4o-mini"]);
+    let next = json!({"model": "gpt-4o-mini", "input": "more", "previous_response_id": first});
+    let (status, v) = gate
+        .call(&mini, Method::POST, "/v1/responses", Some(next.clone()))
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
+    assert_eq!(v["error"]["param"], "previous_response_id");
+    let (status, _) = gate
+        .call(&key_of("b", &[]), Method::POST, "/v1/responses", Some(next))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // Not stored: not recorded; streamed: recorded from its first event.
+    let unstored = gate
+        .create(
+            &a,
+            "/v1/responses",
+            json!({"model": "m", "input": "x", "store": false}),
+        )
+        .await;
+    assert!(gate.registry.get_now(&unstored).is_none());
+    let (status, _) = gate
+        .call(
+            &a,
+            Method::POST,
+            "/v1/responses",
+            Some(json!({"model": "m", "input": "x", "stream": true})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(gate.registry.len(), 2);
+}
+
+#[tokio::test]
+async fn chat_completions_are_recorded_only_when_stored_and_deletes_forget() {
+    let gate = Gate::new();
+    let a = key_of("a", &[]);
+    let plain = gate
+        .create(
+            &a,
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": []}),
+        )
+        .await;
+    assert!(gate.registry.get_now(&plain).is_none());
+    let stored = gate
+        .create(
+            &a,
+            "/v1/chat/completions",
+            json!({"model": "m", "messages": [], "store": true}),
+        )
+        .await;
+    assert_eq!(
+        gate.registry.get_now(&stored).unwrap().kind,
+        ObjectKind::ChatCompletion
+    );
+    let path = format!("/v1/chat/completions/{stored}");
+    let (status, _) = gate
+        .call(&key_of("b", &[]), Method::DELETE, &path, None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(gate.registry.get_now(&stored).is_some());
+    let (status, _) = gate.call(&a, Method::DELETE, &path, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(gate.registry.get_now(&stored).is_none());
+    let (status, _) = gate.call(&a, Method::GET, &path, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn an_upstream_refusal_records_nothing() {
+    let registry = Arc::new(MemoryRegistry::new());
+    let mut spec = RouteSpec::new("POST", "/v1/fail", "files");
+    spec.records = true;
+    let routes = RouteTable::builder().spec(spec).build().unwrap();
+    let gate = Gate {
+        layer: ScopeLayer::new(routes).with_objects(registry.clone()),
+        registry,
+        upstream: Upstream::default(),
+    };
+    let (status, _) = gate
+        .call(&key_of("a", &[]), Method::POST, "/v1/fail", Some(json!({})))
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(gate.registry.is_empty());
+}
+
+/// A registry that cannot be reached.
+struct Down;
+
+impl ObjectRegistry for Down {
+    fn get<'a>(&'a self, _: &'a str) -> RegistryFuture<'a, Option<Arc<ObjectRecord>>> {
+        Box::pin(async { Err(RegistryError::new("down")) })
+    }
+    fn record(&self, _: Vec<ObjectRecord>) -> RegistryFuture<'_, ()> {
+        Box::pin(async { Err(RegistryError::new("down")) })
+    }
+    fn remove<'a>(&'a self, _: &'a str) -> RegistryFuture<'a, ()> {
+        Box::pin(async { Err(RegistryError::new("down")) })
+    }
+}
+
+#[tokio::test]
+async fn a_registry_that_cannot_answer_refuses_with_503() {
+    let gate = Gate {
+        layer: ScopeLayer::openai().with_objects(Arc::new(Down)),
+        registry: Arc::new(MemoryRegistry::new()),
+        upstream: Upstream::default(),
+    };
+    let (status, v) = gate
+        .call(&key_of("a", &[]), Method::GET, "/v1/files/file-1", None)
+        .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(gate.upstream.calls(), 0);
+    // Routes that name no object do not need it.
+    let (status, _) = gate
+        .call(&key_of("a", &[]), Method::GET, "/v1/models", None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}

@@ -1,0 +1,343 @@
+//! [`SqliteRegistry`]: the object registry in the SQLite database (table `objects`).
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use keygate_core::{ObjectKind, ObjectRecord, ObjectRegistry, RegistryError, RegistryFuture};
+use rusqlite::{OptionalExtension, params};
+
+use crate::{Db, DbError};
+
+/// Records kept in memory per generation of the cache (two generations: at most twice
+/// this many).
+const CACHE_GENERATION: usize = 1 << 16;
+
+/// The object registry of a gateway on the embedded database: every object created through
+/// keygate, with its owning project, in the `objects` table (indexed by id, and by project,
+/// kind and creation time), so ownership survives restarts.
+///
+/// A lookup is answered from an in-memory cache of the objects most recently recorded or
+/// read (bounded: two generations of 65,536), else by one indexed read. A record is in the
+/// cache at once (a request that follows it in this process finds it) and written to the
+/// database on a blocking thread before its future resolves.
+///
+/// An existing object's owner never changes: recording an id again (an assistant updated
+/// with a new model) updates its model only if the project is the same.
+pub struct SqliteRegistry {
+    reader: Mutex<Db>,
+    writer: Arc<Mutex<Db>>,
+    cache: Mutex<Cache>,
+}
+
+impl std::fmt::Debug for SqliteRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqliteRegistry").finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Cache {
+    current: HashMap<String, Arc<ObjectRecord>>,
+    previous: HashMap<String, Arc<ObjectRecord>>,
+}
+
+impl Cache {
+    fn get(&mut self, id: &str) -> Option<Arc<ObjectRecord>> {
+        if let Some(r) = self.current.get(id) {
+            return Some(r.clone());
+        }
+        let r = self.previous.remove(id)?;
+        self.insert(r.clone());
+        Some(r)
+    }
+
+    fn insert(&mut self, r: Arc<ObjectRecord>) {
+        if self.current.len() >= CACHE_GENERATION {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.current.insert(r.id.clone(), r);
+    }
+
+    fn remove(&mut self, id: &str) {
+        self.current.remove(id);
+        self.previous.remove(id);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn unavailable(e: impl std::fmt::Display) -> RegistryError {
+    RegistryError::new(format!("object registry: {e}"))
+}
+
+impl SqliteRegistry {
+    /// Opens the registry in the database at `path` (created and migrated if needed).
+    ///
+    /// # Errors
+    ///
+    /// The database cannot be opened.
+    pub fn open(path: impl AsRef<Path>) -> Result<SqliteRegistry, DbError> {
+        Ok(SqliteRegistry {
+            reader: Mutex::new(Db::open(path.as_ref())?),
+            writer: Arc::new(Mutex::new(Db::open(path.as_ref())?)),
+            cache: Mutex::new(Cache::default()),
+        })
+    }
+
+    fn read(&self, id: &str) -> Result<Option<ObjectRecord>, DbError> {
+        lock(&self.reader).object(id)
+    }
+}
+
+impl ObjectRegistry for SqliteRegistry {
+    fn get<'a>(&'a self, id: &'a str) -> RegistryFuture<'a, Option<Arc<ObjectRecord>>> {
+        let cached = lock(&self.cache).get(id);
+        let found = match cached {
+            Some(r) => Ok(Some(r)),
+            None => self.read(id).map_err(unavailable).map(|r| {
+                r.map(|r| {
+                    let r = Arc::new(r);
+                    lock(&self.cache).insert(r.clone());
+                    r
+                })
+            }),
+        };
+        Box::pin(async move { found })
+    }
+
+    fn record(&self, objects: Vec<ObjectRecord>) -> RegistryFuture<'_, ()> {
+        {
+            let mut cache = lock(&self.cache);
+            for o in &objects {
+                // The owner of a known object never changes.
+                let keep = cache
+                    .get(&o.id)
+                    .is_some_and(|known| known.project != o.project);
+                if !keep {
+                    cache.insert(Arc::new(o.clone()));
+                }
+            }
+        }
+        let writer = self.writer.clone();
+        Box::pin(async move {
+            let written =
+                tokio::task::spawn_blocking(move || lock(&writer).record_objects(&objects))
+                    .await
+                    .map_err(unavailable)?;
+            written.map_err(unavailable)
+        })
+    }
+
+    fn remove<'a>(&'a self, id: &'a str) -> RegistryFuture<'a, ()> {
+        lock(&self.cache).remove(id);
+        let writer = self.writer.clone();
+        let id = id.to_owned();
+        Box::pin(async move {
+            let done = tokio::task::spawn_blocking(move || lock(&writer).remove_object(&id))
+                .await
+                .map_err(unavailable)?;
+            done.map(|_| ()).map_err(unavailable)
+        })
+    }
+}
+
+impl Db {
+    /// The object `id`, if recorded.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub fn object(&self, id: &str) -> Result<Option<ObjectRecord>, DbError> {
+        let row = self
+            .conn()
+            .prepare_cached(
+                "SELECT kind, project, key_id, created_at, model, models FROM objects WHERE id = ?1",
+            )?
+            .query_row([id], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, Option<String>>(4)?,
+                    r.get::<_, Option<String>>(5)?,
+                ))
+            })
+            .optional()?;
+        let Some((kind, project, key_id, created_at, model, models)) = row else {
+            return Ok(None);
+        };
+        let kind = ObjectKind::parse(&kind)
+            .ok_or_else(|| DbError::Sqlite(format!("object {id} has an unknown kind {kind:?}")))?;
+        let mut record = ObjectRecord::new(
+            id,
+            kind,
+            project,
+            key_id,
+            u64::try_from(created_at).unwrap_or(0),
+        );
+        record.model = model;
+        if let Some(models) = models {
+            let list: Vec<String> = serde_json::from_str(&models)
+                .map_err(|e| DbError::Sqlite(format!("object {id}: bad models: {e}")))?;
+            record.models = Some(list);
+        }
+        Ok(Some(record))
+    }
+
+    /// Records `objects` in one transaction. A known id keeps its project: its model (and
+    /// verified models) are updated only when the record names the same project.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub fn record_objects(&mut self, objects: &[ObjectRecord]) -> Result<(), DbError> {
+        let tx = self.conn_mut().transaction()?;
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT INTO objects (id, kind, project, key_id, created_at, model, models)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (id) DO UPDATE SET
+                     model = COALESCE(excluded.model, objects.model),
+                     models = COALESCE(excluded.models, objects.models)
+                 WHERE objects.project = excluded.project",
+            )?;
+            for o in objects {
+                let models = o
+                    .models
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(|e| DbError::Sqlite(e.to_string()))?;
+                insert.execute(params![
+                    o.id,
+                    o.kind.as_str(),
+                    o.project,
+                    o.key_id,
+                    i64::try_from(o.created_at).unwrap_or(i64::MAX),
+                    o.model,
+                    models
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Forgets object `id`; true if it was recorded.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub fn remove_object(&mut self, id: &str) -> Result<bool, DbError> {
+        Ok(self
+            .conn()
+            .prepare_cached("DELETE FROM objects WHERE id = ?1")?
+            .execute([id])?
+            > 0)
+    }
+
+    /// The objects of `project` (of `kind`, if given), oldest first.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub fn objects(
+        &self,
+        project: &str,
+        kind: Option<ObjectKind>,
+    ) -> Result<Vec<ObjectRecord>, DbError> {
+        let mut stmt = self.conn().prepare_cached(
+            "SELECT id FROM objects WHERE project = ?1 AND (?2 IS NULL OR kind = ?2)
+             ORDER BY created_at, id",
+        )?;
+        let ids: Vec<String> = stmt
+            .query_map(params![project, kind.map(ObjectKind::as_str)], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        ids.iter()
+            .filter_map(|id| self.object(id).transpose())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn objects_survive_a_reopen_and_keep_their_owner() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        {
+            let r = SqliteRegistry::open(&path).unwrap();
+            r.record(vec![
+                ObjectRecord::new("asst_1", ObjectKind::Assistant, "a", "key_a", 7)
+                    .with_model("gpt-4o"),
+                ObjectRecord::new("file-1", ObjectKind::File, "a", "key_a", 8)
+                    .with_models(vec!["gpt-4o".into()]),
+            ])
+            .await
+            .unwrap();
+            // Another project recording the same id changes nothing.
+            r.record(vec![
+                ObjectRecord::new("asst_1", ObjectKind::Assistant, "b", "key_b", 9).with_model("x"),
+            ])
+            .await
+            .unwrap();
+            assert_eq!(r.get("asst_1").await.unwrap().unwrap().project, "a");
+        }
+        let r = SqliteRegistry::open(&path).unwrap();
+        let asst = r.get("asst_1").await.unwrap().unwrap();
+        assert_eq!(
+            (
+                asst.project.as_str(),
+                asst.model.as_deref(),
+                asst.created_at
+            ),
+            ("a", Some("gpt-4o"), 7)
+        );
+        let file = r.get("file-1").await.unwrap().unwrap();
+        assert_eq!(file.models, Some(vec!["gpt-4o".to_owned()]));
+        // The same project updating its assistant's model.
+        r.record(vec![
+            ObjectRecord::new("asst_1", ObjectKind::Assistant, "a", "key_a", 10)
+                .with_model("gpt-4o-mini"),
+        ])
+        .await
+        .unwrap();
+        let db = Db::open(&path).unwrap();
+        assert_eq!(
+            db.object("asst_1").unwrap().unwrap().model.as_deref(),
+            Some("gpt-4o-mini")
+        );
+        assert_eq!(db.objects("a", None).unwrap().len(), 2);
+        assert_eq!(db.objects("a", Some(ObjectKind::File)).unwrap().len(), 1);
+        r.remove("file-1").await.unwrap();
+        assert!(r.get("file-1").await.unwrap().is_none());
+        assert!(db.object("file-1").unwrap().is_none());
+    }
+
+    #[test]
+    fn the_cache_is_bounded_and_keeps_what_is_used() {
+        let mut cache = Cache::default();
+        let rec = |i: usize| {
+            Arc::new(ObjectRecord::new(
+                format!("o{i}"),
+                ObjectKind::File,
+                "p",
+                "k",
+                0,
+            ))
+        };
+        for i in 0..CACHE_GENERATION * 3 {
+            cache.insert(rec(i));
+            // The first one stays, being used.
+            assert!(cache.get("o0").is_some());
+        }
+        assert!(cache.current.len() + cache.previous.len() <= 2 * CACHE_GENERATION);
+        assert!(cache.get("o1").is_none());
+    }
+}
