@@ -55,6 +55,8 @@ use serde_json::{Value, json};
 
 pub mod gateway;
 pub mod mock_upstream;
+// The mock upstream's stateful objects, merged into `mock_upstream::router()`.
+mod mock_objects;
 
 /// Why a command failed. Messages never contain a secret.
 #[derive(Debug, thiserror::Error)]

@@ -3,6 +3,10 @@
 //!
 //! Usage counts are derived from the request (a quarter of the prompt's characters, rounded
 //! up; the requested output ceiling, or 16), so limits and budgets can be exercised exactly.
+//!
+//! Objects (files, batches, assistants, threads, vector stores, fine-tuning jobs, stored
+//! responses and chat completions) live in the `mock_objects` module, whose
+//! routes this router merges, each router with a store of its own.
 
 use std::convert::Infallible;
 
@@ -34,22 +38,21 @@ pub fn router() -> Router {
     Router::new()
         .route("/v1/models", get(list_models))
         .route("/v1/models/{model}", get(get_model))
-        .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/completions", post(completions))
         .route("/v1/embeddings", post(embeddings))
-        .route("/v1/responses", post(responses))
         .route("/v1/audio/transcriptions", post(transcriptions))
+        .merge(crate::mock_objects::router())
         .fallback(|| async { error(StatusCode::NOT_FOUND, "unknown_url", "Unknown request URL") })
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response {
+pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response {
     let body = json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}});
     (status, Json(body)).into_response()
 }
 
 // The error is the response to send, built once per bad request: its size does not matter.
 #[allow(clippy::result_large_err)]
-fn parse(body: &Bytes) -> Result<Value, Response> {
+pub(crate) fn parse(body: &Bytes) -> Result<Value, Response> {
     serde_json::from_slice(body).map_err(|_| {
         error(
             StatusCode::BAD_REQUEST,
@@ -131,33 +134,39 @@ async fn get_model(axum::extract::Path(model): axum::extract::Path<String>) -> R
     }
 }
 
-async fn chat_completions(body: Bytes) -> Response {
-    let req = match parse(&body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let model = model_of(&req);
-    let prompt = prompt_tokens(&req, "messages");
-    let completion = completion_tokens(&req);
-    let usage = json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion});
+fn chat_usage(req: &Value) -> Value {
+    let prompt = prompt_tokens(req, "messages");
+    let completion = completion_tokens(req);
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// The chat completion (not streamed) answering `req`.
+pub(crate) fn chat_completion(req: &Value, id: &str, created: u64) -> Value {
+    json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model_of(req),
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": reply_text(completion_tokens(req))}, "finish_reason": "stop"}],
+        "usage": chat_usage(req),
+    })
+}
+
+/// The answer to a chat request: the completion, or its stream of chunks.
+pub(crate) fn chat_reply(req: &Value, id: &str, created: u64) -> Response {
     let streaming = req.get("stream").and_then(Value::as_bool).unwrap_or(false);
     if !streaming {
-        return Json(json!({
-            "id": "chatcmpl-mock",
-            "object": "chat.completion",
-            "created": 1_700_000_000,
-            "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": reply_text(completion)}, "finish_reason": "stop"}],
-            "usage": usage,
-        }))
-        .into_response();
+        return Json(chat_completion(req, id, created)).into_response();
     }
+    let model = model_of(req);
+    let completion = completion_tokens(req);
+    let usage = chat_usage(req);
     let include_usage = req
         .pointer("/stream_options/include_usage")
         .and_then(Value::as_bool)
         .unwrap_or(false);
     let chunk = |delta: Value, finish: Value| {
-        json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000,
+        json!({"id": id, "object": "chat.completion.chunk", "created": created,
                "model": model, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
     };
     let mut events = vec![chunk(
@@ -172,8 +181,9 @@ async fn chat_completions(body: Bytes) -> Response {
     }
     events.push(chunk(json!({}), json!("stop")));
     if include_usage {
-        events.push(json!({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 1_700_000_000,
-                           "model": model, "choices": [], "usage": usage}));
+        let last = json!({"id": id, "object": "chat.completion.chunk", "created": created,
+                          "model": model, "choices": [], "usage": usage});
+        events.push(last);
     }
     let events = events
         .into_iter()
@@ -223,24 +233,45 @@ async fn embeddings(body: Bytes) -> Response {
     .into_response()
 }
 
-async fn responses(body: Bytes) -> Response {
-    let req = match parse(&body) {
-        Ok(v) => v,
-        Err(r) => return r,
-    };
-    let input = prompt_tokens(&req, "input");
-    let output = completion_tokens(&req);
-    Json(json!({
-        "id": "resp_mock",
+/// The response (completed) answering `req`.
+pub(crate) fn response_object(req: &Value, id: &str, created: u64) -> Value {
+    let input = prompt_tokens(req, "input");
+    let output = completion_tokens(req);
+    json!({
+        "id": id,
         "object": "response",
-        "created_at": 1_700_000_000,
+        "created_at": created,
         "status": "completed",
-        "model": model_of(&req),
+        "model": model_of(req),
         "output": [{"type": "message", "id": "msg_mock", "status": "completed", "role": "assistant",
                     "content": [{"type": "output_text", "text": reply_text(output), "annotations": []}]}],
         "usage": {"input_tokens": input, "output_tokens": output, "total_tokens": input + output},
-    }))
-    .into_response()
+    })
+}
+
+/// The answer to a responses request: the response, or (asked to stream) its events:
+/// `response.created` (in progress, no output yet), the text, and `response.completed` with
+/// the usage.
+pub(crate) fn responses_reply(req: &Value, response: Value) -> Response {
+    if req.get("stream").and_then(Value::as_bool) != Some(true) {
+        return Json(response).into_response();
+    }
+    let mut started = response.clone();
+    started["status"] = json!("in_progress");
+    started["output"] = json!([]);
+    started["usage"] = Value::Null;
+    let text = response.pointer("/output/0/content/0/text").cloned();
+    let events = [
+        json!({"type": "response.created", "sequence_number": 0, "response": started}),
+        json!({"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_mock",
+               "output_index": 0, "content_index": 0, "delta": text}),
+        json!({"type": "response.completed", "sequence_number": 2, "response": response}),
+    ];
+    let events = events.into_iter().map(|v| {
+        let name = v["type"].as_str().unwrap_or_default().to_owned();
+        Ok::<_, Infallible>(Event::default().event(name).data(v.to_string()))
+    });
+    Sse::new(stream::iter(events)).into_response()
 }
 
 async fn transcriptions(headers: HeaderMap, body: Bytes) -> Response {
