@@ -50,6 +50,13 @@ impl<B> RequestBody<B> {
     }
 }
 
+/// No bytes (what a request made by a layer inside, such as the next page of a list, carries).
+impl<B> Default for RequestBody<B> {
+    fn default() -> Self {
+        RequestBody::buffered(Bytes::new())
+    }
+}
+
 impl<B> std::fmt::Debug for RequestBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.kind {

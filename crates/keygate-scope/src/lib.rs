@@ -145,6 +145,7 @@ mod body;
 mod decompress;
 mod ip;
 mod layer;
+mod lists;
 mod models;
 mod multipart;
 pub mod objects;
@@ -164,7 +165,11 @@ pub use layer::{
     DEFAULT_BODY_LIMIT, DEFAULT_MAX_TOKENIZED, PeerAddrFn, ScopeConfig, ScopeConfigError,
     ScopeLayer, default_peer_addr,
 };
-pub use models::{ModelList, ModelListLayer};
+pub use lists::{
+    MAX_LIMIT, MAX_LIST_PAGES, OPENAI_LISTS, ObjectList, ObjectListFuture, ObjectListLayer,
+    UPSTREAM_PAGE,
+};
+pub use models::{ListBody, ModelList, ModelListLayer};
 #[cfg(any(test, fuzzing))]
 #[doc(hidden)]
 pub use path::canonical_path;

@@ -214,7 +214,9 @@ where
 }
 
 pin_project! {
-    /// Response body of [`ModelList`]: the inner body, or the filtered list.
+    /// Response body of [`ModelList`] and [`ObjectList`](crate::ObjectList): the inner body,
+    /// or the filtered list.
+    #[allow(missing_docs)]
     #[project = ListBodyProj]
     pub enum ListBody<B> {
         /// The inner service's body, untouched.

@@ -46,10 +46,10 @@ const LINE_LIMIT: usize = 1 << 20;
 
 /// The objects named in `path` by `route`'s parameters.
 pub(crate) fn path_refs(route: &Route, path: &str, out: &mut Vec<ObjectRef>) {
-    for (index, suffix, name, kind) in &*route.objects {
-        if let Some(raw) = path_param(path, *index, *suffix) {
+    for o in &*route.objects {
+        if let Some(raw) = path_param(path, o.index, o.suffix) {
             let id = decode(raw).unwrap_or(std::borrow::Cow::Borrowed(raw));
-            out.push(ObjectRef::new(&*id, RefAt::Path(name.clone()), *kind));
+            out.push(ObjectRef::new(&*id, RefAt::Path(o.name.clone()), o.kind));
         }
     }
 }
@@ -94,24 +94,15 @@ fn model_not_allowed(param: &'static str) -> Denial {
     .with_param(param)
 }
 
-/// What the ownership check concluded beyond "every object is the caller's".
-pub(crate) struct Checked {
-    /// The facts, with the model of an indirect route filled in from the registry.
-    pub(crate) facts: RequestFacts,
-    /// The models an indirect route will use were all verified (a batch's input file).
-    pub(crate) verified: bool,
-}
-
 /// Checks every object `facts` names against `registry`, for `principal`.
 pub(crate) async fn check(
     registry: Arc<dyn ObjectRegistry>,
     principal: Principal,
     indirect: bool,
     mut facts: RequestFacts,
-) -> Result<Checked, Denial> {
+) -> Result<RequestFacts, Denial> {
     let project = &principal.project().id;
     let rules = principal.has_model_rules();
-    let mut verified = false;
     let mut inherited: Option<String> = None;
     for r in &facts.objects {
         let record = registry.get(&r.id).await.map_err(|_| unavailable())?;
@@ -138,7 +129,7 @@ pub(crate) async fn check(
                     if rules && models.iter().any(|m| !principal.allows_model(m)) {
                         return Err(model_not_allowed("input_file_id"));
                     }
-                    verified = true;
+                    facts.models_verified = true;
                 }
             }
             _ => {}
@@ -150,7 +141,7 @@ pub(crate) async fn check(
         facts.model = Some(RequestedModel::new(model.as_str()));
         facts.model_source = Some(ModelSource::Object);
     }
-    Ok(Checked { facts, verified })
+    Ok(facts)
 }
 
 /// What recording a response needs to know about the request.

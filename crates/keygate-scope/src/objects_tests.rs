@@ -263,8 +263,6 @@ async fn a_run_is_checked_and_priced_as_its_assistants_model() {
     assert_eq!(status, StatusCode::FORBIDDEN, "{v}");
     assert_eq!(v["error"]["code"], "model_not_allowed");
     let allowed = key_of("a", &["gpt-4o"]);
-    let path = format!("/v1/threads/x/runs");
-    let _ = path;
     let (status, v) = gate
         .call(
             &allowed,
@@ -484,4 +482,125 @@ async fn a_registry_that_cannot_answer_refuses_with_503() {
         .call(&key_of("a", &[]), Method::GET, "/v1/models", None)
         .await;
     assert_eq!(status, StatusCode::OK);
+}
+
+/// An upstream list of `total` objects `o0`… (newest first), served three per page whatever
+/// the `limit`, honouring `after`; counts the pages served.
+fn paged_upstream(
+    total: usize,
+    pages: Arc<AtomicUsize>,
+) -> impl tower::Service<
+    Request<Full<Bytes>>,
+    Response = Response<Full<Bytes>>,
+    Error = Infallible,
+    Future = impl Send,
+> + Clone
++ Send
++ 'static {
+    service_fn(move |req: Request<Full<Bytes>>| {
+        let pages = pages.clone();
+        async move {
+            pages.fetch_add(1, Ordering::SeqCst);
+            let query = req.uri().query().unwrap_or("");
+            let after = query
+                .split('&')
+                .find_map(|p| p.strip_prefix("after="))
+                .and_then(|a| a.strip_prefix('o'))
+                .and_then(|n| n.parse::<usize>().ok());
+            let start = after.map_or(0, |n| total - n);
+            let ids: Vec<usize> = (0..total).rev().skip(start).take(3).collect();
+            let data: Vec<Value> = ids
+                .iter()
+                .map(|n| json!({"id": format!("o{n}"), "object": "file"}))
+                .collect();
+            let more = start + ids.len() < total;
+            let body = json!({"object": "list", "data": data, "first_id": null, "last_id": null, "has_more": more});
+            Ok::<_, Infallible>(
+                Response::builder()
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body.to_string())))
+                    .unwrap(),
+            )
+        }
+    })
+}
+
+async fn list_page(
+    registry: &Arc<MemoryRegistry>,
+    total: usize,
+    who: &Principal,
+    query: &str,
+) -> (StatusCode, Value, usize) {
+    let pages = Arc::new(AtomicUsize::new(0));
+    let svc = ObjectListLayer::new(registry.clone()).layer(paged_upstream(total, pages.clone()));
+    let svc = ScopeLayer::openai()
+        .with_objects(registry.clone())
+        .layer(svc);
+    let mut req = Request::get(format!("/v1/files{query}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    req.extensions_mut().insert(who.clone());
+    let res = svc.oneshot(req).await.unwrap();
+    let status = res.status();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&body).unwrap(),
+        pages.load(Ordering::SeqCst),
+    )
+}
+
+#[tokio::test]
+async fn a_list_reads_upstream_pages_until_its_page_is_full_and_says_truly_whether_more_follow() {
+    let registry = Arc::new(MemoryRegistry::new());
+    // Of 30 files, the caller's are o25, o17, o4 (one in ten, far apart).
+    let total = 30;
+    registry.record_now((0..total).map(|n| {
+        let project = if [25, 17, 4].contains(&n) { "a" } else { "b" };
+        ObjectRecord::new(format!("o{n}"), ObjectKind::File, project, "k", 0)
+    }));
+    let a = key_of("a", &[]);
+    let ids = |v: &Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| o["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let (status, v, read) = list_page(&registry, total, &a, "?limit=2").await;
+    assert_eq!(status, StatusCode::OK, "{v}");
+    assert_eq!(ids(&v), ["o25", "o17"]);
+    assert_eq!(
+        (v["first_id"].as_str(), v["last_id"].as_str()),
+        (Some("o25"), Some("o17"))
+    );
+    assert_eq!(v["has_more"], true);
+    // Pages of three: o29..o27, …, up to o5..o3, where o4 (the look-ahead) is found.
+    assert_eq!(read, 9);
+    let (_, v, _) = list_page(&registry, total, &a, "?limit=2&after=o17").await;
+    assert_eq!(ids(&v), ["o4"]);
+    assert_eq!(v["has_more"], false, "nothing of the caller's follows");
+    // Another project's list never shows the caller's objects.
+    let (_, v, _) = list_page(&registry, total, &key_of("b", &[]), "?limit=100").await;
+    assert_eq!(ids(&v).len(), 27);
+    assert!(!ids(&v).contains(&"o25".to_owned()));
+}
+
+#[tokio::test]
+async fn a_list_too_sparse_to_fill_within_the_page_budget_says_so() {
+    let registry = Arc::new(MemoryRegistry::new());
+    // More upstream pages of other projects' objects than one request reads.
+    let total = 3 * MAX_LIST_PAGES + 3;
+    registry.record_now([ObjectRecord::new("o0", ObjectKind::File, "a", "k", 0)]);
+    let (status, v, read) = list_page(&registry, total, &key_of("a", &[]), "").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{v}");
+    assert_eq!(v["error"]["code"], "list_too_sparse");
+    assert_eq!(read, MAX_LIST_PAGES);
+    let (status, v, _) = list_page(&registry, 3 * MAX_LIST_PAGES, &key_of("a", &[]), "").await;
+    assert_eq!((status, ids_len(&v)), (StatusCode::OK, 1), "{v}");
+}
+
+fn ids_len(v: &Value) -> usize {
+    v["data"].as_array().map_or(0, Vec::len)
 }

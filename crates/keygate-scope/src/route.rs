@@ -244,6 +244,17 @@ impl ModelSources {
     }
 }
 
+/// A path parameter that names an object.
+#[derive(Debug, Clone)]
+pub(crate) struct PathObject {
+    /// The segment's index.
+    pub(crate) index: usize,
+    /// The length of the segment's literal suffix.
+    pub(crate) suffix: usize,
+    pub(crate) name: Arc<str>,
+    pub(crate) kind: ObjectKind,
+}
+
 /// A compiled route.
 #[derive(Debug, Clone)]
 pub(crate) struct Route {
@@ -257,8 +268,8 @@ pub(crate) struct Route {
     pub(crate) indirect: bool,
     pub(crate) grpc: bool,
     pub(crate) batch_input: bool,
-    /// The path parameters that name objects: (segment index, suffix length, name, kind).
-    pub(crate) objects: Box<[(usize, usize, Arc<str>, ObjectKind)]>,
+    /// The path parameters that name objects.
+    pub(crate) objects: Box<[PathObject]>,
     pub(crate) records: bool,
     pub(crate) stored_by_default: Option<bool>,
     pub(crate) deletes: bool,
@@ -554,7 +565,12 @@ impl RouteTable {
                 Seg::Param { name, suffix } => {
                     let previous = if i == 0 { "" } else { segs[i - 1] };
                     if let Some(kind) = path_object_kind(name, previous) {
-                        objects.push((i, suffix.len(), Arc::from(name), kind));
+                        objects.push(PathObject {
+                            index: i,
+                            suffix: suffix.len(),
+                            name: Arc::from(name),
+                            kind,
+                        });
                     }
                     params.push((name, i, suffix.len()));
                     node = match self.nodes[node].params.iter().find(|(s, _)| &**s == suffix) {

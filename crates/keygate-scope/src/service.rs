@@ -450,7 +450,6 @@ fn finish(
     mut facts: RequestFacts,
     method: &Method,
     path: &str,
-    verified: bool,
 ) -> Result<RequestFacts, Denial> {
     if facts.model.is_none()
         && let Some(default) = &route.default_model
@@ -468,7 +467,7 @@ fn finish(
             )
             .with_param("model"));
         }
-        None if rules && route.indirect && !verified => {
+        None if rules && route.indirect && !facts.models_verified => {
             return Err(scope_denial(
                 StatusCode::FORBIDDEN,
                 "model_unverifiable",
@@ -508,6 +507,9 @@ type Checking = Pin<Box<dyn Future<Output = Result<RequestFacts, Denial>> + Send
 
 /// What follows the facts: the request's objects checked against the registry (when it
 /// names any: then later), and [`finish`].
+// Returned and matched at once, never stored: boxing the large variant would only add an
+// allocation to every request.
+#[allow(clippy::large_enum_variant)]
 enum Next {
     Done(Result<RequestFacts, Denial>),
     Later(Checking),
@@ -525,30 +527,21 @@ fn after_facts(
     let route = shared.routes.route(route_id);
     let Some(registry) = &shared.objects else {
         return Next::Done(finish(
-            shared, principal, route, client_ip, facts, method, path, false,
+            shared, principal, route, client_ip, facts, method, path,
         ));
     };
     objects::path_refs(route, path, &mut facts.objects);
     if facts.objects.is_empty() {
         return Next::Done(finish(
-            shared, principal, route, client_ip, facts, method, path, false,
+            shared, principal, route, client_ip, facts, method, path,
         ));
     }
     let (shared, registry, principal) = (shared.clone(), registry.clone(), principal.clone());
     let (method, path) = (method.clone(), path.to_owned());
     Next::Later(Box::pin(async move {
         let route = shared.routes.route(route_id);
-        let checked = objects::check(registry, principal.clone(), route.indirect, facts).await?;
-        finish(
-            &shared,
-            &principal,
-            route,
-            client_ip,
-            checked.facts,
-            &method,
-            &path,
-            checked.verified,
-        )
+        let facts = objects::check(registry, principal.clone(), route.indirect, facts).await?;
+        finish(&shared, &principal, route, client_ip, facts, &method, &path)
     }))
 }
 

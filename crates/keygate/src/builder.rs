@@ -12,17 +12,17 @@ use keygate_limit::{
     WalletGuard,
 };
 use keygate_scope::{
-    DEFAULT_BODY_LIMIT, ModelList, ModelListLayer, Policy, RouteError, RouteSpec, RouteTable,
-    Scope, ScopeLayer, TrustedProxies,
+    DEFAULT_BODY_LIMIT, ModelList, ModelListLayer, ObjectList, ObjectListLayer, Policy, RouteError,
+    RouteSpec, RouteTable, Scope, ScopeLayer, TrustedProxies,
 };
 use tower_layer::Layer;
 
 use crate::spend::SpendBackend;
 
 /// The service a [`KeygateLayer`] wraps around `S`: audit → key extraction → scope → model-list
-/// filter → request rate → token rate and budgets → `S`.
+/// filter → request rate → token rate and budgets → object-list filter → `S`.
 pub type KeygateService<S, K, T = NoTokens> =
-    Audit<KeyExtract<Scope<ModelList<RateLimit<TokenLimit<S, SpendBackend>>>>, K, T>>;
+    Audit<KeyExtract<Scope<ModelList<RateLimit<TokenLimit<ObjectList<S>, SpendBackend>>>>, K, T>>;
 
 /// The OpenAI preset's route specs, with `model_required` off on routes that carry no model
 /// (a caller with model rules can always list models or read its files).
@@ -507,9 +507,13 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
         for edit in self.policies {
             scope = edit(scope);
         }
-        if let Some(registry) = self.objects {
-            scope = scope.with_objects(registry);
-        }
+        let lists = match self.objects {
+            Some(registry) => {
+                scope = scope.with_objects(registry.clone());
+                ObjectListLayer::new(registry)
+            }
+            None => ObjectListLayer::off(),
+        };
 
         let models = match self.model_list_path {
             Some(path) if path.starts_with('/') => ModelListLayer::new().with_path(&path),
@@ -556,6 +560,7 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
             extract,
             scope,
             models,
+            lists,
             rate,
             tokens,
         })
@@ -574,6 +579,7 @@ pub struct KeygateLayer<K, T = NoTokens> {
     extract: KeyExtractLayer<K, T>,
     scope: ScopeLayer,
     models: ModelListLayer,
+    lists: ObjectListLayer,
     rate: RateLimitLayer,
     tokens: TokenLimitLayer<SpendBackend>,
 }
@@ -585,6 +591,7 @@ impl<K, T> Clone for KeygateLayer<K, T> {
             extract: self.extract.clone(),
             scope: self.scope.clone(),
             models: self.models.clone(),
+            lists: self.lists.clone(),
             rate: self.rate.clone(),
             tokens: self.tokens.clone(),
         }
@@ -640,6 +647,7 @@ impl<S, K, T> Layer<S> for KeygateLayer<K, T> {
     type Service = KeygateService<S, K, T>;
 
     fn layer(&self, inner: S) -> Self::Service {
+        let inner = self.lists.layer(inner);
         let inner = self.tokens.layer(inner);
         let inner = self.rate.layer(inner);
         let inner = self.models.layer(inner);

@@ -266,6 +266,9 @@ pub struct RequestFacts {
     /// The objects the request names, in its path and its body: the caller's project must
     /// own each (checked by the scope layer when it has an object registry).
     pub objects: Vec<ObjectRef>,
+    /// The models an indirect route will use (a batch: its input file's requests') were all
+    /// verified against the caller's rules from the objects the request names.
+    pub models_verified: bool,
     /// The JSON body's layout, when it was scanned: where fields can be changed.
     pub(crate) layout: Option<json::Edits>,
 }
@@ -290,6 +293,7 @@ impl RequestFacts {
             image_quality: None,
             batch_models: None,
             objects: Vec::new(),
+            models_verified: false,
             layout: None,
         }
     }
