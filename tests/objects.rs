@@ -11,6 +11,7 @@ use bytes::Bytes;
 use common::{Answer, Setup, call, cli, send};
 use http::Request;
 use http_body_util::Full;
+use keygate_workspace::gateway::{self, GatewayOptions};
 use serde_json::{Value, json};
 
 /// A key with every permission in `project`, and `extra` CLI arguments; its secret.
@@ -413,5 +414,128 @@ async fn ownership_survives_a_restart() {
     // The owner reaches the upstream (whose memory the restart emptied: it answers 404 itself).
     let mine = call(gw.addr(), "GET", &path, Some(&a), None).await;
     assert_ne!(mine.code(), "object_not_found", "{:?}", mine.body);
+    gw.shutdown().await;
+}
+
+/// Runs the CLI on the store at `db` with `--json`.
+fn store_cli(db: &std::path::Path, args: &[&str]) -> Value {
+    let url = format!("sqlite:{}", db.display());
+    let mut argv = vec!["keygate", "--store", url.as_str(), "--json"];
+    argv.extend_from_slice(args);
+    let mut out = Vec::new();
+    let now = keygate::Clock::system().now();
+    keygate_cli::run(argv, now, &mut out).unwrap_or_else(|e| panic!("keygate {args:?}: {e}"));
+    serde_json::from_slice(&out).unwrap()
+}
+
+#[tokio::test]
+async fn objects_made_without_keygate_are_refused_until_imported() {
+    let setup = Setup::new();
+    let db = setup.dir.path().join("k.db");
+    let secret = |v: Value| v["secret"].as_str().unwrap().to_owned();
+    let a = secret(store_cli(
+        &db,
+        &[
+            "keys",
+            "create",
+            "--project",
+            "a",
+            "--create-project",
+            "--permissions",
+            "all",
+            "--allow-model",
+            "gpt-4o-mini",
+        ],
+    ));
+    let b = secret(store_cli(
+        &db,
+        &[
+            "keys",
+            "create",
+            "--project",
+            "b",
+            "--create-project",
+            "--permissions",
+            "all",
+        ],
+    ));
+    // Keys (and objects) from the store.
+    let config = setup.dir.path().join("store.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "store = {:?}\n[audit]\ntracing = false\n",
+            format!("sqlite:{}", db.display())
+        ),
+    )
+    .unwrap();
+    let mut options = GatewayOptions::new("127.0.0.1:0".parse().unwrap());
+    options.config = Some(config);
+    let gw = gateway::start(options, &mut Vec::new()).await.unwrap();
+    let addr = gw.addr();
+    // An assistant made upstream without keygate.
+    let made = "asst_upstream1";
+    let path = format!("/v1/assistants/{made}");
+    assert_eq!(
+        call(addr, "GET", &path, Some(&a), None).await.code(),
+        "object_not_found"
+    );
+    let run = post(addr, &a, "/v1/threads/runs", json!({"assistant_id": made})).await;
+    assert_eq!(run.code(), "object_not_found");
+    let out = store_cli(
+        &db,
+        &[
+            "objects",
+            "import",
+            "--project",
+            "a",
+            "--kind",
+            "assistant",
+            "--model",
+            "gpt-4o",
+            made,
+        ],
+    );
+    assert_eq!(out["imported"], json!([made]));
+    // Seen by the running gateway at once; its model is checked for runs.
+    let got = call(addr, "GET", &path, Some(&a), None).await;
+    assert_ne!(got.code(), "object_not_found");
+    let run = post(addr, &a, "/v1/threads/runs", json!({"assistant_id": made})).await;
+    assert_eq!(
+        (run.status.as_u16(), run.code().as_str()),
+        (403, "model_not_allowed")
+    );
+    assert_eq!(
+        call(addr, "GET", &path, Some(&b), None).await.code(),
+        "object_not_found"
+    );
+    // Importing it again for another project keeps its owner.
+    let again = store_cli(
+        &db,
+        &[
+            "objects",
+            "import",
+            "--project",
+            "b",
+            "--kind",
+            "assistant",
+            made,
+        ],
+    );
+    assert_eq!(again["kept"][0]["project"], "a");
+    assert_eq!(
+        call(addr, "GET", &path, Some(&b), None).await.code(),
+        "object_not_found"
+    );
+    let listed = store_cli(&db, &["objects", "list", "--project", "a"]);
+    assert_eq!(listed[0]["id"], made);
+    assert_eq!(
+        store_cli(&db, &["objects", "remove", made])["removed"],
+        json!([made])
+    );
+    assert_eq!(
+        store_cli(&db, &["objects", "list", "--project", "a"]),
+        json!([])
+    );
     gw.shutdown().await;
 }

@@ -139,6 +139,50 @@ enum Command {
     /// What keys have spent (from the store's ledger).
     #[command(subcommand)]
     Spend(SpendCommand),
+    /// The objects each project owns (files, assistants, batches, ...): list them, import
+    /// ones made before keygate, forget them.
+    #[command(subcommand)]
+    Objects(ObjectsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum ObjectsCommand {
+    /// List a project's objects.
+    List {
+        /// The project.
+        #[arg(long)]
+        project: String,
+        /// Only objects of this kind (`file`, `assistant`, `batch`, `thread`, ...).
+        #[arg(long)]
+        kind: Option<String>,
+    },
+    /// Give a project objects made upstream without keygate (they are refused to everyone
+    /// until imported). An id some project already owns keeps its owner.
+    Import {
+        /// The project that owns them.
+        #[arg(long)]
+        project: String,
+        /// Their kind (`file`, `assistant`, `batch`, `thread`, `vector_store`,
+        /// `fine_tuning_job`, `fine_tuning_checkpoint`, `response`, ...).
+        #[arg(long)]
+        kind: String,
+        /// For assistants and runs: the model they use (checked against keys' model rules).
+        #[arg(long)]
+        model: Option<String>,
+        /// For batch input files: a model their requests name (repeat for each); without
+        /// it, a key with model rules cannot run a batch of the file.
+        #[arg(long = "batch-model")]
+        batch_models: Vec<String>,
+        /// The upstream's ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Forget objects (they are then refused to everyone).
+    Remove {
+        /// The ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -372,6 +416,7 @@ where
         Command::Keys(cmd) => ctx.keys(cmd)?,
         Command::Projects(cmd) => ctx.projects(cmd)?,
         Command::Spend(SpendCommand::Show { id }) => ctx.spend(&id)?,
+        Command::Objects(cmd) => ctx.objects(cmd)?,
     };
     out.write_all(text.as_bytes())?;
     out.flush()?;
@@ -805,6 +850,110 @@ impl Ctx {
         );
         let json = json!({ "secret": secret.expose(), "key": key_json(&key, self.now) });
         Ok(self.output(json, text))
+    }
+
+    fn objects(&self, cmd: ObjectsCommand) -> Result<String, CliError> {
+        use keygate_core::{ObjectKind, ObjectRecord};
+        let Target::Store(db) = &self.target else {
+            return Err(invalid(
+                "objects are kept in the store: give --store, not --file",
+            ));
+        };
+        let kind_of = |k: &str| {
+            ObjectKind::parse(k).ok_or_else(|| {
+                let all: Vec<&str> = ObjectKind::ALL.iter().map(|k| k.as_str()).collect();
+                invalid(format!("unknown kind {k:?} (one of: {})", all.join(", ")))
+            })
+        };
+        match cmd {
+            ObjectsCommand::List { project, kind } => {
+                let kind = kind.as_deref().map(kind_of).transpose()?;
+                let objects = db.borrow().objects(&project, kind)?;
+                let mut text = format!("{:<40} {:<24} {:<24} {}\n", "ID", "KIND", "MODEL", "KEY");
+                for o in &objects {
+                    text.push_str(&format!(
+                        "{:<40} {:<24} {:<24} {}\n",
+                        o.id,
+                        o.kind.as_str(),
+                        o.model.as_deref().unwrap_or("-"),
+                        if o.key_id.is_empty() {
+                            "(imported)"
+                        } else {
+                            &o.key_id
+                        }
+                    ));
+                }
+                Ok(self.output(serde_json::to_value(&objects).unwrap_or_default(), text))
+            }
+            ObjectsCommand::Import {
+                project,
+                kind,
+                model,
+                batch_models,
+                ids,
+            } => {
+                let kind = kind_of(&kind)?;
+                if db.borrow().project(&project)?.is_none() {
+                    return Err(invalid(format!("no project {project:?}")));
+                }
+                let at = self.now.as_unix_secs();
+                let mut models = batch_models;
+                models.sort();
+                models.dedup();
+                let records: Vec<ObjectRecord> = ids
+                    .iter()
+                    .map(|id| {
+                        let mut r = ObjectRecord::new(id, kind, &*project, "", at);
+                        r.model.clone_from(&model);
+                        if !models.is_empty() {
+                            r = r.with_models(models.clone());
+                        }
+                        r
+                    })
+                    .collect();
+                let mut kept = Vec::new();
+                for id in &ids {
+                    if let Some(o) = db.borrow().object(id)?
+                        && o.project != project
+                    {
+                        kept.push(json!({"id": id, "project": o.project}));
+                    }
+                }
+                db.borrow_mut().record_objects(&records)?;
+                let mut text = format!(
+                    "imported {} {} object(s) into project {project}\n",
+                    ids.len() - kept.len(),
+                    kind.as_str()
+                );
+                for k in &kept {
+                    text.push_str(&format!(
+                        "kept {} with its owner, project {}\n",
+                        k["id"].as_str().unwrap_or_default(),
+                        k["project"].as_str().unwrap_or_default()
+                    ));
+                }
+                let imported: Vec<&String> = ids
+                    .iter()
+                    .filter(|id| !kept.iter().any(|k| k["id"] == ***id))
+                    .collect();
+                Ok(self.output(
+                    json!({"imported": imported, "kept": kept, "project": project, "kind": kind.as_str()}),
+                    text,
+                ))
+            }
+            ObjectsCommand::Remove { ids } => {
+                let mut removed = Vec::new();
+                for id in &ids {
+                    if db.borrow_mut().remove_object(id)? {
+                        removed.push(id.clone());
+                    }
+                }
+                Ok(self.output(
+                    json!({"removed": removed}),
+                    format!("removed {} object(s)\n", removed.len()),
+                ))
+            }
+        }
     }
 
     fn spend(&self, id: &str) -> Result<String, CliError> {

@@ -51,11 +51,14 @@ pub enum ObjectKind {
     Response,
     /// `chat.completion` (a stored chat completion).
     ChatCompletion,
+    /// A fine-tuned model (`ft:…`), recorded when its fine-tuning job is seen to have made
+    /// it: only its project may use, retrieve or delete it.
+    Model,
 }
 
 impl ObjectKind {
     /// Every kind.
-    pub const ALL: [ObjectKind; 13] = [
+    pub const ALL: [ObjectKind; 14] = [
         ObjectKind::File,
         ObjectKind::Upload,
         ObjectKind::Batch,
@@ -69,6 +72,7 @@ impl ObjectKind {
         ObjectKind::FineTuningCheckpoint,
         ObjectKind::Response,
         ObjectKind::ChatCompletion,
+        ObjectKind::Model,
     ];
 
     /// The kind of an object whose `object` field is `object` (`"file"`, `"thread.run"`).
@@ -87,6 +91,7 @@ impl ObjectKind {
             "fine_tuning.job.checkpoint" => ObjectKind::FineTuningCheckpoint,
             "response" => ObjectKind::Response,
             "chat.completion" => ObjectKind::ChatCompletion,
+            "model" => ObjectKind::Model,
             _ => return None,
         })
     }
@@ -107,6 +112,7 @@ impl ObjectKind {
             ObjectKind::FineTuningCheckpoint => "fine_tuning_checkpoint",
             ObjectKind::Response => "response",
             ObjectKind::ChatCompletion => "chat_completion",
+            ObjectKind::Model => "model",
         }
     }
 

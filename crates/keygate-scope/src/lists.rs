@@ -37,7 +37,11 @@ const PAGE_BYTES: usize = 16 << 20;
 /// The routes the OpenAI preset lists objects on, with the kind each lists. Lists inside an
 /// object (a thread's messages and runs, a vector store's files) need no filter: the scope
 /// layer lets only the owner reach the object.
-pub const OPENAI_LISTS: [(&str, ObjectKind); 6] = [
+///
+/// `GET /v1/models` is not paginated: its answer is passed on with the fine-tuned models
+/// (`ft:…`) of other projects, and those keygate never recorded, taken out.
+pub const OPENAI_LISTS: [(&str, ObjectKind); 7] = [
+    ("/v1/models", ObjectKind::Model),
     ("/v1/files", ObjectKind::File),
     ("/v1/batches", ObjectKind::Batch),
     ("/v1/assistants", ObjectKind::Assistant),
@@ -213,6 +217,73 @@ where
     }
 }
 
+/// The models list, without the fine-tuned models that are not the caller's project's.
+async fn models<S, ReqBody, ResBody>(
+    mut inner: S,
+    registry: Arc<dyn ObjectRegistry>,
+    req: Request<ReqBody>,
+    project: String,
+) -> Result<Response<ListBody<ResBody>>, S::Error>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+    ResBody::Error: Into<BoxError>,
+{
+    let unreadable = || {
+        list_error(
+            StatusCode::BAD_GATEWAY,
+            "upstream_error",
+            "The models list could not be read.",
+        )
+    };
+    let response = inner.call(req).await?;
+    if !response.status().is_success() {
+        return Ok(response.map(|body| ListBody::Inner { body }));
+    }
+    if response.headers().get(CONTENT_ENCODING).is_some() {
+        return Ok(unreadable());
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = Limited::new(body, PAGE_BYTES)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+    else {
+        return Ok(unreadable());
+    };
+    let Ok(Value::Object(mut doc)) = serde_json::from_slice::<Value>(&bytes) else {
+        return Ok(unreadable());
+    };
+    let Some(Value::Array(data)) = doc.remove("data") else {
+        return Ok(unreadable());
+    };
+    let mut kept = Vec::with_capacity(data.len());
+    for item in data {
+        let id = item.get("id").and_then(Value::as_str).unwrap_or("");
+        if id.starts_with(crate::objects::FINE_TUNED_PREFIX) {
+            match registry.get(id).await {
+                Ok(Some(r)) if r.project == project && r.kind == ObjectKind::Model => {}
+                Ok(_) => continue,
+                Err(_) => {
+                    return Ok(list_error(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "objects_unavailable",
+                        "The object registry is unavailable; try again shortly.",
+                    ));
+                }
+            }
+        }
+        kept.push(item);
+    }
+    doc.insert("data".into(), Value::Array(kept));
+    let bytes = Bytes::from(serde_json::to_vec(&doc).unwrap_or_default());
+    parts.headers.insert(CONTENT_LENGTH, bytes.len().into());
+    Ok(Response::from_parts(
+        parts,
+        ListBody::Full { data: Some(bytes) },
+    ))
+}
+
 fn list_error<B>(
     status: StatusCode,
     code: &'static str,
@@ -284,6 +355,9 @@ where
     ResBody: Body<Data = Bytes>,
     ResBody::Error: Into<BoxError>,
 {
+    if kind == ObjectKind::Model {
+        return models(inner, registry, req, project).await;
+    }
     let (parts, _) = req.into_parts();
     let (rest, mut cursor, limit) = split_query(parts.uri.query());
     let wanted = match limit.as_deref().map(str::parse::<usize>) {

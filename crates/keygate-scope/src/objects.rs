@@ -44,6 +44,23 @@ pub const RECORD_LIMIT: usize = 4 << 20;
 /// unread.
 const LINE_LIMIT: usize = 1 << 20;
 
+/// The prefix of fine-tuned models' names: such a model is an object its project owns.
+pub const FINE_TUNED_PREFIX: &str = "ft:";
+
+/// The fine-tuned model a request names (in its body, path or query), as an object to check.
+pub(crate) fn model_ref(facts: &RequestFacts, out: &mut Vec<ObjectRef>) {
+    if let Some(model) = facts.model()
+        && model.starts_with(FINE_TUNED_PREFIX)
+        && facts.model_source != Some(ModelSource::Object)
+    {
+        let at = match facts.model_source {
+            Some(ModelSource::Path) => RefAt::Path(Arc::from("model")),
+            _ => RefAt::Body("model"),
+        };
+        out.push(ObjectRef::new(model, at, ObjectKind::Model));
+    }
+}
+
 /// The objects named in `path` by `route`'s parameters.
 pub(crate) fn path_refs(route: &Route, path: &str, out: &mut Vec<ObjectRef>) {
     for o in &*route.objects {
@@ -204,10 +221,27 @@ fn objects_of(v: &Value, owner: &Owner, out: &mut Vec<ObjectRecord>) {
             owner.now,
         ));
     }
+    // A fine-tuning job that made a model: the model is the caller's.
+    if kind == ObjectKind::FineTuningJob
+        && let Some(model) = map.get("fine_tuned_model").and_then(Value::as_str)
+    {
+        out.push(ObjectRecord::new(
+            model,
+            ObjectKind::Model,
+            &*owner.project,
+            &*owner.key_id,
+            owner.now,
+        ));
+    }
     // A completed upload: its file.
     if let Some(file) = map.get("file") {
         objects_of(file, owner, out);
     }
+}
+
+#[cfg(test)]
+pub(crate) fn objects_of_for_tests(v: &Value, owner: &Owner, out: &mut Vec<ObjectRecord>) {
+    objects_of(v, owner, out);
 }
 
 fn record_future(

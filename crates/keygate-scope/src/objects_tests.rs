@@ -15,6 +15,7 @@ use keygate_core::{
 use serde_json::{Value, json};
 use tower::{Layer, ServiceExt, service_fn};
 
+use crate::objects::Owner;
 use crate::*;
 
 fn key_of(project: &str, models: &[&str]) -> Principal {
@@ -603,4 +604,105 @@ async fn a_list_too_sparse_to_fill_within_the_page_budget_says_so() {
 
 fn ids_len(v: &Value) -> usize {
     v["data"].as_array().map_or(0, Vec::len)
+}
+
+#[tokio::test]
+async fn a_fine_tuned_model_is_its_projects_alone() {
+    let gate = Gate::new();
+    let (a, b) = (key_of("a", &[]), key_of("b", &[]));
+    // A job seen done: the model it made is the job's project's.
+    gate.registry.record_now([ObjectRecord::new(
+        "ftjob-1",
+        ObjectKind::FineTuningJob,
+        "a",
+        "key_a",
+        1,
+    )]);
+    let owner = Owner {
+        registry: gate.registry.clone(),
+        project: "a".into(),
+        key_id: "key_a".into(),
+        now: 2,
+        batch_models: None,
+    };
+    let mut found = Vec::new();
+    crate::objects::objects_of_for_tests(
+        &json!({"id": "ftjob-1", "object": "fine_tuning.job", "model": "gpt-4o-mini", "fine_tuned_model": "ft:gpt-4o-mini:org::x1"}),
+        &owner,
+        &mut found,
+    );
+    assert_eq!(found[1].kind, ObjectKind::Model);
+    gate.registry.record_now(found);
+    let chat = |model: &str| json!({"model": model, "messages": []});
+    let (status, _) = gate
+        .call(
+            &a,
+            Method::POST,
+            "/v1/chat/completions",
+            Some(chat("ft:gpt-4o-mini:org::x1")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    for (who, model) in [
+        (&b, "ft:gpt-4o-mini:org::x1"),
+        (&a, "ft:gpt-4o-mini:org::other"),
+    ] {
+        let (status, v) = gate
+            .call(who, Method::POST, "/v1/chat/completions", Some(chat(model)))
+            .await;
+        assert_eq!(
+            (status, &v["error"]["param"]),
+            (StatusCode::NOT_FOUND, &json!("model"))
+        );
+    }
+    let path = "/v1/models/ft:gpt-4o-mini:org::x1";
+    let (status, _) = gate.call(&b, Method::DELETE, path, None).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = gate.call(&a, Method::DELETE, path, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(gate.registry.get_now("ft:gpt-4o-mini:org::x1").is_none());
+    // Models that are not fine-tuned need no owner.
+    let (status, _) = gate
+        .call(
+            &b,
+            Method::POST,
+            "/v1/chat/completions",
+            Some(chat("gpt-4o")),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_models_list_shows_only_the_callers_fine_tuned_models() {
+    let registry = Arc::new(MemoryRegistry::new());
+    registry.record_now([
+        ObjectRecord::new("ft:m:org::a", ObjectKind::Model, "a", "k", 0),
+        ObjectRecord::new("ft:m:org::b", ObjectKind::Model, "b", "k", 0),
+    ]);
+    let upstream = service_fn(|_req: Request<Full<Bytes>>| async {
+        let data: Vec<Value> = ["gpt-4o", "ft:m:org::a", "ft:m:org::b", "ft:m:org::unknown"]
+            .iter()
+            .map(|id| json!({"id": id, "object": "model"}))
+            .collect();
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(
+            json!({"object": "list", "data": data}).to_string(),
+        ))))
+    });
+    let svc = ObjectListLayer::new(registry.clone()).layer(upstream);
+    let svc = ScopeLayer::openai().with_objects(registry).layer(svc);
+    let mut req = Request::get("/v1/models")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    req.extensions_mut().insert(key_of("a", &[]));
+    let res = svc.oneshot(req).await.unwrap();
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&body).unwrap();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["gpt-4o", "ft:m:org::a"]);
 }

@@ -1030,6 +1030,8 @@ fn mark_objects(specs: &mut [RouteSpec]) {
         "/v1/responses",
         "/v1/chat/completions",
     ];
+    // Retrieving a fine-tuning job shows the model it made, once done.
+    const RECORDS_ON_GET: &[&str] = &["/v1/fine_tuning/jobs/{job_id}"];
     const DELETES: &[&str] = &[
         "/v1/files/{file_id}",
         "/v1/assistants/{assistant_id}",
@@ -1038,6 +1040,7 @@ fn mark_objects(specs: &mut [RouteSpec]) {
         "/v1/vector_stores/{vector_store_id}",
         "/v1/responses/{response_id}",
         "/v1/chat/completions/{completion_id}",
+        "/v1/models/{model}",
     ];
     const BODY_REFS: &[&str] = &[
         "/v1/batches",
@@ -1052,7 +1055,8 @@ fn mark_objects(specs: &mut [RouteSpec]) {
     ];
     for spec in specs {
         let post = spec.method == "POST";
-        spec.records = post && RECORDS.contains(&spec.path.as_str());
+        spec.records = (post && RECORDS.contains(&spec.path.as_str()))
+            || (spec.method == "GET" && RECORDS_ON_GET.contains(&spec.path.as_str()));
         spec.deletes = spec.method == "DELETE" && DELETES.contains(&spec.path.as_str());
         spec.body_refs = post && BODY_REFS.contains(&spec.path.as_str());
         spec.stored_by_default = match (post, spec.path.as_str()) {

@@ -531,6 +531,9 @@ fn after_facts(
         ));
     };
     objects::path_refs(route, path, &mut facts.objects);
+    let mut model = Vec::new();
+    objects::model_ref(&facts, &mut model);
+    facts.objects.append(&mut model);
     if facts.objects.is_empty() {
         return Next::Done(finish(
             shared, principal, route, client_ip, facts, method, path,

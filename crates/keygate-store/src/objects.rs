@@ -3,11 +3,16 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 use keygate_core::{ObjectKind, ObjectRecord, ObjectRegistry, RegistryError, RegistryFuture};
 use rusqlite::{OptionalExtension, params};
 
 use crate::{Db, DbError};
+
+/// How often a cached answer is checked against removals by other processes (the CLI,
+/// another gateway): a removal is seen within this.
+pub const OBJECT_RECHECK: Duration = Duration::from_secs(1);
 
 /// Records kept in memory per generation of the cache (two generations: at most twice
 /// this many).
@@ -22,12 +27,16 @@ const CACHE_GENERATION: usize = 1 << 16;
 /// cache at once (a request that follows it in this process finds it) and written to the
 /// database on a blocking thread before its future resolves.
 ///
+/// A removal by another process (`keygate objects remove`) is seen within [`OBJECT_RECHECK`]: the
+/// cache is dropped when the database's count of removals has moved.
+///
 /// An existing object's owner never changes: recording an id again (an assistant updated
 /// with a new model) updates its model only if the project is the same.
 pub struct SqliteRegistry {
     reader: Mutex<Db>,
     writer: Arc<Mutex<Db>>,
     cache: Mutex<Cache>,
+    recheck: Duration,
 }
 
 impl std::fmt::Debug for SqliteRegistry {
@@ -40,6 +49,8 @@ impl std::fmt::Debug for SqliteRegistry {
 struct Cache {
     current: HashMap<String, Arc<ObjectRecord>>,
     previous: HashMap<String, Arc<ObjectRecord>>,
+    /// The database's count of removals when the cache was last checked, and when.
+    checked: Option<(Instant, i64)>,
 }
 
 impl Cache {
@@ -63,6 +74,11 @@ impl Cache {
         self.current.remove(id);
         self.previous.remove(id);
     }
+
+    fn clear(&mut self) {
+        self.current.clear();
+        self.previous.clear();
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -84,7 +100,32 @@ impl SqliteRegistry {
             reader: Mutex::new(Db::open(path.as_ref())?),
             writer: Arc::new(Mutex::new(Db::open(path.as_ref())?)),
             cache: Mutex::new(Cache::default()),
+            recheck: OBJECT_RECHECK,
         })
+    }
+
+    /// Checks cached answers against removals by other processes every `every` instead of
+    /// every [`OBJECT_RECHECK`].
+    #[must_use]
+    pub fn with_recheck(mut self, every: Duration) -> Self {
+        self.recheck = every;
+        self
+    }
+
+    /// Drops the cache if another process removed objects since it was last checked.
+    fn recheck(&self, cache: &mut Cache) -> Result<(), DbError> {
+        let now = Instant::now();
+        if let Some((at, _)) = cache.checked
+            && now.duration_since(at) < self.recheck
+        {
+            return Ok(());
+        }
+        let seq = lock(&self.reader).objects_seq()?;
+        if cache.checked.is_some_and(|(_, known)| known != seq) {
+            cache.clear();
+        }
+        cache.checked = Some((now, seq));
+        Ok(())
     }
 
     fn read(&self, id: &str) -> Result<Option<ObjectRecord>, DbError> {
@@ -94,7 +135,13 @@ impl SqliteRegistry {
 
 impl ObjectRegistry for SqliteRegistry {
     fn get<'a>(&'a self, id: &'a str) -> RegistryFuture<'a, Option<Arc<ObjectRecord>>> {
-        let cached = lock(&self.cache).get(id);
+        let cached = {
+            let mut cache = lock(&self.cache);
+            match self.recheck(&mut cache) {
+                Ok(()) => cache.get(id),
+                Err(e) => return Box::pin(async move { Err(unavailable(e)) }),
+            }
+        };
         let found = match cached {
             Some(r) => Ok(Some(r)),
             None => self.read(id).map_err(unavailable).map(|r| {
@@ -233,11 +280,27 @@ impl Db {
     ///
     /// A database error.
     pub fn remove_object(&mut self, id: &str) -> Result<bool, DbError> {
-        Ok(self
-            .conn()
+        let tx = self.conn_mut().transaction()?;
+        let removed = tx
             .prepare_cached("DELETE FROM objects WHERE id = ?1")?
             .execute([id])?
-            > 0)
+            > 0;
+        if removed {
+            tx.execute(
+                "UPDATE meta SET value = value + 1 WHERE name = 'objects_seq'",
+                [],
+            )?;
+        }
+        tx.commit()?;
+        Ok(removed)
+    }
+
+    /// The count of removals so far.
+    fn objects_seq(&self) -> Result<i64, DbError> {
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT value FROM meta WHERE name = 'objects_seq'")?
+            .query_row([], |r| r.get(0))?)
     }
 
     /// The objects of `project` (of `kind`, if given), oldest first.
@@ -318,6 +381,28 @@ mod tests {
         r.remove("file-1").await.unwrap();
         assert!(r.get("file-1").await.unwrap().is_none());
         assert!(db.object("file-1").unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_removal_by_another_process_is_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.db");
+        let r = SqliteRegistry::open(&path)
+            .unwrap()
+            .with_recheck(Duration::ZERO);
+        r.record(vec![ObjectRecord::new(
+            "file-1",
+            ObjectKind::File,
+            "a",
+            "k",
+            1,
+        )])
+        .await
+        .unwrap();
+        assert!(r.get("file-1").await.unwrap().is_some());
+        // The CLI, say, on its own connection.
+        assert!(Db::open(&path).unwrap().remove_object("file-1").unwrap());
+        assert!(r.get("file-1").await.unwrap().is_none());
     }
 
     #[test]
