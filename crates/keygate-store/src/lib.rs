@@ -77,7 +77,7 @@ pub use error::DbError;
 pub use file::{FileStore, FileStoreError, KEY_FILE_VERSION, KeyFile, ReloadOutcome};
 pub use ledger::{Durability, LedgerBackend, LedgerUsage};
 pub use memory::MemoryStore;
-pub use objects::{OBJECT_RECHECK, SqliteRegistry};
+pub use objects::{OBJECT_RECHECK, STORED_RESULT_DAYS, SqliteRegistry};
 pub use rates::{RateBegin, RateStart};
 pub use store::{RefreshOutcome, SqliteStore};
 pub use url::{DEFAULT_STORE_URL, StoreUrl, StoreUrlError};

@@ -14,6 +14,13 @@ use crate::{Db, DbError};
 /// another gateway): a removal is seen within this.
 pub const OBJECT_RECHECK: Duration = Duration::from_secs(1);
 
+/// How long stored responses and chat completions are kept in the registry: the 30 days the
+/// upstream keeps them.
+pub const STORED_RESULT_DAYS: u64 = 30;
+
+/// Records written between two prunes of expired stored results.
+const PRUNE_EVERY: u64 = 10_000;
+
 /// Records kept in memory per generation of the cache (two generations: at most twice
 /// this many).
 const CACHE_GENERATION: usize = 1 << 16;
@@ -37,6 +44,7 @@ pub struct SqliteRegistry {
     writer: Arc<Mutex<Db>>,
     cache: Mutex<Cache>,
     recheck: Duration,
+    written: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for SqliteRegistry {
@@ -96,11 +104,16 @@ impl SqliteRegistry {
     ///
     /// The database cannot be opened.
     pub fn open(path: impl AsRef<Path>) -> Result<SqliteRegistry, DbError> {
+        let writer = Db::open(path.as_ref())?;
+        // A record lost to a power cut only makes its object refused to everyone (fail
+        // closed): no `fsync` per record.
+        writer.conn().pragma_update(None, "synchronous", "NORMAL")?;
         Ok(SqliteRegistry {
             reader: Mutex::new(Db::open(path.as_ref())?),
-            writer: Arc::new(Mutex::new(Db::open(path.as_ref())?)),
+            writer: Arc::new(Mutex::new(writer)),
             cache: Mutex::new(Cache::default()),
             recheck: OBJECT_RECHECK,
+            written: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -169,11 +182,24 @@ impl ObjectRegistry for SqliteRegistry {
             }
         }
         let writer = self.writer.clone();
+        let n = objects.len() as u64;
+        let before = self
+            .written
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        // Now and then, stored results past their upstream's retention are forgotten.
+        let prune = (before / PRUNE_EVERY != (before + n) / PRUNE_EVERY)
+            .then(|| objects.iter().map(|o| o.created_at).max().unwrap_or(0));
         Box::pin(async move {
-            let written =
-                tokio::task::spawn_blocking(move || lock(&writer).record_objects(&objects))
-                    .await
-                    .map_err(unavailable)?;
+            let written = tokio::task::spawn_blocking(move || {
+                let mut db = lock(&writer);
+                db.record_objects(&objects)?;
+                if let Some(now) = prune {
+                    db.prune_stored_results(now.saturating_sub(STORED_RESULT_DAYS * 86_400))?;
+                }
+                Ok::<_, DbError>(())
+            })
+            .await
+            .map_err(unavailable)?;
             written.map_err(unavailable)
         })
     }
@@ -295,6 +321,29 @@ impl Db {
         Ok(removed)
     }
 
+    /// Forgets stored responses and chat completions recorded before `before` (Unix
+    /// seconds); how many.
+    ///
+    /// # Errors
+    ///
+    /// A database error.
+    pub fn prune_stored_results(&mut self, before: u64) -> Result<usize, DbError> {
+        let before = i64::try_from(before).unwrap_or(i64::MAX);
+        let tx = self.conn_mut().transaction()?;
+        let n = tx.execute(
+            "DELETE FROM objects WHERE kind IN ('response', 'chat_completion') AND created_at < ?1",
+            [before],
+        )?;
+        if n > 0 {
+            tx.execute(
+                "UPDATE meta SET value = value + 1 WHERE name = 'objects_seq'",
+                [],
+            )?;
+        }
+        tx.commit()?;
+        Ok(n)
+    }
+
     /// The count of removals so far.
     fn objects_seq(&self) -> Result<i64, DbError> {
         Ok(self
@@ -403,6 +452,25 @@ mod tests {
         // The CLI, say, on its own connection.
         assert!(Db::open(&path).unwrap().remove_object("file-1").unwrap());
         assert!(r.get("file-1").await.unwrap().is_none());
+    }
+
+    #[test]
+    fn stored_results_past_their_retention_are_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut db = Db::open(dir.path().join("k.db")).unwrap();
+        db.record_objects(&[
+            ObjectRecord::new("resp_old", ObjectKind::Response, "a", "k", 10),
+            ObjectRecord::new("resp_new", ObjectKind::Response, "a", "k", 100),
+            ObjectRecord::new("file-old", ObjectKind::File, "a", "k", 10),
+        ])
+        .unwrap();
+        assert_eq!(db.prune_stored_results(50).unwrap(), 1);
+        assert!(db.object("resp_old").unwrap().is_none());
+        assert!(db.object("resp_new").unwrap().is_some());
+        assert!(
+            db.object("file-old").unwrap().is_some(),
+            "files are kept until deleted"
+        );
     }
 
     #[test]

@@ -213,6 +213,7 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
             models TEXT
         );
         CREATE INDEX objects_by_project ON objects (project, kind, created_at);
+        CREATE INDEX objects_by_age ON objects (kind, created_at);
         -- Grows with every removal, so a process caching objects notices another's.
         INSERT INTO meta (name, value) VALUES ('objects_seq', 0);
     ",

@@ -64,6 +64,54 @@ pub const REF_KEYS: [&str; 9] = [
     "vector_store_ids",
 ];
 
+/// The longest name in [`REF_KEYS`] (`previous_response_id`).
+const LONGEST_REF: usize = 20;
+
+/// `raw`, a key as written (with escapes, already validated), decoded into `out` when it is
+/// spelled as every name in [`REF_KEYS`] is: at most [`LONGEST_REF`] lowercase ASCII letters
+/// and `_`, some perhaps written `\u00XX`; `None` as soon as it cannot be (no allocation, and
+/// at most one step per byte).
+fn plain_key(raw: &[u8], out: &mut [u8; LONGEST_REF]) -> Option<usize> {
+    let (mut i, mut n) = (0, 0);
+    while i < raw.len() {
+        let c = if raw[i] == b'\\' {
+            if raw.get(i + 1) != Some(&b'u') {
+                return None;
+            }
+            // Only `\u00XX` can be an ASCII letter or `_`.
+            let &[b'0', b'0', hi, lo] = raw.get(i + 2..i + 6)? else {
+                return None;
+            };
+            i += 6;
+            nibble(hi)? << 4 | nibble(lo)?
+        } else {
+            i += 1;
+            raw[i - 1]
+        };
+        let first = n == 0;
+        if n == LONGEST_REF
+            || !(c.is_ascii_lowercase() || c == b'_')
+            || (first && !matches!(c, b'a' | b'f' | b'i' | b'p' | b't' | b'v'))
+        {
+            return None;
+        }
+        out[n] = c;
+        n += 1;
+    }
+    Some(n)
+}
+
+/// The value of a hexadecimal digit.
+#[inline]
+fn nibble(d: u8) -> Option<u8> {
+    match d {
+        b'0'..=b'9' => Some(d - b'0'),
+        b'a'..=b'f' => Some(d - b'a' + 10),
+        b'A'..=b'F' => Some(d - b'A' + 10),
+        _ => None,
+    }
+}
+
 /// The name in [`REF_KEYS`] that `key` (decoded) is.
 #[inline]
 fn ref_key(key: &[u8]) -> Option<&'static str> {
@@ -585,11 +633,7 @@ impl<'a> Scanner<'a> {
             self.skip_short_string()?;
             let key = at + 1..self.i - 1;
             self.note_text(key.clone());
-            let names = if self.refs {
-                self.ref_name(key, at)?
-            } else {
-                None
-            };
+            let names = if self.refs { self.ref_name(key) } else { None };
             self.expect(b':')?;
             self.ws();
             match names {
@@ -602,26 +646,17 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    /// Whether the key at `key` (a nested object's, skipped; its opening quote at `quote`)
-    /// names objects ([`REF_KEYS`]); an escaped key is decoded to tell.
+    /// Whether the key at `key` (a nested object's, skipped) names objects ([`REF_KEYS`]);
+    /// an escaped one is decoded to tell, without allocating.
     #[inline]
-    fn ref_name(
-        &mut self,
-        key: Range<usize>,
-        quote: usize,
-    ) -> Result<Option<&'static str>, JsonError> {
+    fn ref_name(&self, key: Range<usize>) -> Option<&'static str> {
+        let raw = &self.b[key];
         if !self.escaped {
-            return Ok(ref_key(&self.b[key]));
+            return ref_key(raw);
         }
-        // Escaped: at most six bytes as written per byte decoded.
-        if key.len() > 6 * 20 {
-            return Ok(None);
-        }
-        let end = self.i;
-        self.i = quote;
-        let decoded = self.key()?;
-        self.i = end;
-        Ok(ref_key(&decoded))
+        let mut out = [0u8; LONGEST_REF];
+        let n = plain_key(raw, &mut out)?;
+        ref_key(&out[..n])
     }
 
     /// The value of a key that names objects, read as [`value`](Self::value) at `depth`

@@ -491,3 +491,15 @@ fn a_body_naming_too_many_objects_is_refused() {
     let ok = format!(r#"{{"file_ids":[{}]}}"#, ids[..MAX_REFS].join(","));
     assert_eq!(scan_json(ok.as_bytes()).unwrap().refs.len(), MAX_REFS);
 }
+
+#[test]
+fn every_ref_key_decodes_from_its_escaped_spelling() {
+    for key in REF_KEYS {
+        let escaped: String = key.bytes().map(|b| format!("\\u00{b:02x}")).collect();
+        let body = format!(r#"{{"x":{{"{escaped}":"id-1"}}}}"#);
+        let fields = scan_json(body.as_bytes()).unwrap();
+        let refs: Vec<_> = fields.object_refs(body.as_bytes()).collect();
+        assert_eq!(refs.len(), 1, "{key}");
+        assert_eq!(refs[0].0, key);
+    }
+}
