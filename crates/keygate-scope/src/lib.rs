@@ -70,7 +70,13 @@
 //!    refused with 415 on routes that need a JSON or form body). A compressed body is
 //!    refused with 415 `unsupported_content_encoding` unless decompression is configured
 //!    (see [Compressed bodies](#compressed-bodies)).
-//! 8. Policies ([`Policy`]), each of which must allow; a refusal carries the policy's code
+//! 8. With an object registry ([`ScopeLayer::with_objects`]): every object the request names
+//!    (path parameters such as `{file_id}`, body fields such as `input_file_id` at any
+//!    depth, a fine-tuned `ft:` model) must belong to the caller's project, else 404
+//!    `object_not_found`; runs and batches that name no model are checked as the model their
+//!    assistant or input file recorded. Objects a successful response creates are recorded
+//!    as the caller's project's. See [`objects`]; lists are filtered by [`ObjectListLayer`].
+//! 9. Policies ([`Policy`]), each of which must allow; a refusal carries the policy's code
 //!    and stage `policy`.
 //!
 //! On success the request goes inward with its [`RequestFacts`](keygate_core::RequestFacts)
@@ -132,8 +138,9 @@
 //! - Put this layer where the path it sees is the path the inner service routes on (no
 //!   path rewriting between them).
 //! - On routes where the model is optional ([`RouteSpec::model_required`] false: moderations,
-//!   image edits, assistant runs that inherit the assistant's model), a request without a
-//!   model is not model-checked.
+//!   image edits), a request without a model is not model-checked; runs that inherit their
+//!   assistant's model are checked as it only with an object registry (without one, a key
+//!   with model rules must name the model).
 //! - Strings the JSON scanner skips are checked only for where they end (escapes and control
 //!   characters inside them are left to the parser behind, which cannot read a different
 //!   structure from them).
