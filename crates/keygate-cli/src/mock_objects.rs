@@ -195,24 +195,33 @@ impl Store {
 
     fn get(&self, kind: Kind, path: &[String]) -> Result<&Value, Fail> {
         let i = self.index(kind, path)?;
-        Ok(&self.objects[kind.object][i])
+        self.objects
+            .get(kind.object)
+            .and_then(|items| items.get(i))
+            .ok_or_else(|| not_found(kind, path.last().map_or("", String::as_str)))
+    }
+
+    /// The objects of `kind`, and where in them the one at `path` is.
+    fn items_mut(&mut self, kind: Kind, path: &[String]) -> Result<(&mut Vec<Value>, usize), Fail> {
+        let i = self.index(kind, path)?;
+        self.objects
+            .get_mut(kind.object)
+            .filter(|items| i < items.len())
+            .map(|items| (items, i))
+            .ok_or_else(|| not_found(kind, path.last().map_or("", String::as_str)))
     }
 
     /// Sets the given top-level fields (not the id, type, creation time or parent).
     fn update(&mut self, kind: Kind, path: &[String], fields: Value) -> Result<Value, Fail> {
-        let i = self.index(kind, path)?;
-        let object = &mut self.objects.get_mut(kind.object).expect("indexed")[i];
+        let (items, i) = self.items_mut(kind, path)?;
+        let object = &mut items[i];
         merge(object, fields, kind);
         Ok(public(object))
     }
 
     fn remove(&mut self, kind: Kind, path: &[String]) -> Result<Value, Fail> {
-        let i = self.index(kind, path)?;
-        let gone = self
-            .objects
-            .get_mut(kind.object)
-            .expect("indexed")
-            .remove(i);
+        let (items, i) = self.items_mut(kind, path)?;
+        let gone = items.remove(i);
         if kind.object == FILE.object {
             self.blobs.remove(gone["id"].as_str().unwrap_or_default());
         } else if kind.object == VS_FILE.object {

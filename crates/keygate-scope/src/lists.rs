@@ -17,7 +17,8 @@ use serde_json::Value;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::models::ListBody;
+use crate::models::{ListBody, list_refusal};
+use crate::objects::unavailable;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -265,11 +266,7 @@ where
                 Ok(Some(r)) if r.project == project && r.kind == ObjectKind::Model => {}
                 Ok(_) => continue,
                 Err(_) => {
-                    return Ok(list_error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "objects_unavailable",
-                        "The object registry is unavailable; try again shortly.",
-                    ));
+                    return Ok(list_refusal(unavailable()));
                 }
             }
         }
@@ -289,16 +286,7 @@ fn list_error<B>(
     code: &'static str,
     message: &'static str,
 ) -> Response<ListBody<B>> {
-    let denial = Denial::new(Stage::Scope, status, code, message);
-    let data = Some(denial.json_body());
-    let mut response = Response::new(ListBody::Full { data });
-    *response.status_mut() = denial.status();
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    response.extensions_mut().insert(denial);
-    response
+    list_refusal(Denial::new(Stage::Scope, status, code, message))
 }
 
 /// The client's query without `after` and `limit`, its `after`, and its `limit`.
@@ -457,11 +445,7 @@ where
                 Ok(Some(r)) => r.project == project && r.kind == kind,
                 Ok(None) => false,
                 Err(_) => {
-                    return Ok(list_error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "objects_unavailable",
-                        "The object registry is unavailable; try again shortly.",
-                    ));
+                    return Ok(list_refusal(unavailable()));
                 }
             };
             if owned && kept.len() <= wanted {

@@ -120,12 +120,16 @@ pin_project! {
 
 /// 502: the upstream's list could not be filtered.
 fn unreadable_list<B>() -> Response<ListBody<B>> {
-    let denial = Denial::new(
+    list_refusal(Denial::new(
         Stage::Scope,
         StatusCode::BAD_GATEWAY,
         "upstream_error",
         "The models list could not be read.",
-    );
+    ))
+}
+
+/// `denial` as the answer of a list layer.
+pub(crate) fn list_refusal<B>(denial: Denial) -> Response<ListBody<B>> {
     let data = Some(denial.json_body());
     let mut response = Response::new(ListBody::Full { data });
     *response.status_mut() = denial.status();

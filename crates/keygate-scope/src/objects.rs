@@ -48,17 +48,13 @@ const LINE_LIMIT: usize = 1 << 20;
 pub const FINE_TUNED_PREFIX: &str = "ft:";
 
 /// The fine-tuned model a request names (in its body, path or query), as an object to check.
-pub(crate) fn model_ref(facts: &RequestFacts, out: &mut Vec<ObjectRef>) {
-    if let Some(model) = facts.model()
-        && model.starts_with(FINE_TUNED_PREFIX)
-        && facts.model_source != Some(ModelSource::Object)
-    {
-        let at = match facts.model_source {
-            Some(ModelSource::Path) => RefAt::Path(Arc::from("model")),
-            _ => RefAt::Body("model"),
-        };
-        out.push(ObjectRef::new(model, at, ObjectKind::Model));
-    }
+pub(crate) fn model_ref(facts: &RequestFacts) -> Option<ObjectRef> {
+    let model = facts.model().filter(|m| m.starts_with(FINE_TUNED_PREFIX))?;
+    let at = match facts.model_source {
+        Some(ModelSource::Path) => RefAt::Path(Arc::from("model")),
+        _ => RefAt::Body("model"),
+    };
+    Some(ObjectRef::new(model, at, ObjectKind::Model))
 }
 
 /// The objects named in `path` by `route`'s parameters.
@@ -91,7 +87,7 @@ pub(crate) fn not_found(r: &ObjectRef) -> Denial {
     }
 }
 
-fn unavailable() -> Denial {
+pub(crate) fn unavailable() -> Denial {
     Denial::new(
         Stage::Scope,
         StatusCode::SERVICE_UNAVAILABLE,
@@ -113,8 +109,8 @@ fn model_not_allowed(param: &'static str) -> Denial {
 
 /// Checks every object `facts` names against `registry`, for `principal`.
 pub(crate) async fn check(
-    registry: Arc<dyn ObjectRegistry>,
-    principal: Principal,
+    registry: &dyn ObjectRegistry,
+    principal: &Principal,
     indirect: bool,
     mut facts: RequestFacts,
 ) -> Result<RequestFacts, Denial> {
@@ -180,7 +176,7 @@ pub(crate) enum Action {
 }
 
 /// The records of the objects `v` (a response body, or a stream event's data) returns.
-fn objects_of(v: &Value, owner: &Owner, out: &mut Vec<ObjectRecord>) {
+pub(crate) fn objects_of(v: &Value, owner: &Owner, out: &mut Vec<ObjectRecord>) {
     let Some(map) = v.as_object() else { return };
     // A Responses stream event: `{"type":"response.created","response":{...}}`.
     if let Some(inner) = map.get("response").filter(|r| r.is_object()) {
@@ -237,11 +233,6 @@ fn objects_of(v: &Value, owner: &Owner, out: &mut Vec<ObjectRecord>) {
     if let Some(file) = map.get("file") {
         objects_of(file, owner, out);
     }
-}
-
-#[cfg(test)]
-pub(crate) fn objects_of_for_tests(v: &Value, owner: &Owner, out: &mut Vec<ObjectRecord>) {
-    objects_of(v, owner, out);
 }
 
 fn record_future(
@@ -310,22 +301,26 @@ impl<D: Buf> Recorder<D> {
             Mode::Events { line, skipping } => {
                 let mut found = Vec::new();
                 let owner = self.owner.as_ref();
-                each_chunk(data, |chunk| {
-                    for &b in chunk {
-                        if b == b'\n' {
-                            if !*skipping && let Some(owner) = owner {
-                                event_objects(line, owner, &mut found);
-                            }
-                            line.clear();
-                            *skipping = false;
-                        } else if !*skipping {
-                            if line.len() >= LINE_LIMIT {
+                each_chunk(data, |mut chunk| {
+                    // Line by line: each piece up to a newline appended at once.
+                    loop {
+                        let end = memchr::memchr(b'\n', chunk);
+                        let piece = &chunk[..end.unwrap_or(chunk.len())];
+                        if !*skipping {
+                            if line.len() + piece.len() > LINE_LIMIT {
                                 line.clear();
                                 *skipping = true;
                             } else {
-                                line.push(b);
+                                line.extend_from_slice(piece);
                             }
                         }
+                        let Some(end) = end else { break };
+                        if !*skipping && let Some(owner) = owner {
+                            event_objects(line, owner, &mut found);
+                        }
+                        line.clear();
+                        *skipping = false;
+                        chunk = &chunk[end + 1..];
                     }
                 });
                 let seen = &mut self.seen;

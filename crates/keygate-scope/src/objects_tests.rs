@@ -626,7 +626,7 @@ async fn a_fine_tuned_model_is_its_projects_alone() {
         batch_models: None,
     };
     let mut found = Vec::new();
-    crate::objects::objects_of_for_tests(
+    crate::objects::objects_of(
         &json!({"id": "ftjob-1", "object": "fine_tuning.job", "model": "gpt-4o-mini", "fine_tuned_model": "ft:gpt-4o-mini:org::x1"}),
         &owner,
         &mut found,
@@ -705,4 +705,134 @@ async fn the_models_list_shows_only_the_callers_fine_tuned_models() {
         .map(|m| m["id"].as_str().unwrap())
         .collect();
     assert_eq!(ids, ["gpt-4o", "ft:m:org::a"]);
+}
+
+/// A registry whose records complete only once `open` is set.
+#[derive(Default)]
+struct Gated {
+    open: std::sync::atomic::AtomicBool,
+    inner: MemoryRegistry,
+}
+
+impl ObjectRegistry for Gated {
+    fn get<'a>(&'a self, id: &'a str) -> RegistryFuture<'a, Option<Arc<ObjectRecord>>> {
+        self.inner.get(id)
+    }
+    fn record(&self, objects: Vec<ObjectRecord>) -> RegistryFuture<'_, ()> {
+        let mut objects = Some(objects);
+        Box::pin(std::future::poll_fn(move |_| {
+            if !self.open.load(Ordering::SeqCst) {
+                return std::task::Poll::Pending;
+            }
+            self.inner.record_now(objects.take().unwrap_or_default());
+            std::task::Poll::Ready(Ok(()))
+        }))
+    }
+    fn remove<'a>(&'a self, id: &'a str) -> RegistryFuture<'a, ()> {
+        self.inner.remove(id)
+    }
+}
+
+/// Polls `body` for its next frame once, without waiting.
+fn poll_once<B: http_body::Body + Unpin>(body: &mut B) -> std::task::Poll<Option<Bytes>>
+where
+    B::Data: Into<Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    std::pin::Pin::new(body).poll_frame(&mut cx).map(|f| {
+        f.map(|f| {
+            f.unwrap()
+                .into_data()
+                .ok()
+                .map(Into::into)
+                .unwrap_or_default()
+        })
+    })
+}
+
+fn owner_of(registry: Arc<Gated>) -> Owner {
+    Owner {
+        registry,
+        project: "a".into(),
+        key_id: "key_a".into(),
+        now: 1,
+        batch_models: None,
+    }
+}
+
+#[test]
+fn a_created_objects_answer_ends_only_once_it_is_recorded() {
+    let gated = Arc::new(Gated::default());
+    // The answer in two frames.
+    let frames = frames_of(&[br#"{"id":"file-1","#, br#""object":"file"}"#]);
+    let mut body = crate::objects::ObjectBody::new(
+        frames,
+        crate::objects::Action::Record(owner_of(gated.clone())),
+        false,
+    );
+    // Nothing reaches the client while the record is pending.
+    assert!(poll_once(&mut body).is_pending());
+    assert!(poll_once(&mut body).is_pending());
+    assert!(gated.inner.is_empty());
+    gated.open.store(true, Ordering::SeqCst);
+    let mut got = Vec::new();
+    while let std::task::Poll::Ready(Some(data)) = poll_once(&mut body) {
+        got.extend_from_slice(&data);
+    }
+    assert_eq!(got, br#"{"id":"file-1","object":"file"}"#);
+    assert_eq!(gated.inner.get_now("file-1").unwrap().project, "a");
+}
+
+#[test]
+fn a_streamed_event_that_creates_an_object_is_held_until_recorded_even_split_across_frames() {
+    let gated = Arc::new(Gated::default());
+    let frames = frames_of(&[
+        b"event: thread.run.created\ndata: {\"id\":\"run_1\",\"obj",
+        b"ect\":\"thread.run\",\"thread_id\":\"thread_1\"}\n\n",
+        b"data: [DONE]\n\n",
+    ]);
+    let mut body = crate::objects::ObjectBody::new(
+        frames,
+        crate::objects::Action::Record(owner_of(gated.clone())),
+        true,
+    );
+    // The first piece names no whole event: it passes at once.
+    assert!(matches!(
+        poll_once(&mut body),
+        std::task::Poll::Ready(Some(_))
+    ));
+    // The second completes the event: held until the run and its thread are recorded.
+    assert!(poll_once(&mut body).is_pending());
+    gated.open.store(true, Ordering::SeqCst);
+    assert!(matches!(
+        poll_once(&mut body),
+        std::task::Poll::Ready(Some(_))
+    ));
+    assert!(gated.inner.get_now("run_1").is_some());
+    assert!(gated.inner.get_now("thread_1").is_some());
+    assert!(matches!(
+        poll_once(&mut body),
+        std::task::Poll::Ready(Some(_))
+    ));
+    assert!(matches!(poll_once(&mut body), std::task::Poll::Ready(None)));
+}
+
+/// A body of these frames, in order.
+struct Frames(std::collections::VecDeque<Bytes>);
+
+impl http_body::Body for Frames {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Infallible>>> {
+        std::task::Poll::Ready(self.0.pop_front().map(|b| Ok(http_body::Frame::data(b))))
+    }
+}
+
+fn frames_of(parts: &[&[u8]]) -> Frames {
+    Frames(parts.iter().map(|p| Bytes::copy_from_slice(p)).collect())
 }

@@ -531,9 +531,9 @@ fn after_facts(
         ));
     };
     objects::path_refs(route, path, &mut facts.objects);
-    let mut model = Vec::new();
-    objects::model_ref(&facts, &mut model);
-    facts.objects.append(&mut model);
+    if let Some(model) = objects::model_ref(&facts) {
+        facts.objects.push(model);
+    }
     if facts.objects.is_empty() {
         return Next::Done(finish(
             shared, principal, route, client_ip, facts, method, path,
@@ -543,7 +543,7 @@ fn after_facts(
     let (method, path) = (method.clone(), path.to_owned());
     Next::Later(Box::pin(async move {
         let route = shared.routes.route(route_id);
-        let facts = objects::check(registry, principal.clone(), route.indirect, facts).await?;
+        let facts = objects::check(&*registry, &principal, route.indirect, facts).await?;
         finish(&shared, &principal, route, client_ip, facts, &method, &path)
     }))
 }

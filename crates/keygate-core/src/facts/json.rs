@@ -597,7 +597,7 @@ impl<'a> Scanner<'a> {
         match self.peek().ok_or(JsonError::Invalid)? {
             b'"' => self.text_string(),
             b'{' => self.object(depth + 1),
-            b'[' => self.array(depth + 1),
+            b'[' => self.array(depth + 1, None),
             b't' => self.literal(b"true"),
             b'f' => self.literal(b"false"),
             b'n' => self.literal(b"null"),
@@ -664,28 +664,7 @@ impl<'a> Scanner<'a> {
     fn ref_value(&mut self, name: &'static str, depth: u32) -> Result<(), JsonError> {
         match self.peek() {
             Some(b'"') => self.ref_string(name),
-            Some(b'[') => {
-                if depth + 1 >= MAX_DEPTH {
-                    return Err(JsonError::Invalid);
-                }
-                self.i += 1;
-                self.ws();
-                if self.peek() == Some(b']') {
-                    self.i += 1;
-                    return Ok(());
-                }
-                loop {
-                    self.ws();
-                    if self.peek() == Some(b'"') {
-                        self.ref_string(name)?;
-                    } else {
-                        self.value(depth + 1)?;
-                    }
-                    if !self.more(b']')? {
-                        return Ok(());
-                    }
-                }
-            }
+            Some(b'[') => self.array(depth + 1, Some(name)),
             _ => self.value(depth),
         }
     }
@@ -704,7 +683,9 @@ impl<'a> Scanner<'a> {
         Ok(())
     }
 
-    fn array(&mut self, depth: u32) -> Result<(), JsonError> {
+    /// An array (at its `[`) at nesting `depth`; with `names`, the value of a key naming
+    /// objects, whose strings are noted as object ids.
+    fn array(&mut self, depth: u32, names: Option<&'static str>) -> Result<(), JsonError> {
         if depth >= MAX_DEPTH {
             return Err(JsonError::Invalid);
         }
@@ -716,7 +697,10 @@ impl<'a> Scanner<'a> {
         }
         loop {
             self.ws();
-            self.value(depth)?;
+            match names {
+                Some(name) if self.peek() == Some(b'"') => self.ref_string(name)?,
+                _ => self.value(depth)?,
+            }
             if !self.more(b']')? {
                 return Ok(());
             }

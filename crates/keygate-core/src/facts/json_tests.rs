@@ -440,16 +440,21 @@ proptest! {
     }
 }
 
+/// The object ids `body` names, with the keys naming them.
+fn refs_of(body: &[u8]) -> Vec<(&'static str, String)> {
+    let fields = scan_json(body).unwrap();
+    fields
+        .object_refs(body)
+        .map(|(k, v)| (k, v.into_owned()))
+        .collect()
+}
+
 #[test]
 fn object_ids_are_found_at_any_depth_but_not_in_metadata() {
     let body = br#"{"model":"m","input_file_id":"file-1","messages":[{"role":"user","content":[{"type":"file","file":{"file_id":"file-2"}}],"attachments":[{"file_id":"file-3","tools":[]}]}],
         "tool_resources":{"file_search":{"vector_store_ids":["vs_1","vs_2",3]},"code_interpreter":{"file_ids":[]}},
         "metadata":{"file_id":"mine","assistant_id":"asst_x"},"previous_response_id":null,"assistant_id":{"not":"an id"}}"#;
-    let fields = scan_json(body).unwrap();
-    let refs: Vec<(&str, String)> = fields
-        .object_refs(body)
-        .map(|(k, v)| (k, v.into_owned()))
-        .collect();
+    let refs = refs_of(body);
     assert_eq!(
         refs,
         [
@@ -466,11 +471,7 @@ fn object_ids_are_found_at_any_depth_but_not_in_metadata() {
 fn escaped_keys_and_ids_are_decoded_as_the_upstream_reads_them() {
     // `\u005f` is `_`: the upstream reads `file_id`, so keygate must too.
     let body = br#"{"x":{"file\u005fid":"file-\u0031"},"assistant\u005fid":"asst_1"}"#;
-    let fields = scan_json(body).unwrap();
-    let refs: Vec<(&str, String)> = fields
-        .object_refs(body)
-        .map(|(k, v)| (k, v.into_owned()))
-        .collect();
+    let refs = refs_of(body);
     assert_eq!(
         refs,
         [
@@ -497,9 +498,10 @@ fn every_ref_key_decodes_from_its_escaped_spelling() {
     for key in REF_KEYS {
         let escaped: String = key.bytes().map(|b| format!("\\u00{b:02x}")).collect();
         let body = format!(r#"{{"x":{{"{escaped}":"id-1"}}}}"#);
-        let fields = scan_json(body.as_bytes()).unwrap();
-        let refs: Vec<_> = fields.object_refs(body.as_bytes()).collect();
-        assert_eq!(refs.len(), 1, "{key}");
-        assert_eq!(refs[0].0, key);
+        assert_eq!(
+            refs_of(body.as_bytes()),
+            [(key, "id-1".to_owned())],
+            "{key}"
+        );
     }
 }
