@@ -57,6 +57,9 @@ pub mod gateway;
 pub mod mock_upstream;
 // The mock upstream's stateful objects, merged into `mock_upstream::router()`.
 mod mock_objects;
+mod store_ops;
+
+use store_ops::StoreOps;
 
 /// Why a command failed. Messages never contain a secret.
 #[derive(Debug, thiserror::Error)]
@@ -111,8 +114,9 @@ fn invalid(msg: impl Into<String>) -> CliError {
 #[derive(Debug, Parser)]
 #[command(name = "keygate", version)]
 struct Cli {
-    /// The store the key commands and the gateway work on (`sqlite:PATH`; default
-    /// `sqlite:keygate.db`).
+    /// The store the key commands and the gateway work on (`sqlite:PATH`, default
+    /// `sqlite:keygate.db`; or `postgres://USER:PASSWORD@HOST/DATABASE`, key commands only
+    /// so far).
     #[arg(long, global = true, env = "KEYGATE_STORE", conflicts_with = "file")]
     store: Option<String>,
     /// Work on this TOML key file instead of the store (for keys kept in git).
@@ -446,17 +450,22 @@ fn serve(mut options: gateway::GatewayOptions) -> Result<(), CliError> {
 enum Target {
     /// A TOML key file: read, changed in memory, validated whole and replaced atomically.
     File(PathBuf),
-    /// The database: every change one transaction.
-    Store(std::cell::RefCell<Db>),
+    /// The database (SQLite or PostgreSQL): every change one transaction.
+    Store(Box<dyn StoreOps>),
 }
 
 impl Target {
     fn open_store(url: &str) -> Result<Target, CliError> {
         let url: StoreUrl = url.parse().map_err(|e| invalid(format!("--store: {e}")))?;
         match url {
-            StoreUrl::Sqlite(path) => Ok(Target::Store(std::cell::RefCell::new(Db::open(&path)?))),
+            StoreUrl::Sqlite(path) => Ok(Target::Store(Box::new(std::cell::RefCell::new(
+                Db::open(&path)?,
+            )))),
+            StoreUrl::Postgres(pg) => Ok(Target::Store(Box::new(store_ops::PgOps::connect(
+                pg.as_str(),
+            )?))),
             other => Err(invalid(format!(
-                "--store {other}: not supported by the key commands yet"
+                "--store {other}: not supported by the key commands"
             ))),
         }
     }
@@ -481,7 +490,7 @@ impl Ctx {
                 }
                 other => Ok(other?),
             },
-            Target::Store(db) => Ok(db.borrow().export()?),
+            Target::Store(db) => Ok(db.export()?),
         }
     }
 
@@ -510,9 +519,13 @@ impl Ctx {
             }
             Target::Store(db) => {
                 let mut failed = None;
-                let result = db
-                    .borrow_mut()
-                    .update_key(id, |key, reason| match change(key, now) {
+                let mut written = None;
+                let mut change = Some(change);
+                let result = db.update_key(id, &mut |key, reason| {
+                    let Some(change) = change.take() else {
+                        return Err("the change ran twice".to_owned());
+                    };
+                    match change(key, now) {
                         Ok(()) => {
                             // The reason goes with the flag: set by the CLI, cleared on
                             // enable (also of a key the wallet guard suspended).
@@ -521,20 +534,24 @@ impl Ctx {
                             } else if reason.is_none() {
                                 *reason = Some("disabled with the CLI".to_owned());
                             }
-                            Ok(key.clone())
+                            written = Some(key.clone());
+                            Ok(())
                         }
                         Err(e) => {
                             let message = e.to_string();
                             failed = Some(e);
                             Err(message)
                         }
-                    });
-                match (result, failed) {
-                    (_, Some(e)) => Err(e),
-                    (Err(keygate_store::DbError::NotFound(_)), None) => {
+                    }
+                });
+                match (result, failed, written) {
+                    (_, Some(e), _) => Err(e),
+                    (Err(keygate_store::DbError::NotFound(_)), None, _) => {
                         Err(CliError::NoSuchKey(id.to_owned()))
                     }
-                    (r, None) => Ok(r?),
+                    (Err(e), None, _) => Err(e.into()),
+                    (Ok(()), None, Some(key)) => Ok(key),
+                    (Ok(()), None, None) => Err(invalid(format!("key {id} was not changed"))),
                 }
             }
         }
@@ -568,7 +585,6 @@ impl Ctx {
                 Self::save_file(path, &file)
             }
             Target::Store(db) => {
-                let mut db = db.borrow_mut();
                 if db.project(project)?.is_none() {
                     if !create_project {
                         return Err(missing(project));
@@ -595,7 +611,7 @@ impl Ctx {
                 file.projects.push(project.clone());
                 Self::save_file(path, &file)
             }
-            Target::Store(db) => match db.borrow_mut().create_project(project) {
+            Target::Store(db) => match db.create_project(project) {
                 Err(keygate_store::DbError::Exists(_)) => {
                     Err(invalid(format!("project {:?} already exists", project.id)))
                 }
@@ -630,7 +646,6 @@ impl Ctx {
             KeysCommand::Show { id } => {
                 if let Target::Store(db) = &self.target {
                     let stored = db
-                        .borrow()
                         .key(&id)?
                         .ok_or_else(|| CliError::NoSuchKey(id.clone()))?;
                     let mut json = key_json(&stored.record, self.now);
@@ -680,7 +695,7 @@ impl Ctx {
                 let keys = KeyFile::load(&file)?;
                 // Refuse a set a gateway would refuse, before touching the store.
                 keys.to_snapshot(&file)?;
-                let outcome = db.borrow_mut().import(&keys, "import")?;
+                let outcome = db.import(&keys, "import")?;
                 Ok(self.output(
                     json!({ "imported": { "projects": outcome.projects, "keys": outcome.keys } }),
                     format!(
@@ -854,9 +869,14 @@ impl Ctx {
 
     fn objects(&self, cmd: ObjectsCommand) -> Result<String, CliError> {
         use keygate_core::{ObjectKind, ObjectRecord};
-        let Target::Store(db) = &self.target else {
+        let Target::Store(store) = &self.target else {
             return Err(invalid(
                 "objects are kept in the store: give --store, not --file",
+            ));
+        };
+        let Some(db) = store.sqlite() else {
+            return Err(invalid(
+                "the object registry is kept in SQLite only so far: give --store sqlite:PATH",
             ));
         };
         let kind_of = |k: &str| {
@@ -959,9 +979,14 @@ impl Ctx {
     fn spend(&self, id: &str) -> Result<String, CliError> {
         use keygate::limit::backend::Window;
         use keygate_core::LimitScope;
-        let Target::Store(db) = &self.target else {
+        let Target::Store(store) = &self.target else {
             return Err(invalid(
                 "spend is kept in the store's ledger: give --store, not --file",
+            ));
+        };
+        let Some(db) = store.sqlite() else {
+            return Err(invalid(
+                "the spend ledger is kept in SQLite only so far: give --store sqlite:PATH",
             ));
         };
         let db = db.borrow();

@@ -264,19 +264,11 @@ impl Db {
         let mut w = Writer::begin(&mut self.conn)?;
         let old =
             read_project(&w.tx, id)?.ok_or_else(|| DbError::NotFound(format!("project {id:?}")))?;
-        let mut project = old.clone();
-        let out = f(&mut project).map_err(DbError::Invalid)?;
-        if project == old {
-            return Ok(out);
+        let (out, project) = changed_project(&old, f)?;
+        if let Some(project) = project {
+            w.write_project(&project, true)?;
+            w.commit()?;
         }
-        if project.id != old.id {
-            return Err(DbError::Invalid(format!(
-                "project {id:?}: the id of a project cannot change"
-            )));
-        }
-        project.validate().map_err(DbError::Invalid)?;
-        w.write_project(&project, true)?;
-        w.commit()?;
         Ok(out)
     }
 
@@ -330,18 +322,10 @@ impl Db {
         let mut w = Writer::begin(&mut self.conn)?;
         let old =
             read_stored_key(&w.tx, id)?.ok_or_else(|| DbError::NotFound(format!("key {id}")))?;
-        let mut record = old.record.clone();
-        let mut reason = old.disabled_reason.clone();
-        let out = f(&mut record, &mut reason).map_err(DbError::Invalid)?;
-        if record == old.record && reason == old.disabled_reason {
+        let (out, changed) = changed_key(&old, f)?;
+        let Some((record, reason)) = changed else {
             return Ok(out);
-        }
-        if record.id != old.record.id {
-            return Err(DbError::Invalid(format!(
-                "key {id}: the id of a key cannot change"
-            )));
-        }
-        check_record(&record)?;
+        };
         check_project_exists(&w.tx, &record)?;
         check_digests_free(&w.tx, &record)?;
         w.update_key(&record, reason.as_deref())?;
@@ -641,7 +625,52 @@ fn constraint_to_exists(e: rusqlite::Error, key: &KeyRecord) -> DbError {
     }
 }
 
-fn check_record(key: &KeyRecord) -> Result<(), DbError> {
+/// What `f` makes of a stored project: its result, and the project to write (`None` when
+/// `f` left it as it was), validated and with its id unchanged.
+pub(crate) fn changed_project<T>(
+    old: &ProjectRecord,
+    f: impl FnOnce(&mut ProjectRecord) -> Result<T, String>,
+) -> Result<(T, Option<ProjectRecord>), DbError> {
+    let mut project = old.clone();
+    let out = f(&mut project).map_err(DbError::Invalid)?;
+    if project == *old {
+        return Ok((out, None));
+    }
+    if project.id != old.id {
+        return Err(DbError::Invalid(format!(
+            "project {:?}: the id of a project cannot change",
+            old.id
+        )));
+    }
+    project.validate().map_err(DbError::Invalid)?;
+    Ok((out, Some(project)))
+}
+
+/// What `f` makes of a stored key: its result, and the record and disabled reason to write
+/// (`None` when `f` changed neither), checked and with its id unchanged.
+pub(crate) type KeyChangeOutcome<T> = (T, Option<(KeyRecord, Option<String>)>);
+
+pub(crate) fn changed_key<T>(
+    old: &StoredKey,
+    f: impl FnOnce(&mut KeyRecord, &mut Option<String>) -> Result<T, String>,
+) -> Result<KeyChangeOutcome<T>, DbError> {
+    let mut record = old.record.clone();
+    let mut reason = old.disabled_reason.clone();
+    let out = f(&mut record, &mut reason).map_err(DbError::Invalid)?;
+    if record == old.record && reason == old.disabled_reason {
+        return Ok((out, None));
+    }
+    if record.id != old.record.id {
+        return Err(DbError::Invalid(format!(
+            "key {}: the id of a key cannot change",
+            old.record.id
+        )));
+    }
+    check_record(&record)?;
+    Ok((out, Some((record, reason))))
+}
+
+pub(crate) fn check_record(key: &KeyRecord) -> Result<(), DbError> {
     key.validate().map_err(DbError::Invalid)?;
     if key
         .previous
@@ -656,11 +685,11 @@ fn check_record(key: &KeyRecord) -> Result<(), DbError> {
     Ok(())
 }
 
-fn key_digests(key: &KeyRecord) -> impl Iterator<Item = KeyDigest> {
+pub(crate) fn key_digests(key: &KeyRecord) -> impl Iterator<Item = KeyDigest> {
     std::iter::once(key.digest).chain(key.previous.as_ref().map(|p| p.digest))
 }
 
-fn digest_taken(key: &KeyRecord, owner: &str) -> DbError {
+pub(crate) fn digest_taken(key: &KeyRecord, owner: &str) -> DbError {
     DbError::Exists(format!("a digest of key {} (key {owner} has it)", key.id))
 }
 
@@ -756,7 +785,7 @@ impl StoredKeyRow {
     }
 }
 
-fn parse_key(id: &str, json: &str) -> Result<KeyRecord, DbError> {
+pub(crate) fn parse_key(id: &str, json: &str) -> Result<KeyRecord, DbError> {
     let key: KeyRecord = from_json("key", id, json)?;
     if key.id.as_str() != id {
         return Err(DbError::Corrupt(format!(
@@ -766,7 +795,7 @@ fn parse_key(id: &str, json: &str) -> Result<KeyRecord, DbError> {
     Ok(key)
 }
 
-fn parse_project(id: &str, json: &str) -> Result<ProjectRecord, DbError> {
+pub(crate) fn parse_project(id: &str, json: &str) -> Result<ProjectRecord, DbError> {
     let project: ProjectRecord = from_json("project", id, json)?;
     if project.id != id {
         return Err(DbError::Corrupt(format!(
@@ -788,11 +817,11 @@ fn from_json<T: DeserializeOwned>(what: &str, id: &str, json: &str) -> Result<T,
     })
 }
 
-fn to_json<T: Serialize>(record: &T) -> Result<String, DbError> {
+pub(crate) fn to_json<T: Serialize>(record: &T) -> Result<String, DbError> {
     serde_json::to_string(record).map_err(|e| DbError::Invalid(format!("record not storable: {e}")))
 }
 
-fn nanos(t: Timestamp) -> i64 {
+pub(crate) fn nanos(t: Timestamp) -> i64 {
     i64::try_from(t.as_unix_nanos()).unwrap_or(i64::MAX)
 }
 

@@ -33,6 +33,14 @@ pub enum DbError {
     /// fit together).
     #[error("key database is corrupt: {0}")]
     Corrupt(String),
+    /// PostgreSQL refused an operation (its severity, SQLSTATE code and message; never the
+    /// values it quotes in its details).
+    #[error("key database error: {0}")]
+    Postgres(String),
+    /// The database could not be reached in time (connection refused or lost, the pool's
+    /// wait or an operation's deadline passed). A request that needs it gets 503.
+    #[error("key database unavailable: {0}")]
+    Unavailable(String),
     /// The database was made by a newer keygate.
     #[error(
         "key database schema version {found} is newer than this keygate supports \

@@ -17,6 +17,34 @@ use crate::memory::MemoryStore;
 /// (a use already waiting is still moved forward).
 const MAX_PENDING_USES: usize = 1 << 20;
 
+/// The latest use of each key, waiting in memory to be written in one batch.
+#[derive(Debug, Default)]
+pub(crate) struct PendingUses(Mutex<HashMap<KeyId, Timestamp>>);
+
+impl PendingUses {
+    /// Notes that `key` was used at `at` (one short lock).
+    pub(crate) fn note(&self, key: &KeyId, at: Timestamp) {
+        let mut uses = lock(&self.0);
+        if let Some(last) = uses.get_mut(key) {
+            *last = (*last).max(at);
+        } else if uses.len() < MAX_PENDING_USES {
+            uses.insert(key.clone(), at);
+        }
+    }
+
+    /// Everything noted so far, to write.
+    pub(crate) fn take(&self) -> Vec<(KeyId, Timestamp)> {
+        std::mem::take(&mut *lock(&self.0)).into_iter().collect()
+    }
+
+    /// Puts back uses that could not be written, for the next try.
+    pub(crate) fn put_back(&self, batch: &[(KeyId, Timestamp)]) {
+        for (key, at) in batch {
+            self.note(key, *at);
+        }
+    }
+}
+
 /// What a [`SqliteStore::refresh`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -59,7 +87,7 @@ struct Inner {
     memory: MemoryStore,
     state: Mutex<State>,
     last_error: Mutex<Option<String>>,
-    uses: Mutex<HashMap<KeyId, Timestamp>>,
+    uses: PendingUses,
 }
 
 struct State {
@@ -90,7 +118,7 @@ impl FileId {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     // The data behind these locks is valid after any panic: a map, a counter, a message.
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -123,7 +151,7 @@ impl SqliteStore {
                     file,
                 }),
                 last_error: Mutex::new(None),
-                uses: Mutex::new(HashMap::new()),
+                uses: PendingUses::default(),
             }),
         })
     }
@@ -223,12 +251,7 @@ impl SqliteStore {
     /// for the next [`SqliteStore::refresh`] (or [`SqliteStore::flush_uses`]), which writes
     /// them all in one transaction.
     pub fn record_use(&self, key: &KeyId, at: Timestamp) {
-        let mut uses = lock(&self.inner.uses);
-        if let Some(last) = uses.get_mut(key) {
-            *last = (*last).max(at);
-        } else if uses.len() < MAX_PENDING_USES {
-            uses.insert(key.clone(), at);
-        }
+        self.inner.uses.note(key, at);
     }
 
     /// Writes the uses recorded so far (call it at shutdown); returns how many keys'.
@@ -242,17 +265,14 @@ impl SqliteStore {
     }
 
     fn flush_locked(&self, state: &mut State) -> Result<usize, DbError> {
-        let pending = std::mem::take(&mut *lock(&self.inner.uses));
-        if pending.is_empty() {
+        let batch = self.inner.uses.take();
+        if batch.is_empty() {
             return Ok(0);
         }
-        let batch: Vec<(KeyId, Timestamp)> = pending.into_iter().collect();
         match state.db.touch_last_used(&batch) {
             Ok(()) => Ok(batch.len()),
             Err(e) => {
-                for (key, at) in &batch {
-                    self.record_use(key, *at);
-                }
+                self.inner.uses.put_back(&batch);
                 Err(e)
             }
         }

@@ -8,14 +8,21 @@ use std::str::FromStr;
 pub const DEFAULT_STORE_URL: &str = "sqlite:keygate.db";
 
 /// Where keys live: `sqlite:PATH`, the path relative (`sqlite:keygate.db`) or absolute
-/// (`sqlite:/var/lib/keygate/keygate.db`). `sqlite://PATH` is read the same way, so
-/// `sqlite:///var/lib/keygate.db` is absolute.
+/// (`sqlite:/var/lib/keygate/keygate.db`), or a PostgreSQL database
+/// (`postgres://user:password@host:5432/keygate`, `postgresql://…`, a Unix socket directory
+/// as the host: `postgres://keygate@%2Frun%2Fpostgresql/keygate`). `sqlite://PATH` is read
+/// the same way as `sqlite:PATH`, so `sqlite:///var/lib/keygate.db` is absolute.
+///
+/// Printed (and debug-printed) without its password.
 ///
 /// ```
 /// use keygate_store::StoreUrl;
 /// let url: StoreUrl = "sqlite:keygate.db".parse()?;
 /// assert_eq!(url, StoreUrl::Sqlite("keygate.db".into()));
 /// assert_eq!(url.to_string(), "sqlite:keygate.db");
+///
+/// let url: StoreUrl = "postgres://keygate:hunter2@db.internal/keygate".parse()?;
+/// assert_eq!(url.to_string(), "postgres://keygate:***@db.internal/keygate");
 /// assert!("redis://localhost".parse::<StoreUrl>().is_err());
 /// # Ok::<(), keygate_store::StoreUrlError>(())
 /// ```
@@ -24,6 +31,57 @@ pub const DEFAULT_STORE_URL: &str = "sqlite:keygate.db";
 pub enum StoreUrl {
     /// A SQLite database file.
     Sqlite(PathBuf),
+    /// A PostgreSQL database.
+    Postgres(PostgresUrl),
+}
+
+/// A PostgreSQL connection URL: [`as_str`](Self::as_str) gives it whole (to connect with);
+/// `Display` and `Debug` hide its password.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PostgresUrl(String);
+
+impl PostgresUrl {
+    /// The whole URL, password included.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for PostgresUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // scheme://user:password@host... → scheme://user:***@host...
+        let (scheme, rest) = self.0.split_once("://").unwrap_or(("postgres", &self.0));
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        let path = match path.split_once('?') {
+            // Parameters may carry a password too: named only.
+            Some((p, query)) => {
+                let names: Vec<&str> = query
+                    .split('&')
+                    .map(|kv| kv.split_once('=').map_or(kv, |(k, _)| k))
+                    .map(|k| if k == "password" { "password=***" } else { k })
+                    .collect();
+                format!("{p}?{}", names.join("&"))
+            }
+            None => path.to_owned(),
+        };
+        match authority.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+                let hidden = if userinfo.contains(':') { ":***" } else { "" };
+                write!(f, "{scheme}://{user}{hidden}@{host}{path}")
+            }
+            None => write!(f, "{scheme}://{authority}{path}"),
+        }
+    }
+}
+
+impl fmt::Debug for PostgresUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PostgresUrl({self})")
+    }
 }
 
 impl StoreUrl {
@@ -31,6 +89,7 @@ impl StoreUrl {
     pub fn path(&self) -> Option<&Path> {
         match self {
             StoreUrl::Sqlite(path) => Some(path),
+            StoreUrl::Postgres(_) => None,
         }
     }
 }
@@ -40,7 +99,7 @@ impl StoreUrl {
 /// The message names the scheme only: a URL may carry a password.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unsupported store URL{scheme}: accepted forms are sqlite:PATH (for example {DEFAULT_STORE_URL})"
+    "unsupported store URL{scheme}: accepted forms are sqlite:PATH (for example {DEFAULT_STORE_URL}) and postgres://USER:PASSWORD@HOST/DATABASE"
 )]
 pub struct StoreUrlError {
     scheme: String,
@@ -59,6 +118,9 @@ impl FromStr for StoreUrl {
             }
             return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
         }
+        if s.starts_with("postgres://") || s.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres(PostgresUrl(s.to_owned())));
+        }
         let scheme = match s.split_once(':') {
             Some((scheme, _))
                 if !scheme.is_empty()
@@ -66,12 +128,7 @@ impl FromStr for StoreUrl {
                         .bytes()
                         .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.')) =>
             {
-                let later = if matches!(scheme, "postgres" | "postgresql") {
-                    ", not supported yet"
-                } else {
-                    ""
-                };
-                format!(" scheme {scheme:?}{later}")
+                format!(" scheme {scheme:?}")
             }
             _ => " (no scheme)".to_owned(),
         };
@@ -88,6 +145,7 @@ impl fmt::Display for StoreUrl {
                 let slashes = if path.starts_with("//") { "//" } else { "" };
                 write!(f, "sqlite:{slashes}{path}")
             }
+            StoreUrl::Postgres(url) => url.fmt(f),
         }
     }
 }
@@ -118,16 +176,44 @@ mod tests {
     #[test]
     fn other_urls_are_refused_naming_the_accepted_forms_but_no_password() {
         for text in [
-            "postgres://admin:hunter2@db/keys",
+            "mysql://admin:hunter2@db/keys",
             "redis://localhost",
             "keygate.db",
             "sqlite:",
         ] {
             let msg = text.parse::<StoreUrl>().unwrap_err().to_string();
             assert!(msg.contains("sqlite:PATH"), "{msg}");
+            assert!(msg.contains("postgres://"), "{msg}");
             assert!(!msg.contains("hunter2"), "{msg}");
         }
-        let msg = "postgres://x".parse::<StoreUrl>().unwrap_err().to_string();
-        assert!(msg.contains("\"postgres\", not supported yet"), "{msg}");
+    }
+
+    #[test]
+    fn postgres_urls_are_kept_whole_and_printed_without_their_password() {
+        for (text, shown) in [
+            (
+                "postgres://k:hunter2@db:5432/keys",
+                "postgres://k:***@db:5432/keys",
+            ),
+            ("postgresql://k@db/keys", "postgresql://k@db/keys"),
+            (
+                "postgres://k@%2Frun%2Fpg/keys",
+                "postgres://k@%2Frun%2Fpg/keys",
+            ),
+            (
+                "postgres://db/keys?user=k&password=hunter2&sslmode=disable",
+                "postgres://db/keys?user&password=***&sslmode",
+            ),
+            ("postgres://k:hunter2@db", "postgres://k:***@db"),
+        ] {
+            let url: StoreUrl = text.parse().unwrap();
+            let StoreUrl::Postgres(pg) = &url else {
+                panic!("{text} is not a PostgreSQL URL");
+            };
+            assert_eq!(pg.as_str(), text);
+            assert_eq!(url.to_string(), shown);
+            assert!(!format!("{url:?}").contains("hunter2"));
+            assert_eq!(url.path(), None);
+        }
     }
 }

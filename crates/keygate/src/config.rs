@@ -58,7 +58,8 @@ use crate::source::KeySource;
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where keys, projects and spend live: `sqlite:PATH` (default `sqlite:keygate.db`,
-    /// relative to the working directory; written by the `keygate` CLI, digests only). With
+    /// relative to the working directory; written by the `keygate` CLI, digests only).
+    /// `postgres://…` is refused by the gateway until it has shared counters. With
     /// `keys_file` set, keys come from the file and spend goes to the store only when `store`
     /// is given too (else spend is counted in memory, and a restart forgets it).
     pub store: Option<String>,
@@ -791,9 +792,7 @@ impl Config {
         }
         match self.store_url()? {
             keygate_store::StoreUrl::Sqlite(path) => Ok(Some(path)),
-            other => Err(ConfigError::Invalid(format!(
-                "store {other}: not supported by this build"
-            ))),
+            other => Err(not_servable(&other)),
         }
     }
 
@@ -810,9 +809,7 @@ impl Config {
                 keygate_store::StoreUrl::Sqlite(path) => {
                     Ok(keygate_store::SqliteStore::open(&path)?.into())
                 }
-                other => Err(ConfigError::Invalid(format!(
-                    "store {other}: not supported by this build"
-                ))),
+                other => Err(not_servable(&other)),
             },
         }
     }
@@ -1046,6 +1043,16 @@ impl Config {
     }
 }
 
+/// Why a gateway does not start on `url`: a shared store (PostgreSQL) means replicas, and
+/// replicas need shared counters, or every replica would grant every limit again.
+fn not_servable(url: &keygate_store::StoreUrl) -> ConfigError {
+    ConfigError::Invalid(format!(
+        "store {url}: a gateway on a shared store needs shared counters (Redis), or each \
+         replica would grant every budget and rate again; this build has none yet, so it does \
+         not start. The key commands work on it: keygate --store {url} keys ..."
+    ))
+}
+
 /// The reason a key disabled by the denial-of-wallet guard carries in the store.
 pub const SUSPENDED_REASON: &str = "suspended";
 
@@ -1209,6 +1216,16 @@ mod tests {
     #[test]
     fn empty_text_is_the_default_config() {
         assert_eq!(Config::from_toml_str("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn a_gateway_on_postgres_without_shared_counters_does_not_start_and_hides_the_password() {
+        let config =
+            Config::from_toml_str("store = \"postgres://keygate:hunter2@db/keys\"").unwrap();
+        let e = config.build().unwrap_err().to_string();
+        assert!(e.contains("shared counters"), "{e}");
+        assert!(e.contains("postgres://keygate:***@db/keys"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]

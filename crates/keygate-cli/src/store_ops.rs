@@ -1,0 +1,93 @@
+//! What the key commands do to a store, whichever database it is.
+
+use std::cell::RefCell;
+
+use keygate_core::{KeyRecord, ProjectRecord};
+use keygate_store::{Db, DbError, ImportOutcome, KeyFile, PgDb, StoredKey};
+
+/// A change to one key (see [`Db::update_key`]).
+pub(crate) type KeyChange<'a> =
+    dyn FnMut(&mut KeyRecord, &mut Option<String>) -> Result<(), String> + 'a;
+
+/// The store operations of the key commands: each one transaction in the database.
+pub(crate) trait StoreOps {
+    fn export(&self) -> Result<KeyFile, DbError>;
+    fn project(&self, id: &str) -> Result<Option<ProjectRecord>, DbError>;
+    fn create_project(&self, project: &ProjectRecord) -> Result<(), DbError>;
+    fn insert_keys(&self, keys: &[KeyRecord], created_by: &str) -> Result<(), DbError>;
+    fn key(&self, id: &str) -> Result<Option<StoredKey>, DbError>;
+    fn update_key(&self, id: &str, change: &mut KeyChange<'_>) -> Result<(), DbError>;
+    fn import(&self, file: &KeyFile, created_by: &str) -> Result<ImportOutcome, DbError>;
+    /// The SQLite database, for what only it keeps so far (objects, the spend ledger).
+    fn sqlite(&self) -> Option<&RefCell<Db>> {
+        None
+    }
+}
+
+impl StoreOps for RefCell<Db> {
+    fn export(&self) -> Result<KeyFile, DbError> {
+        self.borrow().export()
+    }
+    fn project(&self, id: &str) -> Result<Option<ProjectRecord>, DbError> {
+        self.borrow().project(id)
+    }
+    fn create_project(&self, project: &ProjectRecord) -> Result<(), DbError> {
+        self.borrow_mut().create_project(project)
+    }
+    fn insert_keys(&self, keys: &[KeyRecord], created_by: &str) -> Result<(), DbError> {
+        self.borrow_mut().insert_keys(keys, created_by)
+    }
+    fn key(&self, id: &str) -> Result<Option<StoredKey>, DbError> {
+        self.borrow().key(id)
+    }
+    fn update_key(&self, id: &str, change: &mut KeyChange<'_>) -> Result<(), DbError> {
+        self.borrow_mut().update_key(id, change)
+    }
+    fn import(&self, file: &KeyFile, created_by: &str) -> Result<ImportOutcome, DbError> {
+        self.borrow_mut().import(file, created_by)
+    }
+    fn sqlite(&self) -> Option<&RefCell<Db>> {
+        Some(self)
+    }
+}
+
+/// A PostgreSQL database, driven from the synchronous CLI on a runtime of its own.
+pub(crate) struct PgOps {
+    runtime: tokio::runtime::Runtime,
+    db: PgDb,
+}
+
+impl PgOps {
+    pub(crate) fn connect(url: &str) -> Result<PgOps, DbError> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| DbError::Unavailable(e.to_string()))?;
+        let db = runtime.block_on(PgDb::connect(url))?;
+        Ok(PgOps { runtime, db })
+    }
+}
+
+impl StoreOps for PgOps {
+    fn export(&self) -> Result<KeyFile, DbError> {
+        self.runtime.block_on(self.db.export())
+    }
+    fn project(&self, id: &str) -> Result<Option<ProjectRecord>, DbError> {
+        self.runtime.block_on(self.db.project(id))
+    }
+    fn create_project(&self, project: &ProjectRecord) -> Result<(), DbError> {
+        self.runtime.block_on(self.db.create_project(project))
+    }
+    fn insert_keys(&self, keys: &[KeyRecord], created_by: &str) -> Result<(), DbError> {
+        self.runtime.block_on(self.db.insert_keys(keys, created_by))
+    }
+    fn key(&self, id: &str) -> Result<Option<StoredKey>, DbError> {
+        self.runtime.block_on(self.db.key(id))
+    }
+    fn update_key(&self, id: &str, change: &mut KeyChange<'_>) -> Result<(), DbError> {
+        self.runtime.block_on(self.db.update_key(id, change))
+    }
+    fn import(&self, file: &KeyFile, created_by: &str) -> Result<ImportOutcome, DbError> {
+        self.runtime.block_on(self.db.import(file, created_by))
+    }
+}

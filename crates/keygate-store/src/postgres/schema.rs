@@ -1,0 +1,85 @@
+//! The PostgreSQL schema: the SQLite store's tables and columns in PostgreSQL's dialect.
+//!
+//! Its own numbered list (PostgreSQL starts from the current design, not from SQLite's
+//! history); `keygate_schema` records the last migration applied. Migrations run in one
+//! transaction under an advisory lock, so replicas starting together migrate once.
+
+/// One step of the schema.
+pub(crate) struct Migration {
+    pub(crate) version: i32,
+    pub(crate) sql: &'static str,
+}
+
+/// The advisory lock migrations hold (any constant; this one spells "keygate").
+pub(crate) const MIGRATION_LOCK: i64 = 0x006b_6579_6761_7465;
+
+/// Every migration, in order.
+pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    sql: "
+        -- `change_seq` grows by one in every transaction that changes a project or a key;
+        -- the rows it changed carry it in `updated_seq`, which is how a snapshot catches up.
+        -- Writers lock its row first, so they take numbers in the order they commit.
+        -- `objects_seq` grows with every removal of an object.
+        CREATE TABLE meta (
+            name TEXT PRIMARY KEY,
+            value BIGINT NOT NULL
+        );
+        INSERT INTO meta (name, value) VALUES ('change_seq', 0), ('objects_seq', 0);
+
+        CREATE TABLE projects (
+            id TEXT PRIMARY KEY,
+            record TEXT NOT NULL,
+            updated_seq BIGINT NOT NULL
+        );
+        CREATE INDEX projects_updated_seq ON projects (updated_seq);
+
+        -- Digests are 64 lowercase hex digits (KeyDigest's text form). Times are Unix
+        -- nanoseconds.
+        CREATE TABLE keys (
+            id TEXT PRIMARY KEY,
+            project TEXT NOT NULL REFERENCES projects (id),
+            digest TEXT NOT NULL UNIQUE,
+            previous_digest TEXT UNIQUE,
+            created_at BIGINT NOT NULL,
+            record TEXT NOT NULL,
+            created_by TEXT,
+            last_used_at BIGINT,
+            disabled_reason TEXT,
+            updated_seq BIGINT NOT NULL
+        );
+        CREATE INDEX keys_project ON keys (project);
+        CREATE INDEX keys_updated_seq ON keys (updated_seq);
+        CREATE INDEX keys_created ON keys (created_at, id);
+
+        -- The object registry (see `PgRegistry`): which project owns each object created
+        -- through keygate; `models` is a JSON array. Times are Unix seconds.
+        CREATE TABLE objects (
+            id TEXT PRIMARY KEY,
+            kind TEXT NOT NULL,
+            project TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            model TEXT,
+            models TEXT
+        );
+        CREATE INDEX objects_by_project ON objects (project, kind, created_at);
+        CREATE INDEX objects_by_age ON objects (kind, created_at);
+    ",
+}];
+
+/// The schema version this build writes: the last migration's.
+pub(crate) const SCHEMA_VERSION: i32 = 1;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_numbered_one_by_one_up_to_the_schema_version() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version as usize, i + 1);
+        }
+        assert_eq!(MIGRATIONS.last().map(|m| m.version), Some(SCHEMA_VERSION));
+    }
+}
