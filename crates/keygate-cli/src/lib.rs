@@ -869,14 +869,9 @@ impl Ctx {
 
     fn objects(&self, cmd: ObjectsCommand) -> Result<String, CliError> {
         use keygate_core::{ObjectKind, ObjectRecord};
-        let Target::Store(store) = &self.target else {
+        let Target::Store(db) = &self.target else {
             return Err(invalid(
                 "objects are kept in the store: give --store, not --file",
-            ));
-        };
-        let Some(db) = store.sqlite() else {
-            return Err(invalid(
-                "the object registry is kept in SQLite only so far: give --store sqlite:PATH",
             ));
         };
         let kind_of = |k: &str| {
@@ -888,7 +883,7 @@ impl Ctx {
         match cmd {
             ObjectsCommand::List { project, kind } => {
                 let kind = kind.as_deref().map(kind_of).transpose()?;
-                let objects = db.borrow().objects(&project, kind)?;
+                let objects = db.objects(&project, kind)?;
                 let mut text = format!("{:<40} {:<24} {:<24} {}\n", "ID", "KIND", "MODEL", "KEY");
                 for o in &objects {
                     text.push_str(&format!(
@@ -913,7 +908,7 @@ impl Ctx {
                 ids,
             } => {
                 let kind = kind_of(&kind)?;
-                if db.borrow().project(&project)?.is_none() {
+                if db.project(&project)?.is_none() {
                     return Err(invalid(format!("no project {project:?}")));
                 }
                 let at = self.now.as_unix_secs();
@@ -933,13 +928,13 @@ impl Ctx {
                     .collect();
                 let mut kept = Vec::new();
                 for id in &ids {
-                    if let Some(o) = db.borrow().object(id)?
+                    if let Some(o) = db.object(id)?
                         && o.project != project
                     {
                         kept.push(json!({"id": id, "project": o.project}));
                     }
                 }
-                db.borrow_mut().record_objects(&records)?;
+                db.record_objects(&records)?;
                 let mut text = format!(
                     "imported {} {} object(s) into project {project}\n",
                     ids.len() - kept.len(),
@@ -964,7 +959,7 @@ impl Ctx {
             ObjectsCommand::Remove { ids } => {
                 let mut removed = Vec::new();
                 for id in &ids {
-                    if db.borrow_mut().remove_object(id)? {
+                    if db.remove_object(id)? {
                         removed.push(id.clone());
                     }
                 }

@@ -2,7 +2,7 @@
 
 use std::cell::RefCell;
 
-use keygate_core::{KeyRecord, ProjectRecord};
+use keygate_core::{KeyRecord, ObjectKind, ObjectRecord, ProjectRecord};
 use keygate_store::{Db, DbError, ImportOutcome, KeyFile, PgDb, StoredKey};
 
 /// A change to one key (see [`Db::update_key`]).
@@ -18,6 +18,14 @@ pub(crate) trait StoreOps {
     fn key(&self, id: &str) -> Result<Option<StoredKey>, DbError>;
     fn update_key(&self, id: &str, change: &mut KeyChange<'_>) -> Result<(), DbError>;
     fn import(&self, file: &KeyFile, created_by: &str) -> Result<ImportOutcome, DbError>;
+    fn objects(
+        &self,
+        project: &str,
+        kind: Option<ObjectKind>,
+    ) -> Result<Vec<ObjectRecord>, DbError>;
+    fn object(&self, id: &str) -> Result<Option<ObjectRecord>, DbError>;
+    fn record_objects(&self, objects: &[ObjectRecord]) -> Result<(), DbError>;
+    fn remove_object(&self, id: &str) -> Result<bool, DbError>;
     /// The SQLite database, for what only it keeps so far (objects, the spend ledger).
     fn sqlite(&self) -> Option<&RefCell<Db>> {
         None
@@ -45,6 +53,22 @@ impl StoreOps for RefCell<Db> {
     }
     fn import(&self, file: &KeyFile, created_by: &str) -> Result<ImportOutcome, DbError> {
         self.borrow_mut().import(file, created_by)
+    }
+    fn objects(
+        &self,
+        project: &str,
+        kind: Option<ObjectKind>,
+    ) -> Result<Vec<ObjectRecord>, DbError> {
+        self.borrow().objects(project, kind)
+    }
+    fn object(&self, id: &str) -> Result<Option<ObjectRecord>, DbError> {
+        self.borrow().object(id)
+    }
+    fn record_objects(&self, objects: &[ObjectRecord]) -> Result<(), DbError> {
+        self.borrow_mut().record_objects(objects)
+    }
+    fn remove_object(&self, id: &str) -> Result<bool, DbError> {
+        self.borrow_mut().remove_object(id)
     }
     fn sqlite(&self) -> Option<&RefCell<Db>> {
         Some(self)
@@ -89,5 +113,21 @@ impl StoreOps for PgOps {
     }
     fn import(&self, file: &KeyFile, created_by: &str) -> Result<ImportOutcome, DbError> {
         self.runtime.block_on(self.db.import(file, created_by))
+    }
+    fn objects(
+        &self,
+        project: &str,
+        kind: Option<ObjectKind>,
+    ) -> Result<Vec<ObjectRecord>, DbError> {
+        self.runtime.block_on(self.db.objects(project, kind))
+    }
+    fn object(&self, id: &str) -> Result<Option<ObjectRecord>, DbError> {
+        self.runtime.block_on(self.db.object(id))
+    }
+    fn record_objects(&self, objects: &[ObjectRecord]) -> Result<(), DbError> {
+        self.runtime.block_on(self.db.record_objects(objects))
+    }
+    fn remove_object(&self, id: &str) -> Result<bool, DbError> {
+        self.runtime.block_on(self.db.remove_object(id))
     }
 }

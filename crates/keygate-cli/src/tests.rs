@@ -873,6 +873,7 @@ async fn spend_show_reads_each_budget_from_the_ledger() {
     let (counter, window) =
         keygate::limit::budget_counter(keygate_core::LimitScope::Key, &id, &key_budget, t0());
     let charge = |amount| Charge {
+        group: 0,
         key: counter.clone(),
         window,
         unit: Unit::Nanodollars,

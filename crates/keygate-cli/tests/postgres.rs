@@ -85,6 +85,32 @@ fn keys_are_created_listed_revoked_exported_and_imported_on_postgres() {
     let there = ok(keygate(&other, &["--json", "keys", "show", &id]));
     assert_eq!(there["key"]["revoked_at"], shown["key"]["revoked_at"]);
 
+    // Objects: imported, listed, removed.
+    ok(keygate(
+        &url,
+        &[
+            "objects",
+            "import",
+            "--project",
+            "default",
+            "--kind",
+            "file",
+            "file-abc",
+        ],
+    ));
+    let listed = ok(keygate(
+        &url,
+        &["--json", "objects", "list", "--project", "default"],
+    ));
+    assert_eq!(listed[0]["id"], "file-abc", "{listed}");
+    let removed = ok(keygate(&url, &["--json", "objects", "remove", "file-abc"]));
+    assert_eq!(removed["removed"][0], "file-abc");
+    let listed = ok(keygate(
+        &url,
+        &["--json", "objects", "list", "--project", "default"],
+    ));
+    assert_eq!(listed, serde_json::json!([]));
+
     // What is SQLite-only so far says so.
     let out = keygate(&url, &["spend", "show", &id]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");

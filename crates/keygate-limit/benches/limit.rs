@@ -217,6 +217,7 @@ fn backend(c: &mut Criterion) {
         b.iter(|| {
             let charges = vec![
                 Charge {
+                    group: 0,
                     key: key.clone(),
                     window: Window::Rate {
                         per: Duration::from_secs(60),
@@ -226,6 +227,7 @@ fn backend(c: &mut Criterion) {
                     amount: 100,
                 },
                 Charge {
+                    group: 0,
                     key: budget.clone(),
                     window: Window::Fixed { start, end },
                     unit: Unit::Nanodollars,

@@ -19,6 +19,14 @@ use smallvec::SmallVec;
 /// The name of one counter, stable across processes (a Redis key suffix, a SQL primary key).
 pub type CounterKey = Arc<str>;
 
+/// The group of the counters of `project` (see [`Charge::group`]): a stable 64-bit hash
+/// (FNV-1a), the same in every process and every version.
+pub fn group_of(project: &str) -> u64 {
+    project.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// How a counter's window works.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -59,6 +67,11 @@ pub enum Unit {
 /// One amount to reserve against one counter.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Charge {
+    /// The group the counter belongs to ([`group_of`] its project): every charge of one
+    /// request has the same one, and a counter is always in the same group, so a backend that
+    /// spreads counters over shards (Redis Cluster's hash tags) keeps one request's counters
+    /// together. 0 where nothing shards.
+    pub group: u64,
     /// The counter.
     pub key: CounterKey,
     /// Its window.
@@ -74,6 +87,8 @@ pub struct Charge {
 /// A charge that was reserved; part of a [`Reservation`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reserved {
+    /// Its group, as charged.
+    pub group: u64,
     /// The counter.
     pub key: CounterKey,
     /// Its window, as reserved (a settle after a budget period ended applies to no period).
@@ -436,6 +451,7 @@ impl MemoryBackend {
                     rate => rate,
                 };
                 Reserved {
+                    group: charge.group,
                     key: charge.key,
                     window,
                     unit: charge.unit,
@@ -862,6 +878,7 @@ mod tests {
 
     fn rate(key: &str, limit: u64, amount: u64) -> Charge {
         Charge {
+            group: 0,
             key: key.into(),
             window: Window::Rate { per: MIN },
             unit: Unit::Tokens,
@@ -872,6 +889,7 @@ mod tests {
 
     fn budget(key: &str, limit: u64, amount: u64, start: u64) -> Charge {
         Charge {
+            group: 0,
             key: key.into(),
             window: Window::Fixed {
                 start: t(start),

@@ -21,6 +21,7 @@ use keygate_store::{Durability, LedgerBackend};
 fn charges(key: &str) -> Vec<Charge> {
     vec![
         Charge {
+            group: 0,
             key: format!("budget:{key}").into(),
             window: Window::Fixed {
                 start: Timestamp::UNIX_EPOCH,
@@ -31,6 +32,7 @@ fn charges(key: &str) -> Vec<Charge> {
             amount: 1_000,
         },
         Charge {
+            group: 0,
             key: format!("tpm:{key}").into(),
             window: Window::Rate {
                 per: Duration::from_secs(60),

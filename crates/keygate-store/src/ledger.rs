@@ -139,6 +139,7 @@ type Ack = oneshot::Sender<Result<(), BackendError>>;
 /// let path = dir.path().join("keygate.db");
 /// let now = Timestamp::from_unix_secs(1_700_000_000);
 /// let budget = Charge {
+///     group: 0,
 ///     key: "budget:key_demo".into(),
 ///     window: Window::Fixed { start: Timestamp::UNIX_EPOCH, end: None },
 ///     unit: Unit::Nanodollars,

@@ -79,7 +79,7 @@ pub use file::{FileStore, FileStoreError, KEY_FILE_VERSION, KeyFile, ReloadOutco
 pub use ledger::{Durability, LedgerBackend, LedgerUsage};
 pub use memory::MemoryStore;
 pub use objects::{OBJECT_RECHECK, STORED_RESULT_DAYS, SqliteRegistry};
-pub use postgres::{PG_DEADLINE, PgDb, PgStore};
+pub use postgres::{PG_DEADLINE, PgDb, PgRegistry, PgStore};
 pub use rates::{RateBegin, RateStart};
 pub use store::{RefreshOutcome, SqliteStore};
 pub use url::{DEFAULT_STORE_URL, PostgresUrl, StoreUrl, StoreUrlError};

@@ -53,16 +53,18 @@ impl std::fmt::Debug for SqliteRegistry {
     }
 }
 
+/// The objects most recently recorded or read: two generations, each at most
+/// [`CACHE_GENERATION`].
 #[derive(Default)]
-struct Cache {
+pub(crate) struct Cache {
     current: HashMap<String, Arc<ObjectRecord>>,
     previous: HashMap<String, Arc<ObjectRecord>>,
     /// The database's count of removals when the cache was last checked, and when.
-    checked: Option<(Instant, i64)>,
+    pub(crate) checked: Option<(Instant, i64)>,
 }
 
 impl Cache {
-    fn get(&mut self, id: &str) -> Option<Arc<ObjectRecord>> {
+    pub(crate) fn get(&mut self, id: &str) -> Option<Arc<ObjectRecord>> {
         if let Some(r) = self.current.get(id) {
             return Some(r.clone());
         }
@@ -71,29 +73,59 @@ impl Cache {
         Some(r)
     }
 
-    fn insert(&mut self, r: Arc<ObjectRecord>) {
+    pub(crate) fn insert(&mut self, r: Arc<ObjectRecord>) {
         if self.current.len() >= CACHE_GENERATION {
             self.previous = std::mem::take(&mut self.current);
         }
         self.current.insert(r.id.clone(), r);
     }
 
-    fn remove(&mut self, id: &str) {
+    pub(crate) fn remove(&mut self, id: &str) {
         self.current.remove(id);
         self.previous.remove(id);
     }
 
-    fn clear(&mut self) {
+    /// Notes records about to be written; the owner of a known object never changes.
+    pub(crate) fn note(&mut self, objects: &[ObjectRecord]) {
+        for o in objects {
+            let keep = self
+                .get(&o.id)
+                .is_some_and(|known| known.project != o.project);
+            if !keep {
+                self.insert(Arc::new(o.clone()));
+            }
+        }
+    }
+
+    pub(crate) fn clear(&mut self) {
         self.current.clear();
         self.previous.clear();
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-fn unavailable(e: impl std::fmt::Display) -> RegistryError {
+/// Counts `objects` as written; now and then (every [`PRUNE_EVERY`] records) the time before
+/// which stored results are past their upstream's retention, to forget them.
+pub(crate) fn prune_due(
+    written: &std::sync::atomic::AtomicU64,
+    objects: &[ObjectRecord],
+) -> Option<u64> {
+    let n = objects.len() as u64;
+    let before = written.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+    (before / PRUNE_EVERY != (before + n) / PRUNE_EVERY).then(|| {
+        objects
+            .iter()
+            .map(|o| o.created_at)
+            .max()
+            .unwrap_or(0)
+            .saturating_sub(STORED_RESULT_DAYS * 86_400)
+    })
+}
+
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> RegistryError {
     RegistryError::new(format!("object registry: {e}"))
 }
 
@@ -170,31 +202,16 @@ impl ObjectRegistry for SqliteRegistry {
 
     fn record(&self, objects: Vec<ObjectRecord>) -> RegistryFuture<'_, ()> {
         {
-            let mut cache = lock(&self.cache);
-            for o in &objects {
-                // The owner of a known object never changes.
-                let keep = cache
-                    .get(&o.id)
-                    .is_some_and(|known| known.project != o.project);
-                if !keep {
-                    cache.insert(Arc::new(o.clone()));
-                }
-            }
+            lock(&self.cache).note(&objects);
         }
         let writer = self.writer.clone();
-        let n = objects.len() as u64;
-        let before = self
-            .written
-            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        // Now and then, stored results past their upstream's retention are forgotten.
-        let prune = (before / PRUNE_EVERY != (before + n) / PRUNE_EVERY)
-            .then(|| objects.iter().map(|o| o.created_at).max().unwrap_or(0));
+        let prune = prune_due(&self.written, &objects);
         Box::pin(async move {
             let written = tokio::task::spawn_blocking(move || {
                 let mut db = lock(&writer);
                 db.record_objects(&objects)?;
-                if let Some(now) = prune {
-                    db.prune_stored_results(now.saturating_sub(STORED_RESULT_DAYS * 86_400))?;
+                if let Some(before) = prune {
+                    db.prune_stored_results(before)?;
                 }
                 Ok::<_, DbError>(())
             })

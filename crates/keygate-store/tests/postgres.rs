@@ -6,7 +6,8 @@ use keygate_core::{
     KeyDigest, KeyId, KeyRecord, KeyStore, Permissions, PreviousSecret, ProjectRecord, Rejection,
     Secret, Timestamp,
 };
-use keygate_store::{DbError, KeyFile, PgDb, PgStore, RefreshOutcome};
+use keygate_core::{ObjectKind, ObjectRecord, ObjectRegistry};
+use keygate_store::{DbError, KeyFile, OBJECT_RECHECK, PgDb, PgRegistry, PgStore, RefreshOutcome};
 use keygate_testkit::Postgres;
 
 fn key(id: &str, project: &str, secret: &str) -> KeyRecord {
@@ -403,4 +404,72 @@ async fn an_unreachable_server_is_unavailable_within_the_deadline_and_no_passwor
         .await
         .unwrap_err();
     assert!(!err.to_string().contains("hunter2"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_recorded_through_one_replica_are_owned_everywhere_and_removals_are_seen() {
+    let mut pg = Postgres::start();
+    let url = pg.url("postgres");
+    let a = PgRegistry::new(PgDb::connect(&url).await.unwrap());
+    let b = PgRegistry::new(PgDb::connect(&url).await.unwrap());
+    a.record(vec![
+        ObjectRecord::new("asst_1", ObjectKind::Assistant, "p", "key_a", 7).with_model("gpt-4o"),
+        ObjectRecord::new("file-1", ObjectKind::File, "p", "key_a", 8)
+            .with_models(vec!["gpt-4o".into()]),
+    ])
+    .await
+    .unwrap();
+    // Found by the other replica, with what it was recorded with.
+    let asst = b.get("asst_1").await.unwrap().unwrap();
+    assert_eq!(
+        (asst.project.as_str(), asst.model.as_deref()),
+        ("p", Some("gpt-4o"))
+    );
+    let file = b.get("file-1").await.unwrap().unwrap();
+    assert_eq!(file.models, Some(vec!["gpt-4o".to_owned()]));
+    assert!(b.get("file-unknown").await.unwrap().is_none());
+    // Another project recording the same id changes nothing; the owner updating does.
+    b.record(vec![
+        ObjectRecord::new("asst_1", ObjectKind::Assistant, "q", "key_q", 9).with_model("x"),
+    ])
+    .await
+    .unwrap();
+    let fresh = PgRegistry::new(PgDb::connect(&url).await.unwrap());
+    assert_eq!(fresh.get("asst_1").await.unwrap().unwrap().project, "p");
+    a.record(vec![
+        ObjectRecord::new("asst_1", ObjectKind::Assistant, "p", "key_a", 10)
+            .with_model("gpt-4o-mini"),
+    ])
+    .await
+    .unwrap();
+    let fresh = PgRegistry::new(PgDb::connect(&url).await.unwrap());
+    assert_eq!(
+        fresh.get("asst_1").await.unwrap().unwrap().model.as_deref(),
+        Some("gpt-4o-mini")
+    );
+    // Removed through one replica: the other, which has it cached, stops finding it within
+    // the recheck interval.
+    assert!(a.get("file-1").await.unwrap().is_some());
+    b.remove("file-1").await.unwrap();
+    let removed = Instant::now();
+    loop {
+        if a.get("file-1").await.unwrap().is_none() {
+            break;
+        }
+        assert!(removed.elapsed() < OBJECT_RECHECK + Duration::from_millis(500));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let db = PgDb::connect(&url).await.unwrap();
+    let listed: Vec<String> = db
+        .objects("p", None)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|o| o.id)
+        .collect();
+    assert_eq!(listed, vec!["asst_1".to_owned()]);
+    // An unreachable database is an error (the layer answers 503), never "not found".
+    pg.kill();
+    let lost = PgRegistry::new(db);
+    assert!(lost.get("asst_1").await.is_err());
 }

@@ -84,7 +84,9 @@ pub(super) fn charges(
             metas.push(meta);
         }
     };
+    let group = crate::backend::group_of(&principal.project().id);
     let rate = |key, limit: u64| Charge {
+        group,
         key,
         window: Window::Rate {
             per: Duration::from_secs(60),
@@ -117,6 +119,7 @@ pub(super) fn charges(
             let (key, window) = budget_counter(scope, owner, budget, now);
             push(
                 Charge {
+                    group,
                     key,
                     window,
                     unit: Unit::Nanodollars,

@@ -15,6 +15,7 @@ fn t(secs: u64) -> Timestamp {
 
 fn budget(limit: u64, amount: u64) -> Charge {
     Charge {
+        group: 0,
         key: "budget:key_a".into(),
         window: Window::Fixed {
             start: t(0),
@@ -28,6 +29,7 @@ fn budget(limit: u64, amount: u64) -> Charge {
 
 fn tokens_per_minute(limit: u64, amount: u64) -> Charge {
     Charge {
+        group: 0,
         key: "tpm:key_a".into(),
         window: Window::Rate {
             per: Duration::from_secs(60),

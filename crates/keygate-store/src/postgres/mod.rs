@@ -10,8 +10,10 @@
 //! `sqlx` would add, with a much larger dependency tree).
 
 mod db;
+mod objects;
 mod schema;
 mod store;
 
 pub use db::{PG_DEADLINE, PgDb};
+pub use objects::PgRegistry;
 pub use store::PgStore;
