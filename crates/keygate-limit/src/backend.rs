@@ -112,6 +112,21 @@ pub struct CounterStatus {
     pub reset: Duration,
 }
 
+impl CounterStatus {
+    /// Keeps in `tightest` whichever has less left: it, or `charge`'s counter holding `used`
+    /// at `now` (Unix nanoseconds). How a backend picks [`Reservation::tokens`].
+    pub fn tightest(tightest: &mut Option<CounterStatus>, charge: &Charge, used: u64, now: u64) {
+        let status = CounterStatus {
+            limit: charge.limit,
+            remaining: charge.limit.saturating_sub(used),
+            reset: reset_after(charge.window, charge.limit, used, now),
+        };
+        if tightest.is_none_or(|t| status.remaining < t.remaining) {
+            *tightest = Some(status);
+        }
+    }
+}
+
 /// Amounts held against counters until settled or released. Plain data: a backend may
 /// serialize it. Settle or release every reservation exactly once; [`Pending`] does that for
 /// you, even when dropped.
@@ -160,6 +175,20 @@ pub struct Exceeded {
     pub retry_after: Option<Duration>,
     /// How long until the counter is back to its full limit.
     pub reset: Duration,
+}
+
+impl Exceeded {
+    /// Charge `index` (`charge`) does not fit on a counter holding `used` at `now` (Unix
+    /// nanoseconds): what is left, and when it would fit. Every backend answers the same.
+    pub fn of(index: usize, charge: &Charge, used: u64, now: u64) -> Exceeded {
+        Exceeded {
+            index,
+            limit: charge.limit,
+            remaining: charge.limit.saturating_sub(used),
+            retry_after: wait_until_fits(charge, used, now),
+            reset: reset_after(charge.window, charge.limit, used, now),
+        }
+    }
 }
 
 /// A backend failure (store unreachable). The layers fail closed on it: 503.
@@ -410,14 +439,7 @@ impl MemoryBackend {
                 .sum();
             let used = current.saturating_add(earlier);
             if used.saturating_add(charge.amount) > charge.limit {
-                let remaining = charge.limit.saturating_sub(used);
-                return Err(Exceeded {
-                    index: n,
-                    limit: charge.limit,
-                    remaining,
-                    retry_after: wait_until_fits(charge, used, now),
-                    reset: reset_after(charge.window, charge.limit, used, now),
-                });
+                return Err(Exceeded::of(n, charge, used, now));
             }
         }
         let mut tokens: Option<CounterStatus> = None;
@@ -432,14 +454,7 @@ impl MemoryBackend {
                 *counter = refreshed(*counter, charge.window, charge.limit, now);
                 counter.used = counter.used.saturating_add(charge.amount);
                 if charge.window.is_rate() && charge.unit == Unit::Tokens {
-                    let status = CounterStatus {
-                        limit: charge.limit,
-                        remaining: charge.limit.saturating_sub(counter.used),
-                        reset: reset_after(charge.window, charge.limit, counter.used, now),
-                    };
-                    if tokens.is_none_or(|t| status.remaining < t.remaining) {
-                        tokens = Some(status);
-                    }
+                    CounterStatus::tightest(&mut tokens, &charge, counter.used, now);
                 }
                 // A counter already in a later period (another replica's clock ran ahead)
                 // holds this charge: settle against the period it was really added to.

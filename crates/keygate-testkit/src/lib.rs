@@ -334,6 +334,8 @@ fn percent(s: &str) -> String {
 pub struct Redis {
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// A loopback TCP port it listens on too (0: none).
+    port: u16,
 }
 
 impl Redis {
@@ -347,9 +349,46 @@ impl Redis {
             .prefix("keygate-redis-")
             .tempdir()
             .expect("a temporary directory");
-        let mut redis = Redis { dir, child: None };
+        let mut redis = Redis {
+            dir,
+            child: None,
+            port: 0,
+        };
         redis.spawn();
         redis
+    }
+
+    /// Starts a server that listens on a loopback TCP port too (see [`Redis::tcp_url`]).
+    ///
+    /// # Panics
+    ///
+    /// As [`Redis::start`].
+    pub fn start_with_tcp() -> Redis {
+        let dir = tempfile::Builder::new()
+            .prefix("keygate-redis-")
+            .tempdir()
+            .expect("a temporary directory");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a loopback port")
+            .port();
+        let mut redis = Redis {
+            dir,
+            child: None,
+            port,
+        };
+        redis.spawn();
+        redis
+    }
+
+    /// `redis://127.0.0.1:PORT`, for a server started by [`Redis::start_with_tcp`].
+    ///
+    /// # Panics
+    ///
+    /// When it listens on no TCP port.
+    pub fn tcp_url(&self) -> String {
+        assert!(self.port != 0, "started without TCP");
+        format!("redis://127.0.0.1:{}", self.port)
     }
 
     /// The socket's path.
@@ -371,7 +410,9 @@ impl Redis {
         let socket = self.socket();
         let _ = std::fs::remove_file(&socket);
         let child = Command::new("redis-server")
-            .args(["--port", "0", "--unixsocket"])
+            .args(["--bind", "127.0.0.1", "--port"])
+            .arg(self.port.to_string())
+            .arg("--unixsocket")
             .arg(&socket)
             .args([
                 "--unixsocketperm",
@@ -437,6 +478,184 @@ impl Drop for Redis {
     }
 }
 
+/// A Redis Cluster of three masters (no replicas) on loopback TCP ports, in temporary
+/// directories, with persistence off; its 16,384 slots spread over the three by
+/// `redis-cli --cluster create`.
+#[derive(Debug)]
+pub struct RedisCluster {
+    dir: tempfile::TempDir,
+    ports: Vec<u16>,
+    children: Vec<Child>,
+}
+
+impl RedisCluster {
+    /// Starts three nodes, joins them into one cluster and waits until every node reports
+    /// `cluster_state:ok`.
+    ///
+    /// # Panics
+    ///
+    /// When `redis-server` or `redis-cli` is not installed, or the cluster is not up within
+    /// 30 s.
+    pub fn start() -> RedisCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("keygate-redis-cluster-")
+            .tempdir()
+            .expect("a temporary directory");
+        let ports = free_cluster_ports(3);
+        let mut children = Vec::new();
+        for port in &ports {
+            let node = dir.path().join(port.to_string());
+            std::fs::create_dir(&node).expect("a node directory");
+            let log = std::fs::File::create(node.join("server.log")).expect("a log file");
+            let child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port"])
+                .arg(port.to_string())
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .arg("--dir")
+                .arg(&node)
+                .stdin(Stdio::null())
+                .stdout(log)
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("redis-server does not run ({e}): run scripts/test, or apt-get install -y redis-server")
+                });
+            children.push(child);
+        }
+        let cluster = RedisCluster {
+            dir,
+            ports,
+            children,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        for port in &cluster.ports {
+            while cli(*port, &["PING"]).as_deref() != Some("PONG") {
+                assert!(
+                    Instant::now() < deadline,
+                    "a cluster node did not start: {}",
+                    cluster.log()
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let mut create = Command::new("redis-cli");
+        create.args(["--cluster", "create"]);
+        for port in &cluster.ports {
+            create.arg(format!("127.0.0.1:{port}"));
+        }
+        let out = create
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("redis-cli runs");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        for port in &cluster.ports {
+            loop {
+                let info = cli(*port, &["CLUSTER", "INFO"]).unwrap_or_default();
+                if info.contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not come up: {info}"
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        cluster
+    }
+
+    /// `redis://127.0.0.1:PORT` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// The nodes' ports.
+    pub fn ports(&self) -> &[u16] {
+        &self.ports
+    }
+
+    /// How many keys node `i` holds (`DBSIZE`).
+    pub fn keys_on(&self, i: usize) -> u64 {
+        cli(self.ports[i], &["DBSIZE"])
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Every node's log so far.
+    pub fn log(&self) -> String {
+        self.ports
+            .iter()
+            .map(|p| {
+                std::fs::read_to_string(self.dir.path().join(p.to_string()).join("server.log"))
+                    .unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `redis-cli -p PORT ARGS…` on loopback; its output, trimmed, if it ran.
+fn cli(port: u16, args: &[&str]) -> Option<String> {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p"])
+        .arg(port.to_string())
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// `n` loopback ports that are free, each with its cluster bus port (`+10000`) free too.
+fn free_cluster_ports(n: usize) -> Vec<u16> {
+    use std::net::TcpListener;
+    let mut ports = Vec::new();
+    let mut held = Vec::new();
+    while ports.len() < n {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+        let port = listener.local_addr().expect("its address").port();
+        let Some(bus) = port.checked_add(10_000) else {
+            continue;
+        };
+        if let Ok(bus_listener) = TcpListener::bind(("127.0.0.1", bus)) {
+            ports.push(port);
+            held.push((listener, bus_listener));
+        }
+    }
+    ports
+}
+
 /// Whether a Redis server answers `PING` on `socket`.
 fn ping(socket: &Path) -> bool {
     use std::io::Write;
@@ -498,5 +717,14 @@ mod tests {
         assert!(!ping(&redis.socket()));
         redis.restart();
         assert!(ping(&redis.socket()));
+    }
+
+    #[test]
+    fn a_cluster_of_three_masters_serves_every_slot() {
+        let cluster = RedisCluster::start();
+        let info = cli(cluster.ports()[0], &["CLUSTER", "INFO"]).unwrap_or_default();
+        assert!(info.contains("cluster_size:3"), "{info}");
+        assert!(info.contains("cluster_slots_assigned:16384"), "{info}");
+        assert_eq!(cluster.urls().len(), 3);
     }
 }

@@ -23,7 +23,7 @@ use tower::{Service, ServiceBuilder, ServiceExt};
 use crate::{Keygate, KeygateLayer, MemoryStore};
 
 /// $0.15 / $0.60 per million tokens: 150 and 600 nano-dollars a token.
-fn prices() -> PriceTable {
+pub(crate) fn prices() -> PriceTable {
     PriceTable::new()
         .with_price(
             "gpt-4o-mini",
@@ -107,6 +107,7 @@ impl Stack {
             .token_limit_layer()
             .backend()
             .memory()
+            .unwrap()
             .used(&key, window, u64::MAX, now)
             .unwrap_or(0)
     }
@@ -119,6 +120,7 @@ impl Stack {
             .token_limit_layer()
             .backend()
             .memory()
+            .unwrap()
             .used("key\u{1f}key_t\u{1f}tpm", window, 1 << 40, self.clock.now())
             .unwrap_or(0)
     }

@@ -75,6 +75,8 @@ mod bounded_tests;
 #[cfg(test)]
 mod image_tests;
 #[cfg(test)]
+mod replica_tests;
+#[cfg(test)]
 mod tests;
 
 pub use config::{

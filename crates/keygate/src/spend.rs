@@ -1,5 +1,5 @@
-//! [`SpendBackend`]: where the token layer keeps token rates and budgets, in memory only or
-//! in memory with the durable SQLite ledger behind it.
+//! [`SpendBackend`]: where the token layer keeps token rates and budgets: in memory only, in
+//! memory with the durable SQLite ledger behind it, or in Redis shared by every replica.
 
 use std::future::Future;
 
@@ -8,7 +8,7 @@ use keygate_core::Timestamp;
 use keygate_limit::LimitBackend;
 use keygate_limit::MemoryBackend;
 use keygate_limit::backend::{Actual, BackendError, Charge, Reservation, ReserveError};
-use keygate_store::LedgerBackend;
+use keygate_store::{LedgerBackend, RedisBackend};
 
 /// The token layer's counters in a [`KeygateLayer`](crate::KeygateLayer).
 ///
@@ -17,6 +17,8 @@ use keygate_store::LedgerBackend;
 /// - [`SpendBackend::Ledger`]: admission in memory, every reservation durable in the SQLite
 ///   ledger before the request is forwarded, counters rebuilt from it at start (what a
 ///   configured gateway with `store = "sqlite:…"` uses), so a restart never doubles a budget.
+/// - [`SpendBackend::Redis`]: counters in Redis ([`RedisBackend`]), shared exactly by every
+///   replica that uses the same server or cluster; every call a round trip.
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum SpendBackend {
@@ -24,6 +26,8 @@ pub enum SpendBackend {
     Memory(MemoryBackend),
     /// In memory, with the SQLite ledger as the truth.
     Ledger(LedgerBackend),
+    /// In Redis, shared by replicas.
+    Redis(RedisBackend),
 }
 
 impl Default for SpendBackend {
@@ -33,19 +37,29 @@ impl Default for SpendBackend {
 }
 
 impl SpendBackend {
-    /// The in-memory counters admission is decided on (for inspection: what is used now).
-    pub fn memory(&self) -> &MemoryBackend {
+    /// The in-memory counters admission is decided on (for inspection: what is used now);
+    /// `None` when they are in Redis.
+    pub fn memory(&self) -> Option<&MemoryBackend> {
         match self {
-            SpendBackend::Memory(m) => m,
-            SpendBackend::Ledger(l) => l.memory(),
+            SpendBackend::Memory(m) => Some(m),
+            SpendBackend::Ledger(l) => Some(l.memory()),
+            SpendBackend::Redis(_) => None,
         }
     }
 
     /// The ledger, when there is one.
     pub fn ledger(&self) -> Option<&LedgerBackend> {
         match self {
-            SpendBackend::Memory(_) => None,
             SpendBackend::Ledger(l) => Some(l),
+            _ => None,
+        }
+    }
+
+    /// The Redis counters, when they are there.
+    pub fn redis(&self) -> Option<&RedisBackend> {
+        match self {
+            SpendBackend::Redis(r) => Some(r),
+            _ => None,
         }
     }
 }
@@ -58,7 +72,8 @@ impl LimitBackend for SpendBackend {
     ) -> impl Future<Output = Result<Reservation, ReserveError>> + Send + 'static {
         match self {
             SpendBackend::Memory(m) => Either::Left(m.reserve(charges, now)),
-            SpendBackend::Ledger(l) => Either::Right(l.reserve(charges, now)),
+            SpendBackend::Ledger(l) => Either::Right(Either::Left(l.reserve(charges, now))),
+            SpendBackend::Redis(r) => Either::Right(Either::Right(r.reserve(charges, now))),
         }
     }
 
@@ -70,7 +85,12 @@ impl LimitBackend for SpendBackend {
     ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
         match self {
             SpendBackend::Memory(m) => Either::Left(m.settle(reservation, actual, now)),
-            SpendBackend::Ledger(l) => Either::Right(l.settle(reservation, actual, now)),
+            SpendBackend::Ledger(l) => {
+                Either::Right(Either::Left(l.settle(reservation, actual, now)))
+            }
+            SpendBackend::Redis(r) => {
+                Either::Right(Either::Right(r.settle(reservation, actual, now)))
+            }
         }
     }
 
@@ -81,7 +101,8 @@ impl LimitBackend for SpendBackend {
     ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
         match self {
             SpendBackend::Memory(m) => Either::Left(m.release(reservation, now)),
-            SpendBackend::Ledger(l) => Either::Right(l.release(reservation, now)),
+            SpendBackend::Ledger(l) => Either::Right(Either::Left(l.release(reservation, now))),
+            SpendBackend::Redis(r) => Either::Right(Either::Right(r.release(reservation, now))),
         }
     }
 
@@ -93,6 +114,7 @@ impl LimitBackend for SpendBackend {
         match self {
             SpendBackend::Memory(m) => m.reserve_at_once(charges, now),
             SpendBackend::Ledger(l) => l.reserve_at_once(charges, now),
+            SpendBackend::Redis(r) => r.reserve_at_once(charges, now),
         }
     }
 
@@ -105,6 +127,7 @@ impl LimitBackend for SpendBackend {
         match self {
             SpendBackend::Memory(m) => m.end_at_once(reservation, actual, now),
             SpendBackend::Ledger(l) => l.end_at_once(reservation, actual, now),
+            SpendBackend::Redis(r) => r.end_at_once(reservation, actual, now),
         }
     }
 }

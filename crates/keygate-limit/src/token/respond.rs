@@ -147,8 +147,11 @@ pub(super) fn refused<ResBody>(
             };
             exceeded_response(e, meta, affordable, headers)
         }
+        // The counters' store did not answer (its calls have deadlines): fail closed, and
+        // say when to try again.
         _ => deny(
-            Denial::unavailable(Stage::TokenLimit, "limit_backend"),
+            Denial::unavailable(Stage::TokenLimit, "limit_backend")
+                .with_retry_after(std::time::Duration::from_secs(1)),
             headers,
         ),
     }

@@ -1,0 +1,747 @@
+//! [`RedisBackend`]: token-rate and budget counters in Redis (one server or a Redis Cluster),
+//! shared exactly by every gateway replica.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use keygate_core::Timestamp;
+use keygate_limit::backend::{
+    Actual, BackendError, Charge, CounterStatus, Exceeded, LimitBackend, Reservation, ReserveError,
+    Reserved, Unit, Window,
+};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
+
+/// The counters' key prefix (`kg1:{sNN}:…`); the digit is the layout's version.
+const PREFIX: &str = "kg1";
+
+/// How many shards (hash tags) the counters are spread over. A request's counters are all in
+/// the shard of its [group](Charge::group), so one script touches one slot of a cluster;
+/// each shard has its own reservations, due times and outbox.
+pub const SHARDS: u64 = 64;
+
+/// The largest amount or limit Redis's scripts count exactly (Lua's numbers are doubles):
+/// 2^53 − 1. A larger limit is counted as this one (a budget of more than about 9 million
+/// dollars per period, or 9·10^15 tokens): never more is admitted than the limit given.
+pub const MAX_EXACT: u64 = (1 << 53) - 1;
+
+static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("script.lua")));
+
+/// Where the counters live.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RedisTarget {
+    /// One server: `redis://host:port/db`, `rediss://…`, or `redis+unix:///path`.
+    Single(String),
+    /// A Redis Cluster, reached through any of these nodes (`redis://host:port` each).
+    Cluster(Vec<String>),
+}
+
+impl std::fmt::Debug for RedisTarget {
+    /// Without passwords.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RedisTarget::Single(url) => f.debug_tuple("Single").field(&redacted(url)).finish(),
+            RedisTarget::Cluster(urls) => f
+                .debug_tuple("Cluster")
+                .field(&urls.iter().map(|u| redacted(u)).collect::<Vec<_>>())
+                .finish(),
+        }
+    }
+}
+
+/// `url` with any password replaced by `***`.
+fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or("");
+            format!("{scheme}://{user}:***@{}", &rest[at + 1..])
+        }
+        None => url.to_owned(),
+    }
+}
+
+/// How a [`RedisBackend`] calls Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisOptions {
+    /// How long one attempt may take before it is given up (and retried with the same
+    /// reservation id, which has no second effect). Default 500 ms.
+    pub deadline: Duration,
+    /// How many attempts a call makes before it fails (the layers then answer 503).
+    /// Default 2.
+    pub attempts: u32,
+    /// How long a reservation may stay open: one not ended by then (its gateway died, or
+    /// its request ran longer) is settled at its reserved amounts. Default 15 minutes.
+    pub reservation_ttl: Duration,
+    /// How long an ended reservation's id is remembered, so that a retried settle, release
+    /// or reserve has no effect. Default 60 s (longer than every call's attempts).
+    pub tombstone_ttl: Duration,
+    /// Whether settled charges are appended to each shard's outbox stream
+    /// (`kg1:{sNN}:out`) for a durable ledger to consume. Default off: turn it on only
+    /// where a consumer drains the streams, or they grow without bound.
+    pub outbox: bool,
+}
+
+impl Default for RedisOptions {
+    fn default() -> Self {
+        RedisOptions {
+            deadline: Duration::from_millis(500),
+            attempts: 2,
+            reservation_ttl: Duration::from_secs(15 * 60),
+            tombstone_ttl: Duration::from_secs(60),
+            outbox: false,
+        }
+    }
+}
+
+impl RedisOptions {
+    /// With `deadline` per attempt.
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// With `attempts` attempts per call (at least 1).
+    pub fn attempts(mut self, attempts: u32) -> Self {
+        self.attempts = attempts.max(1);
+        self
+    }
+
+    /// With reservations reaped after `ttl`.
+    pub fn reservation_ttl(mut self, ttl: Duration) -> Self {
+        self.reservation_ttl = ttl;
+        self
+    }
+
+    /// With ended ids remembered for `ttl`.
+    pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
+        self.tombstone_ttl = ttl;
+        self
+    }
+
+    /// With (or without) the outbox streams.
+    pub fn outbox(mut self, outbox: bool) -> Self {
+        self.outbox = outbox;
+        self
+    }
+}
+
+/// One connection to a server or to a cluster; both multiplex every caller's commands and
+/// reconnect by themselves.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Token-rate and budget counters in Redis: the [`LimitBackend`] of gateway replicas that
+/// share their limits exactly.
+///
+/// Each call is one atomic Lua script on the server, one round trip:
+///
+/// - **reserve** checks every charge against its counter (what it holds, plus the earlier
+///   charges of the same call) and adds them all, or none; it records the reservation under
+///   an id this process chose, with a due time. A retry of the same id (after a timeout, the
+///   first attempt may have run) returns the first answer and changes nothing.
+/// - **settle** / **release** replace the held amounts by the actual ones (or by nothing)
+///   and mark the id ended (a tombstone, kept [`tombstone_ttl`](RedisOptions::tombstone_ttl)):
+///   a second settle has no effect, nor has a late reserve of an id already ended.
+/// - a reservation still open at its due time
+///   ([`reservation_ttl`](RedisOptions::reservation_ttl)) is **reaped**: settled at its
+///   reserved amounts (its request may have been forwarded and paid for). Every call reaps up
+///   to four due ones of its shard; [`reap`](RedisBackend::reap) does all.
+///
+/// The clock of token rates is the server's (`TIME`), the same for every replica; budget
+/// periods are the calendar periods the layers compute. Counters are integers, exact up to
+/// [`MAX_EXACT`]. Every key one call touches has the hash tag of its shard (`{kg1:NN}`), so
+/// each script runs on one node of a Redis Cluster. Counters expire once drained (rates) or
+/// a day after their period ends by the caller's clock (budgets); lifetime budgets are kept.
+///
+/// Every attempt has a deadline ([`RedisOptions::deadline`]); a failed call is a
+/// [`BackendError`] (the layers answer 503: fail closed).
+///
+/// Cheap to clone: clones share the connection.
+#[derive(Clone)]
+pub struct RedisBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Conn,
+    options: RedisOptions,
+    next_id: AtomicU64,
+    retries: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl std::fmt::Debug for RedisBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisBackend")
+            .field("options", &self.inner.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisBackend {
+    /// Connects (within the deadline) to `target`.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError`] when the URL is not a Redis URL or no server answers.
+    pub async fn connect(
+        target: &RedisTarget,
+        options: RedisOptions,
+    ) -> Result<RedisBackend, BackendError> {
+        let deadline = options.deadline;
+        let connect = async {
+            match target {
+                RedisTarget::Single(url) => {
+                    let client = redis::Client::open(url.as_str()).map_err(error)?;
+                    let config = ConnectionManagerConfig::new()
+                        .set_connection_timeout(Some(deadline))
+                        .set_response_timeout(Some(deadline))
+                        .set_number_of_retries(2)
+                        .set_max_delay(Duration::from_millis(500));
+                    ConnectionManager::new_with_config(client, config)
+                        .await
+                        .map(Conn::Single)
+                        .map_err(error)
+                }
+                RedisTarget::Cluster(urls) => {
+                    let client = redis::cluster::ClusterClientBuilder::new(urls.clone())
+                        .connection_timeout(deadline)
+                        .response_timeout(deadline)
+                        .retries(2)
+                        .build()
+                        .map_err(error)?;
+                    client
+                        .get_async_connection()
+                        .await
+                        .map(Conn::Cluster)
+                        .map_err(error)
+                }
+            }
+        };
+        let mut conn = tokio::time::timeout(deadline.saturating_mul(4), connect)
+            .await
+            .map_err(|_| BackendError(format!("redis: no answer within {deadline:?}").into()))??;
+        // Loaded now, so that the first requests run it at once (a server that restarts
+        // empty has it loaded again by the first call that misses it).
+        tokio::time::timeout(deadline, SCRIPT.load_async(&mut conn))
+            .await
+            .map_err(|_| BackendError(format!("redis: no answer within {deadline:?}").into()))?
+            .map_err(error)?;
+        let mut seed = [0u8; 8];
+        getrandom::fill(&mut seed)
+            .map_err(|e| BackendError(format!("no randomness for reservation ids: {e}").into()))?;
+        Ok(RedisBackend {
+            inner: Arc::new(Inner {
+                conn,
+                options,
+                next_id: AtomicU64::new(u64::from_le_bytes(seed)),
+                retries: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Asks the server for a `PONG` within the deadline: whether the counters are reachable
+    /// (for health checks).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError`] when Redis does not answer.
+    pub async fn ping(&self) -> Result<(), BackendError> {
+        let mut conn = self.inner.conn.clone();
+        let reply: String = tokio::time::timeout(
+            self.inner.options.deadline,
+            redis::cmd("PING").query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| BackendError("redis: timed out".into()))?
+        .map_err(error)?;
+        if reply == "PONG" {
+            Ok(())
+        } else {
+            Err(BackendError(
+                format!("redis: PING answered {reply:?}").into(),
+            ))
+        }
+    }
+
+    /// How many attempts were retried (after a timeout or a lost connection).
+    pub fn retries(&self) -> u64 {
+        self.inner.retries.load(Ordering::Relaxed)
+    }
+
+    /// How many calls failed after all their attempts.
+    pub fn failures(&self) -> u64 {
+        self.inner.failures.load(Ordering::Relaxed)
+    }
+
+    /// Reaps every shard's due reservations (settling open ones at their reserved amounts);
+    /// how many ids were due. Calls reap a few as they go; this is for idle periods.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError`] when Redis does not answer.
+    pub async fn reap(&self) -> Result<u64, BackendError> {
+        let mut total = 0;
+        for shard in 0..SHARDS {
+            loop {
+                let keys = ShardKeys::new(shard);
+                let mut invocation = SCRIPT.prepare_invoke();
+                keys.add(&mut invocation);
+                self.inner.common_args(&mut invocation, "reap", "0");
+                invocation.arg(1000);
+                let n: u64 = match self.inner.call(&invocation).await? {
+                    Value::Int(n) => u64::try_from(n).unwrap_or(0),
+                    other => return Err(unexpected(&other)),
+                };
+                total += n;
+                if n < 1000 {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// What the counter `key` of `group` holds now in `window` (`None` when it holds nothing
+    /// in that period). A rate counter's amount is as of its last change (not drained since).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError`] when Redis does not answer.
+    pub async fn used(
+        &self,
+        group: u64,
+        key: &str,
+        window: Window,
+    ) -> Result<Option<u64>, BackendError> {
+        let shard = group % SHARDS;
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(counter_key(shard, key)).arg("u").arg("s");
+        let mut conn = self.inner.conn.clone();
+        let (u, s): (Option<u64>, Option<String>) =
+            tokio::time::timeout(self.inner.options.deadline, cmd.query_async(&mut conn))
+                .await
+                .map_err(|_| BackendError("redis: timed out".into()))?
+                .map_err(error)?;
+        Ok(match window {
+            Window::Fixed { start, .. } if s != Some(start.as_unix_nanos().to_string()) => None,
+            _ => u.filter(|u| *u > 0),
+        })
+    }
+}
+
+/// The keys of one shard's bookkeeping.
+struct ShardKeys {
+    tag: String,
+}
+
+impl ShardKeys {
+    fn new(shard: u64) -> ShardKeys {
+        ShardKeys {
+            tag: format!("{PREFIX}:{{{shard:02}}}"),
+        }
+    }
+
+    fn add(&self, invocation: &mut redis::ScriptInvocation<'_>) {
+        invocation
+            .key(format!("{}:res", self.tag))
+            .key(format!("{}:due", self.tag))
+            .key(format!("{}:out", self.tag));
+    }
+}
+
+fn counter_key(shard: u64, key: &str) -> String {
+    format!("{PREFIX}:{{{shard:02}}}:c:{key}")
+}
+
+fn error(e: redis::RedisError) -> BackendError {
+    BackendError(format!("redis: {e}").into())
+}
+
+fn unexpected(value: &Value) -> BackendError {
+    BackendError(format!("redis: unexpected reply {value:?}").into())
+}
+
+/// Whether an attempt that failed so may be tried again (the server may not have seen it,
+/// or may have: the ids make that harmless).
+fn retriable(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_cluster_error()
+}
+
+/// How long a budget counter is kept after its period ends, for settlements arriving late.
+const KEEP_AFTER_PERIOD: Duration = Duration::from_secs(24 * 3600);
+
+/// How the script sees a window at `now` (the caller's clock): its kind (`r` rate, `f`
+/// budget period), then the drain period in microseconds (rate) or the period's start in
+/// nanoseconds (budget), then how long to keep a budget counter in milliseconds (until a day
+/// after its period, counted from now, so that a clock apart from the server's does not
+/// expire it early; 0: for ever, or a rate).
+fn shape(window: &Window, now: Timestamp) -> Result<(&'static str, u64, u64), BackendError> {
+    match *window {
+        Window::Rate { per } => Ok(("r", per_micros(per), 0)),
+        Window::Fixed { start, end } => Ok((
+            "f",
+            start.as_unix_nanos(),
+            end.map_or(0, |e| {
+                let left =
+                    Duration::from_nanos(e.as_unix_nanos().saturating_sub(now.as_unix_nanos()));
+                duration_ms(left.saturating_add(KEEP_AFTER_PERIOD))
+            }),
+        )),
+        _ => Err(BackendError(
+            "redis: a window this backend does not know".into(),
+        )),
+    }
+}
+
+fn per_micros(per: Duration) -> u64 {
+    u64::try_from(per.as_micros()).unwrap_or(u64::MAX).max(1)
+}
+
+/// A charge as the outbox and a reaped reservation describe it: JSON
+/// `[key, "r"|"f", "t"|"n", start_ns|null, end_ns|null, held]`.
+fn describe<'a>(charges: impl Iterator<Item = (&'a str, &'a Window, Unit, u64)>) -> String {
+    let rows: Vec<serde_json::Value> = charges
+        .map(|(key, window, unit, amount)| {
+            let (kind, start, end) = match *window {
+                Window::Fixed { start, end } => (
+                    "f",
+                    Some(start.as_unix_nanos()),
+                    end.map(Timestamp::as_unix_nanos),
+                ),
+                _ => ("r", None, None),
+            };
+            let unit = match unit {
+                Unit::Tokens => "t",
+                _ => "n",
+            };
+            serde_json::json!([key, kind, unit, start, end, amount])
+        })
+        .collect();
+    serde_json::Value::Array(rows).to_string()
+}
+
+impl Inner {
+    fn new_id(&self) -> u64 {
+        loop {
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            if id != 0 {
+                return id;
+            }
+        }
+    }
+
+    fn common_args(&self, invocation: &mut redis::ScriptInvocation<'_>, op: &str, id: &str) {
+        invocation
+            .arg(op)
+            .arg(id)
+            .arg(duration_ms(self.options.tombstone_ttl))
+            .arg(if self.options.outbox { "1" } else { "0" });
+    }
+
+    /// Runs the script, retrying (the same invocation, so the same id) on a timeout or a
+    /// lost connection.
+    async fn call(&self, invocation: &redis::ScriptInvocation<'_>) -> Result<Value, BackendError> {
+        let attempts = self.options.attempts.max(1);
+        let mut last = String::new();
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                self.retries.fetch_add(1, Ordering::Relaxed);
+            }
+            let mut conn = self.conn.clone();
+            match tokio::time::timeout(self.options.deadline, invocation.invoke_async(&mut conn))
+                .await
+            {
+                Ok(Ok(value)) => return Ok(value),
+                Ok(Err(e)) if retriable(&e) => last = format!("redis: {e}"),
+                Ok(Err(e)) => {
+                    self.failures.fetch_add(1, Ordering::Relaxed);
+                    return Err(error(e));
+                }
+                Err(_) => {
+                    last = format!("redis: no answer within {:?}", self.options.deadline);
+                }
+            }
+        }
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        Err(BackendError(format!("{last} ({attempts} attempts)").into()))
+    }
+
+    async fn reserve(
+        &self,
+        charges: Vec<Charge>,
+        now: Timestamp,
+    ) -> Result<Reservation, ReserveError> {
+        if charges.is_empty() {
+            return Ok(Reservation::default());
+        }
+        let charges: Vec<Charge> = charges
+            .into_iter()
+            .map(|mut c| {
+                c.limit = c.limit.min(MAX_EXACT);
+                c
+            })
+            .collect();
+        let shard = charges[0].group % SHARDS;
+        let id = self.new_id();
+        let id_text = id.to_string();
+        let mut invocation = SCRIPT.prepare_invoke();
+        ShardKeys::new(shard).add(&mut invocation);
+        self.common_args(&mut invocation, "reserve", &id_text);
+        invocation
+            .arg(duration_ms(self.options.reservation_ttl))
+            .arg(describe(
+                charges
+                    .iter()
+                    .map(|c| (&*c.key, &c.window, c.unit, c.amount)),
+            ))
+            .arg(charges.len());
+        for c in &charges {
+            invocation.key(counter_key(shard, &c.key));
+            let (kind, p1, p2) = shape(&c.window, now)?;
+            invocation
+                .arg(kind)
+                .arg(c.limit)
+                .arg(c.amount)
+                .arg(p1)
+                .arg(p2);
+        }
+        let reply = self.call(&invocation).await?;
+        let Value::Array(items) = &reply else {
+            return Err(unexpected(&reply).into());
+        };
+        match items.as_slice() {
+            [Value::Int(1), Value::BulkString(text)] => {
+                let text = std::str::from_utf8(text).map_err(|_| unexpected(&reply))?;
+                let mut fields = text.split(' ');
+                let mut tokens = None;
+                let mut reserved = Vec::with_capacity(charges.len());
+                for c in charges {
+                    let used: u64 = fields
+                        .next()
+                        .and_then(|f| f.parse().ok())
+                        .ok_or_else(|| unexpected(&reply))?;
+                    let start = fields.next().ok_or_else(|| unexpected(&reply))?;
+                    let window = match c.window {
+                        Window::Fixed { end, .. } => Window::Fixed {
+                            start: Timestamp::from_unix_nanos(
+                                start.parse().map_err(|_| unexpected(&reply))?,
+                            ),
+                            end,
+                        },
+                        rate => rate,
+                    };
+                    if c.window.is_rate() && c.unit == Unit::Tokens {
+                        CounterStatus::tightest(&mut tokens, &c, used, now.as_unix_nanos());
+                    }
+                    reserved.push(Reserved {
+                        group: c.group,
+                        key: c.key,
+                        window,
+                        unit: c.unit,
+                        limit: c.limit,
+                        amount: c.amount,
+                    });
+                }
+                Ok(Reservation {
+                    charges: reserved,
+                    tokens,
+                    id,
+                })
+            }
+            [Value::Int(0), Value::Int(index), Value::BulkString(used)] => {
+                let index = usize::try_from(*index).map_err(|_| unexpected(&reply))?;
+                let used: u64 = std::str::from_utf8(used)
+                    .ok()
+                    .and_then(|u| u.parse().ok())
+                    .ok_or_else(|| unexpected(&reply))?;
+                let charge = charges.get(index).ok_or_else(|| unexpected(&reply))?;
+                Err(ReserveError::Exceeded(Exceeded::of(
+                    index,
+                    charge,
+                    used,
+                    now.as_unix_nanos(),
+                )))
+            }
+            [Value::Int(-1)] => {
+                Err(BackendError("redis: the reservation id was already ended".into()).into())
+            }
+            _ => Err(unexpected(&reply).into()),
+        }
+    }
+
+    async fn end(
+        &self,
+        reservation: Reservation,
+        actual: Option<Actual>,
+    ) -> Result<(), BackendError> {
+        if reservation.charges.is_empty() || reservation.id == 0 {
+            return Ok(());
+        }
+        let charges = &reservation.charges;
+        let shard = charges[0].group % SHARDS;
+        let id_text = reservation.id.to_string();
+        let mut invocation = SCRIPT.prepare_invoke();
+        ShardKeys::new(shard).add(&mut invocation);
+        self.common_args(&mut invocation, "end", &id_text);
+        let news: Vec<u64> = charges
+            .iter()
+            .map(|r| actual.map_or(0, |a| a.amount(r.unit)))
+            .collect();
+        let (description, actuals) = match actual {
+            Some(_) if self.options.outbox => (
+                describe(
+                    charges
+                        .iter()
+                        .map(|r| (&*r.key, &r.window, r.unit, r.amount)),
+                ),
+                serde_json::to_string(&news).unwrap_or_default(),
+            ),
+            _ => (String::new(), String::new()),
+        };
+        invocation.arg(description).arg(actuals).arg(charges.len());
+        for (r, new) in charges.iter().zip(&news) {
+            invocation.key(counter_key(shard, &r.key));
+            let (kind, p1, _) = shape(&r.window, Timestamp::UNIX_EPOCH)?;
+            invocation
+                .arg(kind)
+                .arg(r.limit.min(MAX_EXACT))
+                .arg(r.amount)
+                .arg(*new)
+                .arg(p1);
+        }
+        match self.call(&invocation).await? {
+            Value::Int(_) => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+}
+
+fn duration_ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+impl LimitBackend for RedisBackend {
+    fn reserve(
+        &self,
+        charges: Vec<Charge>,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Reservation, ReserveError>> + Send + 'static {
+        let inner = self.inner.clone();
+        async move { inner.reserve(charges, now).await }
+    }
+
+    fn settle(
+        &self,
+        reservation: Reservation,
+        actual: Actual,
+        _now: Timestamp,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
+        let inner = self.inner.clone();
+        async move { inner.end(reservation, Some(actual)).await }
+    }
+
+    fn release(
+        &self,
+        reservation: Reservation,
+        _now: Timestamp,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
+        let inner = self.inner.clone();
+        async move { inner.end(reservation, None).await }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_shown_without_passwords() {
+        assert_eq!(
+            redacted("redis://user:hunter2@host:6379/0"),
+            "redis://user:***@host:6379/0"
+        );
+        assert_eq!(redacted("redis://:hunter2@host"), "redis://:***@host");
+        assert_eq!(
+            redacted("redis+unix:///run/r.sock"),
+            "redis+unix:///run/r.sock"
+        );
+        let debug = format!(
+            "{:?}",
+            RedisTarget::Cluster(vec!["redis://a:secret@h:1".into()])
+        );
+        assert!(!debug.contains("secret"), "{debug}");
+    }
+
+    #[test]
+    fn every_key_of_a_shard_has_its_hash_tag() {
+        let tag = |k: &str| {
+            let open = k.find('{').unwrap();
+            let close = k[open..].find('}').unwrap() + open;
+            k[open + 1..close].to_owned()
+        };
+        assert_eq!(tag(&counter_key(7, "budget:{x}:y")), "07");
+        assert_eq!(tag(&format!("{}:res", ShardKeys::new(7).tag)), "07");
+        assert_ne!(tag(&counter_key(8, "a")), tag(&counter_key(7, "a")));
+    }
+
+    #[test]
+    fn descriptions_keep_integers_exact() {
+        let window = Window::Fixed {
+            start: Timestamp::from_unix_nanos(1_700_000_000_123_456_789),
+            end: None,
+        };
+        let text = describe([("k\"ey", &window, Unit::Nanodollars, u64::MAX)].into_iter());
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed[0][0], "k\"ey");
+        assert_eq!(parsed[0][3].as_u64(), Some(1_700_000_000_123_456_789));
+        assert_eq!(parsed[0][4], serde_json::Value::Null);
+        assert_eq!(parsed[0][5].as_u64(), Some(u64::MAX));
+    }
+}
