@@ -127,12 +127,25 @@ async fn three_replicas_on_redis_admit_a_budget_exactly_and_fail_closed_without_
             "{status}"
         );
     }
-    let settled = probe
-        .used(group_of("p"), &counter, window)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(settled, admitted * 750);
+    // A settlement is sent as its response body ends and runs on its own: wait (bounded)
+    // until every one has landed.
+    let started = Instant::now();
+    loop {
+        let settled = probe
+            .used(group_of("p"), &counter, window)
+            .await
+            .unwrap()
+            .unwrap();
+        if settled == admitted * 750 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "settled {settled}, expected {}",
+            admitted * 750
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 
     // Without Redis: 503 with Retry-After, and nothing forwarded.
     redis.kill();
