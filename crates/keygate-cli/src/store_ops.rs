@@ -26,7 +26,7 @@ pub(crate) trait StoreOps {
     fn object(&self, id: &str) -> Result<Option<ObjectRecord>, DbError>;
     fn record_objects(&self, objects: &[ObjectRecord]) -> Result<(), DbError>;
     fn remove_object(&self, id: &str) -> Result<bool, DbError>;
-    /// The SQLite database, for what only it keeps so far (objects, the spend ledger).
+    /// The SQLite database, for what only it keeps so far (the spend ledger).
     fn sqlite(&self) -> Option<&RefCell<Db>> {
         None
     }

@@ -342,38 +342,17 @@ impl Db {
     ///
     /// As [`Db::create_project`] and [`Db::insert_keys`], minus [`DbError::Exists`] for ids.
     pub fn import(&mut self, file: &KeyFile, created_by: &str) -> Result<ImportOutcome, DbError> {
-        if file.version != KEY_FILE_VERSION {
-            return Err(DbError::Invalid(format!(
-                "key file version {} is not {KEY_FILE_VERSION}",
-                file.version
-            )));
-        }
+        check_key_file(file)?;
         let mut w = Writer::begin(&mut self.conn)?;
         let mut outcome = ImportOutcome::default();
-        let mut seen = HashSet::new();
         for project in &file.projects {
-            project.validate().map_err(DbError::Invalid)?;
-            if !seen.insert(project.id.as_str()) {
-                return Err(DbError::Invalid(format!(
-                    "project {:?} appears twice in the key file",
-                    project.id
-                )));
-            }
             match read_project(&w.tx, &project.id)? {
                 Some(old) if old == *project => continue,
                 old => w.write_project(project, old.is_some())?,
             }
             outcome.projects += 1;
         }
-        let mut ids = HashSet::with_capacity(file.keys.len());
         for key in &file.keys {
-            check_record(key)?;
-            if !ids.insert(key.id.as_str()) {
-                return Err(DbError::Invalid(format!(
-                    "key {} appears twice in the key file",
-                    key.id
-                )));
-            }
             let old = read_stored_key(&w.tx, key.id.as_str())?;
             if old.as_ref().is_some_and(|old| old.record == *key) {
                 continue;
@@ -668,6 +647,38 @@ pub(crate) fn changed_key<T>(
     }
     check_record(&record)?;
     Ok((out, Some((record, reason))))
+}
+
+/// What every store checks of a key file before importing any of it: its version, each
+/// record, and that no project or key appears twice.
+pub(crate) fn check_key_file(file: &KeyFile) -> Result<(), DbError> {
+    if file.version != KEY_FILE_VERSION {
+        return Err(DbError::Invalid(format!(
+            "key file version {} is not {KEY_FILE_VERSION}",
+            file.version
+        )));
+    }
+    let mut seen = HashSet::with_capacity(file.projects.len());
+    for project in &file.projects {
+        project.validate().map_err(DbError::Invalid)?;
+        if !seen.insert(project.id.as_str()) {
+            return Err(DbError::Invalid(format!(
+                "project {:?} appears twice in the key file",
+                project.id
+            )));
+        }
+    }
+    let mut ids = HashSet::with_capacity(file.keys.len());
+    for key in &file.keys {
+        check_record(key)?;
+        if !ids.insert(key.id.as_str()) {
+            return Err(DbError::Invalid(format!(
+                "key {} appears twice in the key file",
+                key.id
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub(crate) fn check_record(key: &KeyRecord) -> Result<(), DbError> {

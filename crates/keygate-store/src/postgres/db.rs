@@ -12,8 +12,8 @@ use tokio_postgres::error::SqlState;
 
 use super::schema::{MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION};
 use crate::db::{
-    Changes, ImportOutcome, StoredKey, changed_key, changed_project, check_record, digest_taken,
-    key_digests, nanos, parse_key, parse_project, to_json,
+    Changes, ImportOutcome, StoredKey, changed_key, changed_project, check_key_file, check_record,
+    digest_taken, key_digests, nanos, parse_key, parse_project, to_json,
 };
 use crate::error::DbError;
 use crate::file::{KEY_FILE_VERSION, KeyFile};
@@ -412,32 +412,7 @@ impl PgDb {
     ///
     /// As [`Db::import`](crate::Db::import).
     pub async fn import(&self, file: &KeyFile, created_by: &str) -> Result<ImportOutcome, DbError> {
-        if file.version != KEY_FILE_VERSION {
-            return Err(DbError::Invalid(format!(
-                "key file version {} is not {KEY_FILE_VERSION}",
-                file.version
-            )));
-        }
-        let mut seen = HashSet::new();
-        for project in &file.projects {
-            project.validate().map_err(DbError::Invalid)?;
-            if !seen.insert(project.id.as_str()) {
-                return Err(DbError::Invalid(format!(
-                    "project {:?} appears twice in the key file",
-                    project.id
-                )));
-            }
-        }
-        let mut ids = HashSet::with_capacity(file.keys.len());
-        for key in &file.keys {
-            check_record(key)?;
-            if !ids.insert(key.id.as_str()) {
-                return Err(DbError::Invalid(format!(
-                    "key {} appears twice in the key file",
-                    key.id
-                )));
-            }
-        }
+        check_key_file(file)?;
         let mut client = deadline(self.client()).await?;
         let mut w = deadline(Writer::begin(&mut client)).await?;
         let mut outcome = ImportOutcome::default();

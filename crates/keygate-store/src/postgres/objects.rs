@@ -226,26 +226,10 @@ impl PgDb {
     ///
     /// A database error.
     pub async fn remove_object(&self, id: &str) -> Result<bool, DbError> {
-        deadline(async {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await.map_err(pg_error)?;
-            let removed = tx
-                .execute("DELETE FROM objects WHERE id = $1", &[&id])
-                .await
-                .map_err(pg_error)?
-                > 0;
-            if removed {
-                tx.execute(
-                    "UPDATE meta SET value = value + 1 WHERE name = 'objects_seq'",
-                    &[],
-                )
-                .await
-                .map_err(pg_error)?;
-            }
-            tx.commit().await.map_err(pg_error)?;
-            Ok(removed)
-        })
-        .await
+        let removed = self
+            .delete_objects("DELETE FROM objects WHERE id = $1", &[&id])
+            .await?;
+        Ok(removed > 0)
     }
 
     /// Forgets stored responses and chat completions recorded before `before` (Unix
@@ -256,17 +240,25 @@ impl PgDb {
     /// A database error.
     pub async fn prune_stored_results(&self, before: u64) -> Result<u64, DbError> {
         let before = i64::try_from(before).unwrap_or(i64::MAX);
+        self.delete_objects(
+            "DELETE FROM objects WHERE kind IN ('response', 'chat_completion') \
+             AND created_at < $1",
+            &[&before],
+        )
+        .await
+    }
+
+    /// Runs one `DELETE` of objects and, if it removed any, counts a removal in
+    /// `objects_seq` (which replicas recheck), in one transaction; how many it removed.
+    async fn delete_objects(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<u64, DbError> {
         deadline(async {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(pg_error)?;
-            let n = tx
-                .execute(
-                    "DELETE FROM objects WHERE kind IN ('response', 'chat_completion') \
-                     AND created_at < $1",
-                    &[&before],
-                )
-                .await
-                .map_err(pg_error)?;
+            let n = tx.execute(sql, params).await.map_err(pg_error)?;
             if n > 0 {
                 tx.execute(
                     "UPDATE meta SET value = value + 1 WHERE name = 'objects_seq'",

@@ -447,7 +447,15 @@ fn per_micros(per: Duration) -> u64 {
 /// A charge as the outbox and a reaped reservation describe it: JSON
 /// `[key, "r"|"f", "t"|"n", start_ns|null, end_ns|null, held]`.
 fn describe<'a>(charges: impl Iterator<Item = (&'a str, &'a Window, Unit, u64)>) -> String {
-    let rows: Vec<serde_json::Value> = charges
+    type Row<'a> = (
+        &'a str,
+        &'static str,
+        &'static str,
+        Option<u64>,
+        Option<u64>,
+        u64,
+    );
+    let rows: Vec<Row<'a>> = charges
         .map(|(key, window, unit, amount)| {
             let (kind, start, end) = match *window {
                 Window::Fixed { start, end } => (
@@ -461,10 +469,11 @@ fn describe<'a>(charges: impl Iterator<Item = (&'a str, &'a Window, Unit, u64)>)
                 Unit::Tokens => "t",
                 _ => "n",
             };
-            serde_json::json!([key, kind, unit, start, end, amount])
+            (key, kind, unit, start, end, amount)
         })
         .collect();
-    serde_json::Value::Array(rows).to_string()
+    // Strings, integers and nulls: serializing them cannot fail.
+    serde_json::to_string(&rows).unwrap_or_default()
 }
 
 impl Inner {
@@ -535,7 +544,8 @@ impl Inner {
         ShardKeys::new(shard).add(&mut invocation);
         self.common_args(&mut invocation, "reserve", &id_text);
         invocation
-            .arg(duration_ms(self.options.reservation_ttl))
+            // 0 is allowed: due at once (reaped by the next call of its shard).
+            .arg(u64::try_from(self.options.reservation_ttl.as_millis()).unwrap_or(u64::MAX))
             .arg(describe(
                 charges
                     .iter()
