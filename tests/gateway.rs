@@ -212,7 +212,7 @@ async fn cli_round_trip_create_serve_revoke_reload() {
         200
     );
     common::cli(&setup.keys(), &["keys", "revoke", &id]);
-    gw.built().store().reload().unwrap();
+    gw.built().store().reload().await.unwrap();
     let a = call(gw.addr(), "GET", "/v1/models", Some(&key), None).await;
     assert_eq!(a.status, 401);
     assert_eq!(a.code(), "invalid_api_key");
@@ -502,7 +502,7 @@ async fn healthz_says_degraded_while_the_key_file_is_broken_and_the_old_keys_ser
     assert_eq!(health.json()["status"], "ok");
 
     std::fs::write(setup.keys(), "").unwrap();
-    assert!(gw.built().store().reload().is_err());
+    assert!(gw.built().store().reload().await.is_err());
     let health = call(gw.addr(), "GET", "/healthz", None, None).await;
     assert_eq!(health.status, 200);
     assert_eq!(health.json()["status"], "degraded");

@@ -76,6 +76,7 @@ mod body;
 mod guard;
 mod price;
 mod rate;
+pub mod rate_shared;
 mod token;
 mod usage;
 
@@ -97,6 +98,7 @@ pub use price::{
     DEFAULT_IMAGE_QUALITY, DEFAULT_IMAGE_SIZE, ImageKeyError, ImagePrices, Price, PriceTable,
 };
 pub use rate::{RateConfigError, RateLimit, RateLimitLayer, ResponseFuture as RateResponseFuture};
+pub use rate_shared::{SharedCell, SharedOutcome, SharedRates};
 pub use token::{
     ResponseFuture as TokenResponseFuture, TokenLimit, TokenLimitLayer, Unpriced, budget_counter,
 };

@@ -19,6 +19,8 @@ use pin_project_lite::pin_project;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use crate::rate_shared::{SharedOutcome, SharedRates};
+
 const SHARDS: usize = 64;
 const MINUTE: u64 = 60_000_000_000;
 
@@ -73,6 +75,8 @@ struct RateState {
     max_entries: usize,
     entries: AtomicUsize,
     headers: bool,
+    /// When set, rates are counted there (shared by replicas) instead of in `shards`.
+    shared: Option<Arc<dyn SharedRates>>,
 }
 
 /// Cells keyed by a keyed 64-bit hash of (scope, owner, model pattern): 16 bytes a cell, one
@@ -125,6 +129,7 @@ fn rebuilt(s: &RateState, clock: Clock, max_entries: usize, headers: bool) -> Ra
     let mut state = new_state(clock, max_entries, headers);
     state.hash_key = s.hash_key;
     state.cold_until = s.cold_until;
+    state.shared = s.shared.clone();
     state
 }
 
@@ -137,6 +142,7 @@ fn new_state(clock: Clock, max_entries: usize, headers: bool) -> RateState {
         max_entries,
         entries: AtomicUsize::new(0),
         headers,
+        shared: None,
     }
 }
 
@@ -207,6 +213,26 @@ impl RateLimitLayer {
         RateLimitLayer {
             state: Arc::new(state),
         }
+    }
+
+    /// Counts every rate in `store` instead of in this process (fresh state): replicas
+    /// given the same store share each key's rate exactly. Each request with a rate then
+    /// costs one call to the store (requests of keys without rates make none); a store that
+    /// fails or does not answer in time gets the request a 503 with `Retry-After` (fail
+    /// closed). The entry cap, cold start and saved cells are for the in-process cells and do
+    /// not apply.
+    pub fn with_shared(self, store: Arc<dyn SharedRates>) -> Self {
+        let s = &self.state;
+        let mut state = rebuilt(s, s.clock.clone(), s.max_entries, s.headers);
+        state.shared = Some(store);
+        RateLimitLayer {
+            state: Arc::new(state),
+        }
+    }
+
+    /// Whether rates are counted in a shared store.
+    pub fn is_shared(&self) -> bool {
+        self.state.shared.is_some()
     }
 
     /// The SipHash key of cell ids (to save with [`cells`](Self::cells)).
@@ -675,7 +701,9 @@ fn put_headers(headers: &mut HeaderMap, status: Status) {
 
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimit<S>
 where
-    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
 {
     type Response = Response<ResponseBody<ResBody>>;
     type Error = S::Error;
@@ -696,25 +724,52 @@ where
             .extensions()
             .get::<RequestFacts>()
             .and_then(RequestFacts::model);
+        if let Some(store) = &self.state.shared {
+            let cells = crate::rate_shared::cells(principal, model);
+            if cells.is_empty() {
+                return ResponseFuture::new(CoreFuture::inner(self.inner.call(req)), None);
+            }
+            let group = crate::backend::group_of(principal.project().id.as_str());
+            let scopes: smallvec::SmallVec<[LimitScope; 4]> =
+                cells.iter().map(|c| c.scope).collect();
+            let acquire = store.acquire(group, cells);
+            // The service that was polled ready goes with the request; a clone stays.
+            let clone = self.inner.clone();
+            let mut inner = std::mem::replace(&mut self.inner, clone);
+            let headers = self.state.headers;
+            return ResponseFuture::checking(Box::pin(async move {
+                match acquire.await {
+                    Ok(SharedOutcome::Allowed(status)) => (
+                        CoreFuture::inner(inner.call(req)),
+                        status.filter(|_| headers).map(Status::from),
+                    ),
+                    Ok(SharedOutcome::Limited {
+                        index,
+                        status,
+                        retry_after,
+                    }) => {
+                        let scope = scopes.get(index).copied().unwrap_or(LimitScope::Key);
+                        let status = Status::from(status);
+                        let denial = limited(status, retry_after, scope);
+                        (CoreFuture::denied(denial, req.headers()), Some(status))
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "the shared request-rate store failed: 503");
+                        let denial =
+                            Denial::unavailable(Stage::RateLimit, "rate_store_unavailable")
+                                .with_retry_after(Duration::from_secs(1));
+                        (CoreFuture::denied(denial, req.headers()), None)
+                    }
+                }
+            }));
+        }
         match self.state.check(principal, model) {
             Outcome::Allowed(status) => {
                 let status = status.filter(|_| self.state.headers);
                 ResponseFuture::new(CoreFuture::inner(self.inner.call(req)), status)
             }
             Outcome::Limited(status, wait, scope) => {
-                let message = format!(
-                    "Rate limit reached for requests per minute ({} limit: {}). Please try again later.",
-                    scope_name(scope),
-                    status.limit
-                );
-                let denial = Denial::new(
-                    Stage::RateLimit,
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limit_exceeded",
-                    message,
-                )
-                .with_detail(scope_name(scope))
-                .with_retry_after(Duration::from_nanos(wait));
+                let denial = limited(status, Duration::from_nanos(wait), scope);
                 ResponseFuture::new(CoreFuture::denied(denial, req.headers()), Some(status))
             }
             Outcome::Full => ResponseFuture::new(
@@ -728,18 +783,71 @@ where
     }
 }
 
+impl From<crate::rate_shared::RateStatus> for Status {
+    fn from(s: crate::rate_shared::RateStatus) -> Self {
+        Status {
+            limit: s.limit,
+            remaining: s.remaining,
+            reset: u64::try_from(s.reset.as_nanos()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
+/// The 429 of a request over `scope`'s rate.
+fn limited(status: Status, wait: Duration, scope: LimitScope) -> Denial {
+    let message = format!(
+        "Rate limit reached for requests per minute ({} limit: {}). Please try again later.",
+        scope_name(scope),
+        status.limit
+    );
+    Denial::new(
+        Stage::RateLimit,
+        StatusCode::TOO_MANY_REQUESTS,
+        "rate_limit_exceeded",
+        message,
+    )
+    .with_detail(scope_name(scope))
+    .with_retry_after(wait)
+}
+
+/// What a shared store's check hands on: the inner future (or the refusal) and the headers'
+/// status.
+type Checked<F> = (CoreFuture<F>, Option<Status>);
+
 pin_project! {
-    /// The future of [`RateLimit`]: the inner response (or the refusal) with rate headers.
+    /// The future of [`RateLimit`]: the inner response (or the refusal) with rate headers;
+    /// with a shared store, first the store's answer.
     pub struct ResponseFuture<F> {
         #[pin]
-        inner: CoreFuture<F>,
-        status: Option<Status>,
+        state: State<F>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F> {
+        Checking {
+            check: Pin<Box<dyn Future<Output = Checked<F>> + Send>>,
+        },
+        Running {
+            #[pin]
+            inner: CoreFuture<F>,
+            status: Option<Status>,
+        },
     }
 }
 
 impl<F> ResponseFuture<F> {
     fn new(inner: CoreFuture<F>, status: Option<Status>) -> Self {
-        ResponseFuture { inner, status }
+        ResponseFuture {
+            state: State::Running { inner, status },
+        }
+    }
+
+    fn checking(check: Pin<Box<dyn Future<Output = Checked<F>> + Send>>) -> Self {
+        ResponseFuture {
+            state: State::Checking { check },
+        }
     }
 }
 
@@ -750,12 +858,22 @@ where
     type Output = Result<Response<ResponseBody<B>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
-        let mut result = std::task::ready!(this.inner.poll(cx));
-        if let (Ok(response), Some(status)) = (&mut result, this.status.take()) {
-            put_headers(response.headers_mut(), status);
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Checking { check } => {
+                    let (inner, status) = std::task::ready!(check.as_mut().poll(cx));
+                    this.state.set(State::Running { inner, status });
+                }
+                StateProj::Running { inner, status } => {
+                    let mut result = std::task::ready!(inner.poll(cx));
+                    if let (Ok(response), Some(status)) = (&mut result, status.take()) {
+                        put_headers(response.headers_mut(), status);
+                    }
+                    return Poll::Ready(result);
+                }
+            }
         }
-        Poll::Ready(result)
     }
 }
 
@@ -1127,5 +1245,138 @@ mod tests {
             }
         });
         assert_eq!(admitted.load(Ordering::Relaxed), 100);
+    }
+
+    /// A shared store in memory: counts per cell name, no drain (enough for a burst), or
+    /// failing when `down`.
+    #[derive(Debug, Default)]
+    struct FakeShared {
+        used: std::sync::Mutex<HashMap<String, u64>>,
+        calls: AtomicUsize,
+        groups: std::sync::Mutex<Vec<u64>>,
+        down: std::sync::atomic::AtomicBool,
+    }
+
+    impl SharedRates for FakeShared {
+        fn acquire(
+            &self,
+            group: u64,
+            cells: Vec<crate::SharedCell>,
+        ) -> crate::rate_shared::AcquireFuture {
+            self.calls.fetch_add(1, Ordering::Relaxed);
+            self.groups.lock().unwrap().push(group);
+            if self.down.load(Ordering::Relaxed) {
+                return Box::pin(async { Err(crate::backend::BackendError("down".into())) });
+            }
+            let mut used = self.used.lock().unwrap();
+            let status = |c: &crate::SharedCell, u: u64| crate::rate_shared::RateStatus {
+                limit: c.per_minute.get(),
+                remaining: u64::from(c.per_minute.get()).saturating_sub(u),
+                reset: Duration::from_secs(60),
+            };
+            for (index, c) in cells.iter().enumerate() {
+                let u = used.get(&c.name).copied().unwrap_or(0);
+                if u >= u64::from(c.per_minute.get()) {
+                    let outcome = SharedOutcome::Limited {
+                        index,
+                        status: status(c, u),
+                        retry_after: Duration::from_secs(7),
+                    };
+                    return Box::pin(async move { Ok(outcome) });
+                }
+            }
+            let mut tightest: Option<crate::rate_shared::RateStatus> = None;
+            for c in &cells {
+                let u = used.entry(c.name.clone()).or_default();
+                *u += 1;
+                let st = status(c, *u);
+                if tightest.is_none_or(|t| st.remaining < t.remaining) {
+                    tightest = Some(st);
+                }
+            }
+            Box::pin(async move { Ok(SharedOutcome::Allowed(tightest)) })
+        }
+    }
+
+    #[tokio::test]
+    async fn layers_with_one_shared_store_share_each_rate() {
+        let shared = Arc::new(FakeShared::default());
+        let replicas: Vec<_> = (0..3)
+            .map(|_| {
+                ServiceBuilder::new()
+                    .layer(RateLimitLayer::new().with_shared(shared.clone()))
+                    .service_fn(ok_handler)
+            })
+            .collect();
+        let p = principal_with(|k, pr| {
+            k.requests_per_minute = rpm(5);
+            pr.requests_per_minute = rpm(100);
+        });
+        let mut statuses = Vec::new();
+        for i in 0..9 {
+            let res = replicas[i % 3].clone().oneshot(request(&p)).await.unwrap();
+            statuses.push(res.status().as_u16());
+            if i == 0 {
+                assert_eq!(res.headers()["x-ratelimit-limit-requests"], "5");
+                assert_eq!(res.headers()["x-ratelimit-remaining-requests"], "4");
+            }
+            if i == 5 {
+                assert_eq!(res.headers()["retry-after"], "7");
+                assert_eq!(res.headers()["x-ratelimit-remaining-requests"], "0");
+                let denial = res.extensions().get::<Denial>().unwrap();
+                assert_eq!(denial.code(), "rate_limit_exceeded");
+            }
+        }
+        assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429, 429]);
+        // One call per request, all of the project's group; the project took only the five
+        // admitted ones (a refused request takes nothing anywhere).
+        assert_eq!(shared.calls.load(Ordering::Relaxed), 9);
+        let group = crate::backend::group_of(p.project().id.as_str());
+        assert!(shared.groups.lock().unwrap().iter().all(|&g| g == group));
+        let used = shared.used.lock().unwrap();
+        assert_eq!(
+            used.values()
+                .copied()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            1
+        );
+        assert!(used.values().all(|&u| u == 5));
+    }
+
+    #[tokio::test]
+    async fn a_shared_store_is_not_asked_for_keys_without_rates() {
+        let shared = Arc::new(FakeShared::default());
+        let svc = ServiceBuilder::new()
+            .layer(RateLimitLayer::new().with_shared(shared.clone()))
+            .service_fn(ok_handler);
+        let p = principal_with(|_, _| {});
+        let res = svc.oneshot(request(&p)).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert!(res.headers().get("x-ratelimit-limit-requests").is_none());
+        assert_eq!(shared.calls.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn a_failing_shared_store_gets_503_with_retry_after_and_forwards_nothing() {
+        let shared = Arc::new(FakeShared::default());
+        shared.down.store(true, Ordering::Relaxed);
+        let forwarded = Arc::new(AtomicUsize::new(0));
+        let seen = forwarded.clone();
+        let svc = ServiceBuilder::new()
+            .layer(RateLimitLayer::new().with_shared(shared.clone()))
+            .service_fn(move |req: Request<http_body_util::Full<bytes::Bytes>>| {
+                seen.fetch_add(1, Ordering::Relaxed);
+                ok_handler(req)
+            });
+        let p = principal_with(|k, _| k.requests_per_minute = rpm(5));
+        let res = svc.oneshot(request(&p)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(res.headers()["retry-after"], "1");
+        assert_eq!(
+            res.extensions().get::<Denial>().unwrap().detail(),
+            Some("rate_store_unavailable")
+        );
+        assert_eq!(forwarded.load(Ordering::Relaxed), 0);
     }
 }

@@ -6,10 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use keygate_core::{Money, Timestamp};
+use std::num::NonZeroU32;
+
+use keygate_core::LimitScope;
 use keygate_limit::LimitBackend;
 use keygate_limit::backend::{
     Actual, Charge, MemoryBackend, Reservation, ReserveError, Unit, Window, group_of,
 };
+use keygate_limit::rate_shared::{SharedCell, SharedOutcome, SharedRates};
 use keygate_store::{MAX_EXACT, RedisBackend, RedisOptions, RedisTarget, SHARDS};
 use keygate_testkit::{Redis, RedisCluster};
 
@@ -545,4 +549,141 @@ async fn a_cluster_of_three_masters_admits_each_budget_exactly() {
     }
     let nodes_used = (0..3).filter(|i| cluster.keys_on(*i) > 0).count();
     assert!(nodes_used >= 2, "every counter on one node");
+}
+
+fn rate(name: &str, per_minute: u32) -> SharedCell {
+    SharedCell {
+        name: name.to_owned(),
+        per_minute: NonZeroU32::new(per_minute).unwrap(),
+        scope: LimitScope::Key,
+    }
+}
+
+/// 1,000 acquires at once, spread over `replicas`, each of the cells `cells(i)` gives in the
+/// group `group(i)`; how many were admitted. Fails if the run took so long that a rate
+/// could have let one more through (`slowest` is the longest emission interval among them).
+async fn thousand_rates_at_once(
+    replicas: &[RedisBackend],
+    group: impl Fn(usize) -> u64,
+    cells: impl Fn(usize) -> Vec<SharedCell>,
+    slowest: Duration,
+) -> u64 {
+    let started = Instant::now();
+    let admitted = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..1000 {
+        let backend = replicas[i % replicas.len()].clone();
+        let (g, cells) = (group(i), cells(i));
+        let admitted = admitted.clone();
+        tasks.push(tokio::spawn(async move {
+            match backend.acquire(g, cells).await.unwrap() {
+                SharedOutcome::Allowed(_) => {
+                    admitted.fetch_add(1, Ordering::Relaxed);
+                }
+                SharedOutcome::Limited { retry_after, .. } => {
+                    assert!(retry_after > Duration::ZERO && retry_after <= slowest * 60);
+                }
+                other => panic!("{other:?}"),
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert!(
+        started.elapsed() < slowest,
+        "the run outlasted an emission interval: the count is not conclusive"
+    );
+    admitted.load(Ordering::Relaxed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_share_request_rates_exactly() {
+    let redis = Redis::start();
+    let backends = replicas(&single(&redis), RedisOptions::default(), 3).await;
+    let g = group_of("p");
+    // A key's rate of 10 a minute (the bug peers report: 3 replicas let 30 through).
+    let n = thousand_rates_at_once(
+        &backends,
+        |_| g,
+        |_| vec![rate("k:1:a", 10), rate("p:1:p", 1000)],
+        Duration::from_secs(6),
+    )
+    .await;
+    assert_eq!(n, 10);
+    // A project's rate of 25 over four keys of 10 each: the project's is what binds, and a
+    // request refused by it took nothing from its key's.
+    let n = thousand_rates_at_once(
+        &backends,
+        |_| g,
+        |i| vec![rate(&format!("k:2:b{}", i % 4), 10), rate("p:2:pb", 25)],
+        Duration::from_millis(2400),
+    )
+    .await;
+    assert_eq!(n, 25);
+    // A per-model rate of 7, on half the requests; the others only meet the key's 600.
+    let n = thousand_rates_at_once(
+        &backends,
+        |_| g,
+        |i| {
+            let mut cells = vec![rate("k:1:c", 600)];
+            if i % 2 == 0 {
+                cells.push(rate("k:1:c:gpt-4o*", 7));
+            }
+            cells
+        },
+        Duration::from_millis(8500),
+    )
+    .await;
+    // The 500 others, and 7 of the model's; the 493 refused took nothing from the key's.
+    assert_eq!(n, 507);
+    let key = backends[2]
+        .acquire(g, vec![rate("k:1:c", 600)])
+        .await
+        .unwrap();
+    let SharedOutcome::Allowed(Some(status)) = key else {
+        panic!("{key:?}")
+    };
+    assert_eq!(status.remaining, 600 - 507 - 1);
+    let after = backends[0]
+        .acquire(g, vec![rate("k:1:c:gpt-4o*", 7)])
+        .await
+        .unwrap();
+    let SharedOutcome::Limited { status, .. } = after else {
+        panic!("{after:?}")
+    };
+    assert_eq!((status.limit, status.remaining), (7, 0));
+    // The headers' status: the tightest cell.
+    let first = backends[1]
+        .acquire(g, vec![rate("k:1:d", 5), rate("p:1:d", 100)])
+        .await
+        .unwrap();
+    let SharedOutcome::Allowed(Some(status)) = first else {
+        panic!("{first:?}")
+    };
+    assert_eq!((status.limit, status.remaining), (5, 4));
+    assert!(status.reset <= Duration::from_secs(12) && status.reset > Duration::from_secs(11));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_of_three_masters_shares_request_rates_exactly() {
+    let cluster = RedisCluster::start();
+    let target = RedisTarget::Cluster(cluster.urls());
+    let backends = replicas(&target, RedisOptions::default(), 3).await;
+    let groups: Vec<u64> = (0..8).map(|p| group_of(&format!("project-{p}"))).collect();
+    let n = thousand_rates_at_once(
+        &backends,
+        |i| groups[i % 8],
+        |i| {
+            vec![
+                rate(&format!("k:5:key-{}", i % 8), 1000),
+                rate(&format!("p:9:project-{}", i % 8), 12),
+            ]
+        },
+        Duration::from_secs(5),
+    )
+    .await;
+    assert_eq!(n, 8 * 12);
+    let nodes_used = (0..3).filter(|i| cluster.keys_on(*i) > 0).count();
+    assert!(nodes_used >= 2, "every cell on one node");
 }

@@ -92,6 +92,7 @@ impl Keygate {
             spend: None,
             rate_hash_key: None,
             rate_cold_until: None,
+            shared_rates: None,
         }
     }
 }
@@ -192,6 +193,7 @@ pub struct KeygateBuilder<K, T = NoTokens> {
     spend: Option<SpendBackend>,
     rate_hash_key: Option<[u8; 16]>,
     rate_cold_until: Option<keygate_core::Timestamp>,
+    shared_rates: Option<Arc<dyn keygate_limit::SharedRates>>,
 }
 
 impl<K, T> fmt::Debug for KeygateBuilder<K, T> {
@@ -352,6 +354,7 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
             spend: self.spend,
             rate_hash_key: self.rate_hash_key,
             rate_cold_until: self.rate_cold_until,
+            shared_rates: self.shared_rates,
         }
     }
 
@@ -456,6 +459,14 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
         self
     }
 
+    /// Counts request rates in `store`, shared by every replica given the same (see
+    /// [`RateLimitLayer::with_shared`]; a [`RedisBackend`](keygate_store::RedisBackend) is
+    /// one), instead of in this process.
+    pub fn shared_rates(mut self, store: Arc<dyn keygate_limit::SharedRates>) -> Self {
+        self.shared_rates = Some(store);
+        self
+    }
+
     /// Every request rate starts full until `until` (see
     /// [`RateLimitLayer::with_cold_start_until`]): after an unclean stop.
     pub fn rate_cold_start_until(mut self, until: keygate_core::Timestamp) -> Self {
@@ -533,6 +544,9 @@ impl<K: KeyStore, T: TokenVerifier> KeygateBuilder<K, T> {
         }
         if let Some(until) = self.rate_cold_until {
             rate = rate.with_cold_start_until(until);
+        }
+        if let Some(store) = self.shared_rates {
+            rate = rate.with_shared(store);
         }
 
         let mut tokens = TokenLimitLayer::new(self.spend.unwrap_or_default())

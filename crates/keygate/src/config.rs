@@ -58,10 +58,11 @@ use crate::source::KeySource;
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// Where keys, projects and spend live: `sqlite:PATH` (default `sqlite:keygate.db`,
-    /// relative to the working directory; written by the `keygate` CLI, digests only).
-    /// `postgres://…` is refused by the gateway until it has shared counters. With
-    /// `keys_file` set, keys come from the file and spend goes to the store only when `store`
-    /// is given too (else spend is counted in memory, and a restart forgets it).
+    /// relative to the working directory; written by the `keygate` CLI, digests only), or
+    /// `postgres://…` for replicas (which then need `[counters]`: a gateway on PostgreSQL
+    /// with counters in its own memory does not start). With `keys_file` set, keys come from
+    /// the file and spend goes to the store only when `store` is given too (else spend is
+    /// counted in memory, and a restart forgets it).
     pub store: Option<String>,
     /// Serve keys from this TOML key file instead of the store (for keys kept in git), with a
     /// [`FileStore`].
@@ -116,6 +117,9 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// The gateway's HTTP server: timeouts, connection cap, drain on shutdown (`[server]`).
     pub server: ServerConfig,
+    /// Counters shared by replicas (`[counters]`, Redis): request rates, token rates and
+    /// budgets. Off by default.
+    pub counters: crate::counters::CountersConfig,
 }
 
 /// `[[upstreams]]`: one model server.
@@ -263,6 +267,7 @@ impl Default for Config {
             upstreams: Vec::new(),
             proxy: ProxyConfig::default(),
             server: ServerConfig::default(),
+            counters: crate::counters::CountersConfig::default(),
         }
     }
 }
@@ -678,6 +683,9 @@ pub enum ConfigError {
         /// Why.
         source: std::io::Error,
     },
+    /// The shared counters cannot be reached.
+    #[error("counters: {0}")]
+    Counters(String),
     /// The JWT settings are unusable.
     #[error("jwt: {0}")]
     Jwt(#[from] keygate_jwt::ConfigError),
@@ -871,7 +879,55 @@ impl Config {
     /// Any [`ConfigError`]: an unreadable key file, an audit file that cannot be opened, a
     /// JWT secret that is missing or too short, invalid routes or prices.
     pub fn build(&self) -> Result<Built, ConfigError> {
+        if self.counters.target()?.is_some() {
+            return Err(ConfigError::Invalid(
+                "counters: a gateway with shared counters connects to them: start it with \
+                 Config::open"
+                    .to_owned(),
+            ));
+        }
         let store = self.key_source()?;
+        self.build_with(store, Shared::default())
+    }
+
+    /// Connects to what the configuration names (the PostgreSQL store, the Redis counters)
+    /// and builds the whole stack, as [`Config::build`] does for a gateway of its own.
+    ///
+    /// # Errors
+    ///
+    /// As [`Config::build`]; [`ConfigError::Counters`] when the counters do not answer;
+    /// [`ConfigError::Store`] when PostgreSQL cannot be reached; [`ConfigError::Invalid`]
+    /// for a PostgreSQL store without `[counters]` (replicas counting in their own memory
+    /// would each grant every budget and rate again).
+    pub async fn open(&self) -> Result<Built, ConfigError> {
+        let url = self.store_url()?;
+        let on_postgres = matches!(url, keygate_store::StoreUrl::Postgres(_))
+            && (self.keys_file.is_none() || self.store.is_some());
+        let counters = match self.counters.target()? {
+            Some(target) => Some(
+                keygate_store::RedisBackend::connect(&target, self.counters.options())
+                    .await
+                    .map_err(|e| ConfigError::Counters(e.to_string()))?,
+            ),
+            None if on_postgres => return Err(not_servable(&url)),
+            None => None,
+        };
+        let (store, pg) = match (&url, &self.keys_file) {
+            (keygate_store::StoreUrl::Postgres(pg), None) => {
+                let store = keygate_store::PgStore::connect(pg.as_str()).await?;
+                let db = store.db().clone();
+                (KeySource::from(store), Some(db))
+            }
+            (keygate_store::StoreUrl::Postgres(pg), Some(_)) if on_postgres => (
+                self.key_source()?,
+                Some(keygate_store::PgDb::connect(pg.as_str()).await?),
+            ),
+            _ => (self.key_source()?, None),
+        };
+        self.build_with(store, Shared { counters, pg })
+    }
+
+    fn build_with(&self, store: KeySource, shared: Shared) -> Result<Built, ConfigError> {
         let jsonl = match &self.audit.jsonl {
             Some(j) => Some(
                 JsonlSink::builder(&j.path)
@@ -918,7 +974,19 @@ impl Config {
             .audit_sink(BoxedSink(sink))
             .token_verifier(verifier);
         let mut builder = self.apply(builder)?;
-        let ledger_path = self.ledger_path()?;
+        // The SQLite database of the store, if it is one; the local ledger and saved rates
+        // are in it unless the counters are shared.
+        let sqlite_path = match (&self.store_url()?, &shared.pg) {
+            (keygate_store::StoreUrl::Sqlite(_), None) => self.ledger_path()?,
+            _ => None,
+        };
+        let ledger_path = sqlite_path.clone().filter(|_| shared.counters.is_none());
+        if let Some(redis) = &shared.counters {
+            // Every replica on these counters shares each rate and budget exactly.
+            builder = builder
+                .spend_backend(crate::SpendBackend::Redis(redis.clone()))
+                .shared_rates(std::sync::Arc::new(redis.clone()));
+        }
         let mut restore_rates = Vec::new();
         if let Some(path) = &ledger_path {
             // Request rates go on from a clean stop, or start full after an unclean one.
@@ -952,9 +1020,15 @@ impl Config {
             builder = builder.spend_backend(crate::SpendBackend::Ledger(ledger));
         }
         if self.isolate_objects {
-            let registry: std::sync::Arc<dyn keygate_core::ObjectRegistry> = match &ledger_path {
-                Some(path) => std::sync::Arc::new(keygate_store::SqliteRegistry::open(path)?),
-                None => {
+            let registry: std::sync::Arc<dyn keygate_core::ObjectRegistry> = match (
+                &shared.pg,
+                &sqlite_path,
+            ) {
+                (Some(db), _) => std::sync::Arc::new(keygate_store::PgRegistry::new(db.clone())),
+                (None, Some(path)) => {
+                    std::sync::Arc::new(keygate_store::SqliteRegistry::open(path)?)
+                }
+                (None, None) => {
                     tracing::warn!(
                         "objects created through the gateway are recorded in memory only (keys come from a key file and no store is named): after a restart, they are refused to everyone"
                     );
@@ -963,17 +1037,25 @@ impl Config {
             };
             builder = builder.objects(registry);
         }
-        if let (Some(guard), Some(sqlite)) = (self.guard.guard()?, store.sqlite()) {
-            // A suspension outlives the process: the key is disabled in the store with the
-            // reason `suspended` (re-enable it with `keygate keys enable`).
-            builder = builder.wallet_guard(
-                guard.with_suspension_hook(persist_suspension(sqlite.path().to_path_buf())),
-            );
+        if let Some(guard) = self.guard.guard()? {
+            // A suspension outlives the process (and reaches every replica): the key is
+            // disabled in the store with the reason `suspended` (re-enable it with
+            // `keygate keys enable`).
+            if let Some(db) = &shared.pg {
+                builder = builder.wallet_guard(
+                    guard.with_suspension_hook(crate::counters::persist_suspension_pg(db.clone())),
+                );
+            } else if let Some(sqlite) = store.sqlite() {
+                builder = builder.wallet_guard(
+                    guard.with_suspension_hook(persist_suspension(sqlite.path().to_path_buf())),
+                );
+            }
         }
         let layer = builder.build()?;
         layer.rate_limit_layer().restore(restore_rates);
         Ok(Built {
             rates_db: ledger_path,
+            counters: shared.counters,
             layer,
             store,
             exchange,
@@ -1043,13 +1125,14 @@ impl Config {
     }
 }
 
-/// Why a gateway does not start on `url`: a shared store (PostgreSQL) means replicas, and
-/// replicas need shared counters, or every replica would grant every limit again.
+/// Why a gateway does not start on `url` without `[counters]`: a shared store (PostgreSQL)
+/// means replicas, and replicas need shared counters, or every replica would grant every
+/// limit again.
 fn not_servable(url: &keygate_store::StoreUrl) -> ConfigError {
     ConfigError::Invalid(format!(
-        "store {url}: a gateway on a shared store needs shared counters (Redis), or each \
-         replica would grant every budget and rate again; this build has none yet, so it does \
-         not start. The key commands work on it: keygate --store {url} keys ..."
+        "store {url}: a gateway on a shared store needs shared counters, or each replica \
+         would grant every budget and rate again: set [counters] url = \"redis://…\" in the \
+         config (or --counters redis://…)"
     ))
 }
 
@@ -1147,8 +1230,17 @@ pub struct Built {
     store: KeySource,
     /// The database request rates are saved to at a clean stop.
     rates_db: Option<PathBuf>,
+    /// The shared counters, when there are.
+    counters: Option<keygate_store::RedisBackend>,
     exchange: Option<TokenExchange>,
     jsonl: Option<JsonlSink>,
+}
+
+/// What a gateway of several replicas shares, connected by [`Config::open`].
+#[derive(Default)]
+struct Shared {
+    counters: Option<keygate_store::RedisBackend>,
+    pg: Option<keygate_store::PgDb>,
 }
 
 impl Built {
@@ -1160,6 +1252,11 @@ impl Built {
     /// The key source (call [`KeySource::reload`] or [`KeySource::watch`]).
     pub fn store(&self) -> &KeySource {
         &self.store
+    }
+
+    /// The counters shared with other replicas (`[counters]`), when there are.
+    pub fn counters(&self) -> Option<&keygate_store::RedisBackend> {
+        self.counters.as_ref()
     }
 
     /// The token exchange service, when `[jwt]` is enabled: mount it behind audit and key
@@ -1188,13 +1285,12 @@ impl Built {
         {
             tracing::error!(%error, "committing the last ledger writes failed; their reservations count at the reserved amount after a restart");
         }
-        let store = self.store.clone();
+        self.store.flush().await;
         let rates = self.rates_db.clone().map(|path| {
             let rate = self.layer.rate_limit_layer();
             (path, rate.hash_key(), rate.cells())
         });
         let _ = tokio::task::spawn_blocking(move || {
-            store.flush();
             if let Some((path, key, cells)) = rates {
                 // A clean stop: the next gateway goes on from these counts.
                 if let Err(error) =

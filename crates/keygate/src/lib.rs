@@ -50,6 +50,7 @@
 
 mod builder;
 mod config;
+mod counters;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 mod source;
@@ -68,6 +69,7 @@ pub use keygate_store::{
 };
 
 pub use builder::{BuildError, Keygate, KeygateBuilder, KeygateLayer, KeygateService, SharedSink};
+pub use counters::CountersConfig;
 pub use source::KeySource;
 pub use spend::SpendBackend;
 #[cfg(test)]

@@ -1,16 +1,17 @@
-//! [`KeySource`]: where a configured gateway's keys come from, the SQLite store (the default)
-//! or a TOML key file.
+//! [`KeySource`]: where a configured gateway's keys come from, the SQLite store (the default),
+//! PostgreSQL (shared by replicas) or a TOML key file.
 
 use std::future::Future;
 use std::time::Duration;
 
 use keygate_core::{KeyDigest, KeyStore, Lookup, StoreError};
-use keygate_store::{FileStore, MemoryStore, SqliteStore};
+use keygate_store::{FileStore, MemoryStore, PgStore, SqliteStore};
 
 /// The key store of a [`Config`](crate::Config): the SQLite database (`store =
-/// "sqlite:keygate.db"`, the default) or a TOML key file (`keys_file`). Lookups are served
-/// from memory either way; a change to the source is picked up by [`KeySource::watch`].
-/// Made with `From<SqliteStore>` or `From<FileStore>`.
+/// "sqlite:keygate.db"`, the default), a PostgreSQL database (`store = "postgres://…"`) or a
+/// TOML key file (`keys_file`). Lookups are served from memory every way; a change to the
+/// source is picked up by [`KeySource::watch`]. Made with `From<SqliteStore>`,
+/// `From<PgStore>` or `From<FileStore>`.
 #[derive(Debug, Clone)]
 pub struct KeySource {
     // The snapshot both kinds serve from (shared with the store, so it sees every refresh);
@@ -22,6 +23,7 @@ pub struct KeySource {
 #[derive(Debug, Clone)]
 enum Kind {
     Sqlite(SqliteStore),
+    Postgres(PgStore),
     File(FileStore),
 }
 
@@ -30,6 +32,15 @@ impl From<SqliteStore> for KeySource {
         KeySource {
             memory: s.store(),
             kind: Kind::Sqlite(s),
+        }
+    }
+}
+
+impl From<PgStore> for KeySource {
+    fn from(s: PgStore) -> Self {
+        KeySource {
+            memory: s.store(),
+            kind: Kind::Postgres(s),
         }
     }
 }
@@ -53,7 +64,15 @@ impl KeySource {
     pub fn sqlite(&self) -> Option<&SqliteStore> {
         match &self.kind {
             Kind::Sqlite(s) => Some(s),
-            Kind::File(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The PostgreSQL store, when that is the source.
+    pub fn postgres(&self) -> Option<&PgStore> {
+        match &self.kind {
+            Kind::Postgres(s) => Some(s),
+            _ => None,
         }
     }
 
@@ -61,7 +80,7 @@ impl KeySource {
     pub fn file(&self) -> Option<&FileStore> {
         match &self.kind {
             Kind::File(f) => Some(f),
-            Kind::Sqlite(_) => None,
+            _ => None,
         }
     }
 
@@ -70,12 +89,13 @@ impl KeySource {
     pub fn last_error(&self) -> Option<String> {
         match &self.kind {
             Kind::Sqlite(s) => s.last_error(),
+            Kind::Postgres(s) => s.last_error(),
             Kind::File(f) => f.last_error().map(|e| e.to_string()),
         }
     }
 
-    /// Picks changes up every `interval` on the tokio runtime (see [`SqliteStore::watch`] and
-    /// [`FileStore::watch`]).
+    /// Picks changes up every `interval` on the tokio runtime (see [`SqliteStore::watch`],
+    /// [`PgStore::watch`] and [`FileStore::watch`]).
     ///
     /// # Panics
     ///
@@ -83,35 +103,53 @@ impl KeySource {
     pub fn watch(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
         match &self.kind {
             Kind::Sqlite(s) => s.watch(interval),
+            Kind::Postgres(s) => s.watch(interval),
             Kind::File(f) => f.watch(interval),
         }
     }
 
-    /// Reloads now (blocking I/O; from async code call it through `spawn_blocking`) and says
-    /// what happened, in words for a log line.
+    /// Reloads now (the file and SQLite reads on a blocking thread) and says what happened,
+    /// in words for a log line.
     ///
     /// # Errors
     ///
     /// Why the source could not be read; the previous keys keep serving.
-    pub fn reload(&self) -> Result<String, String> {
-        match &self.kind {
-            Kind::Sqlite(s) => s
+    pub async fn reload(&self) -> Result<String, String> {
+        let kind = self.kind.clone();
+        match kind {
+            Kind::Postgres(s) => s
                 .refresh()
+                .await
                 .map(|o| format!("{o:?}"))
                 .map_err(|e| e.to_string()),
-            Kind::File(f) => f
-                .reload()
-                .map(|o| format!("{o:?}"))
-                .map_err(|e| e.to_string()),
+            Kind::Sqlite(s) => {
+                blocking(move || {
+                    s.refresh()
+                        .map(|o| format!("{o:?}"))
+                        .map_err(|e| e.to_string())
+                })
+                .await
+            }
+            Kind::File(f) => {
+                blocking(move || {
+                    f.reload()
+                        .map(|o| format!("{o:?}"))
+                        .map_err(|e| e.to_string())
+                })
+                .await
+            }
         }
     }
 
-    /// Writes what is only in memory (the store's batched last-used times; blocking I/O):
-    /// call at shutdown.
-    pub fn flush(&self) {
-        if let Kind::Sqlite(s) = &self.kind
-            && let Err(error) = s.flush_uses()
-        {
+    /// Writes what is only in memory (the store's batched last-used times): call at
+    /// shutdown.
+    pub async fn flush(&self) {
+        let result = match self.kind.clone() {
+            Kind::Sqlite(s) => blocking(move || s.flush_uses().map_err(|e| e.to_string())).await,
+            Kind::Postgres(s) => s.flush_uses().await.map_err(|e| e.to_string()),
+            Kind::File(_) => Ok(0),
+        };
+        if let Err(error) = result {
             tracing::error!(%error, "writing the keys' last-used times failed");
         }
     }
@@ -120,6 +158,7 @@ impl KeySource {
     pub fn describe(&self) -> String {
         match &self.kind {
             Kind::Sqlite(s) => format!("sqlite:{}", s.path().display()),
+            Kind::Postgres(s) => format!("postgres ({} keys)", s.store().snapshot().len()),
             Kind::File(f) => f.path().display().to_string(),
         }
     }
@@ -131,11 +170,18 @@ impl KeyStore for KeySource {
         digest: &KeyDigest,
     ) -> impl Future<Output = Result<Option<Lookup>, StoreError>> + Send {
         let found = self.memory.get(digest);
-        if let (Some(hit), Kind::Sqlite(store)) = (&found, &self.kind) {
+        if let Some(hit) = &found {
             // Last-used times: noted in memory (one short lock), written in batches by the
             // store's watcher; to the second, which is all a "last used" needs.
-            let now = keygate_core::Clock::system().now().as_unix_secs();
-            store.record_use(&hit.key.id, keygate_core::Timestamp::from_unix_secs(now));
+            let now = || {
+                let secs = keygate_core::Clock::system().now().as_unix_secs();
+                keygate_core::Timestamp::from_unix_secs(secs)
+            };
+            match &self.kind {
+                Kind::Sqlite(store) => store.record_use(&hit.key.id, now()),
+                Kind::Postgres(store) => store.record_use(&hit.key.id, now()),
+                Kind::File(_) => {}
+            }
         }
         std::future::ready(Ok(found))
     }
@@ -146,4 +192,13 @@ impl KeyStore for KeySource {
     ) -> impl Future<Output = Result<Option<Lookup>, StoreError>> + Send {
         std::future::ready(Ok(self.memory.snapshot().get_id(id).cloned()))
     }
+}
+
+/// Runs blocking I/O on tokio's blocking threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(format!("the reload stopped: {e}")))
 }

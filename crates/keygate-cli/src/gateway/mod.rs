@@ -55,6 +55,11 @@ pub struct GatewayOptions {
     /// `keys_file`).
     #[arg(long)]
     pub keys_file: Option<PathBuf>,
+    /// Count request rates, token rates and budgets in Redis, shared by every replica given
+    /// the same (`redis://host:port/db`, `redis+unix:///path`; several comma-separated URLs:
+    /// the nodes of a Redis Cluster). Overrides the config's `[counters]`.
+    #[arg(long)]
+    pub counters: Option<String>,
     /// Also write audit records as JSON Lines to this file (overrides `[audit.jsonl]`).
     #[arg(long)]
     pub audit_jsonl: Option<PathBuf>,
@@ -78,6 +83,7 @@ impl GatewayOptions {
             config: None,
             store: None,
             keys_file: None,
+            counters: None,
             audit_jsonl: None,
             without_keygate: false,
             upstream_api_key: None,
@@ -160,6 +166,15 @@ pub fn config_for(options: &GatewayOptions) -> Result<Config, ConfigError> {
     if let Some(keys) = &options.keys_file {
         config.keys_file = Some(keys.clone());
     }
+    if let Some(counters) = &options.counters {
+        let urls: Vec<String> = counters.split(',').map(|u| u.trim().to_owned()).collect();
+        config.counters.url = None;
+        config.counters.cluster = Vec::new();
+        match <[String; 1]>::try_from(urls) {
+            Ok([url]) => config.counters.url = Some(url),
+            Err(nodes) => config.counters.cluster = nodes,
+        }
+    }
     if let Some(path) = &options.audit_jsonl {
         config.audit.jsonl = Some(JsonlConfig {
             path: path.clone(),
@@ -199,8 +214,15 @@ fn prometheus() -> &'static PrometheusHandle {
 pub fn app(built: &Built, upstream: UpstreamProxy) -> Router {
     let layer = built.layer();
     let source = built.store().clone();
+    let counters = built.counters().cloned();
     let mut router = Router::new()
-        .route("/healthz", get(move || std::future::ready(health(&source))))
+        .route(
+            "/healthz",
+            get(move || {
+                let (source, counters) = (source.clone(), counters.clone());
+                async move { health(&source, counters.as_ref()).await }
+            }),
+        )
         .route("/metrics", get(|| async { prometheus().render() }));
     if let Some(exchange) = built.token_exchange() {
         let tokens = ServiceBuilder::new()
@@ -214,16 +236,39 @@ pub fn app(built: &Built, upstream: UpstreamProxy) -> Router {
 }
 
 /// `/healthz`: 200 either way (the gateway still serves from its last good keys), with
-/// `{"status":"ok"}`, or `{"status":"degraded","keys":"why"}` while the key source cannot be
-/// read; the gauge `keygate_key_source_up` says the same to Prometheus.
-fn health(source: &keygate::KeySource) -> axum::Json<serde_json::Value> {
-    let error = source.last_error();
-    metrics::gauge!(KEY_SOURCE_UP).set(if error.is_some() { 0.0 } else { 1.0 });
-    axum::Json(match error {
-        None => serde_json::json!({ "status": "ok" }),
-        Some(why) => serde_json::json!({ "status": "degraded", "keys": why }),
-    })
+/// `{"status":"ok"}`, or `{"status":"degraded", …}` naming what is wrong: `"keys"` while
+/// the key source cannot be read, `"counters"` while the shared counters do not answer a
+/// ping (requests that need them get 503 meanwhile). The gauges `keygate_key_source_up` and
+/// `keygate_counters_up` say the same to Prometheus.
+async fn health(
+    source: &keygate::KeySource,
+    counters: Option<&keygate::store::RedisBackend>,
+) -> axum::Json<serde_json::Value> {
+    let keys = source.last_error();
+    metrics::gauge!(KEY_SOURCE_UP).set(if keys.is_some() { 0.0 } else { 1.0 });
+    let counters = match counters {
+        Some(c) => {
+            let down = c.ping().await.err().map(|e| e.to_string());
+            metrics::gauge!(COUNTERS_UP).set(if down.is_some() { 0.0 } else { 1.0 });
+            down
+        }
+        None => None,
+    };
+    let mut body = serde_json::json!({ "status": "ok" });
+    if let Some(why) = keys {
+        body["status"] = "degraded".into();
+        body["keys"] = why.into();
+    }
+    if let Some(why) = counters {
+        body["status"] = "degraded".into();
+        body["counters"] = why.into();
+    }
+    axum::Json(body)
 }
+
+/// Gauge: 1 while the shared counters answer, 0 while they do not (set by `/healthz` and
+/// every 5 s).
+pub const COUNTERS_UP: &str = "keygate_counters_up";
 
 /// Gauge: 1 while the key source reads fine, 0 while the gateway serves from its last good
 /// snapshot because the source cannot be read.
@@ -274,7 +319,7 @@ pub async fn start(
         keygate_store::StoreUrl::Sqlite(path) if demo => demo::create_in_store(&path)?,
         _ => None,
     };
-    let built = Arc::new(config.build()?);
+    let built = Arc::new(config.open().await?);
     let mut background = Vec::new();
 
     let timeouts = config.proxy.timeouts();
@@ -321,16 +366,31 @@ pub async fn start(
     }
     background.push(reload_on_sighup(built.clone()));
     let source = built.store().clone();
+    let counters = built.counters().cloned();
     background.push(tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(5));
+        let mut ticks = 0u64;
         loop {
             tick.tick().await;
+            ticks += 1;
             let up = if source.last_error().is_some() {
                 0.0
             } else {
                 1.0
             };
             metrics::gauge!(KEY_SOURCE_UP).set(up);
+            if let Some(counters) = &counters {
+                let up = counters.ping().await.is_ok();
+                metrics::gauge!(COUNTERS_UP).set(if up { 1.0 } else { 0.0 });
+                // Reservations of replicas that died mid-request: settled at what they
+                // held once due (calls reap a few as they go; this covers idle periods).
+                if up
+                    && ticks.is_multiple_of(6)
+                    && let Err(error) = counters.reap().await
+                {
+                    tracing::warn!(%error, "reaping the shared counters' due reservations failed");
+                }
+            }
             prometheus().run_upkeep();
         }
     }));
@@ -400,13 +460,11 @@ fn reload_on_sighup(built: Arc<Built>) -> JoinHandle<()> {
                 return;
             };
             while hup.recv().await.is_some() {
-                let b = built.clone();
-                match tokio::task::spawn_blocking(move || b.store().reload()).await {
-                    Ok(Ok(outcome)) => tracing::info!(?outcome, "SIGHUP: keys reloaded"),
-                    Ok(Err(error)) => {
+                match built.store().reload().await {
+                    Ok(outcome) => tracing::info!(?outcome, "SIGHUP: keys reloaded"),
+                    Err(error) => {
                         tracing::error!(%error, "SIGHUP: reloading the keys failed; the previous keys stay in use");
                     }
-                    Err(_) => {}
                 }
             }
         }

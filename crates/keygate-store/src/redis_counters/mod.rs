@@ -1,5 +1,5 @@
-//! [`RedisBackend`]: token-rate and budget counters in Redis (one server or a Redis Cluster),
-//! shared exactly by every gateway replica.
+//! [`RedisBackend`]: request rates, token rates and budget counters in Redis (one server or a
+//! Redis Cluster), shared exactly by every gateway replica.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -11,6 +11,9 @@ use keygate_core::Timestamp;
 use keygate_limit::backend::{
     Actual, BackendError, Charge, CounterStatus, Exceeded, LimitBackend, Reservation, ReserveError,
     Reserved, Unit, Window,
+};
+use keygate_limit::rate_shared::{
+    AcquireFuture, RateStatus, SharedCell, SharedOutcome, SharedRates,
 };
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -30,6 +33,7 @@ pub const SHARDS: u64 = 64;
 pub const MAX_EXACT: u64 = (1 << 53) - 1;
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("script.lua")));
+static RATES: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("rates.lua")));
 
 /// Where the counters live.
 #[derive(Clone, PartialEq, Eq)]
@@ -264,10 +268,12 @@ impl RedisBackend {
             .map_err(|_| BackendError(format!("redis: no answer within {deadline:?}").into()))??;
         // Loaded now, so that the first requests run it at once (a server that restarts
         // empty has it loaded again by the first call that misses it).
-        tokio::time::timeout(deadline, SCRIPT.load_async(&mut conn))
-            .await
-            .map_err(|_| BackendError(format!("redis: no answer within {deadline:?}").into()))?
-            .map_err(error)?;
+        for script in [&*SCRIPT, &*RATES] {
+            tokio::time::timeout(deadline, script.load_async(&mut conn))
+                .await
+                .map_err(|_| BackendError(format!("redis: no answer within {deadline:?}").into()))?
+                .map_err(error)?;
+        }
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed)
             .map_err(|e| BackendError(format!("no randomness for reservation ids: {e}").into()))?;
@@ -670,6 +676,81 @@ impl Inner {
             Value::Int(_) => Ok(()),
             other => Err(unexpected(&other)),
         }
+    }
+}
+
+impl Inner {
+    async fn acquire(
+        &self,
+        group: u64,
+        cells: Vec<SharedCell>,
+    ) -> Result<SharedOutcome, BackendError> {
+        if cells.is_empty() {
+            return Ok(SharedOutcome::Allowed(None));
+        }
+        let shard = group % SHARDS;
+        let mut invocation = RATES.prepare_invoke();
+        for c in &cells {
+            invocation
+                .key(format!("{PREFIX}:{{{shard:02}}}:q:{}", c.name))
+                .arg(rate_interval_us(c.per_minute.get()))
+                .arg(c.per_minute.get());
+        }
+        let reply = self.call(&invocation).await?;
+        let Value::Array(items) = &reply else {
+            return Err(unexpected(&reply));
+        };
+        let int = |v: &Value| match v {
+            Value::Int(n) => u64::try_from(*n).ok(),
+            _ => None,
+        };
+        let fields: Option<Vec<u64>> = items.iter().map(int).collect();
+        let Some([ok, cell, a, b]) = fields.as_deref().and_then(|f| <[u64; 4]>::try_from(f).ok())
+        else {
+            return Err(unexpected(&reply));
+        };
+        // Cells are numbered from 1 in the script.
+        let index = usize::try_from(cell)
+            .ok()
+            .and_then(|i| i.checked_sub(1))
+            .filter(|&i| i < cells.len())
+            .ok_or_else(|| unexpected(&reply))?;
+        let limit = cells[index].per_minute.get();
+        Ok(if ok == 1 {
+            SharedOutcome::Allowed(Some(RateStatus {
+                limit,
+                remaining: a,
+                reset: Duration::from_micros(b),
+            }))
+        } else {
+            SharedOutcome::Limited {
+                index,
+                status: RateStatus {
+                    limit,
+                    remaining: 0,
+                    reset: Duration::from_micros(a),
+                },
+                retry_after: Duration::from_micros(b),
+            }
+        })
+    }
+}
+
+/// The GCRA emission interval of `per_minute`, in whole microseconds (at least 1): a burst
+/// admits exactly `per_minute` requests; a sustained rate above a million a second is
+/// counted as a million.
+fn rate_interval_us(per_minute: u32) -> u64 {
+    (60_000_000 / u64::from(per_minute.max(1))).max(1)
+}
+
+/// Request rates (GCRA, as a Lua script on the server's clock), shared by every replica on
+/// the same Redis. A request's cells all carry its shard's hash tag (cluster-safe) and are
+/// taken in one atomic call, or none is. A retried call after a timeout may count one request
+/// twice: it never admits more than the limit.
+impl SharedRates for RedisBackend {
+    fn acquire(&self, group: u64, cells: Vec<SharedCell>) -> AcquireFuture {
+        let inner = self.inner.clone();
+        Box::pin(async move { inner.acquire(group, cells).await })
     }
 }
 

@@ -1,0 +1,225 @@
+//! Three gateways (in-process, each the very gateway `keygate serve` runs) on one real
+//! PostgreSQL and one real Redis, as the README's replica set-up runs them: limits shared
+//! exactly, revocation refused by all within a second, Redis down → 503.
+//!
+//! Real time, bounded: every wait has a deadline, and nothing sleeps a fixed time.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use keygate_cli::gateway::{self, Gateway, GatewayOptions};
+use keygate_testkit::{Postgres, Redis};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const CHAT: &str =
+    r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+
+/// Runs the CLI in-process on `store` (on a blocking thread: it has a runtime of its own);
+/// returns its JSON answer.
+async fn cli(store: &str, args: &[&str]) -> serde_json::Value {
+    let mut argv: Vec<String> = ["keygate", "--store", store, "--json"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    argv.extend(args.iter().map(|s| (*s).to_owned()));
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        keygate_cli::run(
+            argv.clone(),
+            keygate_core::Timestamp::from_unix_secs(1_700_000_000),
+            &mut out,
+        )
+        .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+        serde_json::from_slice(&out).unwrap_or(serde_json::Value::Null)
+    })
+    .await
+    .unwrap()
+}
+
+/// A key with every permission in project `p` and `extra` rules: (id, secret).
+async fn key(store: &str, extra: &[&str]) -> (String, String) {
+    let mut args = vec![
+        "keys",
+        "create",
+        "--project",
+        "p",
+        "--create-project",
+        "--permissions",
+        "all",
+    ];
+    args.extend_from_slice(extra);
+    let made = cli(store, &args).await;
+    (
+        made["key"]["id"].as_str().unwrap().to_owned(),
+        made["secret"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// One HTTP/1.1 request with `Connection: close`; the whole response as text.
+async fn request(addr: SocketAddr, method: &str, path: &str, key: &str, body: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn status(answer: &str) -> u16 {
+    answer
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
+}
+
+/// Three gateways on `store` with counters at `counters`, each with its own embedded mock.
+async fn three(store: &str, counters: &str) -> Vec<Gateway> {
+    let mut out = Vec::new();
+    for _ in 0..3 {
+        let mut options = GatewayOptions::new("127.0.0.1:0".parse().unwrap());
+        options.store = Some(store.to_owned());
+        options.counters = Some(counters.to_owned());
+        let mut printed = Vec::new();
+        out.push(gateway::start(options, &mut printed).await.unwrap());
+    }
+    out
+}
+
+/// Sends chat requests one after another, round robin over `gateways`, until one is refused
+/// (or `max` are admitted); how many were admitted.
+async fn spend_until_refused(gateways: &[SocketAddr], secret: &str, max: usize) -> usize {
+    for n in 0..max {
+        let answer = request(
+            gateways[n % gateways.len()],
+            "POST",
+            "/v1/chat/completions",
+            secret,
+            CHAT,
+        )
+        .await;
+        if status(&answer) == 429 {
+            assert!(answer.contains("insufficient_quota"), "{answer}");
+            return n;
+        }
+        assert_eq!(status(&answer), 200, "{answer}");
+    }
+    max
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_on_one_postgres_and_one_redis_share_limits_and_revocations() {
+    let pg = Postgres::start();
+    pg.create_database("kg");
+    let store = pg.url("kg");
+    let mut redis = Redis::start();
+    let (_, rpm_key) = key(&store, &["--rpm", "10"]).await;
+    let (_, budget_a) = key(&store, &["--budget", "0.0001/day"]).await;
+    let (_, budget_b) = key(&store, &["--budget", "0.0001/day"]).await;
+    let (revoked_id, revoked) = key(&store, &[]).await;
+    let gateways = three(&store, &redis.url()).await;
+    let addrs: Vec<SocketAddr> = gateways.iter().map(Gateway::addr).collect();
+
+    // A rate of 10 a minute: 60 requests at once over three gateways admit exactly 10 (each
+    // gateway counting its own would admit 30).
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let (addr, secret) = (addrs[i % 3], rpm_key.clone());
+        tasks.push(tokio::spawn(async move {
+            status(&request(addr, "GET", "/v1/models", &secret, "").await)
+        }));
+    }
+    let mut codes = Vec::new();
+    for t in tasks {
+        codes.push(t.await.unwrap());
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "slower than one emission interval: not conclusive"
+    );
+    assert_eq!(codes.iter().filter(|&&c| c == 200).count(), 10, "{codes:?}");
+    assert_eq!(codes.iter().filter(|&&c| c == 429).count(), 50, "{codes:?}");
+
+    // A budget: what one gateway admits one request after another is what three admit
+    // round robin (each counting its own would admit three times as many).
+    let alone = spend_until_refused(&addrs[..1], &budget_a, 100).await;
+    assert!((3..100).contains(&alone), "{alone}");
+    let spread = spend_until_refused(&addrs, &budget_b, 300).await;
+    assert_eq!(spread, alone);
+
+    // Revoked with the CLI: refused by every gateway within a second of the command's end.
+    for &addr in &addrs {
+        assert_eq!(
+            status(&request(addr, "GET", "/v1/models", &revoked, "").await),
+            200
+        );
+    }
+    cli(&store, &["keys", "revoke", &revoked_id]).await;
+    let revoked_at = Instant::now();
+    let mut refused_by = [false; 3];
+    while !refused_by.iter().all(|&r| r) {
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "still admitted after 1 s by {refused_by:?}"
+        );
+        for (i, &addr) in addrs.iter().enumerate() {
+            if !refused_by[i] {
+                let code = status(&request(addr, "GET", "/v1/models", &revoked, "").await);
+                refused_by[i] = code == 401;
+            }
+        }
+        tokio::task::yield_now().await;
+    }
+
+    // Redis down: requests that need the counters get 503 with Retry-After, and /healthz
+    // says why; key checks go on (an unknown key is still 401).
+    redis.kill();
+    let answer = request(addrs[1], "GET", "/v1/models", &rpm_key, "").await;
+    assert_eq!(status(&answer), 503, "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    let answer = request(addrs[2], "POST", "/v1/chat/completions", &budget_a, CHAT).await;
+    assert_eq!(status(&answer), 503, "{answer}");
+    let health = request(addrs[0], "GET", "/healthz", "", "").await;
+    assert!(health.contains(r#""status":"degraded""#), "{health}");
+    assert!(health.contains(r#""counters""#), "{health}");
+    let unknown = request(addrs[0], "GET", "/v1/models", "sk-kg-nope", "").await;
+    assert_eq!(status(&unknown), 401, "{unknown}");
+    // Back: served again, and healthy.
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = request(addrs[1], "GET", "/v1/models", &rpm_key, "").await;
+        if status(&answer) != 503 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still 503 after Redis came back");
+        tokio::task::yield_now().await;
+    }
+    let health = request(addrs[0], "GET", "/healthz", "", "").await;
+    assert!(health.contains(r#""status":"ok""#), "{health}");
+
+    for gw in gateways {
+        gw.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gateway_on_postgres_without_shared_counters_does_not_start() {
+    let pg = Postgres::start();
+    pg.create_database("kg");
+    let mut options = GatewayOptions::new("127.0.0.1:0".parse().unwrap());
+    options.store = Some(pg.url("kg"));
+    let mut printed = Vec::new();
+    let error = gateway::start(options, &mut printed).await.unwrap_err();
+    let text = error.to_string();
+    assert!(text.contains("shared counters"), "{text}");
+    assert!(text.contains("[counters]"), "{text}");
+    assert!(printed.is_empty());
+}
