@@ -118,7 +118,7 @@ async fn three_gateways_on_one_postgres_and_one_redis_share_limits_and_revocatio
     let mut redis = Redis::start();
     let (_, rpm_key) = key(&store, &["--rpm", "10"]).await;
     let (_, budget_a) = key(&store, &["--budget", "0.0001/day"]).await;
-    let (_, budget_b) = key(&store, &["--budget", "0.0001/day"]).await;
+    let (budget_b_id, budget_b) = key(&store, &["--budget", "0.0001/day"]).await;
     let (revoked_id, revoked) = key(&store, &[]).await;
     let gateways = three(&store, &redis.url()).await;
     let addrs: Vec<SocketAddr> = gateways.iter().map(Gateway::addr).collect();
@@ -150,6 +150,34 @@ async fn three_gateways_on_one_postgres_and_one_redis_share_limits_and_revocatio
     assert!((3..100).contains(&alone), "{alone}");
     let spread = spend_until_refused(&addrs, &budget_b, 300).await;
     assert_eq!(spread, alone);
+    // Every settled charge reaches the PostgreSQL ledger (through the outbox, within a few
+    // flushes): the ledger equals the counters.
+    let db = keygate::store::PgDb::connect(&store).await.unwrap();
+    let record = db.key(&budget_b_id).await.unwrap().unwrap().record;
+    let now = keygate_core::Clock::system().now();
+    let (counter, window) = keygate::limit::budget_counter(
+        keygate_core::LimitScope::Key,
+        &budget_b_id,
+        &record.limits.budgets[0],
+        now,
+    );
+    let keygate::limit::backend::Window::Fixed { start, .. } = window else {
+        panic!("{window:?}")
+    };
+    let counted = gateways[0]
+        .built()
+        .counters()
+        .unwrap()
+        .used(keygate::limit::backend::group_of("p"), &counter, window)
+        .await
+        .unwrap()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while db.spent(&counter, Some(start)).await.unwrap() != counted {
+        assert!(Instant::now() < deadline, "the ledger never caught up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(counted > 0);
 
     // Revoked with the CLI: refused by every gateway within a second of the command's end.
     for &addr in &addrs {

@@ -2,7 +2,8 @@
 //! scripts, two round trips) through [`RedisBackend`] against the bare [`MemoryBackend`], on
 //! a Unix socket and on loopback TCP; the distribution of that added latency (p50, p99);
 //! and how many metered requests per second one and three replicas sustain against one
-//! server. Starts its own `redis-server`.
+//! server; and the ledger outbox's sustained rate: settled charges moved from Redis into
+//! PostgreSQL per second by one writer. Starts its own `redis-server` and PostgreSQL.
 //!
 //! `cargo bench -p keygate-store --bench redis -- --warm-up-time 1 --measurement-time 3`
 
@@ -16,7 +17,7 @@ use keygate_limit::LimitBackend;
 use keygate_limit::MemoryBackend;
 use keygate_limit::backend::{Actual, Charge, Unit, Window, group_of};
 use keygate_store::{RedisBackend, RedisOptions, RedisTarget};
-use keygate_testkit::Redis;
+use keygate_testkit::{Postgres, Redis};
 
 fn charges(project: &str, key: &str) -> Vec<Charge> {
     let group = group_of(project);
@@ -202,6 +203,61 @@ fn throughput(redis: &Redis, replicas: usize) {
     );
 }
 
+/// 20,000 metered requests settled with the outbox on (each three charges), then one
+/// ledger writer moving them all into PostgreSQL: settled charges recorded per second.
+fn outbox_rate(redis: &Redis) {
+    let pg = Postgres::start();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let target = RedisTarget::Single(redis.tcp_url());
+    let backend = rt
+        .block_on(RedisBackend::connect(
+            &target,
+            RedisOptions::default().outbox(true),
+        ))
+        .unwrap();
+    let requests = 20_000;
+    rt.block_on(async {
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let backend = backend.clone();
+                tokio::spawn(async move {
+                    let project = format!("outbox_project_{}", i % 16);
+                    for _ in 0..requests / 64 {
+                        metered(&backend, &project, &format!("outbox_key_{i}")).await;
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    });
+    let db = rt
+        .block_on(keygate_store::PgDb::connect(&pg.url("postgres")))
+        .unwrap();
+    let writer = keygate_store::LedgerWriter::new(backend, db, "bench").with_batch(2048);
+    let started = Instant::now();
+    let mut charges = 0;
+    loop {
+        let done = rt.block_on(writer.flush()).unwrap();
+        if done.entries == 0 {
+            break;
+        }
+        charges += done.recorded;
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "ledger outbox: {charges} settled charges ({} requests) into PostgreSQL in {elapsed:.2?}: \
+         {:.0} charges/s",
+        requests / 64 * 64,
+        charges as f64 / elapsed.as_secs_f64()
+    );
+}
+
 fn main() {
     let redis = Redis::start_with_tcp();
     let mut c = Criterion::default().configure_from_args();
@@ -209,5 +265,6 @@ fn main() {
     latency(&redis);
     throughput(&redis, 1);
     throughput(&redis, 3);
+    outbox_rate(&redis);
     c.final_summary();
 }

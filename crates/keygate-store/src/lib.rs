@@ -80,8 +80,11 @@ pub use file::{FileStore, FileStoreError, KEY_FILE_VERSION, KeyFile, ReloadOutco
 pub use ledger::{Durability, LedgerBackend, LedgerUsage};
 pub use memory::MemoryStore;
 pub use objects::{OBJECT_RECHECK, STORED_RESULT_DAYS, SqliteRegistry};
-pub use postgres::{PG_DEADLINE, PgDb, PgRegistry, PgStore};
+pub use postgres::{Flushed, LedgerWriter, PG_DEADLINE, PgDb, PgRegistry, PgStore};
 pub use rates::{RateBegin, RateStart};
-pub use redis_counters::{MAX_EXACT, RedisBackend, RedisOptions, RedisTarget, SHARDS};
+pub use redis_counters::{
+    LEDGER_GROUP, MAX_EXACT, OutboxEntry, RedisBackend, RedisOptions, RedisTarget, SHARDS,
+    SettledCharge,
+};
 pub use store::{RefreshOutcome, SqliteStore};
 pub use url::{DEFAULT_STORE_URL, PostgresUrl, StoreUrl, StoreUrlError};

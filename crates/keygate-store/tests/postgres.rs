@@ -49,7 +49,7 @@ async fn replicas_starting_together_migrate_once_and_a_newer_schema_is_refused()
         .collect();
     for c in connects {
         let db = c.await.unwrap().unwrap();
-        assert_eq!(db.schema_version().await.unwrap(), 1);
+        assert_eq!(db.schema_version().await.unwrap(), 2);
         assert_eq!(db.change_seq().await.unwrap(), 0);
     }
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -64,9 +64,33 @@ async fn replicas_starting_together_migrate_once_and_a_newer_schema_is_refused()
         PgDb::connect(&url).await.unwrap_err(),
         DbError::TooNew {
             found: 99,
-            supported: 1
+            supported: 2
         }
     );
+}
+
+#[tokio::test]
+async fn a_database_of_the_previous_schema_is_migrated_with_its_keys_kept() {
+    let pg = Postgres::start();
+    let url = pg.url("postgres");
+    let db = db_with_project(&pg).await;
+    db.insert_keys(&[key("k1", "p", "s1")], "test")
+        .await
+        .unwrap();
+    // Back to version 1: what a database made by the previous keygate holds.
+    let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    client
+        .batch_execute("DROP TABLE spend; UPDATE keygate_schema SET version = 1")
+        .await
+        .unwrap();
+    drop(db);
+    let db = PgDb::connect(&url).await.unwrap();
+    assert_eq!(db.schema_version().await.unwrap(), 2);
+    assert!(db.key("k1").await.unwrap().is_some());
+    assert_eq!(db.spend_rows().await.unwrap(), 0);
 }
 
 #[tokio::test]

@@ -904,10 +904,14 @@ impl Config {
         let on_postgres = matches!(url, keygate_store::StoreUrl::Postgres(_))
             && (self.keys_file.is_none() || self.store.is_some());
         let counters = match self.counters.target()? {
+            // On PostgreSQL, settled charges go through the outbox to its ledger.
             Some(target) => Some(
-                keygate_store::RedisBackend::connect(&target, self.counters.options())
-                    .await
-                    .map_err(|e| ConfigError::Counters(e.to_string()))?,
+                keygate_store::RedisBackend::connect(
+                    &target,
+                    self.counters.options().outbox(on_postgres),
+                )
+                .await
+                .map_err(|e| ConfigError::Counters(e.to_string()))?,
             ),
             None if on_postgres => return Err(not_servable(&url)),
             None => None,
@@ -924,7 +928,23 @@ impl Config {
             ),
             _ => (self.key_source()?, None),
         };
-        self.build_with(store, Shared { counters, pg })
+        let ledger = match (&counters, &pg) {
+            (Some(redis), Some(db)) => {
+                let mut tag = [0u8; 6];
+                getrandom::fill(&mut tag)
+                    .map_err(|e| ConfigError::Invalid(format!("no random writer name: {e}")))?;
+                let name: String = tag.iter().map(|b| format!("{b:02x}")).collect();
+                Some(keygate_store::LedgerWriter::new(
+                    redis.clone(),
+                    db.clone(),
+                    format!("gateway-{}-{name}", std::process::id()),
+                ))
+            }
+            _ => None,
+        };
+        let mut built = self.build_with(store, Shared { counters, pg })?;
+        built.ledger = ledger;
+        Ok(built)
     }
 
     fn build_with(&self, store: KeySource, shared: Shared) -> Result<Built, ConfigError> {
@@ -1056,6 +1076,7 @@ impl Config {
         Ok(Built {
             rates_db: ledger_path,
             counters: shared.counters,
+            ledger: None,
             layer,
             store,
             exchange,
@@ -1232,6 +1253,8 @@ pub struct Built {
     rates_db: Option<PathBuf>,
     /// The shared counters, when there are.
     counters: Option<keygate_store::RedisBackend>,
+    /// What moves their settled charges into the PostgreSQL ledger.
+    ledger: Option<keygate_store::LedgerWriter>,
     exchange: Option<TokenExchange>,
     jsonl: Option<JsonlSink>,
 }
@@ -1259,6 +1282,14 @@ impl Built {
         self.counters.as_ref()
     }
 
+    /// What moves settled charges from the shared counters into the PostgreSQL ledger (on a
+    /// PostgreSQL store with `[counters]`): run it with [`LedgerWriter::run`].
+    ///
+    /// [`LedgerWriter::run`]: keygate_store::LedgerWriter::run
+    pub fn ledger_writer(&self) -> Option<&keygate_store::LedgerWriter> {
+        self.ledger.as_ref()
+    }
+
     /// The token exchange service, when `[jwt]` is enabled: mount it behind audit and key
     /// extraction (the gateway uses `POST /v1/tokens`).
     pub fn token_exchange(&self) -> Option<&TokenExchange> {
@@ -1284,6 +1315,11 @@ impl Built {
             && let Err(error) = ledger.flush().await
         {
             tracing::error!(%error, "committing the last ledger writes failed; their reservations count at the reserved amount after a restart");
+        }
+        if let Some(writer) = &self.ledger
+            && let Err(error) = writer.flush().await
+        {
+            tracing::warn!(%error, "writing the last settled charges to the ledger failed; another replica's writer takes them over");
         }
         self.store.flush().await;
         let rates = self.rates_db.clone().map(|path| {

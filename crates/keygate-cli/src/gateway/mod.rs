@@ -266,6 +266,9 @@ async fn health(
     axum::Json(body)
 }
 
+/// How often settled charges move from the shared counters' outbox to the PostgreSQL ledger.
+pub const LEDGER_FLUSH: Duration = Duration::from_millis(250);
+
 /// Gauge: 1 while the shared counters answer, 0 while they do not (set by `/healthz` and
 /// every 5 s).
 pub const COUNTERS_UP: &str = "keygate_counters_up";
@@ -365,6 +368,9 @@ pub async fn start(
         background.push(built.store().watch(interval));
     }
     background.push(reload_on_sighup(built.clone()));
+    if let Some(writer) = built.ledger_writer() {
+        background.push(writer.clone().run(LEDGER_FLUSH));
+    }
     let source = built.store().clone();
     let counters = built.counters().cloned();
     background.push(tokio::spawn(async move {

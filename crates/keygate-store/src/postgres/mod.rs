@@ -10,10 +10,12 @@
 //! `sqlx` would add, with a much larger dependency tree).
 
 mod db;
+mod ledger;
 mod objects;
 mod schema;
 mod store;
 
 pub use db::{PG_DEADLINE, PgDb};
+pub use ledger::{Flushed, LedgerWriter};
 pub use objects::PgRegistry;
 pub use store::PgStore;

@@ -14,9 +14,10 @@ pub(crate) struct Migration {
 pub(crate) const MIGRATION_LOCK: i64 = 0x006b_6579_6761_7465;
 
 /// Every migration, in order.
-pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    sql: "
+pub(crate) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        sql: "
         -- `change_seq` grows by one in every transaction that changes a project or a key;
         -- the rows it changed carry it in `updated_seq`, which is how a snapshot catches up.
         -- Writers lock its row first, so they take numbers in the order they commit.
@@ -66,10 +67,36 @@ pub(crate) const MIGRATIONS: &[Migration] = &[Migration {
         CREATE INDEX objects_by_project ON objects (project, kind, created_at);
         CREATE INDEX objects_by_age ON objects (kind, created_at);
     ",
-}];
+    },
+    Migration {
+        version: 2,
+        sql: "
+        -- The spend ledger: every charge settled in the shared counters (Redis), one row per
+        -- reservation and counter, written from the counters' outbox and acknowledged there
+        -- only after commit; the key makes a replay harmless. `reservation` is the 64-bit id
+        -- with the same bits, signed. Periods are Unix nanoseconds (NULL: a rate, or no end);
+        -- amounts are tokens ('t') or nanodollars ('n'); `held` is what was reserved.
+        CREATE TABLE spend (
+            shard INTEGER NOT NULL,
+            reservation BIGINT NOT NULL,
+            counter TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            unit TEXT NOT NULL,
+            period_start BIGINT,
+            period_end BIGINT,
+            held BIGINT NOT NULL,
+            amount BIGINT NOT NULL,
+            reaped BOOLEAN NOT NULL,
+            recorded_at BIGINT NOT NULL,
+            PRIMARY KEY (shard, reservation, counter)
+        );
+        CREATE INDEX spend_by_counter ON spend (counter, period_start);
+    ",
+    },
+];
 
 /// The schema version this build writes: the last migration's.
-pub(crate) const SCHEMA_VERSION: i32 = 1;
+pub(crate) const SCHEMA_VERSION: i32 = 2;
 
 #[cfg(test)]
 mod tests {

@@ -32,6 +32,10 @@ pub const SHARDS: u64 = 64;
 /// dollars per period, or 9·10^15 tokens): never more is admitted than the limit given.
 pub const MAX_EXACT: u64 = (1 << 53) - 1;
 
+mod outbox;
+
+pub use outbox::{LEDGER_GROUP, OutboxEntry, SettledCharge};
+
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("script.lua")));
 static RATES: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("rates.lua")));
 
@@ -213,6 +217,8 @@ struct Inner {
     next_id: AtomicU64,
     retries: AtomicU64,
     failures: AtomicU64,
+    /// Whether this process made (or found) each shard's outbox consumer group.
+    outbox_groups: Box<[std::sync::atomic::AtomicBool]>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -284,6 +290,9 @@ impl RedisBackend {
                 next_id: AtomicU64::new(u64::from_le_bytes(seed)),
                 retries: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
+                outbox_groups: (0..SHARDS)
+                    .map(|_| std::sync::atomic::AtomicBool::new(false))
+                    .collect(),
             }),
         })
     }
