@@ -232,6 +232,21 @@ async fn three_gateways_on_one_postgres_and_one_redis_share_limits_and_revocatio
     }
     let health = request(addrs[0], "GET", "/healthz", "", "").await;
     assert!(health.contains(r#""status":"ok""#), "{health}");
+    // Redis came back empty: the spent budget was rebuilt from the ledger before anything
+    // was admitted, so it is still spent (with the counters lost, it would pay again).
+    for &addr in &addrs {
+        let answer = request(addr, "POST", "/v1/chat/completions", &budget_b, CHAT).await;
+        assert_eq!(status(&answer), 429, "{answer}");
+        assert!(answer.contains("insufficient_quota"), "{answer}");
+    }
+    let rebuilt = gateways[0]
+        .built()
+        .counters()
+        .unwrap()
+        .used(keygate::limit::backend::group_of("p"), &counter, window)
+        .await
+        .unwrap();
+    assert_eq!(rebuilt, Some(counted));
 
     for gw in gateways {
         gw.shutdown().await;

@@ -83,8 +83,8 @@ pub use objects::{OBJECT_RECHECK, STORED_RESULT_DAYS, SqliteRegistry};
 pub use postgres::{Flushed, LedgerWriter, PG_DEADLINE, PgDb, PgRegistry, PgStore};
 pub use rates::{RateBegin, RateStart};
 pub use redis_counters::{
-    LEDGER_GROUP, MAX_EXACT, OutboxEntry, RedisBackend, RedisOptions, RedisTarget, SHARDS,
-    SettledCharge,
+    LEDGER_GROUP, LedgerSource, LedgerWindow, MAX_EXACT, OutboxEntry, RedisBackend, RedisOptions,
+    RedisTarget, SHARDS, SettledCharge, WindowsFuture,
 };
 pub use store::{RefreshOutcome, SqliteStore};
 pub use url::{DEFAULT_STORE_URL, PostgresUrl, StoreUrl, StoreUrlError};

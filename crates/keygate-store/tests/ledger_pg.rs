@@ -2,6 +2,7 @@
 //! servers (started by the test): every settled charge recorded exactly once through crashes,
 //! lost acknowledgements and a PostgreSQL outage, and the ledger equal to the counters.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use keygate_core::{Money, Timestamp};
@@ -141,4 +142,186 @@ async fn every_settled_charge_reaches_the_ledger_once_through_crashes_and_outage
         db.spend_rows().await.unwrap(),
         2 * (settled + entries) as u64
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_restarts_empty_is_rebuilt_from_the_ledger_before_it_admits() {
+    let pg = Postgres::start();
+    let mut redis = Redis::start();
+    let target = RedisTarget::Single(redis.url());
+    let db = PgDb::connect(&pg.url("postgres")).await.unwrap();
+    let options = RedisOptions::default().outbox(true);
+    let mut backends = Vec::new();
+    for _ in 0..2 {
+        let b = RedisBackend::connect(&target, options).await.unwrap();
+        b.rebuild_from(Arc::new(db.clone()));
+        backends.push(b);
+    }
+    let writer = LedgerWriter::new(backends[0].clone(), db.clone(), "w");
+    let g = group_of("p");
+    // A budget of 1,000 on the key; each request holds 100 and spends 60.
+    let limited = |amount| Charge {
+        limit: 1000,
+        ..budget(g, "key", amount)
+    };
+    let spend = |b: RedisBackend| async move {
+        let r = b.reserve(vec![limited(100)], NOW).await?;
+        let actual = Actual {
+            tokens: 0,
+            cost: Money::from_nanos(60),
+        };
+        b.settle(r, actual, NOW).await.unwrap();
+        Ok::<(), keygate_limit::backend::ReserveError>(())
+    };
+    // The first start: the (empty) ledger is the start.
+    for i in 0..10 {
+        spend(backends[i % 2].clone()).await.unwrap();
+    }
+    // One request in flight when Redis goes: reserved before, settled after.
+    let in_flight = backends[1].reserve(vec![limited(100)], NOW).await.unwrap();
+    writer.flush().await.unwrap();
+    assert_eq!(db.spent("key", Some(PERIOD)).await.unwrap(), 600);
+
+    redis.restart();
+    // Before anything is admitted, the shard is rebuilt: 600 spent, so 4 more of 100 fit
+    // (the in-flight one's 100 was lost with Redis, and comes back when it settles).
+    let mut admitted = 0;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match spend(backends[admitted % 2].clone()).await {
+            Ok(()) => admitted += 1,
+            Err(keygate_limit::backend::ReserveError::Exceeded(_)) => break,
+            // The connection comes back.
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    // 600 + 6 × 60 = 960: the next 100 does not fit.
+    assert_eq!(admitted, 6);
+    assert_eq!(
+        backends[0].used(g, "key", window()).await.unwrap(),
+        Some(960)
+    );
+    // The request in flight settles now: counted, although Redis had lost it, and recorded.
+    backends[1]
+        .settle(
+            in_flight,
+            Actual {
+                tokens: 0,
+                cost: Money::from_nanos(30),
+            },
+            NOW,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        backends[0].used(g, "key", window()).await.unwrap(),
+        Some(990)
+    );
+    while writer.flush().await.unwrap().entries > 0 {}
+    assert_eq!(db.spent("key", Some(PERIOD)).await.unwrap(), 990);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_load_loses_no_settlement_and_the_counters_equal_the_ledger() {
+    let pg = Postgres::start();
+    let redis = Arc::new(std::sync::Mutex::new(Redis::start_persistent()));
+    let target = RedisTarget::Single(redis.lock().unwrap().url());
+    let db = PgDb::connect(&pg.url("postgres")).await.unwrap();
+    let options = RedisOptions::default()
+        .outbox(true)
+        .deadline(Duration::from_millis(200));
+    let mut backends = Vec::new();
+    for _ in 0..3 {
+        let b = RedisBackend::connect(&target, options).await.unwrap();
+        b.rebuild_from(Arc::new(db.clone()));
+        backends.push(b);
+    }
+    let writer =
+        LedgerWriter::new(backends[0].clone(), db.clone(), "w").run(Duration::from_millis(50));
+    let g = group_of("p");
+    // The project's budget pays for exactly 200 requests of 100; 600 are tried.
+    let project = move |amount| Charge {
+        limit: 200 * 100,
+        ..budget(g, "project", amount)
+    };
+    let admitted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let failures = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (kill_now, killed) = tokio::sync::oneshot::channel::<()>();
+    let kill_now = Arc::new(std::sync::Mutex::new(Some(kill_now)));
+    let mut tasks = Vec::new();
+    for t in 0..60 {
+        let backend = backends[t % 3].clone();
+        let (admitted, failures, kill_now) = (admitted.clone(), failures.clone(), kill_now.clone());
+        tasks.push(tokio::spawn(async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            let mut answers = 0;
+            while answers < 10 {
+                let charges = vec![budget(g, &format!("key-{}", t % 6), 100), project(100)];
+                match backend.reserve(charges, NOW).await {
+                    Ok(r) => {
+                        answers += 1;
+                        if admitted.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 100 {
+                            // Half way: Redis goes down with requests in flight.
+                            if let Some(tx) = kill_now.lock().unwrap().take() {
+                                let _ = tx.send(());
+                            }
+                        }
+                        tokio::task::yield_now().await;
+                        let actual = Actual {
+                            tokens: 0,
+                            cost: Money::from_nanos(100),
+                        };
+                        backend.settle(r, actual, NOW).await.unwrap();
+                    }
+                    Err(keygate_limit::backend::ReserveError::Exceeded(_)) => answers += 1,
+                    Err(_) => {
+                        failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        assert!(
+                            std::time::Instant::now() < deadline,
+                            "Redis never came back"
+                        );
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
+        }));
+    }
+    killed.await.unwrap();
+    let r = redis.clone();
+    tokio::task::spawn_blocking(move || r.lock().unwrap().kill())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = redis.clone();
+    tokio::task::spawn_blocking(move || r.lock().unwrap().restart())
+        .await
+        .unwrap();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    // Exactly the budget, though requests failed while Redis was down.
+    assert_eq!(admitted.load(std::sync::atomic::Ordering::Relaxed), 200);
+    assert!(
+        failures.load(std::sync::atomic::Ordering::Relaxed) > 0,
+        "nothing failed: not mid-load"
+    );
+    let used = backends[1].used(g, "project", window()).await.unwrap();
+    assert_eq!(used, Some(200 * 100));
+    // Every settlement reaches the ledger, once: the ledger equals the counters.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut counters: Vec<String> = (0..6).map(|k| format!("key-{k}")).collect();
+    counters.push("project".into());
+    loop {
+        let pairs = both(&backends[2], &db, g, &counters).await;
+        if pairs.iter().all(|(c, l)| c == l) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{pairs:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(db.spent("project", Some(PERIOD)).await.unwrap(), 200 * 100);
+    writer.abort();
 }

@@ -370,7 +370,8 @@ async fn with_redis_killed_calls_fail_within_their_deadline_and_work_again_after
     let mut redis = Redis::start();
     let options = RedisOptions::default()
         .deadline(Duration::from_millis(200))
-        .attempts(2);
+        .attempts(2)
+        .end_patience(Duration::ZERO);
     let backend = RedisBackend::connect(&single(&redis), options)
         .await
         .unwrap();

@@ -268,10 +268,17 @@ impl Postgres {
         );
     }
 
-    /// Kills the server at once (`SIGKILL`: no shutdown, no checkpoint), as a crash would.
+    /// Kills the server at once (`SIGKILL`: no shutdown, no checkpoint), as a crash would,
+    /// its backends with it: no connection made before answers after.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let backends = children_of(child.id());
             let _ = child.kill();
+            for pid in backends {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
             let _ = child.wait();
         }
     }
@@ -329,13 +336,16 @@ fn percent(s: &str) -> String {
 }
 
 /// A Redis server of its own, in a temporary directory, on a Unix socket only (`port 0`),
-/// with persistence off: a restart starts it empty, as a lost Redis would come back.
+/// with persistence off: a restart starts it empty, as a lost Redis would come back (or on,
+/// with [`Redis::start_persistent`]).
 #[derive(Debug)]
 pub struct Redis {
     dir: tempfile::TempDir,
     child: Option<Child>,
     /// A loopback TCP port it listens on too (0: none).
     port: u16,
+    /// Every write in the append-only file before it is answered.
+    persistent: bool,
 }
 
 impl Redis {
@@ -353,6 +363,29 @@ impl Redis {
             dir,
             child: None,
             port: 0,
+            persistent: false,
+        };
+        redis.spawn();
+        redis
+    }
+
+    /// Starts a server that writes every change to its append-only file before answering
+    /// (`appendfsync always`): killed and restarted, it comes back with everything it
+    /// acknowledged.
+    ///
+    /// # Panics
+    ///
+    /// As [`Redis::start`].
+    pub fn start_persistent() -> Redis {
+        let dir = tempfile::Builder::new()
+            .prefix("keygate-redis-")
+            .tempdir()
+            .expect("a temporary directory");
+        let mut redis = Redis {
+            dir,
+            child: None,
+            port: 0,
+            persistent: true,
         };
         redis.spawn();
         redis
@@ -376,6 +409,7 @@ impl Redis {
             dir,
             child: None,
             port,
+            persistent: false,
         };
         redis.spawn();
         redis
@@ -414,14 +448,12 @@ impl Redis {
             .arg(self.port.to_string())
             .arg("--unixsocket")
             .arg(&socket)
-            .args([
-                "--unixsocketperm",
-                "700",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+            .args(["--unixsocketperm", "700", "--save", ""])
+            .args(if self.persistent {
+                ["--appendonly", "yes", "--appendfsync", "always"]
+            } else {
+                ["--appendonly", "no", "--appendfsync", "everysec"]
+            })
             .arg("--dir")
             .arg(self.dir.path())
             .stdin(Stdio::null())
@@ -465,7 +497,8 @@ impl Redis {
         }
     }
 
-    /// Starts it again, empty, on the same socket (killing it first if it runs).
+    /// Starts it again on the same socket (killing it first if it runs): empty, or with what
+    /// its append-only file holds when persistent.
     pub fn restart(&mut self) {
         self.kill();
         self.spawn();
@@ -668,6 +701,25 @@ fn ping(socket: &Path) -> bool {
     }
     let mut buf = [0u8; 7];
     stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// The processes whose parent is `pid` (from `/proc`).
+fn children_of(pid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|child| {
+            // `/proc/N/stat`: "N (name) state ppid …"; the name may hold spaces.
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    let after = &stat[stat.rfind(')')? + 1..];
+                    after.split_whitespace().nth(1)?.parse::<u32>().ok()
+                })
+                == Some(pid)
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -930,6 +930,9 @@ impl Config {
         };
         let ledger = match (&counters, &pg) {
             (Some(redis), Some(db)) => {
+                // A Redis that lost its data gets each shard's budgets back from the ledger
+                // before it admits anything there.
+                redis.rebuild_from(std::sync::Arc::new(db.clone()));
                 let mut tag = [0u8; 6];
                 getrandom::fill(&mut tag)
                     .map_err(|e| ConfigError::Invalid(format!("no random writer name: {e}")))?;

@@ -3,11 +3,13 @@
 use std::time::Duration;
 
 use keygate_core::Timestamp;
-use keygate_limit::backend::Unit;
+use keygate_limit::backend::{BackendError, Unit};
 
 use super::db::{PgDb, deadline, pg_error};
 use crate::error::DbError;
-use crate::redis_counters::{OutboxEntry, RedisBackend, SettledCharge};
+use crate::redis_counters::{
+    LedgerSource, LedgerWindow, OutboxEntry, RedisBackend, SettledCharge, WindowsFuture,
+};
 
 /// A 64-bit unsigned value in a signed column, with the same bits.
 fn signed(n: u64) -> i64 {
@@ -122,6 +124,43 @@ impl PgDb {
             Ok(unsigned(row.get(0)))
         })
         .await
+    }
+}
+
+/// The budget windows a Redis that lost them is rebuilt from: every budget period of the
+/// shard that has not ended, summed.
+impl LedgerSource for PgDb {
+    fn windows(&self, shard: u64, now: Timestamp) -> WindowsFuture {
+        let db = self.clone();
+        let shard = i32::try_from(shard).unwrap_or(i32::MAX);
+        let now = nanos(now);
+        Box::pin(async move {
+            let rows = deadline(async {
+                let client = db.client().await?;
+                client
+                    .query(
+                        "SELECT counter, period_start, period_end, SUM(amount)::bigint FROM spend \
+                         WHERE shard = $1 AND kind = 'f' AND (period_end IS NULL OR period_end > $2) \
+                         GROUP BY counter, period_start, period_end",
+                        &[&shard, &now],
+                    )
+                    .await
+                    .map_err(pg_error)
+            })
+            .await
+            .map_err(|e| BackendError(format!("the ledger: {e}").into()))?;
+            Ok(rows
+                .iter()
+                .map(|row| LedgerWindow {
+                    counter: row.get(0),
+                    start: Timestamp::from_unix_nanos(unsigned(row.get::<_, i64>(1))),
+                    end: row
+                        .get::<_, Option<i64>>(2)
+                        .map(|e| Timestamp::from_unix_nanos(unsigned(e))),
+                    used: unsigned(row.get(3)),
+                })
+                .collect())
+        })
     }
 }
 

@@ -97,6 +97,11 @@ pub struct RedisOptions {
     /// (`kg1:{sNN}:out`) for a durable ledger to consume. Default off: turn it on only
     /// where a consumer drains the streams, or they grow without bound.
     pub outbox: bool,
+    /// How long a settle or release keeps trying while Redis does not answer (it runs after
+    /// the response, so nobody waits for it): from 100 ms apart, doubling up to 2 s. Past it,
+    /// the reservation is left to be reaped at its reserved amounts. Default 30 s (kept
+    /// under the tombstone's time, so a late retry still has no second effect).
+    pub end_patience: Duration,
 }
 
 impl Default for RedisOptions {
@@ -107,6 +112,7 @@ impl Default for RedisOptions {
             reservation_ttl: Duration::from_secs(15 * 60),
             tombstone_ttl: Duration::from_secs(60),
             outbox: false,
+            end_patience: Duration::from_secs(30),
         }
     }
 }
@@ -133,6 +139,12 @@ impl RedisOptions {
     /// With ended ids remembered for `ttl`.
     pub fn tombstone_ttl(mut self, ttl: Duration) -> Self {
         self.tombstone_ttl = ttl;
+        self
+    }
+
+    /// With settles and releases retried for `patience` while Redis does not answer.
+    pub fn end_patience(mut self, patience: Duration) -> Self {
+        self.end_patience = patience;
         self
     }
 
@@ -219,6 +231,8 @@ struct Inner {
     failures: AtomicU64,
     /// Whether this process made (or found) each shard's outbox consumer group.
     outbox_groups: Box<[std::sync::atomic::AtomicBool]>,
+    /// Where a shard's budgets are rebuilt from when the server lost them.
+    ledger: std::sync::OnceLock<Arc<dyn LedgerSource>>,
 }
 
 impl std::fmt::Debug for RedisBackend {
@@ -293,6 +307,7 @@ impl RedisBackend {
                 outbox_groups: (0..SHARDS)
                     .map(|_| std::sync::atomic::AtomicBool::new(false))
                     .collect(),
+                ledger: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -403,7 +418,8 @@ impl ShardKeys {
         invocation
             .key(format!("{}:res", self.tag))
             .key(format!("{}:due", self.tag))
-            .key(format!("{}:out", self.tag));
+            .key(format!("{}:out", self.tag))
+            .key(format!("{}:ready", self.tag));
     }
 }
 
@@ -506,7 +522,12 @@ impl Inner {
             .arg(op)
             .arg(id)
             .arg(duration_ms(self.options.tombstone_ttl))
-            .arg(if self.options.outbox { "1" } else { "0" });
+            .arg(if self.options.outbox { "1" } else { "0" })
+            .arg(if self.ledger.get().is_some() {
+                "1"
+            } else {
+                "0"
+            });
     }
 
     /// Runs the script, retrying (the same invocation, so the same id) on a timeout or a
@@ -538,7 +559,7 @@ impl Inner {
     }
 
     async fn reserve(
-        &self,
+        self: &Arc<Self>,
         charges: Vec<Charge>,
         now: Timestamp,
     ) -> Result<Reservation, ReserveError> {
@@ -554,6 +575,58 @@ impl Inner {
             .collect();
         let shard = charges[0].group % SHARDS;
         let id = self.new_id();
+        let mut rebuilt = false;
+        loop {
+            match self.reserve_once(&charges, shard, id, now).await {
+                Err(ReserveError::Backend(e)) if e.0.as_ref() == NOT_READY && !rebuilt => {
+                    self.rebuild(shard, now).await?;
+                    rebuilt = true;
+                }
+                Err(ReserveError::Backend(e)) => {
+                    // It may have been made all the same (the answer was lost): released in
+                    // the background, so it holds nothing (a late arrival of it then has no
+                    // effect either).
+                    self.release_failed(charges, id, now);
+                    return Err(ReserveError::Backend(e));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Releases reservation `id` of `charges`, which a failed reserve may have made.
+    fn release_failed(self: &Arc<Self>, charges: Vec<Charge>, id: u64, now: Timestamp) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let reservation = Reservation {
+            charges: charges
+                .into_iter()
+                .map(|c| Reserved {
+                    group: c.group,
+                    key: c.key,
+                    window: c.window,
+                    unit: c.unit,
+                    limit: c.limit,
+                    amount: c.amount,
+                })
+                .collect(),
+            tokens: None,
+            id,
+        };
+        let inner = self.clone();
+        runtime.spawn(async move {
+            let _ = inner.end_patiently(reservation, None, now).await;
+        });
+    }
+
+    async fn reserve_once(
+        &self,
+        charges: &[Charge],
+        shard: u64,
+        id: u64,
+        now: Timestamp,
+    ) -> Result<Reservation, ReserveError> {
         let id_text = id.to_string();
         let mut invocation = SCRIPT.prepare_invoke();
         ShardKeys::new(shard).add(&mut invocation);
@@ -567,7 +640,7 @@ impl Inner {
                     .map(|c| (&*c.key, &c.window, c.unit, c.amount)),
             ))
             .arg(charges.len());
-        for c in &charges {
+        for c in charges {
             invocation.key(counter_key(shard, &c.key));
             let (kind, p1, p2) = shape(&c.window, now)?;
             invocation
@@ -603,11 +676,11 @@ impl Inner {
                         rate => rate,
                     };
                     if c.window.is_rate() && c.unit == Unit::Tokens {
-                        CounterStatus::tightest(&mut tokens, &c, used, now.as_unix_nanos());
+                        CounterStatus::tightest(&mut tokens, c, used, now.as_unix_nanos());
                     }
                     reserved.push(Reserved {
                         group: c.group,
-                        key: c.key,
+                        key: c.key.clone(),
                         window,
                         unit: c.unit,
                         limit: c.limit,
@@ -637,14 +710,41 @@ impl Inner {
             [Value::Int(-1)] => {
                 Err(BackendError("redis: the reservation id was already ended".into()).into())
             }
+            [Value::Int(-2)] => Err(BackendError(NOT_READY.into()).into()),
             _ => Err(unexpected(&reply).into()),
+        }
+    }
+
+    /// Ends `reservation`, retrying (the same id: no second effect) while Redis does not
+    /// answer, for [`RedisOptions::end_patience`].
+    async fn end_patiently(
+        &self,
+        reservation: Reservation,
+        actual: Option<Actual>,
+        now: Timestamp,
+    ) -> Result<(), BackendError> {
+        let started = tokio::time::Instant::now();
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.end(&reservation, actual, now).await {
+                Ok(()) => return Ok(()),
+                Err(e) if started.elapsed() + pause > self.options.end_patience => {
+                    tracing::error!(error = %e, "a reservation could not be ended in Redis: it is reaped at its reserved amounts");
+                    return Err(e);
+                }
+                Err(_) => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
         }
     }
 
     async fn end(
         &self,
-        reservation: Reservation,
+        reservation: &Reservation,
         actual: Option<Actual>,
+        now: Timestamp,
     ) -> Result<(), BackendError> {
         if reservation.charges.is_empty() || reservation.id == 0 {
             return Ok(());
@@ -659,27 +759,30 @@ impl Inner {
             .iter()
             .map(|r| actual.map_or(0, |a| a.amount(r.unit)))
             .collect();
-        let (description, actuals) = match actual {
-            Some(_) if self.options.outbox => (
-                describe(
-                    charges
-                        .iter()
-                        .map(|r| (&*r.key, &r.window, r.unit, r.amount)),
-                ),
-                serde_json::to_string(&news).unwrap_or_default(),
+        // A settlement's amounts (a release has none); its description for the outbox.
+        let actuals = match actual {
+            Some(_) => serde_json::to_string(&news).unwrap_or_default(),
+            None => String::new(),
+        };
+        let description = match actual {
+            Some(_) if self.options.outbox => describe(
+                charges
+                    .iter()
+                    .map(|r| (&*r.key, &r.window, r.unit, r.amount)),
             ),
-            _ => (String::new(), String::new()),
+            _ => String::new(),
         };
         invocation.arg(description).arg(actuals).arg(charges.len());
         for (r, new) in charges.iter().zip(&news) {
             invocation.key(counter_key(shard, &r.key));
-            let (kind, p1, _) = shape(&r.window, Timestamp::UNIX_EPOCH)?;
+            let (kind, p1, p2) = shape(&r.window, now)?;
             invocation
                 .arg(kind)
                 .arg(r.limit.min(MAX_EXACT))
                 .arg(r.amount)
                 .arg(*new)
-                .arg(p1);
+                .arg(p1)
+                .arg(p2);
         }
         match self.call(&invocation).await? {
             Value::Int(_) => Ok(()),
@@ -688,7 +791,90 @@ impl Inner {
     }
 }
 
+/// What a reserve answers while its shard waits to be rebuilt from the ledger.
+const NOT_READY: &str = "redis: the shard's budgets are not rebuilt from the ledger yet";
+
+/// The most counters one rebuild call writes.
+const REBUILD_CHUNK: usize = 256;
+
+/// One budget window as the ledger sums it: what [`LedgerSource`] gives back for a rebuild.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerWindow {
+    /// The counter.
+    pub counter: String,
+    /// Its period's start.
+    pub start: Timestamp,
+    /// Its period's end (`None`: a lifetime budget).
+    pub end: Option<Timestamp>,
+    /// What the ledger holds for it.
+    pub used: u64,
+}
+
+/// The boxed future of [`LedgerSource::windows`].
+pub type WindowsFuture =
+    std::pin::Pin<Box<dyn Future<Output = Result<Vec<LedgerWindow>, BackendError>> + Send>>;
+
+/// Where a [`RedisBackend`] rebuilds a shard's budgets from when Redis lost them (it
+/// restarted empty): the ledger ([`PgDb`](crate::PgDb) is one).
+pub trait LedgerSource: Send + Sync + 'static {
+    /// Every budget window of `shard` whose period has not ended at `now`, summed.
+    fn windows(&self, shard: u64, now: Timestamp) -> WindowsFuture;
+}
+
+impl RedisBackend {
+    /// Rebuilds budgets from `ledger` whenever Redis has lost them: each shard carries a
+    /// marker set once it was rebuilt, and a reservation in a shard without one (a server
+    /// that restarted empty, or the first start) first brings every budget window of that
+    /// shard up to what the ledger holds, then goes on. A counter is never lowered. Set it
+    /// once, before the first request (a second call is ignored).
+    pub fn rebuild_from(&self, ledger: Arc<dyn LedgerSource>) {
+        let _ = self.inner.ledger.set(ledger);
+    }
+}
+
 impl Inner {
+    /// Brings `shard`'s budget counters up to the ledger's sums and sets its marker.
+    async fn rebuild(&self, shard: u64, now: Timestamp) -> Result<(), BackendError> {
+        let Some(ledger) = self.ledger.get() else {
+            return Err(BackendError(NOT_READY.into()));
+        };
+        let mut windows = ledger.windows(shard, now).await?;
+        windows.sort_by_key(|w| w.start);
+        let chunks: Vec<&[LedgerWindow]> = if windows.is_empty() {
+            vec![&[]]
+        } else {
+            windows.chunks(REBUILD_CHUNK).collect()
+        };
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let mut invocation = SCRIPT.prepare_invoke();
+            ShardKeys::new(shard).add(&mut invocation);
+            self.common_args(&mut invocation, "rebuild", "0");
+            invocation
+                .arg(chunk.len())
+                .arg(if i == last { "1" } else { "0" });
+            for w in chunk {
+                invocation.key(counter_key(shard, &w.counter));
+                let window = Window::Fixed {
+                    start: w.start,
+                    end: w.end,
+                };
+                let (_, start, keep) = shape(&window, now)?;
+                invocation.arg(start).arg(w.used.min(MAX_EXACT)).arg(keep);
+            }
+            match self.call(&invocation).await? {
+                Value::Int(_) => {}
+                other => return Err(unexpected(&other)),
+            }
+        }
+        tracing::warn!(
+            shard,
+            windows = windows.len(),
+            "the shared counters had lost a shard's budgets: rebuilt from the ledger"
+        );
+        Ok(())
+    }
+
     async fn acquire(
         &self,
         group: u64,
@@ -781,19 +967,19 @@ impl LimitBackend for RedisBackend {
         &self,
         reservation: Reservation,
         actual: Actual,
-        _now: Timestamp,
+        now: Timestamp,
     ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
         let inner = self.inner.clone();
-        async move { inner.end(reservation, Some(actual)).await }
+        async move { inner.end_patiently(reservation, Some(actual), now).await }
     }
 
     fn release(
         &self,
         reservation: Reservation,
-        _now: Timestamp,
+        now: Timestamp,
     ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
         let inner = self.inner.clone();
-        async move { inner.end(reservation, None).await }
+        async move { inner.end_patiently(reservation, None, now).await }
     }
 }
 

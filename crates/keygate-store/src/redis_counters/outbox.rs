@@ -121,6 +121,34 @@ impl Inner {
             .map_err(error)
     }
 
+    /// Makes `shard`'s consumer group unless this process already did (or found it).
+    async fn ensure_group(&self, shard: u64, key: &str) -> Result<(), BackendError> {
+        let made =
+            &self.outbox_groups[usize::try_from(shard).unwrap_or(0) % self.outbox_groups.len()];
+        if made.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let create = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(key)
+            .arg(LEDGER_GROUP)
+            .arg("0")
+            .arg("MKSTREAM")
+            .to_owned();
+        let mut conn = self.conn.clone();
+        let made_now: Result<Value, _> =
+            tokio::time::timeout(self.options.deadline, create.query_async(&mut conn))
+                .await
+                .map_err(|_| BackendError("redis: timed out".into()))?;
+        match made_now {
+            Ok(_) => {}
+            Err(e) if e.code() == Some("BUSYGROUP") => {}
+            Err(e) => return Err(error(e)),
+        }
+        made.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
     async fn read_shard(
         &self,
         shard: u64,
@@ -129,29 +157,6 @@ impl Inner {
         claim_idle: Duration,
     ) -> Result<Vec<OutboxEntry>, BackendError> {
         let key = outbox_key(shard);
-        let made =
-            &self.outbox_groups[usize::try_from(shard).unwrap_or(0) % self.outbox_groups.len()];
-        if !made.load(Ordering::Relaxed) {
-            // The group, made the first time (or again after Redis lost it).
-            let create = redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(&key)
-                .arg(LEDGER_GROUP)
-                .arg("0")
-                .arg("MKSTREAM")
-                .to_owned();
-            let mut conn = self.conn.clone();
-            let made_now: Result<Value, _> =
-                tokio::time::timeout(self.options.deadline, create.query_async(&mut conn))
-                    .await
-                    .map_err(|_| BackendError("redis: timed out".into()))?;
-            match made_now {
-                Ok(_) => {}
-                Err(e) if e.code() == Some("BUSYGROUP") => {}
-                Err(e) => return Err(error(e)),
-            }
-            made.store(true, Ordering::Relaxed);
-        }
         let mut pipe = redis::pipe();
         pipe.cmd("XAUTOCLAIM")
             .arg(&key)
@@ -170,44 +175,51 @@ impl Inner {
             .arg("STREAMS")
             .arg(&key)
             .arg(">");
+        self.ensure_group(shard, &key).await?;
         let reply = match self.query_pipe(&pipe).await {
-            Ok(v) => v,
             Err(e) if e.0.contains("NOGROUP") => {
-                // Redis restarted without it: made again next time.
-                made.store(false, Ordering::Relaxed);
-                return Ok(Vec::new());
+                // Redis restarted without it: made again, at once (from the stream's start).
+                self.outbox_groups[usize::try_from(shard).unwrap_or(0) % self.outbox_groups.len()]
+                    .store(false, Ordering::Relaxed);
+                self.ensure_group(shard, &key).await?;
+                self.query_pipe(&pipe).await?
             }
-            Err(e) => return Err(e),
+            other => other?,
         };
-        let Value::Array(parts) = &reply else {
-            return Err(unexpected(&reply));
-        };
-        let mut out = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        // XAUTOCLAIM: [next, [entries], [deleted]]; XREADGROUP: [[key, [entries]]] or nil.
-        if let Some(Value::Array(claimed)) = parts.first()
-            && let Some(Value::Array(entries)) = claimed.get(1)
-        {
+        parse_read(shard, &reply)
+    }
+}
+
+/// The entries of an `XAUTOCLAIM` + `XREADGROUP` pipeline's reply, each once.
+fn parse_read(shard: u64, reply: &Value) -> Result<Vec<OutboxEntry>, BackendError> {
+    let Value::Array(parts) = reply else {
+        return Err(unexpected(reply));
+    };
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    // XAUTOCLAIM: [next, [entries], [deleted]]; XREADGROUP: [[key, [entries]]] or nil.
+    if let Some(Value::Array(claimed)) = parts.first()
+        && let Some(Value::Array(entries)) = claimed.get(1)
+    {
+        for e in entries {
+            if let Some(entry) = parse_entry(shard, e) {
+                seen.insert(entry.id.clone());
+                out.push(entry);
+            }
+        }
+    }
+    if let Some(read) = parts.get(1) {
+        for entries in stream_entries(read) {
             for e in entries {
-                if let Some(entry) = parse_entry(shard, e) {
-                    seen.insert(entry.id.clone());
+                if let Some(entry) = parse_entry(shard, e)
+                    && !seen.contains(&entry.id)
+                {
                     out.push(entry);
                 }
             }
         }
-        if let Some(read) = parts.get(1) {
-            for entries in stream_entries(read) {
-                for e in entries {
-                    if let Some(entry) = parse_entry(shard, e)
-                        && !seen.contains(&entry.id)
-                    {
-                        out.push(entry);
-                    }
-                }
-            }
-        }
-        Ok(out)
     }
+    Ok(out)
 }
 
 /// The entry lists of an `XREADGROUP` reply (RESP2 arrays or RESP3 maps).

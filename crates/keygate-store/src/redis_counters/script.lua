@@ -1,9 +1,13 @@
--- keygate's counters in Redis: one script, three operations (reserve, end, reap), each
--- atomic. Every key a call touches shares one hash tag (its shard), declared in KEYS:
+-- keygate's counters in Redis: one script, four operations (reserve, end, reap, rebuild),
+-- each atomic. Every key a call touches shares one hash tag (its shard), declared in KEYS:
 --   KEYS[1] the shard's reservations (hash: id -> description, id..':r' -> reply; 'd' = ended)
 --   KEYS[2] when each of them is due (sorted set, server microseconds)
 --   KEYS[3] the shard's outbox (stream of settled charges, for the ledger)
---   KEYS[4..] the counters of the call, one per charge
+--   KEYS[4] the shard's ready marker: set once its budgets were rebuilt from the ledger (a
+--           server that restarted empty has none, and reservations wait for it)
+--   KEYS[5..] the counters of the call, one per charge
+-- Common ARGV: op, id, tombstone ms, outbox ('1': on), ready ('1': reserve only once the
+-- marker is set).
 -- Amounts, limits and period starts arrive as decimal strings; Lua's numbers are doubles,
 -- exact below 2^53 (the caller caps limits there). Time is the server's own (TIME).
 
@@ -101,15 +105,37 @@ local tomb_ms = tonumber(ARGV[3])
 local outbox = ARGV[4]
 local now = now_us()
 
+if op == 'rebuild' then
+  -- ARGV[6] n, ARGV[7] '1' on the last part; per counter: period start (ns), what the
+  -- ledger holds for it, how long to keep it (ms, 0: for ever). Never lowers a counter.
+  local n = tonumber(ARGV[6])
+  for i = 1, n do
+    local b = 7 + (i - 1) * 3
+    local key = KEYS[4 + i]
+    local start, used = ARGV[b + 1], tonumber(ARGV[b + 2])
+    local u, s = fixed_state(key, start)
+    if s == start and used > u then
+      fixed_write(key, used, start, ARGV[b + 3])
+    end
+  end
+  if ARGV[7] == '1' then
+    redis.call('SET', KEYS[4], '1')
+  end
+  return n
+end
+
 if op == 'reap' then
-  return reap(now, tonumber(ARGV[5]), outbox, tomb_ms)
+  return reap(now, tonumber(ARGV[6]), outbox, tomb_ms)
 end
 reap(now, 4, outbox, tomb_ms)
 
 if op == 'reserve' then
-  -- ARGV[5] ttl ms, ARGV[6] description, ARGV[7] n; per charge: kind, limit, amount, p1, p2
+  -- ARGV[6] ttl ms, ARGV[7] description, ARGV[8] n; per charge: kind, limit, amount, p1, p2
   -- (rate: per in microseconds, unused; budget: period start in ns, how long to keep the
   -- counter in ms, or 0 for ever).
+  if ARGV[5] == '1' and redis.call('EXISTS', KEYS[4]) == 0 then
+    return {-2}
+  end
   local v = redis.call('HGET', KEYS[1], id)
   if v == 'd' then
     return {-1}
@@ -118,10 +144,10 @@ if op == 'reserve' then
     -- A retry of a reservation already made: the same answer, no second effect.
     return {1, redis.call('HGET', KEYS[1], id .. ':r')}
   end
-  local n = tonumber(ARGV[7])
+  local n = tonumber(ARGV[8])
   for i = 1, n do
-    local b = 7 + (i - 1) * 5
-    local key = KEYS[3 + i]
+    local b = 8 + (i - 1) * 5
+    local key = KEYS[4 + i]
     local limit, amount = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
     local u
     if ARGV[b + 1] == 'r' then
@@ -130,8 +156,8 @@ if op == 'reserve' then
       u = fixed_state(key, ARGV[b + 4])
     end
     for j = 1, i - 1 do
-      if KEYS[3 + j] == key then
-        u = u + tonumber(ARGV[7 + (j - 1) * 5 + 3])
+      if KEYS[4 + j] == key then
+        u = u + tonumber(ARGV[8 + (j - 1) * 5 + 3])
       end
     end
     if u + amount > limit then
@@ -140,8 +166,8 @@ if op == 'reserve' then
   end
   local reply = {}
   for i = 1, n do
-    local b = 7 + (i - 1) * 5
-    local key = KEYS[3 + i]
+    local b = 8 + (i - 1) * 5
+    local key = KEYS[4 + i]
     local limit, amount = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
     if ARGV[b + 1] == 'r' then
       local per = tonumber(ARGV[b + 4])
@@ -155,14 +181,15 @@ if op == 'reserve' then
     end
   end
   local r = table.concat(reply, ' ')
-  redis.call('HSET', KEYS[1], id, ARGV[6], id .. ':r', r)
-  redis.call('ZADD', KEYS[2], int(now + tonumber(ARGV[5]) * 1000), id)
+  redis.call('HSET', KEYS[1], id, ARGV[7], id .. ':r', r)
+  redis.call('ZADD', KEYS[2], int(now + tonumber(ARGV[6]) * 1000), id)
   return {1, r}
 end
 
 if op == 'end' then
-  -- ARGV[5] description, ARGV[6] actual amounts (JSON; '' for a release), ARGV[7] n; per
-  -- charge: kind, limit, held, new, p1 (rate: per in microseconds; budget: period start).
+  -- ARGV[6] description, ARGV[7] actual amounts (JSON; '' for a release), ARGV[8] n; per
+  -- charge: kind, limit, held, new, p1 (rate: per in microseconds; budget: period start),
+  -- p2 (budget: how long to keep its counter, ms).
   local v = redis.call('HGET', KEYS[1], id)
   if v == 'd' then
     return 0
@@ -170,16 +197,36 @@ if op == 'end' then
   -- Ended from now on, also when unknown here (never made, or lost): a reserve of the same
   -- id arriving late has no effect.
   tombstone(id, now, tomb_ms)
-  if outbox == '1' and ARGV[6] ~= '' then
-    redis.call('XADD', KEYS[3], '*', 'id', id, 'c', ARGV[5], 'a', ARGV[6])
+  if outbox == '1' and ARGV[7] ~= '' then
+    redis.call('XADD', KEYS[3], '*', 'id', id, 'c', ARGV[6], 'a', ARGV[7])
   end
+  local n = tonumber(ARGV[8])
   if not v then
+    -- Made, but lost here (the server restarted empty since): what it spent is counted
+    -- now, so the rebuilt counters miss none of it (a release spent nothing).
+    if ARGV[7] == '' then
+      return 0
+    end
+    for i = 1, n do
+      local b = 8 + (i - 1) * 6
+      local key = KEYS[4 + i]
+      local limit, new = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 4])
+      if ARGV[b + 1] == 'r' then
+        local per = tonumber(ARGV[b + 5])
+        local u, t = rate_state(key, limit, per, now)
+        rate_write(key, u + new, t, limit, per)
+      else
+        local u, s = fixed_state(key, ARGV[b + 5])
+        if s == ARGV[b + 5] then
+          fixed_write(key, u + new, s, ARGV[b + 6])
+        end
+      end
+    end
     return 0
   end
-  local n = tonumber(ARGV[7])
   for i = 1, n do
-    local b = 7 + (i - 1) * 5
-    local key = KEYS[3 + i]
+    local b = 8 + (i - 1) * 6
+    local key = KEYS[4 + i]
     local limit, held, new = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
     if ARGV[b + 1] == 'r' then
       local per = tonumber(ARGV[b + 5])
