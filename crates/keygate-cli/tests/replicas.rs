@@ -76,6 +76,32 @@ fn status(answer: &str) -> u16 {
         .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
 }
 
+/// Waits until every gateway answers `GET /v1/models` with `secret` by a code `refused`
+/// accepts; fails if that takes longer than `limit`.
+async fn refused_by_all_within(
+    addrs: &[SocketAddr],
+    secret: &str,
+    refused: impl Fn(u16) -> bool,
+    limit: Duration,
+) {
+    let started = Instant::now();
+    let mut refused_by = vec![false; addrs.len()];
+    while !refused_by.iter().all(|&r| r) {
+        assert!(
+            started.elapsed() < limit,
+            "still admitted after {limit:?} by {refused_by:?}"
+        );
+        for (i, &addr) in addrs.iter().enumerate() {
+            if !refused_by[i] {
+                refused_by[i] = refused(status(
+                    &request(addr, "GET", "/v1/models", secret, "").await,
+                ));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Three gateways on `store` with counters at `counters`, each with its own embedded mock.
 async fn three(store: &str, counters: &str) -> Vec<Gateway> {
     let mut out = Vec::new();
@@ -187,21 +213,8 @@ async fn three_gateways_on_one_postgres_and_one_redis_share_limits_and_revocatio
         );
     }
     cli(&store, &["keys", "revoke", &revoked_id]).await;
-    let revoked_at = Instant::now();
-    let mut refused_by = [false; 3];
-    while !refused_by.iter().all(|&r| r) {
-        assert!(
-            revoked_at.elapsed() < Duration::from_secs(1),
-            "still admitted after 1 s by {refused_by:?}"
-        );
-        for (i, &addr) in addrs.iter().enumerate() {
-            if !refused_by[i] {
-                let code = status(&request(addr, "GET", "/v1/models", &revoked, "").await);
-                refused_by[i] = code == 401;
-            }
-        }
-        tokio::task::yield_now().await;
-    }
+    // 401: the key is gone.
+    refused_by_all_within(&addrs, &revoked, |code| code == 401, Duration::from_secs(1)).await;
 
     // Redis down: requests that need the counters get 503 with Retry-After, and /healthz
     // says why; key checks go on (an unknown key is still 401).
@@ -265,4 +278,49 @@ async fn a_gateway_on_postgres_without_shared_counters_does_not_start() {
     assert!(text.contains("shared counters"), "{text}");
     assert!(text.contains("[counters]"), "{text}");
     assert!(printed.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_suspended_by_one_gateway_is_refused_by_every_gateway_within_a_second() {
+    let pg = Postgres::start();
+    pg.create_database("kg");
+    let store = pg.url("kg");
+    let redis = Redis::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("keygate.toml");
+    // Any key past one token in a minute is suspended (a denial-of-wallet spike).
+    std::fs::write(
+        &config,
+        "[limits]\nunpriced = \"count_tokens_only\"\n\n[guard]\nenabled = true\nceiling_tokens = 1\n",
+    )
+    .unwrap();
+    let (id, secret) = key(&store, &[]).await;
+    let mut gateways = Vec::new();
+    for _ in 0..3 {
+        let mut options = GatewayOptions::new("127.0.0.1:0".parse().unwrap());
+        options.store = Some(store.clone());
+        options.counters = Some(redis.url());
+        options.config = Some(config.clone());
+        let mut printed = Vec::new();
+        gateways.push(gateway::start(options, &mut printed).await.unwrap());
+    }
+    let addrs: Vec<SocketAddr> = gateways.iter().map(Gateway::addr).collect();
+    for &addr in &addrs {
+        assert_eq!(
+            status(&request(addr, "GET", "/v1/models", &secret, "").await),
+            200
+        );
+    }
+    // The spike, on the first gateway only.
+    let answer = request(addrs[0], "POST", "/v1/chat/completions", &secret, CHAT).await;
+    assert_eq!(status(&answer), 200, "{answer}");
+    // 403 where it was suspended, 401 where it is disabled in the store.
+    refused_by_all_within(&addrs, &secret, |code| code != 200, Duration::from_secs(1)).await;
+    // It is disabled in the store, with the reason.
+    let shown = cli(&store, &["keys", "show", &id]).await;
+    assert_eq!(shown["key"]["disabled"], true, "{shown}");
+    assert_eq!(shown["key"]["disabled_reason"], "suspended", "{shown}");
+    for gw in gateways {
+        gw.shutdown().await;
+    }
 }

@@ -688,3 +688,39 @@ async fn a_cluster_of_three_masters_shares_request_rates_exactly() {
     let nodes_used = (0..3).filter(|i| cluster.keys_on(*i) > 0).count();
     assert!(nodes_used >= 2, "every cell on one node");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_admits_uncounted_only_when_asked_and_counts_each() {
+    let mut redis = Redis::start();
+    let fast = RedisOptions::default()
+        .deadline(Duration::from_millis(100))
+        .attempts(1)
+        .end_patience(Duration::ZERO);
+    let closed = RedisBackend::connect(&single(&redis), fast).await.unwrap();
+    let open = RedisBackend::connect(&single(&redis), fast.fail_open(true))
+        .await
+        .unwrap();
+    // While Redis answers, fail-open changes nothing: the limit holds.
+    let over = open.reserve(vec![budget(1, "fo", 10, 20)], NOW).await;
+    assert!(matches!(over, Err(ReserveError::Exceeded(_))), "{over:?}");
+    assert_eq!(open.failed_open(), 0);
+
+    redis.kill();
+    let refused = closed.reserve(vec![budget(1, "fo", 10, 5)], NOW).await;
+    assert!(
+        matches!(refused, Err(ReserveError::Backend(_))),
+        "{refused:?}"
+    );
+    assert!(closed.acquire(1, vec![rate("k:2:fo", 1)]).await.is_err());
+    assert_eq!(closed.failed_open(), 0);
+    // Admitted, holding nothing (settling it costs no call), and counted.
+    let admitted = open
+        .reserve(vec![budget(1, "fo", 10, 5)], NOW)
+        .await
+        .unwrap();
+    assert!(admitted.charges.is_empty() && admitted.id == 0);
+    open.settle(admitted, cost(5), NOW).await.unwrap();
+    let rate = open.acquire(1, vec![rate("k:2:fo", 1)]).await.unwrap();
+    assert_eq!(rate, SharedOutcome::Allowed(None));
+    assert_eq!(open.failed_open(), 2);
+}

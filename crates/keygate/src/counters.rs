@@ -36,6 +36,10 @@ pub struct CountersConfig {
     /// Seconds after which a reservation never settled (a replica that died mid-request) is
     /// reaped at its reserved amount (default 900).
     pub reservation_ttl_secs: Option<u64>,
+    /// Admit requests uncounted while the counters do not answer (default false: 503).
+    /// **Every rate and budget goes unenforced meanwhile**; each request admitted so is
+    /// counted in `keygate_counters_failed_open_total` and in `/healthz`.
+    pub fail_open: bool,
 }
 
 impl CountersConfig {
@@ -77,7 +81,7 @@ impl CountersConfig {
         if let Some(secs) = self.reservation_ttl_secs {
             options = options.reservation_ttl(Duration::from_secs(secs));
         }
-        options
+        options.fail_open(self.fail_open)
     }
 }
 

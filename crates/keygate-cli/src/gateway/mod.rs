@@ -238,7 +238,8 @@ pub fn app(built: &Built, upstream: UpstreamProxy) -> Router {
 /// `/healthz`: 200 either way (the gateway still serves from its last good keys), with
 /// `{"status":"ok"}`, or `{"status":"degraded", …}` naming what is wrong: `"keys"` while
 /// the key source cannot be read, `"counters"` while the shared counters do not answer a
-/// ping (requests that need them get 503 meanwhile). The gauges `keygate_key_source_up` and
+/// ping (requests that need them get 503 meanwhile, or are admitted uncounted with
+/// `fail_open`: then `"counters_failed_open"` says how many were). The gauges `keygate_key_source_up` and
 /// `keygate_counters_up` say the same to Prometheus.
 async fn health(
     source: &keygate::KeySource,
@@ -246,15 +247,21 @@ async fn health(
 ) -> axum::Json<serde_json::Value> {
     let keys = source.last_error();
     metrics::gauge!(KEY_SOURCE_UP).set(if keys.is_some() { 0.0 } else { 1.0 });
+    let failed_open = counters.map_or(0, |c| c.failed_open());
     let counters = match counters {
         Some(c) => {
             let down = c.ping().await.err().map(|e| e.to_string());
             metrics::gauge!(COUNTERS_UP).set(if down.is_some() { 0.0 } else { 1.0 });
+            metrics::counter!(COUNTERS_FAILED_OPEN).absolute(failed_open);
             down
         }
         None => None,
     };
     let mut body = serde_json::json!({ "status": "ok" });
+    if failed_open > 0 {
+        // Requests admitted uncounted since the start (`fail_open`): limits were not held.
+        body["counters_failed_open"] = failed_open.into();
+    }
     if let Some(why) = keys {
         body["status"] = "degraded".into();
         body["keys"] = why.into();
@@ -265,6 +272,10 @@ async fn health(
     }
     axum::Json(body)
 }
+
+/// Counter: requests admitted uncounted because the shared counters did not answer (only
+/// with `[counters] fail_open = true`).
+pub const COUNTERS_FAILED_OPEN: &str = "keygate_counters_failed_open_total";
 
 /// How often settled charges move from the shared counters' outbox to the PostgreSQL ledger.
 pub const LEDGER_FLUSH: Duration = Duration::from_millis(250);
@@ -388,6 +399,7 @@ pub async fn start(
             if let Some(counters) = &counters {
                 let up = counters.ping().await.is_ok();
                 metrics::gauge!(COUNTERS_UP).set(if up { 1.0 } else { 0.0 });
+                metrics::counter!(COUNTERS_FAILED_OPEN).absolute(counters.failed_open());
                 // Reservations of replicas that died mid-request: settled at what they
                 // held once due (calls reap a few as they go; this covers idle periods).
                 if up

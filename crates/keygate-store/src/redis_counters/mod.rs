@@ -102,6 +102,10 @@ pub struct RedisOptions {
     /// the reservation is left to be reaped at its reserved amounts. Default 30 s (kept
     /// under the tombstone's time, so a late retry still has no second effect).
     pub end_patience: Duration,
+    /// Admit without counting when Redis does not answer (default off: a request that needs
+    /// the counters gets 503). **Every limit is then unenforced for as long as Redis is
+    /// down**; each request admitted so is counted ([`RedisBackend::failed_open`]).
+    pub fail_open: bool,
 }
 
 impl Default for RedisOptions {
@@ -113,6 +117,7 @@ impl Default for RedisOptions {
             tombstone_ttl: Duration::from_secs(60),
             outbox: false,
             end_patience: Duration::from_secs(30),
+            fail_open: false,
         }
     }
 }
@@ -145,6 +150,13 @@ impl RedisOptions {
     /// With settles and releases retried for `patience` while Redis does not answer.
     pub fn end_patience(mut self, patience: Duration) -> Self {
         self.end_patience = patience;
+        self
+    }
+
+    /// Admitting without counting while Redis does not answer (see
+    /// [`RedisOptions::fail_open`]), or not.
+    pub fn fail_open(mut self, open: bool) -> Self {
+        self.fail_open = open;
         self
     }
 
@@ -229,6 +241,7 @@ struct Inner {
     next_id: AtomicU64,
     retries: AtomicU64,
     failures: AtomicU64,
+    failed_open: AtomicU64,
     /// Whether this process made (or found) each shard's outbox consumer group.
     outbox_groups: Box<[std::sync::atomic::AtomicBool]>,
     /// Where a shard's budgets are rebuilt from when the server lost them.
@@ -304,6 +317,7 @@ impl RedisBackend {
                 next_id: AtomicU64::new(u64::from_le_bytes(seed)),
                 retries: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
+                failed_open: AtomicU64::new(0),
                 outbox_groups: (0..SHARDS)
                     .map(|_| std::sync::atomic::AtomicBool::new(false))
                     .collect(),
@@ -344,6 +358,12 @@ impl RedisBackend {
     /// How many calls failed after all their attempts.
     pub fn failures(&self) -> u64 {
         self.inner.failures.load(Ordering::Relaxed)
+    }
+
+    /// How many requests were admitted uncounted because Redis did not answer (only with
+    /// [`RedisOptions::fail_open`]).
+    pub fn failed_open(&self) -> u64 {
+        self.inner.failed_open.load(Ordering::Relaxed)
     }
 
     /// Reaps every shard's due reservations (settling open ones at their reserved amounts);
@@ -587,10 +607,20 @@ impl Inner {
                     // the background, so it holds nothing (a late arrival of it then has no
                     // effect either).
                     self.release_failed(charges, id, now);
+                    if self.options.fail_open {
+                        self.note_failed_open(&e);
+                        return Ok(Reservation::default());
+                    }
                     return Err(ReserveError::Backend(e));
                 }
                 other => return other,
             }
+        }
+    }
+
+    fn note_failed_open(&self, e: &BackendError) {
+        if self.failed_open.fetch_add(1, Ordering::Relaxed) == 0 {
+            tracing::error!(error = %e, "Redis does not answer: admitting requests uncounted (fail_open is on)");
         }
     }
 
@@ -945,7 +975,15 @@ fn rate_interval_us(per_minute: u32) -> u64 {
 impl SharedRates for RedisBackend {
     fn acquire(&self, group: u64, cells: Vec<SharedCell>) -> AcquireFuture {
         let inner = self.inner.clone();
-        Box::pin(async move { inner.acquire(group, cells).await })
+        Box::pin(async move {
+            match inner.acquire(group, cells).await {
+                Err(e) if inner.options.fail_open => {
+                    inner.note_failed_open(&e);
+                    Ok(SharedOutcome::Allowed(None))
+                }
+                other => other,
+            }
+        })
     }
 }
 
