@@ -196,6 +196,11 @@ enum SpendCommand {
     Show {
         /// The key id (`key_…`).
         id: String,
+        /// On a PostgreSQL store: the shared counters (`redis://…`, or cluster nodes
+        /// comma-separated) the gateways use, to show what requests in flight hold (the
+        /// ledger has what is settled).
+        #[arg(long)]
+        counters: Option<String>,
     },
 }
 
@@ -419,7 +424,9 @@ where
         }
         Command::Keys(cmd) => ctx.keys(cmd)?,
         Command::Projects(cmd) => ctx.projects(cmd)?,
-        Command::Spend(SpendCommand::Show { id }) => ctx.spend(&id)?,
+        Command::Spend(SpendCommand::Show { id, counters }) => {
+            ctx.spend(&id, counters.as_deref())?
+        }
         Command::Objects(cmd) => ctx.objects(cmd)?,
     };
     out.write_all(text.as_bytes())?;
@@ -971,7 +978,7 @@ impl Ctx {
         }
     }
 
-    fn spend(&self, id: &str) -> Result<String, CliError> {
+    fn spend(&self, id: &str, counters: Option<&str>) -> Result<String, CliError> {
         use keygate::limit::backend::Window;
         use keygate_core::LimitScope;
         let Target::Store(store) = &self.target else {
@@ -979,17 +986,12 @@ impl Ctx {
                 "spend is kept in the store's ledger: give --store, not --file",
             ));
         };
-        let Some(db) = store.sqlite() else {
-            return Err(invalid(
-                "the spend ledger is kept in SQLite only so far: give --store sqlite:PATH",
-            ));
-        };
-        let db = db.borrow();
-        let key = db
+        let key = store
             .key(id)?
             .ok_or_else(|| CliError::NoSuchKey(id.to_owned()))?
             .record;
-        let project = db.project(&key.project)?;
+        let project = store.project(&key.project)?;
+        let group = keygate::limit::backend::group_of(&key.project);
         let mut rows = Vec::new();
         let mut text = format!(
             "{:<8} {:<8} {:<9} {:<14} {:>12} {:>12} {:>12} {:>12}  {}\n",
@@ -1022,16 +1024,17 @@ impl Ctx {
                 let Window::Fixed { start, end } = window else {
                     continue;
                 };
-                let usage = db.ledger_usage(&counter, start)?;
+                let (settled, held) = store.budget_usage(&counter, group, window, counters)?;
                 let limit = budget.amount;
-                let spent = Money::from_nanos(usage.settled);
-                let reserved = Money::from_nanos(usage.open_reserved);
+                let spent = Money::from_nanos(settled);
+                let reserved = held.map(Money::from_nanos);
                 let remaining = Money::from_nanos(
                     limit
                         .as_nanos()
-                        .saturating_sub(usage.settled)
-                        .saturating_sub(usage.open_reserved),
+                        .saturating_sub(settled)
+                        .saturating_sub(held.unwrap_or(0)),
                 );
+                let reserved_text = reserved.map_or_else(|| "?".to_owned(), |r| r.to_string());
                 let scope_name = match scope {
                     LimitScope::Key => "key",
                     _ => "project",
@@ -1044,7 +1047,7 @@ impl Ctx {
                     "{scope_name:<8} {owner:<8} {period:<9} {model:<14} {:>12} {:>12} {:>12} {:>12}  {resets}",
                     limit.to_string(),
                     spent.to_string(),
-                    reserved.to_string(),
+                    reserved_text,
                     remaining.to_string(),
                 );
                 rows.push(json!({
@@ -1054,7 +1057,7 @@ impl Ctx {
                     "model": model,
                     "limit": limit.to_string(),
                     "spent": spent.to_string(),
-                    "reserved": reserved.to_string(),
+                    "reserved": reserved.map(|r| r.to_string()),
                     "remaining": remaining.to_string(),
                     "period_start": start.to_string(),
                     "resets_at": end.map(|e| e.to_string()),

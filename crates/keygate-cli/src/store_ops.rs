@@ -2,8 +2,11 @@
 
 use std::cell::RefCell;
 
+use keygate::limit::backend::Window;
 use keygate_core::{KeyRecord, ObjectKind, ObjectRecord, ProjectRecord};
-use keygate_store::{Db, DbError, ImportOutcome, KeyFile, PgDb, StoredKey};
+use keygate_store::{
+    Db, DbError, ImportOutcome, KeyFile, PgDb, RedisBackend, RedisOptions, RedisTarget, StoredKey,
+};
 
 /// A change to one key (see [`Db::update_key`]).
 pub(crate) type KeyChange<'a> =
@@ -26,10 +29,16 @@ pub(crate) trait StoreOps {
     fn object(&self, id: &str) -> Result<Option<ObjectRecord>, DbError>;
     fn record_objects(&self, objects: &[ObjectRecord]) -> Result<(), DbError>;
     fn remove_object(&self, id: &str) -> Result<bool, DbError>;
-    /// The SQLite database, for what only it keeps so far (the spend ledger).
-    fn sqlite(&self) -> Option<&RefCell<Db>> {
-        None
-    }
+    /// What the budget counter `counter` of `group` holds in `window`: settled, and reserved
+    /// by requests in flight (`None` where this store cannot tell: PostgreSQL without the
+    /// shared counters given).
+    fn budget_usage(
+        &self,
+        counter: &str,
+        group: u64,
+        window: Window,
+        counters: Option<&str>,
+    ) -> Result<(u64, Option<u64>), DbError>;
 }
 
 impl StoreOps for RefCell<Db> {
@@ -70,8 +79,18 @@ impl StoreOps for RefCell<Db> {
     fn remove_object(&self, id: &str) -> Result<bool, DbError> {
         self.borrow_mut().remove_object(id)
     }
-    fn sqlite(&self) -> Option<&RefCell<Db>> {
-        Some(self)
+    fn budget_usage(
+        &self,
+        counter: &str,
+        _group: u64,
+        window: Window,
+        _counters: Option<&str>,
+    ) -> Result<(u64, Option<u64>), DbError> {
+        let Window::Fixed { start, .. } = window else {
+            return Ok((0, Some(0)));
+        };
+        let usage = self.borrow().ledger_usage(counter, start)?;
+        Ok((usage.settled, Some(usage.open_reserved)))
     }
 }
 
@@ -79,6 +98,8 @@ impl StoreOps for RefCell<Db> {
 pub(crate) struct PgOps {
     runtime: tokio::runtime::Runtime,
     db: PgDb,
+    /// The shared counters, once `spend show --counters` connected to them.
+    counters: std::sync::OnceLock<RedisBackend>,
 }
 
 impl PgOps {
@@ -88,7 +109,11 @@ impl PgOps {
             .build()
             .map_err(|e| DbError::Unavailable(e.to_string()))?;
         let db = runtime.block_on(PgDb::connect(url))?;
-        Ok(PgOps { runtime, db })
+        Ok(PgOps {
+            runtime,
+            db,
+            counters: std::sync::OnceLock::new(),
+        })
     }
 }
 
@@ -129,5 +154,45 @@ impl StoreOps for PgOps {
     }
     fn remove_object(&self, id: &str) -> Result<bool, DbError> {
         self.runtime.block_on(self.db.remove_object(id))
+    }
+    /// Settled: the PostgreSQL ledger (which trails the counters by a flush, about 250 ms).
+    /// Reserved: what the shared counters hold beyond it, when they are given.
+    fn budget_usage(
+        &self,
+        counter: &str,
+        group: u64,
+        window: Window,
+        counters: Option<&str>,
+    ) -> Result<(u64, Option<u64>), DbError> {
+        let Window::Fixed { start, .. } = window else {
+            return Ok((0, Some(0)));
+        };
+        let settled = self.runtime.block_on(self.db.spent(counter, Some(start)))?;
+        let Some(url) = counters else {
+            return Ok((settled, None));
+        };
+        let redis = match self.counters.get() {
+            Some(r) => r.clone(),
+            None => {
+                let target = match url.split(',').map(str::trim).collect::<Vec<_>>()[..] {
+                    [one] => RedisTarget::Single(one.to_owned()),
+                    ref many => {
+                        RedisTarget::Cluster(many.iter().map(|u| (*u).to_owned()).collect())
+                    }
+                };
+                let r = self
+                    .runtime
+                    .block_on(RedisBackend::connect(&target, RedisOptions::default()))
+                    .map_err(|e| DbError::Unavailable(format!("--counters: {e}")))?;
+                let _ = self.counters.set(r.clone());
+                r
+            }
+        };
+        let counted = self
+            .runtime
+            .block_on(redis.used(group, counter, window))
+            .map_err(|e| DbError::Unavailable(format!("--counters: {e}")))?
+            .unwrap_or(0);
+        Ok((settled, Some(counted.saturating_sub(settled))))
     }
 }
