@@ -174,12 +174,7 @@ impl StoreOps for PgOps {
         let redis = match self.counters.get() {
             Some(r) => r.clone(),
             None => {
-                let target = match url.split(',').map(str::trim).collect::<Vec<_>>()[..] {
-                    [one] => RedisTarget::Single(one.to_owned()),
-                    ref many => {
-                        RedisTarget::Cluster(many.iter().map(|u| (*u).to_owned()).collect())
-                    }
-                };
+                let target = RedisTarget::from_list(url);
                 let r = self
                     .runtime
                     .block_on(RedisBackend::connect(&target, RedisOptions::default()))

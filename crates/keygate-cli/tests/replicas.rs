@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 
 use keygate_cli::gateway::{self, Gateway, GatewayOptions};
 use keygate_testkit::{Postgres, Redis};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const CHAT: &str =
     r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -54,15 +52,7 @@ async fn key(store: &str, extra: &[&str]) -> (String, String) {
 
 /// One HTTP/1.1 request with `Connection: close`; the whole response as text.
 async fn request(addr: SocketAddr, method: &str, path: &str, key: &str, body: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
+    keygate_testkit::http(addr, method, path, key, body).await
 }
 
 fn status(answer: &str) -> u16 {
@@ -94,7 +84,6 @@ async fn refused_by_all_within(
                 ));
             }
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -198,10 +187,17 @@ async fn three_gateways_on_one_postgres_and_one_redis_share_limits_and_revocatio
         .await
         .unwrap()
         .unwrap();
+    // The gateways' writers run every 250 ms; flushing here takes over what they read.
+    let writer = gateways[0]
+        .built()
+        .ledger_writer()
+        .unwrap()
+        .clone()
+        .with_claim_idle(Duration::ZERO);
     let deadline = Instant::now() + Duration::from_secs(10);
     while db.spent(&counter, Some(start)).await.unwrap() != counted {
         assert!(Instant::now() < deadline, "the ledger never caught up");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        writer.flush().await.unwrap();
     }
     assert!(counted > 0);
     // `keygate spend show` reads the same: settled from the ledger, nothing in flight now

@@ -10,8 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::AsyncReadExt;
 
 const BIN: &str = env!("CARGO_BIN_EXE_keygate");
 
@@ -128,17 +127,9 @@ fn create_key(keys: &Path) -> String {
     cli_key(["--file", keys.to_str().unwrap()], &[])
 }
 
-/// One HTTP/1.1 request with `Connection: close`; returns the whole response as text.
+/// One HTTP/1.1 request with `Connection: close`; the whole response as text.
 async fn request(addr: SocketAddr, method: &str, path: &str, key: &str, body: &str) -> String {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
+    keygate_testkit::http(addr, method, path, key, body).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

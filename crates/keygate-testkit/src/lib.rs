@@ -355,18 +355,7 @@ impl Redis {
     ///
     /// When `redis-server` is not installed or does not start within 30 s.
     pub fn start() -> Redis {
-        let dir = tempfile::Builder::new()
-            .prefix("keygate-redis-")
-            .tempdir()
-            .expect("a temporary directory");
-        let mut redis = Redis {
-            dir,
-            child: None,
-            port: 0,
-            persistent: false,
-        };
-        redis.spawn();
-        redis
+        Redis::start_with(false, false)
     }
 
     /// Starts a server that writes every change to its append-only file before answering
@@ -377,18 +366,7 @@ impl Redis {
     ///
     /// As [`Redis::start`].
     pub fn start_persistent() -> Redis {
-        let dir = tempfile::Builder::new()
-            .prefix("keygate-redis-")
-            .tempdir()
-            .expect("a temporary directory");
-        let mut redis = Redis {
-            dir,
-            child: None,
-            port: 0,
-            persistent: true,
-        };
-        redis.spawn();
-        redis
+        Redis::start_with(false, true)
     }
 
     /// Starts a server that listens on a loopback TCP port too (see [`Redis::tcp_url`]).
@@ -397,19 +375,27 @@ impl Redis {
     ///
     /// As [`Redis::start`].
     pub fn start_with_tcp() -> Redis {
+        Redis::start_with(true, false)
+    }
+
+    fn start_with(tcp: bool, persistent: bool) -> Redis {
         let dir = tempfile::Builder::new()
             .prefix("keygate-redis-")
             .tempdir()
             .expect("a temporary directory");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a loopback port")
-            .port();
+        let port = if tcp {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .expect("a loopback port")
+                .port()
+        } else {
+            0
+        };
         let mut redis = Redis {
             dir,
             child: None,
             port,
-            persistent: false,
+            persistent,
         };
         redis.spawn();
         redis
@@ -701,6 +687,36 @@ fn ping(socket: &Path) -> bool {
     }
     let mut buf = [0u8; 7];
     stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+/// One HTTP/1.1 request to `addr` with `Connection: close`, a bearer `key` and a JSON
+/// `body`; the whole response as text (what came within 30 s).
+///
+/// # Panics
+///
+/// When nothing listens at `addr` or the request cannot be written.
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: &str,
+) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the server listens");
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: gw\r\nauthorization: Bearer {key}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("the request is written");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The processes whose parent is `pid` (from `/proc`).

@@ -167,13 +167,13 @@ pub fn config_for(options: &GatewayOptions) -> Result<Config, ConfigError> {
         config.keys_file = Some(keys.clone());
     }
     if let Some(counters) = &options.counters {
-        let urls: Vec<String> = counters.split(',').map(|u| u.trim().to_owned()).collect();
-        config.counters.url = None;
-        config.counters.cluster = Vec::new();
-        match <[String; 1]>::try_from(urls) {
-            Ok([url]) => config.counters.url = Some(url),
-            Err(nodes) => config.counters.cluster = nodes,
-        }
+        (config.counters.url, config.counters.cluster) =
+            match keygate_store::RedisTarget::from_list(counters) {
+                keygate_store::RedisTarget::Single(url) => (Some(url), Vec::new()),
+                keygate_store::RedisTarget::Cluster(nodes) => (None, nodes),
+                // `from_list` makes only the two above.
+                _ => (None, Vec::new()),
+            };
     }
     if let Some(path) = &options.audit_jsonl {
         config.audit.jsonl = Some(JsonlConfig {

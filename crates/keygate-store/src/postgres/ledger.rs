@@ -6,6 +6,7 @@ use keygate_core::Timestamp;
 use keygate_limit::backend::{BackendError, Unit};
 
 use super::db::{PgDb, deadline, pg_error};
+use crate::db::nanos;
 use crate::error::DbError;
 use crate::redis_counters::{
     LedgerSource, LedgerWindow, OutboxEntry, RedisBackend, SettledCharge, WindowsFuture,
@@ -18,10 +19,6 @@ fn signed(n: u64) -> i64 {
 
 fn unsigned(n: i64) -> u64 {
     u64::from_ne_bytes(n.to_ne_bytes())
-}
-
-fn nanos(t: Timestamp) -> i64 {
-    i64::try_from(t.as_unix_nanos()).unwrap_or(i64::MAX)
 }
 
 impl PgDb {

@@ -49,6 +49,18 @@ pub enum RedisTarget {
     Cluster(Vec<String>),
 }
 
+impl RedisTarget {
+    /// One URL (a server), or several comma-separated (a cluster's nodes), as the
+    /// `--counters` flags take them.
+    pub fn from_list(list: &str) -> RedisTarget {
+        let urls: Vec<String> = list.split(',').map(|u| u.trim().to_owned()).collect();
+        match <[String; 1]>::try_from(urls) {
+            Ok([url]) => RedisTarget::Single(url),
+            Err(nodes) => RedisTarget::Cluster(nodes),
+        }
+    }
+}
+
 impl std::fmt::Debug for RedisTarget {
     /// Without passwords.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -334,13 +346,10 @@ impl RedisBackend {
     /// [`BackendError`] when Redis does not answer.
     pub async fn ping(&self) -> Result<(), BackendError> {
         let mut conn = self.inner.conn.clone();
-        let reply: String = tokio::time::timeout(
-            self.inner.options.deadline,
-            redis::cmd("PING").query_async(&mut conn),
-        )
-        .await
-        .map_err(|_| BackendError("redis: timed out".into()))?
-        .map_err(error)?;
+        let reply: String = self
+            .inner
+            .within(redis::cmd("PING").query_async(&mut conn))
+            .await?;
         if reply == "PONG" {
             Ok(())
         } else {
@@ -411,10 +420,7 @@ impl RedisBackend {
         cmd.arg(counter_key(shard, key)).arg("u").arg("s");
         let mut conn = self.inner.conn.clone();
         let (u, s): (Option<u64>, Option<String>) =
-            tokio::time::timeout(self.inner.options.deadline, cmd.query_async(&mut conn))
-                .await
-                .map_err(|_| BackendError("redis: timed out".into()))?
-                .map_err(error)?;
+            self.inner.within(cmd.query_async(&mut conn)).await?;
         Ok(match window {
             Window::Fixed { start, .. } if s != Some(start.as_unix_nanos().to_string()) => None,
             _ => u.filter(|u| *u > 0),
@@ -528,6 +534,27 @@ fn describe<'a>(charges: impl Iterator<Item = (&'a str, &'a Window, Unit, u64)>)
 }
 
 impl Inner {
+    /// `op` within the deadline, once (for reads and commands that may be repeated): a
+    /// timeout or a Redis error is a [`BackendError`].
+    async fn within<T>(
+        &self,
+        op: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, BackendError> {
+        self.within_raw(op).await?.map_err(error)
+    }
+
+    /// `op` within the deadline, its Redis error left to the caller.
+    async fn within_raw<T>(
+        &self,
+        op: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<redis::RedisResult<T>, BackendError> {
+        tokio::time::timeout(self.options.deadline, op)
+            .await
+            .map_err(|_| {
+                BackendError(format!("redis: no answer within {:?}", self.options.deadline).into())
+            })
+    }
+
     fn new_id(&self) -> u64 {
         loop {
             let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -1024,6 +1051,18 @@ impl LimitBackend for RedisBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_list_of_urls_is_a_cluster_and_one_url_a_server() {
+        assert_eq!(
+            RedisTarget::from_list("redis://a:1"),
+            RedisTarget::Single("redis://a:1".into())
+        );
+        assert_eq!(
+            RedisTarget::from_list("redis://a:1, redis://b:2"),
+            RedisTarget::Cluster(vec!["redis://a:1".into(), "redis://b:2".into()])
+        );
+    }
 
     #[test]
     fn urls_are_shown_without_passwords() {

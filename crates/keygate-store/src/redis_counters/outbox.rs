@@ -115,10 +115,7 @@ impl RedisBackend {
 impl Inner {
     async fn query_pipe(&self, pipe: &redis::Pipeline) -> Result<Value, BackendError> {
         let mut conn = self.conn.clone();
-        tokio::time::timeout(self.options.deadline, pipe.query_async(&mut conn))
-            .await
-            .map_err(|_| BackendError("redis: timed out".into()))?
-            .map_err(error)
+        self.within(pipe.query_async(&mut conn)).await
     }
 
     /// Makes `shard`'s consumer group unless this process already did (or found it).
@@ -136,10 +133,8 @@ impl Inner {
             .arg("MKSTREAM")
             .to_owned();
         let mut conn = self.conn.clone();
-        let made_now: Result<Value, _> =
-            tokio::time::timeout(self.options.deadline, create.query_async(&mut conn))
-                .await
-                .map_err(|_| BackendError("redis: timed out".into()))?;
+        let made_now: redis::RedisResult<Value> =
+            self.within_raw(create.query_async(&mut conn)).await?;
         match made_now {
             Ok(_) => {}
             Err(e) if e.code() == Some("BUSYGROUP") => {}

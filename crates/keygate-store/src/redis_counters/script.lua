@@ -200,51 +200,30 @@ if op == 'end' then
   if outbox == '1' and ARGV[7] ~= '' then
     redis.call('XADD', KEYS[3], '*', 'id', id, 'c', ARGV[6], 'a', ARGV[7])
   end
-  local n = tonumber(ARGV[8])
-  if not v then
-    -- Made, but lost here (the server restarted empty since): what it spent is counted
-    -- now, so the rebuilt counters miss none of it (a release spent nothing).
-    if ARGV[7] == '' then
-      return 0
-    end
-    for i = 1, n do
-      local b = 8 + (i - 1) * 6
-      local key = KEYS[4 + i]
-      local limit, new = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 4])
-      if ARGV[b + 1] == 'r' then
-        local per = tonumber(ARGV[b + 5])
-        local u, t = rate_state(key, limit, per, now)
-        rate_write(key, u + new, t, limit, per)
-      else
-        local u, s = fixed_state(key, ARGV[b + 5])
-        if s == ARGV[b + 5] then
-          fixed_write(key, u + new, s, ARGV[b + 6])
-        end
-      end
-    end
+  -- Made, but lost here (the server restarted empty since): nothing is held to give back,
+  -- and what it spent is counted now, so the rebuilt counters miss none of it (a release
+  -- spent nothing).
+  if not v and ARGV[7] == '' then
     return 0
   end
+  local n = tonumber(ARGV[8])
   for i = 1, n do
     local b = 8 + (i - 1) * 6
     local key = KEYS[4 + i]
-    local limit, held, new = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4])
+    local limit, new = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 4])
+    local held = 0
+    if v then
+      held = tonumber(ARGV[b + 3])
+    end
     if ARGV[b + 1] == 'r' then
       local per = tonumber(ARGV[b + 5])
       local u, t = rate_state(key, limit, per, now)
-      u = u - held
-      if u < 0 then
-        u = 0
-      end
-      rate_write(key, u + new, t, limit, per)
+      rate_write(key, math.max(u - held, 0) + new, t, limit, per)
     else
       -- Spend belongs to the period it was admitted in: once over, nothing to correct.
-      local h = redis.call('HMGET', key, 'u', 's')
-      if h[2] == ARGV[b + 5] then
-        local u = (tonumber(h[1]) or 0) - held
-        if u < 0 then
-          u = 0
-        end
-        redis.call('HSET', key, 'u', int(u + new))
+      local u, s = fixed_state(key, ARGV[b + 5])
+      if s == ARGV[b + 5] then
+        fixed_write(key, math.max(u - held, 0) + new, s, ARGV[b + 6])
       end
     end
   end
