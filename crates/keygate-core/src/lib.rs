@@ -21,6 +21,7 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod admin;
 mod auth;
 mod clock;
 mod denial;

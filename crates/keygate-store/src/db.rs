@@ -4,6 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use keygate_core::admin::AuditBy;
 use keygate_core::{KeyDigest, KeyId, KeyRecord, ProjectRecord, Snapshot, Timestamp};
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use serde::Serialize;
@@ -239,12 +240,38 @@ impl Db {
     /// [`DbError::Invalid`] when the record fails [`ProjectRecord::validate`],
     /// [`DbError::Exists`] when the id is taken, [`DbError::Sqlite`] when it cannot be written.
     pub fn create_project(&mut self, project: &ProjectRecord) -> Result<(), DbError> {
+        self.create_project_by(project, None)
+    }
+
+    /// [`Db::create_project`], recording `by` as an [`AdminEvent`](keygate_core::admin::AdminEvent)
+    /// in the same transaction.
+    ///
+    /// # Errors
+    ///
+    /// As [`Db::create_project`].
+    pub fn create_project_as(
+        &mut self,
+        project: &ProjectRecord,
+        by: AuditBy<'_>,
+    ) -> Result<(), DbError> {
+        self.create_project_by(project, Some(by))
+    }
+
+    fn create_project_by(
+        &mut self,
+        project: &ProjectRecord,
+        by: Option<AuditBy<'_>>,
+    ) -> Result<(), DbError> {
         project.validate().map_err(DbError::Invalid)?;
         let mut w = Writer::begin(&mut self.conn)?;
         if read_project(&w.tx, &project.id)?.is_some() {
             return Err(DbError::Exists(format!("project {:?}", project.id)));
         }
         w.write_project(project, false)?;
+        if let Some(by) = by {
+            let event = crate::admin::project_event(by, None, Some(project))?;
+            crate::admin::insert_event(&w.tx, &event)?;
+        }
         w.commit()
     }
 
@@ -261,12 +288,40 @@ impl Db {
         id: &str,
         f: impl FnOnce(&mut ProjectRecord) -> Result<T, String>,
     ) -> Result<T, DbError> {
+        self.update_project_by(id, None, f)
+    }
+
+    /// [`Db::update_project`], recording `by` (with the project before and after) in the
+    /// same transaction when it changes anything.
+    ///
+    /// # Errors
+    ///
+    /// As [`Db::update_project`].
+    pub fn update_project_as<T>(
+        &mut self,
+        id: &str,
+        by: AuditBy<'_>,
+        f: impl FnOnce(&mut ProjectRecord) -> Result<T, String>,
+    ) -> Result<T, DbError> {
+        self.update_project_by(id, Some(by), f)
+    }
+
+    fn update_project_by<T>(
+        &mut self,
+        id: &str,
+        by: Option<AuditBy<'_>>,
+        f: impl FnOnce(&mut ProjectRecord) -> Result<T, String>,
+    ) -> Result<T, DbError> {
         let mut w = Writer::begin(&mut self.conn)?;
         let old =
             read_project(&w.tx, id)?.ok_or_else(|| DbError::NotFound(format!("project {id:?}")))?;
         let (out, project) = changed_project(&old, f)?;
         if let Some(project) = project {
             w.write_project(&project, true)?;
+            if let Some(by) = by {
+                let event = crate::admin::project_event(by, Some(&old), Some(&project))?;
+                crate::admin::insert_event(&w.tx, &event)?;
+            }
             w.commit()?;
         }
         Ok(out)
@@ -281,6 +336,30 @@ impl Db {
     /// exist, [`DbError::Exists`] for an id already used or a digest (current or previous)
     /// another key already has, in the database or earlier in `keys`.
     pub fn insert_keys(&mut self, keys: &[KeyRecord], created_by: &str) -> Result<(), DbError> {
+        self.insert_keys_by(keys, created_by, None)
+    }
+
+    /// [`Db::insert_keys`], recording `by` for each key (its record after) in the same
+    /// transaction.
+    ///
+    /// # Errors
+    ///
+    /// As [`Db::insert_keys`].
+    pub fn insert_keys_as(
+        &mut self,
+        keys: &[KeyRecord],
+        created_by: &str,
+        by: AuditBy<'_>,
+    ) -> Result<(), DbError> {
+        self.insert_keys_by(keys, created_by, Some(by))
+    }
+
+    fn insert_keys_by(
+        &mut self,
+        keys: &[KeyRecord],
+        created_by: &str,
+        by: Option<AuditBy<'_>>,
+    ) -> Result<(), DbError> {
         let mut w = Writer::begin(&mut self.conn)?;
         let mut projects = HashSet::new();
         let mut ids = HashSet::with_capacity(keys.len());
@@ -301,6 +380,10 @@ impl Db {
             }
             check_digests_free(&w.tx, key)?;
             w.insert_key(key, Some(created_by))?;
+            if let Some(by) = by {
+                let event = crate::admin::key_event(by, None, Some(key))?;
+                crate::admin::insert_event(&w.tx, &event)?;
+            }
         }
         w.commit()
     }
@@ -319,6 +402,30 @@ impl Db {
         id: &str,
         f: impl FnOnce(&mut KeyRecord, &mut Option<String>) -> Result<T, String>,
     ) -> Result<T, DbError> {
+        self.update_key_by(id, None, f)
+    }
+
+    /// [`Db::update_key`], recording `by` (with the key before and after) in the same
+    /// transaction when it changes anything.
+    ///
+    /// # Errors
+    ///
+    /// As [`Db::update_key`].
+    pub fn update_key_as<T>(
+        &mut self,
+        id: &str,
+        by: AuditBy<'_>,
+        f: impl FnOnce(&mut KeyRecord, &mut Option<String>) -> Result<T, String>,
+    ) -> Result<T, DbError> {
+        self.update_key_by(id, Some(by), f)
+    }
+
+    fn update_key_by<T>(
+        &mut self,
+        id: &str,
+        by: Option<AuditBy<'_>>,
+        f: impl FnOnce(&mut KeyRecord, &mut Option<String>) -> Result<T, String>,
+    ) -> Result<T, DbError> {
         let mut w = Writer::begin(&mut self.conn)?;
         let old =
             read_stored_key(&w.tx, id)?.ok_or_else(|| DbError::NotFound(format!("key {id}")))?;
@@ -329,6 +436,10 @@ impl Db {
         check_project_exists(&w.tx, &record)?;
         check_digests_free(&w.tx, &record)?;
         w.update_key(&record, reason.as_deref())?;
+        if let Some(by) = by {
+            let event = crate::admin::key_event(by, Some(&old.record), Some(&record))?;
+            crate::admin::insert_event(&w.tx, &event)?;
+        }
         w.commit()?;
         Ok(out)
     }

@@ -58,6 +58,7 @@
 //! - Records are never deleted, only revoked or disabled, so changes are all a snapshot
 //!   needs to follow.
 
+mod admin;
 mod db;
 mod error;
 mod file;
@@ -74,6 +75,7 @@ mod url;
 #[cfg(test)]
 mod test_support;
 
+pub use admin::{EventQuery, KeyPage, KeyQuery, KeyStatus, MAX_PAGE};
 pub use db::{Changes, Db, ImportOutcome, StoredKey};
 pub use error::DbError;
 pub use file::{FileStore, FileStoreError, KEY_FILE_VERSION, KeyFile, ReloadOutcome};

@@ -6,7 +6,7 @@
 //! ledger next to the key tables without touching them; version 3 the request-rate cells;
 //! version 4 rebuilds the ledger as one appended row per reservation and a total per
 //! counter and period (fewer pages written per commit, and a restart reads the totals, not
-//! the history); version 5 adds the object registry. Version 4 uses SQLite's row ids (`INTEGER PRIMARY KEY`), a table
+//! the history); version 5 adds the object registry; version 6 admin keys and the admin events. Version 4 uses SQLite's row ids (`INTEGER PRIMARY KEY`), a table
 //! `WITHOUT ROWID` and its JSON functions (to carry version 3's rows over): a PostgreSQL
 //! store keeps the same tables and columns in its own dialect.
 //!
@@ -218,10 +218,37 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         INSERT INTO meta (name, value) VALUES ('objects_seq', 0);
     ",
     },
+    Migration {
+        version: 6,
+        sql: "
+        -- Admin keys (`AdminKeyRecord` as JSON in `record`; `digest` is SHA-256 hex of the
+        -- secret) and the record of every admin action (`AdminEvent`: who, what, on which
+        -- key, project or admin key, the record before and after as JSON without digests),
+        -- written in the transaction of the change. Never deleted. Times are Unix nanoseconds.
+        CREATE TABLE admin_keys (
+            id TEXT PRIMARY KEY,
+            digest TEXT NOT NULL UNIQUE,
+            record TEXT NOT NULL,
+            revoked_at BIGINT
+        );
+        CREATE TABLE admin_events (
+            id INTEGER PRIMARY KEY,
+            at BIGINT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            project TEXT,
+            before TEXT,
+            after TEXT
+        );
+        CREATE INDEX admin_events_target ON admin_events (target, id);
+        CREATE INDEX admin_events_project ON admin_events (project, id);
+    ",
+    },
 ];
 
 /// The schema version this build writes: the last migration's.
-pub(crate) const SCHEMA_VERSION: u32 = 5;
+pub(crate) const SCHEMA_VERSION: u32 = 6;
 
 #[cfg(test)]
 mod tests {

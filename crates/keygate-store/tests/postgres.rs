@@ -49,7 +49,7 @@ async fn replicas_starting_together_migrate_once_and_a_newer_schema_is_refused()
         .collect();
     for c in connects {
         let db = c.await.unwrap().unwrap();
-        assert_eq!(db.schema_version().await.unwrap(), 2);
+        assert_eq!(db.schema_version().await.unwrap(), 3);
         assert_eq!(db.change_seq().await.unwrap(), 0);
     }
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
@@ -64,7 +64,7 @@ async fn replicas_starting_together_migrate_once_and_a_newer_schema_is_refused()
         PgDb::connect(&url).await.unwrap_err(),
         DbError::TooNew {
             found: 99,
-            supported: 2
+            supported: 3
         }
     );
 }
@@ -77,18 +77,20 @@ async fn a_database_of_the_previous_schema_is_migrated_with_its_keys_kept() {
     db.insert_keys(&[key("k1", "p", "s1")], "test")
         .await
         .unwrap();
-    // Back to version 1: what a database made by the previous keygate holds.
+    // Back to version 1: what a database made by an earlier keygate holds.
     let (client, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
     tokio::spawn(conn);
     client
-        .batch_execute("DROP TABLE spend; UPDATE keygate_schema SET version = 1")
+        .batch_execute(
+            "DROP TABLE spend, admin_keys, admin_events; UPDATE keygate_schema SET version = 1",
+        )
         .await
         .unwrap();
     drop(db);
     let db = PgDb::connect(&url).await.unwrap();
-    assert_eq!(db.schema_version().await.unwrap(), 2);
+    assert_eq!(db.schema_version().await.unwrap(), 3);
     assert!(db.key("k1").await.unwrap().is_some());
     assert_eq!(db.spend_rows().await.unwrap(), 0);
 }
@@ -496,4 +498,103 @@ async fn objects_recorded_through_one_replica_are_owned_everywhere_and_removals_
     pg.kill();
     let lost = PgRegistry::new(db);
     assert!(lost.get("asst_1").await.is_err());
+}
+
+#[tokio::test]
+async fn admin_keys_events_and_key_pages_follow_the_sqlite_rules() {
+    use keygate_core::admin::{AdminKeyRecord, AdminScope, AuditBy, admin_key_format};
+    use keygate_store::{EventQuery, KeyQuery, KeyStatus};
+    let pg = Postgres::start();
+    let db = db_with_project(&pg).await;
+    let by = |action| AuditBy {
+        actor: "adm_test",
+        action,
+        at: Timestamp::from_unix_secs(2_000),
+    };
+    let secret = admin_key_format().generate().unwrap();
+    let admin = AdminKeyRecord {
+        id: "adm_one".to_owned(),
+        name: "ops".to_owned(),
+        digest: secret.digest(),
+        scope: AdminScope::manage_projects(["p"]),
+        created_at: Timestamp::from_unix_secs(1),
+        created_by: "cli".to_owned(),
+        revoked_at: None,
+    };
+    db.insert_admin_key(&admin, by("admin_key.create"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        db.insert_admin_key(&admin, by("admin_key.create")).await,
+        Err(DbError::Exists(_))
+    ));
+    assert_eq!(
+        db.admin_key_by_digest(&secret.digest()).await.unwrap(),
+        Some(admin.clone())
+    );
+    let revoked = db
+        .revoke_admin_key("adm_one", by("admin_key.revoke"))
+        .await
+        .unwrap();
+    assert!(revoked.revoked_at.is_some());
+    assert_eq!(db.admin_keys().await.unwrap(), vec![revoked]);
+
+    let keys: Vec<KeyRecord> = (0..25)
+        .map(|i| {
+            let mut k = key(&format!("key_{i:02}"), "p", &format!("s{i}"));
+            k.name = if i % 2 == 0 { "even" } else { "odd_%" }.to_owned();
+            k.disabled = i % 5 == 0;
+            k
+        })
+        .collect();
+    db.insert_keys_as(&keys, "adm_test", by("key.create"))
+        .await
+        .unwrap();
+    db.update_key_as("key_01", by("key.revoke"), |k, _| {
+        k.revoked_at = Some(Timestamp::from_unix_secs(3_000));
+        Ok(())
+    })
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    let mut query = KeyQuery::new(10);
+    loop {
+        let page = db.list_keys(&query).await.unwrap();
+        seen.extend(page.keys.iter().map(|k| k.record.id.to_string()));
+        if !page.more {
+            break;
+        }
+        query.after = Some(page.keys.last().unwrap().record.id.to_string());
+    }
+    let expected: Vec<String> = (0..25).map(|i| format!("key_{i:02}")).collect();
+    assert_eq!(seen, expected);
+    let count = |status, prefix: Option<&str>| {
+        let mut q = KeyQuery::new(100);
+        q.status = status;
+        q.prefix = prefix.map(str::to_owned);
+        let db = db.clone();
+        async move { db.list_keys(&q).await.unwrap().keys.len() }
+    };
+    assert_eq!(count(Some(KeyStatus::Disabled), None).await, 5);
+    assert_eq!(count(Some(KeyStatus::Revoked), None).await, 1);
+    assert_eq!(count(Some(KeyStatus::Active), None).await, 19);
+    assert_eq!(count(None, Some("odd_%")).await, 12);
+    assert_eq!(count(None, Some("od%")).await, 0);
+
+    let events = db.admin_events(&EventQuery::new(100)).await.unwrap();
+    assert_eq!(events.len(), 2 + 25 + 1);
+    assert_eq!(events[0].action, "key.revoke");
+    assert_eq!(events[0].target, "key_01");
+    assert!(events.windows(2).all(|w| w[0].id > w[1].id));
+    for e in &events {
+        for text in [&e.before, &e.after].into_iter().flatten() {
+            assert!(!text.contains("\"digest\""), "{text}");
+        }
+    }
+    let mut about = EventQuery::new(100);
+    about.target = Some("key_01".to_owned());
+    assert_eq!(db.admin_events(&about).await.unwrap().len(), 2);
+    let mut elsewhere = EventQuery::new(100);
+    elsewhere.within = Some(vec!["q".to_owned()]);
+    assert!(db.admin_events(&elsewhere).await.unwrap().is_empty());
 }

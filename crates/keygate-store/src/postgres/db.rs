@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use keygate_core::admin::AuditBy;
 use keygate_core::{KeyDigest, KeyId, KeyRecord, ProjectRecord, Snapshot, Timestamp};
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
@@ -15,6 +16,8 @@ use crate::db::{
     Changes, ImportOutcome, StoredKey, changed_key, changed_project, check_key_file, check_record,
     digest_taken, key_digests, nanos, parse_key, parse_project, to_json,
 };
+use super::admin::{insert_event, insert_events};
+use crate::admin::{key_event, project_event};
 use crate::error::DbError;
 use crate::file::{KEY_FILE_VERSION, KeyFile};
 
@@ -283,6 +286,27 @@ impl PgDb {
     /// [`DbError::Exists`] when the id is taken, [`DbError::Postgres`] or
     /// [`DbError::Unavailable`] when it cannot be written.
     pub async fn create_project(&self, project: &ProjectRecord) -> Result<(), DbError> {
+        self.create_project_by(project, None).await
+    }
+
+    /// [`PgDb::create_project`], recording `by` in the same transaction.
+    ///
+    /// # Errors
+    ///
+    /// As [`PgDb::create_project`].
+    pub async fn create_project_as(
+        &self,
+        project: &ProjectRecord,
+        by: AuditBy<'_>,
+    ) -> Result<(), DbError> {
+        self.create_project_by(project, Some(by)).await
+    }
+
+    async fn create_project_by(
+        &self,
+        project: &ProjectRecord,
+        by: Option<AuditBy<'_>>,
+    ) -> Result<(), DbError> {
         project.validate().map_err(DbError::Invalid)?;
         deadline(async {
             let mut client = self.client().await?;
@@ -291,6 +315,10 @@ impl PgDb {
                 return Err(DbError::Exists(format!("project {:?}", project.id)));
             }
             w.write_project(project, false).await?;
+            if let Some(by) = by {
+                let event = project_event(by, None, Some(project))?;
+                insert_event(w.tx(), &event).await?;
+            }
             w.commit().await
         })
         .await
@@ -307,6 +335,30 @@ impl PgDb {
         id: &str,
         f: impl FnOnce(&mut ProjectRecord) -> Result<T, String>,
     ) -> Result<T, DbError> {
+        self.update_project_by(id, None, f).await
+    }
+
+    /// [`PgDb::update_project`], recording `by` (before and after) in the same transaction
+    /// when it changes anything.
+    ///
+    /// # Errors
+    ///
+    /// As [`PgDb::update_project`].
+    pub async fn update_project_as<T>(
+        &self,
+        id: &str,
+        by: AuditBy<'_>,
+        f: impl FnOnce(&mut ProjectRecord) -> Result<T, String>,
+    ) -> Result<T, DbError> {
+        self.update_project_by(id, Some(by), f).await
+    }
+
+    async fn update_project_by<T>(
+        &self,
+        id: &str,
+        by: Option<AuditBy<'_>>,
+        f: impl FnOnce(&mut ProjectRecord) -> Result<T, String>,
+    ) -> Result<T, DbError> {
         deadline(async {
             let mut client = self.client().await?;
             let mut w = Writer::begin(&mut client).await?;
@@ -316,6 +368,10 @@ impl PgDb {
             let (out, project) = changed_project(&old, f)?;
             if let Some(project) = project {
                 w.write_project(&project, true).await?;
+                if let Some(by) = by {
+                    let event = project_event(by, Some(&old), Some(&project))?;
+                    insert_event(w.tx(), &event).await?;
+                }
                 w.commit().await?;
             }
             Ok(out)
@@ -330,6 +386,29 @@ impl PgDb {
     ///
     /// As [`Db::insert_keys`](crate::Db::insert_keys).
     pub async fn insert_keys(&self, keys: &[KeyRecord], created_by: &str) -> Result<(), DbError> {
+        self.insert_keys_by(keys, created_by, None).await
+    }
+
+    /// [`PgDb::insert_keys`], recording `by` for each key in the same transaction.
+    ///
+    /// # Errors
+    ///
+    /// As [`PgDb::insert_keys`].
+    pub async fn insert_keys_as(
+        &self,
+        keys: &[KeyRecord],
+        created_by: &str,
+        by: AuditBy<'_>,
+    ) -> Result<(), DbError> {
+        self.insert_keys_by(keys, created_by, Some(by)).await
+    }
+
+    async fn insert_keys_by(
+        &self,
+        keys: &[KeyRecord],
+        created_by: &str,
+        by: Option<AuditBy<'_>>,
+    ) -> Result<(), DbError> {
         // Checked before any I/O: records, ids and digests among themselves.
         let mut ids = HashSet::with_capacity(keys.len());
         let mut digests: HashMap<KeyDigest, &KeyId> = HashMap::with_capacity(keys.len());
@@ -370,6 +449,13 @@ impl PgDb {
         }
         for chunk in keys.chunks(INSERT_CHUNK) {
             deadline(w.insert_keys(chunk, created_by)).await?;
+            if let Some(by) = by {
+                let events = chunk
+                    .iter()
+                    .map(|k| key_event(by, None, Some(k)))
+                    .collect::<Result<Vec<_>, _>>()?;
+                deadline(insert_events(w.tx(), &events)).await?;
+            }
         }
         deadline(w.commit()).await
     }
@@ -386,6 +472,30 @@ impl PgDb {
         id: &str,
         f: impl FnOnce(&mut KeyRecord, &mut Option<String>) -> Result<T, String>,
     ) -> Result<T, DbError> {
+        self.update_key_by(id, None, f).await
+    }
+
+    /// [`PgDb::update_key`], recording `by` (before and after) in the same transaction when
+    /// it changes anything.
+    ///
+    /// # Errors
+    ///
+    /// As [`PgDb::update_key`].
+    pub async fn update_key_as<T>(
+        &self,
+        id: &str,
+        by: AuditBy<'_>,
+        f: impl FnOnce(&mut KeyRecord, &mut Option<String>) -> Result<T, String>,
+    ) -> Result<T, DbError> {
+        self.update_key_by(id, Some(by), f).await
+    }
+
+    async fn update_key_by<T>(
+        &self,
+        id: &str,
+        by: Option<AuditBy<'_>>,
+        f: impl FnOnce(&mut KeyRecord, &mut Option<String>) -> Result<T, String>,
+    ) -> Result<T, DbError> {
         deadline(async {
             let mut client = self.client().await?;
             let mut w = Writer::begin(&mut client).await?;
@@ -399,6 +509,10 @@ impl PgDb {
             check_project_exists(w.tx(), &record).await?;
             check_digests_free(w.tx(), &record).await?;
             w.update_key(&record, reason.as_deref()).await?;
+            if let Some(by) = by {
+                let event = key_event(by, Some(&old.record), Some(&record))?;
+                insert_event(w.tx(), &event).await?;
+            }
             w.commit().await?;
             Ok(out)
         })
@@ -825,7 +939,7 @@ async fn read_project(
 
 const STORED_KEY: &str = "SELECT id, record, created_by, last_used_at, disabled_reason FROM keys";
 
-fn stored_key(r: &tokio_postgres::Row) -> Result<StoredKey, DbError> {
+pub(crate) fn stored_key(r: &tokio_postgres::Row) -> Result<StoredKey, DbError> {
     Ok(StoredKey {
         record: parse_key(r.get(0), r.get(1))?,
         created_by: r.get(2),

@@ -9,6 +9,7 @@
 //! its own and no compile-time query checking to need a database at build time (what
 //! `sqlx` would add, with a much larger dependency tree).
 
+mod admin;
 mod db;
 mod ledger;
 mod objects;

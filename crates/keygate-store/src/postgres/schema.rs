@@ -93,10 +93,35 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         CREATE INDEX spend_by_counter ON spend (counter, period_start);
     ",
     },
+    Migration {
+        version: 3,
+        sql: "
+        -- Admin keys and the record of every admin action, as in the SQLite store's
+        -- version 6.
+        CREATE TABLE admin_keys (
+            id TEXT PRIMARY KEY,
+            digest TEXT NOT NULL UNIQUE,
+            record TEXT NOT NULL,
+            revoked_at BIGINT
+        );
+        CREATE TABLE admin_events (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            at BIGINT NOT NULL,
+            actor TEXT NOT NULL,
+            action TEXT NOT NULL,
+            target TEXT NOT NULL,
+            project TEXT,
+            before TEXT,
+            after TEXT
+        );
+        CREATE INDEX admin_events_target ON admin_events (target, id);
+        CREATE INDEX admin_events_project ON admin_events (project, id);
+    ",
+    },
 ];
 
 /// The schema version this build writes: the last migration's.
-pub(crate) const SCHEMA_VERSION: i32 = 2;
+pub(crate) const SCHEMA_VERSION: i32 = 3;
 
 #[cfg(test)]
 mod tests {
