@@ -46,6 +46,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
+use keygate_core::admin::{AdminKeyRecord, AdminScope, AuditBy, admin_key_format, admin_key_id};
 use keygate_core::{
     Access, Budget, KeyFormat, KeyId, KeyRecord, Limits, ModelPattern, ModelRules, Money, Period,
     Permissions, PreviousSecret, ProjectRecord, RandomError, Secret, Timestamp,
@@ -147,6 +148,31 @@ enum Command {
     /// ones made before keygate, forget them.
     #[command(subcommand)]
     Objects(ObjectsCommand),
+    /// Create, list and revoke admin keys: the credentials of the admin API (`/admin/v1/`),
+    /// never of a model route.
+    #[command(subcommand, name = "admin-keys")]
+    AdminKeys(AdminKeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AdminKeysCommand {
+    /// Create an admin key and print its secret, once.
+    Create {
+        /// Who holds it.
+        #[arg(long)]
+        name: String,
+        /// What it may do: `read` or `manage` (every project), `read:P1,P2` or `manage:P1,P2`
+        /// (those projects' keys). Only `manage` makes projects and admin keys.
+        #[arg(long)]
+        scope: AdminScope,
+    },
+    /// List admin keys (never their secrets).
+    List,
+    /// Revoke an admin key for good.
+    Revoke {
+        /// The admin key id (`adm_…`).
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -428,6 +454,7 @@ where
             ctx.spend(&id, counters.as_deref())?
         }
         Command::Objects(cmd) => ctx.objects(cmd)?,
+        Command::AdminKeys(cmd) => ctx.admin_keys(cmd)?,
     };
     out.write_all(text.as_bytes())?;
     out.flush()?;
@@ -512,6 +539,7 @@ impl Ctx {
     fn change_key(
         &self,
         id: &str,
+        action: &'static str,
         change: impl FnOnce(&mut KeyRecord, Timestamp) -> Result<(), CliError>,
     ) -> Result<KeyRecord, CliError> {
         let now = self.now;
@@ -528,7 +556,7 @@ impl Ctx {
                 let mut failed = None;
                 let mut written = None;
                 let mut change = Some(change);
-                let result = db.update_key(id, &mut |key, reason| {
+                let result = db.update_key(id, self.by(action), &mut |key, reason| {
                     let Some(change) = change.take() else {
                         return Err("the change ran twice".to_owned());
                     };
@@ -596,13 +624,14 @@ impl Ctx {
                     if !create_project {
                         return Err(missing(project));
                     }
-                    match db.create_project(&ProjectRecord::new(project)) {
+                    match db.create_project(&ProjectRecord::new(project), self.by("project.create"))
+                    {
                         // Another writer made it in between: fine.
                         Ok(()) | Err(keygate_store::DbError::Exists(_)) => {}
                         Err(e) => return Err(e.into()),
                     }
                 }
-                Ok(db.insert_keys(keys, "cli")?)
+                Ok(db.insert_keys(keys, self.by("key.create"))?)
             }
         }
     }
@@ -618,12 +647,21 @@ impl Ctx {
                 file.projects.push(project.clone());
                 Self::save_file(path, &file)
             }
-            Target::Store(db) => match db.create_project(project) {
+            Target::Store(db) => match db.create_project(project, self.by("project.create")) {
                 Err(keygate_store::DbError::Exists(_)) => {
                     Err(invalid(format!("project {:?} already exists", project.id)))
                 }
                 other => Ok(other?),
             },
+        }
+    }
+
+    /// The command line as the actor of a change to the store.
+    fn by(&self, action: &'static str) -> AuditBy<'static> {
+        AuditBy {
+            actor: "cli",
+            action,
+            at: self.now,
         }
     }
 
@@ -674,15 +712,19 @@ impl Ctx {
                     key_text(key, self.now),
                 ))
             }
-            KeysCommand::Revoke { id } => self.update_key(&id, "Revoked", |k, now| {
-                k.revoked_at.get_or_insert(now);
-                Ok(())
-            }),
-            KeysCommand::Disable { id } => self.update_key(&id, "Disabled", |k, _| {
-                k.disabled = true;
-                Ok(())
-            }),
-            KeysCommand::Enable { id } => self.update_key(&id, "Enabled", |k, _| {
+            KeysCommand::Revoke { id } => {
+                self.update_key(&id, "Revoked", "key.revoke", |k, now| {
+                    k.revoked_at.get_or_insert(now);
+                    Ok(())
+                })
+            }
+            KeysCommand::Disable { id } => {
+                self.update_key(&id, "Disabled", "key.disable", |k, _| {
+                    k.disabled = true;
+                    Ok(())
+                })
+            }
+            KeysCommand::Enable { id } => self.update_key(&id, "Enabled", "key.enable", |k, _| {
                 if k.revoked_at.is_some() {
                     return Err(invalid(format!(
                         "key {} is revoked; a revoked key cannot be enabled",
@@ -738,9 +780,10 @@ impl Ctx {
         &self,
         id: &str,
         verb: &str,
+        action: &'static str,
         change: impl FnOnce(&mut KeyRecord, Timestamp) -> Result<(), CliError>,
     ) -> Result<String, CliError> {
-        let key = self.change_key(id, change)?;
+        let key = self.change_key(id, action, change)?;
         let text = format!("{verb} key {}.\n\n{}", key.id, key_text(&key, self.now));
         Ok(self.output(json!({ "key": key_json(&key, self.now) }), text))
     }
@@ -845,7 +888,7 @@ impl Ctx {
         let format = key_format(prefix)?;
         let secret = format.generate()?;
         let digest = secret.digest();
-        let key = self.change_key(id, |key, now| {
+        let key = self.change_key(id, "key.rotate", |key, now| {
             if key.revoked_at.is_some() {
                 return Err(invalid(format!(
                     "key {} is revoked; create a new key instead",
@@ -973,6 +1016,82 @@ impl Ctx {
                 Ok(self.output(
                     json!({"removed": removed}),
                     format!("removed {} object(s)\n", removed.len()),
+                ))
+            }
+        }
+    }
+
+    fn admin_keys(&self, cmd: AdminKeysCommand) -> Result<String, CliError> {
+        let Target::Store(store) = &self.target else {
+            return Err(invalid(
+                "admin keys live in the store: give --store, not --file",
+            ));
+        };
+        let view = |k: &AdminKeyRecord| {
+            json!({
+                "id": k.id,
+                "name": k.name,
+                "scope": k.scope.to_string(),
+                "created_at": k.created_at,
+                "created_by": k.created_by,
+                "revoked_at": k.revoked_at,
+            })
+        };
+        match cmd {
+            AdminKeysCommand::Create { name, scope } => {
+                let secret = admin_key_format().generate()?;
+                let record = AdminKeyRecord {
+                    id: admin_key_id()?,
+                    name,
+                    digest: secret.digest(),
+                    scope,
+                    created_at: self.now,
+                    created_by: "cli".to_owned(),
+                    revoked_at: None,
+                };
+                store.insert_admin_key(&record, self.by("admin_key.create"))?;
+                let text = format!(
+                    "Created admin key {id} ({name}, scope {scope}).\n\n\
+                     Secret (shown only this once; keygate stores only its digest):\n\n    {secret}\n\n\
+                     Use it as `Authorization: Bearer …` on /admin/v1/.\n",
+                    id = record.id,
+                    name = record.name,
+                    scope = record.scope,
+                    secret = secret.expose(),
+                );
+                Ok(self.output(
+                    json!({ "admin_key": view(&record), "secret": secret.expose() }),
+                    text,
+                ))
+            }
+            AdminKeysCommand::List => {
+                let keys = store.admin_keys()?;
+                let mut text =
+                    format!("{:<22} {:<16} {:<24} {}\n", "ID", "NAME", "SCOPE", "STATUS");
+                for k in &keys {
+                    let status = if k.revoked_at.is_some() {
+                        "revoked"
+                    } else {
+                        "active"
+                    };
+                    let _ = writeln!(
+                        text,
+                        "{:<22} {:<16} {:<24} {status}",
+                        k.id,
+                        k.name,
+                        k.scope.to_string()
+                    );
+                }
+                Ok(self.output(
+                    json!({ "admin_keys": keys.iter().map(view).collect::<Vec<_>>() }),
+                    text,
+                ))
+            }
+            AdminKeysCommand::Revoke { id } => {
+                let record = store.revoke_admin_key(&id, self.by("admin_key.revoke"))?;
+                Ok(self.output(
+                    json!({ "admin_key": view(&record) }),
+                    format!("Revoked admin key {}.\n", record.id),
                 ))
             }
         }
@@ -1146,11 +1265,8 @@ fn status(k: &KeyRecord, now: Timestamp) -> &'static str {
 /// terminals and tickets), plus its status.
 fn key_json(k: &KeyRecord, now: Timestamp) -> Value {
     let mut v = serde_json::to_value(k).unwrap_or(Value::Null);
+    keygate_core::admin::strip_digests(&mut v);
     if let Some(obj) = v.as_object_mut() {
-        obj.remove("digest");
-        if let Some(prev) = obj.get_mut("previous").and_then(Value::as_object_mut) {
-            prev.remove("digest");
-        }
         obj.insert("status".into(), status(k, now).into());
     }
     v

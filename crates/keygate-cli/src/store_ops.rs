@@ -3,6 +3,7 @@
 use std::cell::RefCell;
 
 use keygate::limit::backend::Window;
+use keygate_core::admin::{AdminKeyRecord, AuditBy};
 use keygate_core::{KeyRecord, ObjectKind, ObjectRecord, ProjectRecord};
 use keygate_store::{
     Db, DbError, ImportOutcome, KeyFile, PgDb, RedisBackend, RedisOptions, RedisTarget, StoredKey,
@@ -16,10 +17,18 @@ pub(crate) type KeyChange<'a> =
 pub(crate) trait StoreOps {
     fn export(&self) -> Result<KeyFile, DbError>;
     fn project(&self, id: &str) -> Result<Option<ProjectRecord>, DbError>;
-    fn create_project(&self, project: &ProjectRecord) -> Result<(), DbError>;
-    fn insert_keys(&self, keys: &[KeyRecord], created_by: &str) -> Result<(), DbError>;
+    fn create_project(&self, project: &ProjectRecord, by: AuditBy<'_>) -> Result<(), DbError>;
+    fn insert_keys(&self, keys: &[KeyRecord], by: AuditBy<'_>) -> Result<(), DbError>;
     fn key(&self, id: &str) -> Result<Option<StoredKey>, DbError>;
-    fn update_key(&self, id: &str, change: &mut KeyChange<'_>) -> Result<(), DbError>;
+    fn update_key(
+        &self,
+        id: &str,
+        by: AuditBy<'_>,
+        change: &mut KeyChange<'_>,
+    ) -> Result<(), DbError>;
+    fn insert_admin_key(&self, key: &AdminKeyRecord, by: AuditBy<'_>) -> Result<(), DbError>;
+    fn admin_keys(&self) -> Result<Vec<AdminKeyRecord>, DbError>;
+    fn revoke_admin_key(&self, id: &str, by: AuditBy<'_>) -> Result<AdminKeyRecord, DbError>;
     fn import(&self, file: &KeyFile, created_by: &str) -> Result<ImportOutcome, DbError>;
     fn objects(
         &self,
@@ -48,17 +57,31 @@ impl StoreOps for RefCell<Db> {
     fn project(&self, id: &str) -> Result<Option<ProjectRecord>, DbError> {
         self.borrow().project(id)
     }
-    fn create_project(&self, project: &ProjectRecord) -> Result<(), DbError> {
-        self.borrow_mut().create_project(project)
+    fn create_project(&self, project: &ProjectRecord, by: AuditBy<'_>) -> Result<(), DbError> {
+        self.borrow_mut().create_project_as(project, by)
     }
-    fn insert_keys(&self, keys: &[KeyRecord], created_by: &str) -> Result<(), DbError> {
-        self.borrow_mut().insert_keys(keys, created_by)
+    fn insert_keys(&self, keys: &[KeyRecord], by: AuditBy<'_>) -> Result<(), DbError> {
+        self.borrow_mut().insert_keys_as(keys, by.actor, by)
     }
     fn key(&self, id: &str) -> Result<Option<StoredKey>, DbError> {
         self.borrow().key(id)
     }
-    fn update_key(&self, id: &str, change: &mut KeyChange<'_>) -> Result<(), DbError> {
-        self.borrow_mut().update_key(id, change)
+    fn update_key(
+        &self,
+        id: &str,
+        by: AuditBy<'_>,
+        change: &mut KeyChange<'_>,
+    ) -> Result<(), DbError> {
+        self.borrow_mut().update_key_as(id, by, change)
+    }
+    fn insert_admin_key(&self, key: &AdminKeyRecord, by: AuditBy<'_>) -> Result<(), DbError> {
+        self.borrow_mut().insert_admin_key(key, by)
+    }
+    fn admin_keys(&self) -> Result<Vec<AdminKeyRecord>, DbError> {
+        self.borrow().admin_keys()
+    }
+    fn revoke_admin_key(&self, id: &str, by: AuditBy<'_>) -> Result<AdminKeyRecord, DbError> {
+        self.borrow_mut().revoke_admin_key(id, by)
     }
     fn import(&self, file: &KeyFile, created_by: &str) -> Result<ImportOutcome, DbError> {
         self.borrow_mut().import(file, created_by)
@@ -124,17 +147,33 @@ impl StoreOps for PgOps {
     fn project(&self, id: &str) -> Result<Option<ProjectRecord>, DbError> {
         self.runtime.block_on(self.db.project(id))
     }
-    fn create_project(&self, project: &ProjectRecord) -> Result<(), DbError> {
-        self.runtime.block_on(self.db.create_project(project))
+    fn create_project(&self, project: &ProjectRecord, by: AuditBy<'_>) -> Result<(), DbError> {
+        self.runtime
+            .block_on(self.db.create_project_as(project, by))
     }
-    fn insert_keys(&self, keys: &[KeyRecord], created_by: &str) -> Result<(), DbError> {
-        self.runtime.block_on(self.db.insert_keys(keys, created_by))
+    fn insert_keys(&self, keys: &[KeyRecord], by: AuditBy<'_>) -> Result<(), DbError> {
+        self.runtime
+            .block_on(self.db.insert_keys_as(keys, by.actor, by))
     }
     fn key(&self, id: &str) -> Result<Option<StoredKey>, DbError> {
         self.runtime.block_on(self.db.key(id))
     }
-    fn update_key(&self, id: &str, change: &mut KeyChange<'_>) -> Result<(), DbError> {
-        self.runtime.block_on(self.db.update_key(id, change))
+    fn update_key(
+        &self,
+        id: &str,
+        by: AuditBy<'_>,
+        change: &mut KeyChange<'_>,
+    ) -> Result<(), DbError> {
+        self.runtime.block_on(self.db.update_key_as(id, by, change))
+    }
+    fn insert_admin_key(&self, key: &AdminKeyRecord, by: AuditBy<'_>) -> Result<(), DbError> {
+        self.runtime.block_on(self.db.insert_admin_key(key, by))
+    }
+    fn admin_keys(&self) -> Result<Vec<AdminKeyRecord>, DbError> {
+        self.runtime.block_on(self.db.admin_keys())
+    }
+    fn revoke_admin_key(&self, id: &str, by: AuditBy<'_>) -> Result<AdminKeyRecord, DbError> {
+        self.runtime.block_on(self.db.revoke_admin_key(id, by))
     }
     fn import(&self, file: &KeyFile, created_by: &str) -> Result<ImportOutcome, DbError> {
         self.runtime.block_on(self.db.import(file, created_by))

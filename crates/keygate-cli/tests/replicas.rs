@@ -4,6 +4,8 @@
 //!
 //! Real time, bounded: every wait has a deadline, and nothing sleeps a fixed time.
 
+mod common;
+use common::{cli, status};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -12,24 +14,6 @@ use keygate_testkit::{Postgres, Redis};
 
 const CHAT: &str =
     r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
-
-/// Runs the CLI in-process on `store` (on a blocking thread: it has a runtime of its own);
-/// returns its JSON answer.
-async fn cli(store: &str, args: &[&str]) -> serde_json::Value {
-    let mut argv: Vec<String> = ["keygate", "--store", store, "--json"]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-    argv.extend(args.iter().map(|s| (*s).to_owned()));
-    tokio::task::spawn_blocking(move || {
-        let mut out = Vec::new();
-        keygate_cli::run(argv.clone(), keygate_core::Clock::system().now(), &mut out)
-            .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
-        serde_json::from_slice(&out).unwrap_or(serde_json::Value::Null)
-    })
-    .await
-    .unwrap()
-}
 
 /// A key with every permission in project `p` and `extra` rules: (id, secret).
 async fn key(store: &str, extra: &[&str]) -> (String, String) {
@@ -53,13 +37,6 @@ async fn key(store: &str, extra: &[&str]) -> (String, String) {
 /// One HTTP/1.1 request with `Connection: close`; the whole response as text.
 async fn request(addr: SocketAddr, method: &str, path: &str, key: &str, body: &str) -> String {
     keygate_testkit::http(addr, method, path, key, body).await
-}
-
-fn status(answer: &str) -> u16 {
-    answer
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP answer: {answer:?}"))
 }
 
 /// Waits until every gateway answers `GET /v1/models` with `secret` by a code `refused`
@@ -339,4 +316,84 @@ async fn a_key_suspended_by_one_gateway_is_refused_by_every_gateway_within_a_sec
     for gw in gateways {
         gw.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_made_through_one_gateways_admin_api_is_served_and_disabled_on_every_gateway() {
+    let pg = Postgres::start();
+    pg.create_database("kg");
+    let redis = Redis::start();
+    let store = pg.url("kg");
+    let made = cli(
+        &store,
+        &["admin-keys", "create", "--name", "ops", "--scope", "manage"],
+    )
+    .await;
+    let admin = made["secret"].as_str().unwrap().to_owned();
+    let gateways = three(&store, &redis.url()).await;
+    let addrs: Vec<SocketAddr> = gateways.iter().map(Gateway::addr).collect();
+    let answer = request(
+        addrs[0],
+        "POST",
+        "/admin/v1/projects",
+        &admin,
+        r#"{"id":"p"}"#,
+    )
+    .await;
+    assert_eq!(status(&answer), 201, "{answer}");
+    let answer = request(
+        addrs[1],
+        "POST",
+        "/admin/v1/keys",
+        &admin,
+        r#"{"project":"p","permissions":"all","limits":{"budgets":[{"amount":"1","period":"day"}]}}"#,
+    )
+    .await;
+    assert_eq!(status(&answer), 201, "{answer}");
+    let body: serde_json::Value =
+        serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let secret = body["secret"].as_str().unwrap().to_owned();
+    let id = body["key"]["id"].as_str().unwrap().to_owned();
+    // Served by all three within a second (NOTIFY), not only by the one that made it.
+    refused_by_all_within(&addrs, &secret, |s| s == 200, Duration::from_secs(1)).await;
+    let chat = request(addrs[2], "POST", "/v1/chat/completions", &secret, CHAT).await;
+    assert_eq!(status(&chat), 200, "{chat}");
+    // Spend on a PostgreSQL store: the ledger plus what the counters hold.
+    let spend = request(
+        addrs[0],
+        "GET",
+        &format!("/admin/v1/keys/{id}/spend"),
+        &admin,
+        "",
+    )
+    .await;
+    assert_eq!(status(&spend), 200, "{spend}");
+    let spend: serde_json::Value =
+        serde_json::from_str(spend.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let row = &spend["data"][0];
+    let used = row["spent"].as_str().unwrap().parse::<f64>().unwrap()
+        + row["reserved"].as_str().unwrap().parse::<f64>().unwrap();
+    assert!(used > 0.0, "{row}");
+    let disabled = request(
+        addrs[2],
+        "POST",
+        &format!("/admin/v1/keys/{id}/disable"),
+        &admin,
+        "",
+    )
+    .await;
+    assert_eq!(status(&disabled), 200, "{disabled}");
+    refused_by_all_within(&addrs, &secret, |s| s == 401, Duration::from_secs(1)).await;
+    let events = request(
+        addrs[1],
+        "GET",
+        &format!("/admin/v1/keys/{id}/events"),
+        &admin,
+        "",
+    )
+    .await;
+    assert!(
+        events.contains("\"key.disable\"") && events.contains("\"key.create\""),
+        "{events}"
+    );
 }

@@ -33,6 +33,20 @@ pub fn admin_key_id() -> Result<String, RandomError> {
     Ok(format!("adm_{}", &id.as_str()["key_".len()..]))
 }
 
+/// Takes a record's digests out of its JSON (`digest`, `previous.digest`): not secrets, but
+/// what a guessed secret could be checked against, so never shown nor logged.
+pub fn strip_digests(value: &mut serde_json::Value) {
+    if let Some(map) = value.as_object_mut() {
+        map.remove("digest");
+        if let Some(previous) = map
+            .get_mut("previous")
+            .and_then(serde_json::Value::as_object_mut)
+        {
+            previous.remove("digest");
+        }
+    }
+}
+
 /// What an admin key may do: read, or manage, the keys of some projects or of all.
 ///
 /// Written `read` / `manage` (everything), or `read:proj_a,proj_b` / `manage:proj_a`
@@ -234,7 +248,14 @@ mod tests {
         let read: AdminScope = "read".parse().unwrap();
         assert!(read.may_read("anything") && !read.may_manage("anything"));
         assert!(AdminScope::everything().is_superuser());
-        for bad in ["", "write", "read:", "manage:a,,b", "manage:a b", "read:a;b"] {
+        for bad in [
+            "",
+            "write",
+            "read:",
+            "manage:a,,b",
+            "manage:a b",
+            "read:a;b",
+        ] {
             assert!(bad.parse::<AdminScope>().is_err(), "{bad:?}");
         }
     }

@@ -92,12 +92,7 @@ impl EventQuery {
 fn audit_json<T: Serialize>(record: &T) -> Result<String, DbError> {
     let mut value = serde_json::to_value(record)
         .map_err(|e| DbError::Invalid(format!("record not storable: {e}")))?;
-    if let Some(map) = value.as_object_mut() {
-        map.remove("digest");
-        if let Some(previous) = map.get_mut("previous").and_then(|p| p.as_object_mut()) {
-            previous.remove("digest");
-        }
-    }
+    keygate_core::admin::strip_digests(&mut value);
     Ok(value.to_string())
 }
 
@@ -211,7 +206,10 @@ pub(crate) fn parse_admin_key(id: &str, json: &str) -> Result<AdminKeyRecord, Db
 pub(crate) fn check_admin_key(key: &AdminKeyRecord) -> Result<(), DbError> {
     let ok = key.id.starts_with("adm_")
         && key.id.len() <= 64
-        && key.id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        && key
+            .id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_');
     if !ok {
         return Err(DbError::Invalid(format!(
             "admin key id {:?} must be adm_ and ASCII letters or digits",
@@ -365,12 +363,7 @@ impl Db {
             .map(|w| serde_json::Value::from(w.clone()).to_string());
         let mut stmt = self.conn().prepare(&sql)?;
         let rows = stmt.query_map(
-            params![
-                before,
-                query.target,
-                within,
-                page_limit(query.limit) as i64
-            ],
+            params![before, query.target, within, page_limit(query.limit) as i64],
             |r| {
                 Ok(AdminEvent {
                     id: u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
@@ -505,7 +498,8 @@ mod tests {
             created_by: "cli".to_owned(),
             revoked_at: None,
         };
-        db.insert_admin_key(&record, by("admin_key.create")).unwrap();
+        db.insert_admin_key(&record, by("admin_key.create"))
+            .unwrap();
         assert!(matches!(
             db.insert_admin_key(&record, by("admin_key.create")),
             Err(DbError::Exists(_))
@@ -514,7 +508,9 @@ mod tests {
             db.admin_key_by_digest(&secret.digest()).unwrap(),
             Some(record.clone())
         );
-        let revoked = db.revoke_admin_key("adm_one", by("admin_key.revoke")).unwrap();
+        let revoked = db
+            .revoke_admin_key("adm_one", by("admin_key.revoke"))
+            .unwrap();
         assert_eq!(revoked.revoked_at, Some(Timestamp::from_unix_secs(1_000)));
         let events = db.admin_events(&EventQuery::new(10)).unwrap();
         let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
@@ -549,8 +545,20 @@ mod tests {
         let events = db.admin_events(&EventQuery::new(10)).unwrap();
         assert_eq!(events.len(), 2);
         assert_eq!(events[0].action, "key.disable");
-        assert!(events[0].before.as_deref().unwrap().contains("\"id\":\"key_a\""));
-        assert!(events[0].after.as_deref().unwrap().contains("\"disabled\":true"));
+        assert!(
+            events[0]
+                .before
+                .as_deref()
+                .unwrap()
+                .contains("\"id\":\"key_a\"")
+        );
+        assert!(
+            events[0]
+                .after
+                .as_deref()
+                .unwrap()
+                .contains("\"disabled\":true")
+        );
         assert_eq!(events[1].before, None);
         for e in &events {
             for text in [&e.before, &e.after].into_iter().flatten() {
@@ -570,8 +578,10 @@ mod tests {
         db.insert_keys(&[key("key_a", "p", "a")], "t").unwrap();
         drop(db);
         let raw = crate::test_support::raw(&path);
-        raw.execute_batch("DROP TABLE admin_keys; DROP TABLE admin_events; PRAGMA user_version = 5")
-            .unwrap();
+        raw.execute_batch(
+            "DROP TABLE admin_keys; DROP TABLE admin_events; PRAGMA user_version = 5",
+        )
+        .unwrap();
         drop(raw);
         let db = Db::open(&path).unwrap();
         assert_eq!(db.schema_version().unwrap(), 6);
@@ -601,7 +611,12 @@ mod tests {
             }
             query.after = Some(page.keys.last().unwrap().record.id.to_string());
         }
-        let all: Vec<String> = db.keys(None).unwrap().iter().map(|k| k.record.id.to_string()).collect();
+        let all: Vec<String> = db
+            .keys(None)
+            .unwrap()
+            .iter()
+            .map(|k| k.record.id.to_string())
+            .collect();
         assert_eq!(seen, all);
         assert_eq!(seen.len(), 25);
         let disabled = KeyQuery {
@@ -634,6 +649,9 @@ mod tests {
             after: Some("key_nope".to_owned()),
             ..KeyQuery::new(10)
         };
-        assert!(matches!(db.list_keys(&bad_cursor), Err(DbError::NotFound(_))));
+        assert!(matches!(
+            db.list_keys(&bad_cursor),
+            Err(DbError::NotFound(_))
+        ));
     }
 }

@@ -31,6 +31,18 @@ pub struct StoredKey {
     pub disabled_reason: Option<String>,
 }
 
+impl From<KeyRecord> for StoredKey {
+    /// A key the database knows nothing more about.
+    fn from(record: KeyRecord) -> Self {
+        StoredKey {
+            record,
+            created_by: None,
+            last_used_at: None,
+            disabled_reason: None,
+        }
+    }
+}
+
 /// What an [`Db::import`] wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]

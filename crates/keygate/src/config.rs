@@ -1280,6 +1280,12 @@ impl Built {
         &self.store
     }
 
+    /// The SQLite database this gateway's spend ledger is in, when it keeps one (a
+    /// SQLite store, or a key file with the default store, without `[counters]`).
+    pub fn ledger_path(&self) -> Option<&Path> {
+        self.rates_db.as_deref()
+    }
+
     /// The counters shared with other replicas (`[counters]`), when there are.
     pub fn counters(&self) -> Option<&keygate_store::RedisBackend> {
         self.counters.as_ref()

@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::Router;
-use axum::routing::{get, post_service};
+use axum::routing::{get, get_service, post_service};
 use keygate::proxy::UpstreamProxy;
 use keygate::{Built, Config, ConfigError, JsonlConfig, PriceConfig};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -208,10 +208,61 @@ fn prometheus() -> &'static PrometheusHandle {
     })
 }
 
+/// The admin side of a gateway: the admin API where its keys are in a database, and
+/// `GET /v1/key` where its spend is (see [`admin_for`]).
+#[derive(Debug, Clone, Default)]
+pub struct AdminRoutes {
+    /// `/admin/v1/…`, on the database the keys are served from.
+    pub api: Option<keygate_admin::AdminApi>,
+    /// `GET /v1/key`, reading spend from the gateway's ledger.
+    pub own_key: Option<keygate_admin::AdminApi>,
+}
+
+/// The admin routes of a gateway built as `built`, making keys with the config's
+/// `key_prefix`: the admin API on its SQLite or PostgreSQL store (none for a key file: its
+/// keys are changed in the file), and `GET /v1/key` wherever a ledger is.
+///
+/// # Errors
+///
+/// When the SQLite database cannot be opened once more, or the prefix is not one.
+pub fn admin_for(built: &Built, key_prefix: &str) -> Result<AdminRoutes, GatewayError> {
+    use keygate_admin::{AdminApi, AdminStore};
+    let format = keygate::KeyFormat::with_prefix(key_prefix)
+        .map_err(|e| GatewayError::Config(ConfigError::Invalid(format!("key_prefix: {e}"))))?;
+    let open = |path: &std::path::Path| {
+        AdminStore::open_sqlite(path)
+            .map_err(|e| GatewayError::Config(ConfigError::Invalid(e.to_string())))
+    };
+    let source = built.store();
+    let store = if let Some(pg) = source.postgres() {
+        let store = AdminStore::postgres(pg.db().clone());
+        Some(match built.counters() {
+            Some(counters) => store.with_counters(counters.clone()),
+            None => store,
+        })
+    } else if let Some(sqlite) = source.sqlite() {
+        Some(open(sqlite.path())?)
+    } else {
+        None
+    };
+    let api = store.map(|store| {
+        AdminApi::new(store)
+            .with_key_format(format)
+            .with_key_source(source.clone())
+    });
+    let own_key = match (&api, built.ledger_path()) {
+        (Some(api), _) => Some(api.clone()),
+        (None, Some(path)) => Some(AdminApi::new(open(path)?)),
+        (None, None) => None,
+    };
+    Ok(AdminRoutes { api, own_key })
+}
+
 /// The gateway's HTTP app: `/healthz` and `/metrics` (unauthenticated), `POST /v1/tokens`
-/// (audit → key extraction → request rate → token exchange), and everything else through the
-/// full keygate stack to `upstream`.
-pub fn app(built: &Built, upstream: UpstreamProxy) -> Router {
+/// (audit → key extraction → request rate → token exchange), `GET /v1/key` (audit → key
+/// extraction → request rate → the key's own view), the admin API under `/admin/v1/`, and
+/// everything else through the full keygate stack to `upstream`.
+pub fn app(built: &Built, upstream: UpstreamProxy, admin: &AdminRoutes) -> Router {
     let layer = built.layer();
     let source = built.store().clone();
     let counters = built.counters().cloned();
@@ -231,6 +282,31 @@ pub fn app(built: &Built, upstream: UpstreamProxy) -> Router {
             .layer(layer.rate_limit_layer().clone())
             .service(exchange.clone());
         router = router.route("/v1/tokens", post_service(tokens));
+    }
+    if let Some(own) = &admin.own_key {
+        let own_key = ServiceBuilder::new()
+            .layer(layer.audit_layer().clone())
+            .layer(layer.extract_layer().clone())
+            .layer(layer.rate_limit_layer().clone())
+            .service(own.own_key_router());
+        router = router.route("/v1/key", get_service(own_key));
+    }
+    match &admin.api {
+        Some(api) => router = router.merge(api.router()),
+        None => {
+            router = router.route(
+                "/admin/{*rest}",
+                axum::routing::any(|| async {
+                    keygate_admin::ApiError {
+                        status: http::StatusCode::NOT_IMPLEMENTED,
+                        code: "no_admin_store",
+                        message: "this gateway serves keys from a key file: change them in the \
+                                  file (the admin API needs a database store)"
+                            .to_owned(),
+                    }
+                }),
+            );
+        }
     }
     router.fallback_service(ServiceBuilder::new().layer(layer.clone()).service(upstream))
 }
@@ -420,7 +496,7 @@ pub async fn start(
     let app = if options.without_keygate {
         bare_app(upstream)
     } else {
-        app(&built, upstream)
+        app(&built, upstream, &admin_for(&built, &config.key_prefix)?)
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let settings = ServerSettings::from(&config.server);

@@ -11,13 +11,13 @@ use keygate_core::{KeyDigest, KeyId, KeyRecord, ProjectRecord, Snapshot, Timesta
 use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
+use super::admin::{insert_event, insert_events};
 use super::schema::{MIGRATION_LOCK, MIGRATIONS, SCHEMA_VERSION};
+use crate::admin::{key_event, project_event};
 use crate::db::{
     Changes, ImportOutcome, StoredKey, changed_key, changed_project, check_key_file, check_record,
     digest_taken, key_digests, nanos, parse_key, parse_project, to_json,
 };
-use super::admin::{insert_event, insert_events};
-use crate::admin::{key_event, project_event};
 use crate::error::DbError;
 use crate::file::{KEY_FILE_VERSION, KeyFile};
 

@@ -1,0 +1,268 @@
+//! [`AdminStore`]: the keygate database the admin API reads and changes, SQLite or
+//! PostgreSQL, with one asynchronous interface.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use keygate::limit::backend::Window;
+use keygate_core::admin::{AdminEvent, AdminKeyRecord, AuditBy};
+use keygate_core::{KeyDigest, KeyRecord, ProjectRecord, Timestamp};
+use keygate_store::{Db, DbError, EventQuery, KeyPage, KeyQuery, PgDb, RedisBackend, StoredKey};
+
+/// Who changes something, owned (the SQLite calls run on a blocking thread).
+#[derive(Debug, Clone)]
+pub(crate) struct By {
+    pub(crate) actor: String,
+    pub(crate) action: &'static str,
+    pub(crate) at: Timestamp,
+}
+
+impl By {
+    fn audit(&self) -> AuditBy<'_> {
+        AuditBy {
+            actor: &self.actor,
+            action: self.action,
+            at: self.at,
+        }
+    }
+}
+
+/// A change to one key: the record and its disabled reason.
+pub(crate) type KeyChange =
+    Box<dyn FnOnce(&mut KeyRecord, &mut Option<String>) -> Result<(), String> + Send>;
+
+/// A change to one project.
+pub(crate) type ProjectChange = Box<dyn FnOnce(&mut ProjectRecord) -> Result<(), String> + Send>;
+
+/// The keygate database behind the admin API: a SQLite file (each call on a blocking
+/// thread, one connection) or a PostgreSQL pool; with the shared counters, for the spend
+/// still held by requests in flight on a PostgreSQL store.
+#[derive(Debug, Clone)]
+pub struct AdminStore {
+    db: Kind,
+    counters: Option<RedisBackend>,
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Sqlite(Arc<Mutex<Db>>),
+    Postgres(Box<PgDb>),
+}
+
+impl AdminStore {
+    /// The SQLite database at `path` (created and migrated if need be).
+    ///
+    /// # Errors
+    ///
+    /// As [`Db::open`].
+    pub fn open_sqlite(path: impl AsRef<Path>) -> Result<AdminStore, DbError> {
+        Ok(AdminStore {
+            db: Kind::Sqlite(Arc::new(Mutex::new(Db::open(path)?))),
+            counters: None,
+        })
+    }
+
+    /// A PostgreSQL database.
+    pub fn postgres(db: PgDb) -> AdminStore {
+        AdminStore {
+            db: Kind::Postgres(Box::new(db)),
+            counters: None,
+        }
+    }
+
+    /// With the shared counters a PostgreSQL store's gateways count in: what requests in
+    /// flight hold is read there (without them it shows as unknown).
+    #[must_use]
+    pub fn with_counters(mut self, counters: RedisBackend) -> Self {
+        self.counters = Some(counters);
+        self
+    }
+
+    async fn sqlite<T: Send + 'static>(
+        db: &Arc<Mutex<Db>>,
+        f: impl FnOnce(&mut Db) -> Result<T, DbError> + Send + 'static,
+    ) -> Result<T, DbError> {
+        let db = db.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut db = db
+                .lock()
+                .map_err(|_| DbError::Unavailable("the admin connection failed".to_owned()))?;
+            f(&mut db)
+        })
+        .await
+        .map_err(|_| DbError::Unavailable("the admin database call was cancelled".to_owned()))?
+    }
+
+    pub(crate) async fn projects(&self) -> Result<Vec<ProjectRecord>, DbError> {
+        match &self.db {
+            Kind::Sqlite(db) => Self::sqlite(db, |db| db.projects()).await,
+            Kind::Postgres(db) => db.projects().await,
+        }
+    }
+
+    pub(crate) async fn project(&self, id: &str) -> Result<Option<ProjectRecord>, DbError> {
+        let id = id.to_owned();
+        match &self.db {
+            Kind::Sqlite(db) => Self::sqlite(db, move |db| db.project(&id)).await,
+            Kind::Postgres(db) => db.project(&id).await,
+        }
+    }
+
+    pub(crate) async fn create_project(
+        &self,
+        project: ProjectRecord,
+        by: By,
+    ) -> Result<(), DbError> {
+        match &self.db {
+            Kind::Sqlite(db) => {
+                Self::sqlite(db, move |db| db.create_project_as(&project, by.audit())).await
+            }
+            Kind::Postgres(db) => db.create_project_as(&project, by.audit()).await,
+        }
+    }
+
+    pub(crate) async fn update_project(
+        &self,
+        id: &str,
+        by: By,
+        change: ProjectChange,
+    ) -> Result<(), DbError> {
+        let id = id.to_owned();
+        match &self.db {
+            Kind::Sqlite(db) => {
+                Self::sqlite(db, move |db| db.update_project_as(&id, by.audit(), change)).await
+            }
+            Kind::Postgres(db) => db.update_project_as(&id, by.audit(), change).await,
+        }
+    }
+
+    pub(crate) async fn list_keys(&self, query: KeyQuery) -> Result<KeyPage, DbError> {
+        match &self.db {
+            Kind::Sqlite(db) => Self::sqlite(db, move |db| db.list_keys(&query)).await,
+            Kind::Postgres(db) => db.list_keys(&query).await,
+        }
+    }
+
+    pub(crate) async fn key(&self, id: &str) -> Result<Option<StoredKey>, DbError> {
+        let id = id.to_owned();
+        match &self.db {
+            Kind::Sqlite(db) => Self::sqlite(db, move |db| db.key(&id)).await,
+            Kind::Postgres(db) => db.key(&id).await,
+        }
+    }
+
+    pub(crate) async fn insert_key(&self, key: KeyRecord, by: By) -> Result<(), DbError> {
+        let keys = [key];
+        match &self.db {
+            Kind::Sqlite(db) => {
+                Self::sqlite(db, move |db| {
+                    db.insert_keys_as(&keys, &by.actor, by.audit())
+                })
+                .await
+            }
+            Kind::Postgres(db) => db.insert_keys_as(&keys, &by.actor, by.audit()).await,
+        }
+    }
+
+    pub(crate) async fn update_key(
+        &self,
+        id: &str,
+        by: By,
+        change: KeyChange,
+    ) -> Result<(), DbError> {
+        let id = id.to_owned();
+        match &self.db {
+            Kind::Sqlite(db) => {
+                Self::sqlite(db, move |db| db.update_key_as(&id, by.audit(), change)).await
+            }
+            Kind::Postgres(db) => db.update_key_as(&id, by.audit(), change).await,
+        }
+    }
+
+    pub(crate) async fn admin_key_by_digest(
+        &self,
+        digest: KeyDigest,
+    ) -> Result<Option<AdminKeyRecord>, DbError> {
+        match &self.db {
+            Kind::Sqlite(db) => Self::sqlite(db, move |db| db.admin_key_by_digest(&digest)).await,
+            Kind::Postgres(db) => db.admin_key_by_digest(&digest).await,
+        }
+    }
+
+    pub(crate) async fn admin_keys(&self) -> Result<Vec<AdminKeyRecord>, DbError> {
+        match &self.db {
+            Kind::Sqlite(db) => Self::sqlite(db, |db| db.admin_keys()).await,
+            Kind::Postgres(db) => db.admin_keys().await,
+        }
+    }
+
+    pub(crate) async fn insert_admin_key(
+        &self,
+        key: AdminKeyRecord,
+        by: By,
+    ) -> Result<(), DbError> {
+        match &self.db {
+            Kind::Sqlite(db) => {
+                Self::sqlite(db, move |db| db.insert_admin_key(&key, by.audit())).await
+            }
+            Kind::Postgres(db) => db.insert_admin_key(&key, by.audit()).await,
+        }
+    }
+
+    pub(crate) async fn revoke_admin_key(
+        &self,
+        id: &str,
+        by: By,
+    ) -> Result<AdminKeyRecord, DbError> {
+        let id = id.to_owned();
+        match &self.db {
+            Kind::Sqlite(db) => {
+                Self::sqlite(db, move |db| db.revoke_admin_key(&id, by.audit())).await
+            }
+            Kind::Postgres(db) => db.revoke_admin_key(&id, by.audit()).await,
+        }
+    }
+
+    pub(crate) async fn admin_events(&self, query: EventQuery) -> Result<Vec<AdminEvent>, DbError> {
+        match &self.db {
+            Kind::Sqlite(db) => Self::sqlite(db, move |db| db.admin_events(&query)).await,
+            Kind::Postgres(db) => db.admin_events(&query).await,
+        }
+    }
+
+    /// What the budget counter `counter` of `group` holds in the budget period `window`:
+    /// settled (the ledger), and held by requests in flight (`None` when unknown: a
+    /// PostgreSQL store without its counters).
+    pub(crate) async fn budget_usage(
+        &self,
+        counter: &str,
+        group: u64,
+        window: Window,
+    ) -> Result<(u64, Option<u64>), DbError> {
+        let Window::Fixed { start, .. } = window else {
+            return Ok((0, Some(0)));
+        };
+        match &self.db {
+            Kind::Sqlite(db) => {
+                let counter = counter.to_owned();
+                Self::sqlite(db, move |db| {
+                    let usage = db.ledger_usage(&counter, start)?;
+                    Ok((usage.settled, Some(usage.open_reserved)))
+                })
+                .await
+            }
+            Kind::Postgres(db) => {
+                let settled = db.spent(counter, Some(start)).await?;
+                let Some(redis) = &self.counters else {
+                    return Ok((settled, None));
+                };
+                let counted = redis
+                    .used(group, counter, window)
+                    .await
+                    .map_err(|e| DbError::Unavailable(format!("the shared counters: {e}")))?
+                    .unwrap_or(0);
+                Ok((settled, Some(counted.saturating_sub(settled))))
+            }
+        }
+    }
+}

@@ -1,0 +1,696 @@
+//! The admin API of a real gateway (in-process, the very gateway `keygate serve` runs) on a
+//! SQLite store: every operation, every scope boundary, the audit record of each change,
+//! pagination, and the key holder's own `GET /v1/key`.
+
+use std::net::SocketAddr;
+
+mod common;
+use common::{cli, status};
+
+use keygate_cli::gateway::{self, Gateway, GatewayOptions};
+use serde_json::{Value, json};
+
+const CHAT: &str =
+    r#"{"model":"gpt-4o-mini","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+
+/// An HTTP answer: status and body (de-chunked), parsed as JSON when it is.
+struct Answer {
+    status: u16,
+    text: String,
+    json: Value,
+}
+
+fn parse(raw: &str) -> Answer {
+    let status = status(raw);
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((raw, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((size, after)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            out.push_str(&after[..n]);
+            rest = &after[n + 2..];
+        }
+        out
+    } else {
+        body.to_owned()
+    };
+    Answer {
+        status,
+        json: serde_json::from_str(&body).unwrap_or(Value::Null),
+        text: body,
+    }
+}
+
+async fn call(addr: SocketAddr, method: &str, path: &str, key: &str, body: &Value) -> Answer {
+    let body = if body.is_null() {
+        String::new()
+    } else {
+        body.to_string()
+    };
+    parse(&keygate_testkit::http(addr, method, path, key, &body).await)
+}
+
+/// The status of `GET /v1/models` with `secret`.
+async fn models(addr: SocketAddr, secret: &str) -> u16 {
+    call(addr, "GET", "/v1/models", secret, &Value::Null)
+        .await
+        .status
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    store: String,
+    gateway: Gateway,
+    root: String,
+    root_id: String,
+    p_admin: String,
+    reader: String,
+    reader_id: String,
+}
+
+impl Setup {
+    fn addr(&self) -> SocketAddr {
+        self.gateway.addr()
+    }
+}
+
+async fn admin_key(store: &str, name: &str, scope: &str) -> (String, String) {
+    let made = cli(
+        store,
+        &["admin-keys", "create", "--name", name, "--scope", scope],
+    )
+    .await;
+    assert!(
+        made["secret"].as_str().unwrap().starts_with("kg-admin-"),
+        "{made}"
+    );
+    (
+        made["admin_key"]["id"].as_str().unwrap().to_owned(),
+        made["secret"].as_str().unwrap().to_owned(),
+    )
+}
+
+async fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("sqlite:{}", dir.path().join("kg.db").display());
+    let (root_id, root) = admin_key(&store, "root", "manage").await;
+    let (_, p_admin) = admin_key(&store, "p-owner", "manage:p").await;
+    let (reader_id, reader) = admin_key(&store, "auditor", "read").await;
+    let mut options = GatewayOptions::new("127.0.0.1:0".parse().unwrap());
+    options.store = Some(store.clone());
+    let mut printed = Vec::new();
+    let gateway = gateway::start(options, &mut printed).await.unwrap();
+    Setup {
+        _dir: dir,
+        store,
+        gateway,
+        root,
+        root_id,
+        p_admin,
+        reader,
+        reader_id,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admins_manage_keys_within_their_scope_and_every_change_is_recorded() {
+    let s = setup().await;
+    let addr = s.addr();
+    // Projects: only `manage` over everything makes them.
+    for id in ["p", "q"] {
+        let made = call(
+            addr,
+            "POST",
+            "/admin/v1/projects",
+            &s.root,
+            &json!({ "id": id }),
+        )
+        .await;
+        assert_eq!(made.status, 201, "{}", made.text);
+    }
+    let refused = call(
+        addr,
+        "POST",
+        "/admin/v1/projects",
+        &s.p_admin,
+        &json!({ "id": "r" }),
+    )
+    .await;
+    assert_eq!(refused.status, 403, "{}", refused.text);
+    assert_eq!(refused.json["error"]["code"], "insufficient_admin_scope");
+    let seen = call(addr, "GET", "/admin/v1/projects", &s.p_admin, &Value::Null).await;
+    let ids: Vec<&str> = seen.json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["p"]);
+
+    // A key made by the project's admin works at once, with a per-model budget.
+    let made = call(
+        addr,
+        "POST",
+        "/admin/v1/keys",
+        &s.p_admin,
+        &json!({
+            "project": "p",
+            "name": "app",
+            "permissions": "all",
+            "labels": { "team": "search" },
+            "limits": { "budgets": [{ "amount": "0.01", "period": "day", "model": "gpt-4o-mini" }] },
+        }),
+    )
+    .await;
+    assert_eq!(made.status, 201, "{}", made.text);
+    let secret = made.json["secret"].as_str().unwrap().to_owned();
+    let id = made.json["key"]["id"].as_str().unwrap().to_owned();
+    assert!(secret.starts_with("sk-kg-"));
+    assert!(!made.json["key"].to_string().contains("digest"));
+    let chat = call(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        &secret,
+        &serde_json::from_str(CHAT).unwrap(),
+    )
+    .await;
+    assert_eq!(chat.status, 200, "{}", chat.text);
+    let elsewhere = call(
+        addr,
+        "POST",
+        "/admin/v1/keys",
+        &s.p_admin,
+        &json!({ "project": "q", "permissions": "all" }),
+    )
+    .await;
+    assert_eq!(elsewhere.status, 403, "{}", elsewhere.text);
+
+    // Spend, to the admin and to the key's holder (once the ledger has committed the
+    // settlement).
+    s.gateway.built().flush().await;
+    let spend = call(
+        addr,
+        "GET",
+        &format!("/admin/v1/keys/{id}/spend"),
+        &s.reader,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(spend.status, 200, "{}", spend.text);
+    let row = &spend.json["data"][0];
+    assert_eq!(row["scope"], "key");
+    assert_eq!(row["model"], "gpt-4o-mini");
+    assert_eq!(row["limit"], "0.01");
+    let spent: f64 = row["spent"].as_str().unwrap().parse().unwrap();
+    assert!(spent > 0.0, "{row}");
+    let remaining: f64 = row["remaining"].as_str().unwrap().parse().unwrap();
+    let reserved: f64 = row["reserved"].as_str().unwrap().parse().unwrap();
+    assert!((remaining + spent + reserved - 0.01).abs() < 1e-9, "{row}");
+    assert!(row["resets_at"].as_str().unwrap().ends_with('Z'));
+    let own = call(addr, "GET", "/v1/key", &secret, &Value::Null).await;
+    assert_eq!(own.status, 200, "{}", own.text);
+    assert_eq!(own.json["id"], id.as_str());
+    assert_eq!(own.json["budgets"][0]["spent"], row["spent"]);
+    assert_eq!(own.json["budgets"][0]["remaining"], row["remaining"]);
+    assert!(!own.text.contains("digest") && !own.text.contains(&secret));
+
+    // Another project's key is invisible to the project's admin, and untouchable.
+    let other = call(
+        addr,
+        "POST",
+        "/admin/v1/keys",
+        &s.root,
+        &json!({ "project": "q", "permissions": "read_only" }),
+    )
+    .await;
+    assert_eq!(other.status, 201);
+    let other_id = other.json["key"]["id"].as_str().unwrap().to_owned();
+    for (method, path) in [
+        ("GET", format!("/admin/v1/keys/{other_id}")),
+        ("PATCH", format!("/admin/v1/keys/{other_id}")),
+        ("POST", format!("/admin/v1/keys/{other_id}/disable")),
+        ("POST", format!("/admin/v1/keys/{other_id}/revoke")),
+        ("POST", format!("/admin/v1/keys/{other_id}/rotate")),
+        ("GET", format!("/admin/v1/keys/{other_id}/spend")),
+        ("GET", format!("/admin/v1/keys/{other_id}/events")),
+        ("PATCH", "/admin/v1/projects/q".to_owned()),
+    ] {
+        let a = call(addr, method, &path, &s.p_admin, &json!({})).await;
+        assert_eq!(a.status, 404, "{method} {path}: {}", a.text);
+    }
+    let listed = call(
+        addr,
+        "GET",
+        "/admin/v1/keys?limit=100",
+        &s.p_admin,
+        &Value::Null,
+    )
+    .await;
+    assert!(
+        listed.json["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|k| k["project"] == "p")
+    );
+    assert!(!listed.text.contains(&other_id));
+
+    // Read-only reads everything and changes nothing.
+    let read = call(
+        addr,
+        "GET",
+        &format!("/admin/v1/keys/{other_id}"),
+        &s.reader,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(read.status, 200);
+    for path in [
+        format!("/admin/v1/keys/{id}/disable"),
+        format!("/admin/v1/keys/{id}/revoke"),
+        "/admin/v1/admin-keys".to_owned(),
+    ] {
+        let a = call(addr, "POST", &path, &s.reader, &json!({})).await;
+        assert_eq!(a.status, 403, "{path}: {}", a.text);
+    }
+
+    // Update: settable fields only, records re-validated.
+    let renamed = call(
+        addr,
+        "PATCH",
+        &format!("/admin/v1/keys/{id}"),
+        &s.p_admin,
+        &json!({ "name": "renamed", "labels": null }),
+    )
+    .await;
+    assert_eq!(renamed.status, 200, "{}", renamed.text);
+    assert_eq!(renamed.json["name"], "renamed");
+    assert!(renamed.json.get("labels").is_none());
+    for bad in [
+        json!({ "digest": "00" }),
+        json!({ "project": "q" }),
+        json!({ "permissions": "everything" }),
+    ] {
+        let a = call(
+            addr,
+            "PATCH",
+            &format!("/admin/v1/keys/{id}"),
+            &s.p_admin,
+            &bad,
+        )
+        .await;
+        assert_eq!(a.status, 400, "{bad}: {}", a.text);
+        assert_eq!(a.json["error"]["type"], "invalid_request_error");
+    }
+
+    // Disable, re-enable, rotate with grace, revoke: each seen by the gateway at once.
+    let disabled = call(
+        addr,
+        "POST",
+        &format!("/admin/v1/keys/{id}/disable"),
+        &s.p_admin,
+        &json!({ "reason": "incident 42" }),
+    )
+    .await;
+    assert_eq!(disabled.json["status"], "disabled");
+    assert_eq!(disabled.json["disabled_reason"], "incident 42");
+    assert_eq!(models(addr, &secret).await, 401);
+    let enabled = call(
+        addr,
+        "POST",
+        &format!("/admin/v1/keys/{id}/enable"),
+        &s.p_admin,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(enabled.json["status"], "active");
+    assert_eq!(enabled.json["disabled_reason"], Value::Null);
+    assert_eq!(models(addr, &secret).await, 200);
+    let rotated = call(
+        addr,
+        "POST",
+        &format!("/admin/v1/keys/{id}/rotate"),
+        &s.p_admin,
+        &json!({ "grace_seconds": 600 }),
+    )
+    .await;
+    assert_eq!(rotated.status, 200, "{}", rotated.text);
+    let new_secret = rotated.json["secret"].as_str().unwrap().to_owned();
+    assert!(rotated.json["key"]["previous"]["valid_until"].is_string());
+    assert_eq!(models(addr, &new_secret).await, 200);
+    assert_eq!(models(addr, &secret).await, 200);
+    let too_long = call(
+        addr,
+        "POST",
+        &format!("/admin/v1/keys/{id}/rotate"),
+        &s.p_admin,
+        &json!({ "grace_seconds": 99_999_999 }),
+    )
+    .await;
+    assert_eq!(too_long.status, 400);
+    let revoked = call(
+        addr,
+        "POST",
+        &format!("/admin/v1/keys/{id}/revoke"),
+        &s.p_admin,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(revoked.json["status"], "revoked");
+    assert_eq!(models(addr, &new_secret).await, 401);
+    assert_eq!(models(addr, &secret).await, 401);
+    let again = call(
+        addr,
+        "POST",
+        &format!("/admin/v1/keys/{id}/enable"),
+        &s.p_admin,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(again.status, 400, "{}", again.text);
+
+    // Every change is one record: who, what, before and after; never a secret or a digest.
+    let events = call(
+        addr,
+        "GET",
+        &format!("/admin/v1/keys/{id}/events"),
+        &s.reader,
+        &Value::Null,
+    )
+    .await;
+    let actions: Vec<&str> = events.json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "key.revoke",
+            "key.rotate",
+            "key.enable",
+            "key.disable",
+            "key.update",
+            "key.create"
+        ]
+    );
+    let p_admin_id = call(addr, "GET", "/admin/v1/me", &s.p_admin, &Value::Null)
+        .await
+        .json["id"]
+        .clone();
+    for e in events.json["data"].as_array().unwrap() {
+        assert_eq!(e["actor"], p_admin_id);
+        assert_eq!(e["project"], "p");
+    }
+    let update = &events.json["data"][4];
+    assert_eq!(update["before"]["name"], "app");
+    assert_eq!(update["after"]["name"], "renamed");
+    let all = call(
+        addr,
+        "GET",
+        "/admin/v1/events?limit=1000",
+        &s.root,
+        &Value::Null,
+    )
+    .await;
+    for text in [&events.text, &all.text] {
+        assert!(!text.contains("digest"), "{text}");
+        for secret in [&secret, &new_secret, &s.root, &s.p_admin] {
+            assert!(!text.contains(secret.as_str()));
+        }
+    }
+    let scoped = call(
+        addr,
+        "GET",
+        "/admin/v1/events?limit=1000",
+        &s.p_admin,
+        &Value::Null,
+    )
+    .await;
+    assert!(
+        scoped.json["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["project"] == "p")
+    );
+    assert!(!scoped.text.contains(&other_id));
+    // The command line's changes are recorded too.
+    cli(&s.store, &["keys", "disable", &other_id]).await;
+    let by_cli = call(
+        addr,
+        "GET",
+        &format!("/admin/v1/keys/{other_id}/events"),
+        &s.root,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(by_cli.json["data"][0]["actor"], "cli");
+    assert_eq!(by_cli.json["data"][0]["action"], "key.disable");
+    assert_eq!(by_cli.json["data"][1]["actor"], s.root_id.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_cross_between_the_admin_api_and_the_model_routes() {
+    let s = setup().await;
+    let addr = s.addr();
+    call(
+        addr,
+        "POST",
+        "/admin/v1/projects",
+        &s.root,
+        &json!({ "id": "p" }),
+    )
+    .await;
+    let made = call(
+        addr,
+        "POST",
+        "/admin/v1/keys",
+        &s.root,
+        &json!({ "project": "p", "permissions": "all" }),
+    )
+    .await;
+    let secret = made.json["secret"].as_str().unwrap().to_owned();
+    let id = made.json["key"]["id"].as_str().unwrap().to_owned();
+    let spec = call(addr, "GET", "/admin/v1/openapi.json", "", &Value::Null).await;
+    assert_eq!(spec.status, 200);
+    assert_eq!(spec.json["openapi"], "3.1.0");
+    let mut routes = Vec::new();
+    for (path, ops) in spec.json["paths"].as_object().unwrap() {
+        if !path.starts_with("/admin/v1/") || path.ends_with("openapi.json") {
+            continue;
+        }
+        for method in ops.as_object().unwrap().keys() {
+            let real = path.replace(
+                "{id}",
+                if path.contains("admin-keys") {
+                    "adm_nope"
+                } else {
+                    &id
+                },
+            );
+            routes.push((method.to_uppercase(), real));
+        }
+    }
+    assert!(routes.len() >= 19, "{routes:?}");
+    for (method, path) in &routes {
+        // A data-plane key, no key, a made-up admin key: 401 on every admin route.
+        for key in [
+            secret.as_str(),
+            "",
+            "kg-admin-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            let a = call(addr, method, path, key, &json!({})).await;
+            assert_eq!(a.status, 401, "{method} {path} with {key:.8}: {}", a.text);
+            assert_eq!(a.json["error"]["code"], "invalid_admin_key");
+        }
+        // Every documented route exists (the read-only admin gets past authentication and
+        // is answered by the route, not by the catch-all).
+        let a = call(addr, method, path, &s.reader, &json!({})).await;
+        assert_ne!(
+            a.json["error"]["message"], "this admin route not found",
+            "{method} {path}"
+        );
+        assert_ne!(a.status, 401, "{method} {path}");
+    }
+    let unknown = call(addr, "GET", "/admin/v1/nothing", &s.reader, &Value::Null).await;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(
+        unknown.json["error"]["message"],
+        "this admin route not found"
+    );
+
+    // An admin key calls no model, nor /v1/key.
+    for admin in [&s.root, &s.reader] {
+        for (method, path, body) in [
+            ("GET", "/v1/models", ""),
+            ("POST", "/v1/chat/completions", CHAT),
+            ("GET", "/v1/key", ""),
+        ] {
+            let a = parse(&keygate_testkit::http(addr, method, path, admin, body).await);
+            assert_eq!(a.status, 401, "{method} {path}: {}", a.text);
+        }
+    }
+
+    // Admin keys: listed and revoked by the superuser only; a revoked one is refused.
+    let listed = call(addr, "GET", "/admin/v1/admin-keys", &s.root, &Value::Null).await;
+    assert_eq!(listed.json["data"].as_array().unwrap().len(), 3);
+    assert!(!listed.text.contains("digest"));
+    assert_eq!(
+        call(
+            addr,
+            "GET",
+            "/admin/v1/admin-keys",
+            &s.p_admin,
+            &Value::Null
+        )
+        .await
+        .status,
+        403
+    );
+    let made = call(
+        addr,
+        "POST",
+        "/admin/v1/admin-keys",
+        &s.root,
+        &json!({ "name": "ci", "scope": "read:p" }),
+    )
+    .await;
+    assert_eq!(made.status, 201, "{}", made.text);
+    let ci = made.json["secret"].as_str().unwrap().to_owned();
+    assert_eq!(
+        call(addr, "GET", "/admin/v1/keys", &ci, &Value::Null)
+            .await
+            .status,
+        200
+    );
+    let revoked = call(
+        addr,
+        "POST",
+        &format!("/admin/v1/admin-keys/{}/revoke", s.reader_id),
+        &s.root,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(revoked.json["status"], "revoked", "{}", revoked.text);
+    assert_eq!(
+        call(addr, "GET", "/admin/v1/me", &s.reader, &Value::Null)
+            .await
+            .status,
+        401
+    );
+    let bad_scope = call(
+        addr,
+        "POST",
+        "/admin/v1/admin-keys",
+        &s.root,
+        &json!({ "scope": "write" }),
+    )
+    .await;
+    assert_eq!(bad_scope.status, 400);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listings_page_through_every_key_once_with_filters() {
+    let s = setup().await;
+    let addr = s.addr();
+    call(
+        addr,
+        "POST",
+        "/admin/v1/projects",
+        &s.root,
+        &json!({ "id": "p" }),
+    )
+    .await;
+    let mut made = Vec::new();
+    for i in 0..7 {
+        let a = call(
+            addr,
+            "POST",
+            "/admin/v1/keys",
+            &s.root,
+            &json!({ "project": "p", "name": format!("svc-{i}"), "permissions": "read_only" }),
+        )
+        .await;
+        made.push(a.json["key"]["id"].as_str().unwrap().to_owned());
+    }
+    call(
+        addr,
+        "POST",
+        &format!("/admin/v1/keys/{}/disable", made[3]),
+        &s.root,
+        &Value::Null,
+    )
+    .await;
+    let mut seen = Vec::new();
+    let mut path = "/admin/v1/keys?project=p&limit=3".to_owned();
+    let mut pages = 0;
+    loop {
+        let page = call(addr, "GET", &path, &s.reader, &Value::Null).await;
+        assert_eq!(page.status, 200, "{}", page.text);
+        pages += 1;
+        for k in page.json["data"].as_array().unwrap() {
+            seen.push(k["id"].as_str().unwrap().to_owned());
+        }
+        if page.json["has_more"] != true {
+            break;
+        }
+        path = format!(
+            "/admin/v1/keys?project=p&limit=3&after={}",
+            page.json["last_id"].as_str().unwrap()
+        );
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(seen, made);
+    let disabled = call(
+        addr,
+        "GET",
+        "/admin/v1/keys?project=p&status=disabled",
+        &s.reader,
+        &Value::Null,
+    )
+    .await;
+    let ids: Vec<&str> = disabled.json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [made[3].as_str()]);
+    let named = call(
+        addr,
+        "GET",
+        "/admin/v1/keys?prefix=svc-6",
+        &s.reader,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(named.json["data"].as_array().unwrap().len(), 1);
+    let bad = call(
+        addr,
+        "GET",
+        "/admin/v1/keys?status=sleepy",
+        &s.reader,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(bad.status, 400);
+    let cursor = call(
+        addr,
+        "GET",
+        "/admin/v1/keys?after=key_nope",
+        &s.reader,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(cursor.status, 404);
+}
