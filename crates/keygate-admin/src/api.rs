@@ -87,7 +87,7 @@ impl AdminApi {
         }
     }
 
-    fn by(&self, caller: &Caller, action: &'static str) -> By {
+    pub(crate) fn by(&self, caller: &Caller, action: &'static str) -> By {
         By {
             actor: caller.id.clone(),
             action,
@@ -96,7 +96,7 @@ impl AdminApi {
     }
 
     /// After a change: the gateway's snapshot catches up now rather than at its next poll.
-    async fn changed(&self) {
+    pub(crate) async fn changed(&self) {
         if let Some(source) = &self.inner.source
             && let Err(error) = source.reload().await
         {
@@ -106,7 +106,7 @@ impl AdminApi {
 
     /// The key `id` if `caller` may see it (else 404, as for a key that does not exist),
     /// and may change it when `manage` (else 403).
-    async fn visible_key(
+    pub(crate) async fn visible_key(
         &self,
         caller: &Caller,
         id: &str,
@@ -128,7 +128,7 @@ impl AdminApi {
         Ok(key)
     }
 
-    async fn change_key(
+    pub(crate) async fn change_key(
         &self,
         caller: &Caller,
         id: &str,
@@ -152,19 +152,7 @@ impl AdminApi {
         self.visible_key(caller, id, false).await
     }
 
-    /// [`AdminApi::change_key`], answered with the key as it is now.
-    async fn change_key_view(
-        &self,
-        caller: &Caller,
-        id: &str,
-        action: &'static str,
-        change: impl FnOnce(&mut KeyRecord, &mut Option<String>) -> Result<(), String> + Send + 'static,
-    ) -> ApiResult {
-        let key = self.change_key(caller, id, action, change).await?;
-        ok(key_view(&key, self.inner.clock.now()))
-    }
-
-    fn superuser(caller: &Caller, what: &str) -> Result<(), ApiError> {
+    pub(crate) fn superuser(caller: &Caller, what: &str) -> Result<(), ApiError> {
         if caller.scope.is_superuser() {
             Ok(())
         } else {
@@ -330,34 +318,130 @@ pub(crate) async fn create_key(
     axum::Extension(caller): axum::Extension<Caller>,
     body: Bytes,
 ) -> ApiResult {
-    let mut fields = body_object(&body)?;
-    let Some(Value::String(project)) = fields.remove("project") else {
-        return Err(ApiError::bad_request(
-            "a key needs a \"project\" (a project id)",
-        ));
-    };
-    if !caller.scope.may_manage(&project) {
-        return Err(ApiError::forbidden(format!(
-            "admin key {} may not create keys in project {project:?}",
-            caller.id
-        )));
-    }
-    let secret = api.inner.key_format.generate().map_err(no_randomness)?;
-    let id = KeyId::generate().map_err(no_randomness)?;
-    let now = api.inner.clock.now();
-    let base = KeyRecord::new(id, project, secret.digest(), now);
-    let key = merged(&base, &fields, KEY_FIELDS).map_err(ApiError::bad_request)?;
-    api.inner
-        .store
-        .insert_key(key.clone(), api.by(&caller, "key.create"))
-        .await?;
-    api.changed().await;
-    let stored = api.visible_key(&caller, key.id.as_str(), false).await?;
+    let (key, secret) = api.create_key(&caller, body_object(&body)?).await?;
     created(json!({
-        "key": key_view(&stored, now),
+        "key": key_view(&key, api.inner.clock.now()),
         // The only time the secret is shown: keygate keeps its digest only.
-        "secret": secret.expose(),
+        "secret": secret,
     }))
+}
+
+impl AdminApi {
+    /// Makes a key of `fields` (`project` and the settable fields); the key as stored and
+    /// its secret.
+    pub(crate) async fn create_key(
+        &self,
+        caller: &Caller,
+        mut fields: Map<String, Value>,
+    ) -> Result<(StoredKey, String), ApiError> {
+        let Some(Value::String(project)) = fields.remove("project") else {
+            return Err(ApiError::bad_request(
+                "a key needs a \"project\" (a project id)",
+            ));
+        };
+        if !caller.scope.may_manage(&project) {
+            return Err(ApiError::forbidden(format!(
+                "admin key {} may not create keys in project {project:?}",
+                caller.id
+            )));
+        }
+        let secret = self.inner.key_format.generate().map_err(no_randomness)?;
+        let id = KeyId::generate().map_err(no_randomness)?;
+        let base = KeyRecord::new(id, project, secret.digest(), self.inner.clock.now());
+        let key = merged(&base, &fields, KEY_FIELDS).map_err(ApiError::bad_request)?;
+        self.inner
+            .store
+            .insert_key(key.clone(), self.by(caller, "key.create"))
+            .await?;
+        self.changed().await;
+        let stored = self.visible_key(caller, key.id.as_str(), false).await?;
+        Ok((stored, secret.expose().to_owned()))
+    }
+
+    /// Gives key `id` a new secret; the old one works `grace` longer. The key and the new
+    /// secret.
+    pub(crate) async fn rotate(
+        &self,
+        caller: &Caller,
+        id: &str,
+        grace: Duration,
+    ) -> Result<(StoredKey, String), ApiError> {
+        if grace > MAX_GRACE {
+            return Err(ApiError::bad_request(
+                "the grace period is at most 2592000 seconds (30 days)",
+            ));
+        }
+        let secret = self.inner.key_format.generate().map_err(no_randomness)?;
+        let digest = secret.digest();
+        let now = self.inner.clock.now();
+        let key = self
+            .change_key(caller, id, "key.rotate", move |k, _| {
+                if k.revoked_at.is_some() {
+                    return Err(format!("key {} is revoked; create a new key instead", k.id));
+                }
+                k.previous = (!grace.is_zero()).then(|| PreviousSecret {
+                    digest: k.digest,
+                    valid_until: now.saturating_add(grace),
+                });
+                k.digest = digest;
+                Ok(())
+            })
+            .await?;
+        Ok((key, secret.expose().to_owned()))
+    }
+
+    /// Disables key `id` (`why`: the reason shown with it).
+    pub(crate) async fn disable(
+        &self,
+        caller: &Caller,
+        id: &str,
+        why: String,
+    ) -> Result<StoredKey, ApiError> {
+        self.change_key(caller, id, "key.disable", move |k, reason| {
+            k.disabled = true;
+            *reason = Some(why);
+            Ok(())
+        })
+        .await
+    }
+
+    /// Enables key `id` again (also one the wallet guard suspended); never a revoked one.
+    pub(crate) async fn enable(&self, caller: &Caller, id: &str) -> Result<StoredKey, ApiError> {
+        self.change_key(caller, id, "key.enable", |k, reason| {
+            if k.revoked_at.is_some() {
+                return Err(format!("key {} is revoked: it never works again", k.id));
+            }
+            k.disabled = false;
+            *reason = None;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Revokes key `id` for good.
+    pub(crate) async fn revoke(&self, caller: &Caller, id: &str) -> Result<StoredKey, ApiError> {
+        let now = self.inner.clock.now();
+        self.change_key(caller, id, "key.revoke", move |k, _| {
+            k.revoked_at.get_or_insert(now);
+            k.previous = None;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Applies `patch` (the settable fields) to key `id`.
+    pub(crate) async fn update(
+        &self,
+        caller: &Caller,
+        id: &str,
+        patch: Map<String, Value>,
+    ) -> Result<StoredKey, ApiError> {
+        self.change_key(caller, id, "key.update", move |k, _| {
+            *k = merged(k, &patch, KEY_FIELDS)?;
+            Ok(())
+        })
+        .await
+    }
 }
 
 pub(crate) async fn get_key(
@@ -375,12 +459,20 @@ pub(crate) async fn update_key(
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    let patch = body_object(&body)?;
-    api.change_key_view(&caller, &id, "key.update", move |k, _| {
-        *k = merged(k, &patch, KEY_FIELDS)?;
-        Ok(())
-    })
-    .await
+    let key = api.update(&caller, &id, body_object(&body)?).await?;
+    ok(key_view(&key, api.inner.clock.now()))
+}
+
+/// The reason a disable gives: `reason` when it is one, else who disabled it.
+pub(crate) fn disable_reason(caller: &Caller, reason: Option<&Value>) -> Result<String, ApiError> {
+    match reason {
+        None | Some(Value::Null) => Ok(format!("disabled by {}", caller.id)),
+        Some(Value::String(s)) if s.is_empty() => Ok(format!("disabled by {}", caller.id)),
+        Some(Value::String(s)) if s.len() <= 200 => Ok(s.clone()),
+        Some(_) => Err(ApiError::bad_request(
+            "\"reason\" must be a string of at most 200 bytes",
+        )),
+    }
 }
 
 pub(crate) async fn disable_key(
@@ -389,22 +481,9 @@ pub(crate) async fn disable_key(
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    let fields = body_object(&body)?;
-    let why = match fields.get("reason") {
-        None | Some(Value::Null) => format!("disabled by {}", caller.id),
-        Some(Value::String(s)) if s.len() <= 200 => s.clone(),
-        Some(_) => {
-            return Err(ApiError::bad_request(
-                "\"reason\" must be a string of at most 200 bytes",
-            ));
-        }
-    };
-    api.change_key_view(&caller, &id, "key.disable", move |k, reason| {
-        k.disabled = true;
-        *reason = Some(why);
-        Ok(())
-    })
-    .await
+    let why = disable_reason(&caller, body_object(&body)?.get("reason"))?;
+    let key = api.disable(&caller, &id, why).await?;
+    ok(key_view(&key, api.inner.clock.now()))
 }
 
 pub(crate) async fn enable_key(
@@ -412,15 +491,8 @@ pub(crate) async fn enable_key(
     axum::Extension(caller): axum::Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult {
-    api.change_key_view(&caller, &id, "key.enable", |k, reason| {
-        if k.revoked_at.is_some() {
-            return Err(format!("key {} is revoked: it never works again", k.id));
-        }
-        k.disabled = false;
-        *reason = None;
-        Ok(())
-    })
-    .await
+    let key = api.enable(&caller, &id).await?;
+    ok(key_view(&key, api.inner.clock.now()))
 }
 
 pub(crate) async fn revoke_key(
@@ -428,13 +500,8 @@ pub(crate) async fn revoke_key(
     axum::Extension(caller): axum::Extension<Caller>,
     Path(id): Path<String>,
 ) -> ApiResult {
-    let now = api.inner.clock.now();
-    api.change_key_view(&caller, &id, "key.revoke", move |k, _| {
-        k.revoked_at.get_or_insert(now);
-        k.previous = None;
-        Ok(())
-    })
-    .await
+    let key = api.revoke(&caller, &id).await?;
+    ok(key_view(&key, api.inner.clock.now()))
 }
 
 pub(crate) async fn rotate_key(
@@ -446,33 +513,14 @@ pub(crate) async fn rotate_key(
     let fields = body_object(&body)?;
     let grace = match fields.get("grace_seconds") {
         None | Some(Value::Null) => Duration::ZERO,
-        Some(v) => v
-            .as_u64()
-            .map(Duration::from_secs)
-            .filter(|g| *g <= MAX_GRACE)
-            .ok_or_else(|| {
-                ApiError::bad_request(
-                    "\"grace_seconds\" must be a whole number from 0 to 2592000 (30 days)",
-                )
-            })?,
+        Some(v) => v.as_u64().map(Duration::from_secs).ok_or_else(|| {
+            ApiError::bad_request(
+                "\"grace_seconds\" must be a whole number from 0 to 2592000 (30 days)",
+            )
+        })?,
     };
-    let secret = api.inner.key_format.generate().map_err(no_randomness)?;
-    let digest = secret.digest();
-    let now = api.inner.clock.now();
-    let key = api
-        .change_key(&caller, &id, "key.rotate", move |k, _| {
-            if k.revoked_at.is_some() {
-                return Err(format!("key {} is revoked; create a new key instead", k.id));
-            }
-            k.previous = (!grace.is_zero()).then(|| PreviousSecret {
-                digest: k.digest,
-                valid_until: now.saturating_add(grace),
-            });
-            k.digest = digest;
-            Ok(())
-        })
-        .await?;
-    ok(json!({ "key": key_view(&key, now), "secret": secret.expose() }))
+    let (key, secret) = api.rotate(&caller, &id, grace).await?;
+    ok(json!({ "key": key_view(&key, api.inner.clock.now()), "secret": secret }))
 }
 
 pub(crate) async fn key_spend(
@@ -485,6 +533,74 @@ pub(crate) async fn key_spend(
     let now = api.inner.clock.now();
     let rows = budgets(&api.inner.store, &key.record, project.as_ref(), now).await?;
     ok(json!({ "object": "list", "key": id, "at": now, "data": rows }))
+}
+
+/// The query of `GET /admin/v1/keys/{id}/usage`.
+#[derive(Debug, Deserialize)]
+pub(crate) struct UsageQuery {
+    days: Option<u32>,
+}
+
+/// The most days a usage report covers.
+pub const MAX_USAGE_DAYS: u32 = 366;
+
+const NANOS_PER_DAY: u64 = 86_400 * 1_000_000_000;
+
+/// The UTC date of day `day` (days since 1970-01-01), `YYYY-MM-DD`.
+pub(crate) fn date_of(day: u32) -> String {
+    let t = keygate_core::Timestamp::from_unix_secs(u64::from(day) * 86_400);
+    t.to_string().get(..10).unwrap_or_default().to_owned()
+}
+
+/// Usage of a key per UTC day and model over the last `days` days (today included).
+pub(crate) async fn usage_rows(
+    api: &AdminApi,
+    id: &str,
+    days: u32,
+) -> Result<(u32, Vec<keygate_store::UsageRow>), ApiError> {
+    let today = u32::try_from(api.inner.clock.now().as_unix_nanos() / NANOS_PER_DAY).unwrap_or(0);
+    let from = today.saturating_sub(days.clamp(1, MAX_USAGE_DAYS) - 1);
+    Ok((from, api.inner.store.usage(id, from).await?))
+}
+
+pub(crate) async fn key_usage(
+    State(api): State<AdminApi>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path(id): Path<String>,
+    Query(q): Query<UsageQuery>,
+) -> ApiResult {
+    api.visible_key(&caller, &id, false).await?;
+    let (from, rows) = usage_rows(&api, &id, q.days.unwrap_or(30)).await?;
+    let data: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "date": date_of(r.day),
+                "model": r.model,
+                "requests": r.requests,
+                "denied": r.denied,
+                "input_tokens": r.input_tokens,
+                "output_tokens": r.output_tokens,
+                "cost": keygate_core::Money::from_nanos(r.cost_nanos),
+            })
+        })
+        .collect();
+    ok(json!({ "object": "list", "key": id, "from": date_of(from), "data": data }))
+}
+
+pub(crate) async fn key_decisions(
+    State(api): State<AdminApi>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    api.visible_key(&caller, &id, false).await?;
+    let data = api
+        .inner
+        .activity
+        .as_ref()
+        .map(|a| a.recent(&id))
+        .unwrap_or_default();
+    ok(json!({ "object": "list", "key": id, "data": data }))
 }
 
 /// The query of the event listings.

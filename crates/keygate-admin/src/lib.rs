@@ -27,24 +27,34 @@
 //! | `POST /admin/v1/keys` (the secret is in this response only) | manage |
 //! | `GET`, `PATCH /admin/v1/keys/{id}` | read, manage |
 //! | `POST /admin/v1/keys/{id}/rotate`, `/disable`, `/enable`, `/revoke` | manage |
-//! | `GET /admin/v1/keys/{id}/spend`, `/events` | read |
+//! | `GET /admin/v1/keys/{id}/spend`, `/usage?days=`, `/decisions`, `/events` | read |
 //! | `GET /admin/v1/events?target=&before=&limit=` | read |
 //! | `GET`, `POST /admin/v1/admin-keys`, `POST /admin/v1/admin-keys/{id}/revoke` | manage (every project) |
 //!
 //! A key outside an admin key's projects is answered 404, as one that does not exist.
 //!
+//! **The web console** at `/admin/` (same router): log in with an admin key (a session
+//! cookie, `HttpOnly`, `SameSite=Strict`, `Secure` with [`AdminApi::with_secure_cookies`]),
+//! then the keys list (status, expiry, budget and spend, last use), a key's page (one row
+//! per model rule with its limit, spend and what remains; endpoint-group rights; rates and
+//! address ranges; spend per day over 30 days; recent requests; changes), and forms to
+//! create (the secret shown once), edit, set a per-model limit, rotate, disable, re-enable
+//! and revoke. Server-rendered (maud), plain forms that work without JavaScript, a CSRF
+//! token in every form, and [`CSP`] on every page; assets are embedded.
+//!
 //! ```no_run
-//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! # fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! use keygate_admin::{AdminApi, AdminStore};
 //!
 //! let api = AdminApi::new(AdminStore::open_sqlite("keygate.db")?);
-//! let app = axum::Router::new().merge(api.router());
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8081").await?;
-//! axum::serve(listener, app).await?;
+//! // Serve it with axum::serve, or merge it into the app's own router.
+//! let app: axum::Router = axum::Router::new().merge(api.router());
+//! # let _ = app;
 //! # Ok(()) }
 //! ```
 
 mod api;
+mod console;
 mod error;
 mod spend;
 mod store;
@@ -57,7 +67,8 @@ use axum::routing::{get, post};
 use keygate::KeySource;
 use keygate_core::{Clock, KeyFormat};
 
-pub use api::{Caller, DEFAULT_PAGE, MAX_GRACE};
+pub use api::{Caller, DEFAULT_PAGE, MAX_GRACE, MAX_USAGE_DAYS};
+pub use console::{CSP, MAX_SESSIONS, SESSION_COOKIE, SESSION_TTL};
 pub use error::ApiError;
 pub use spend::{BudgetUse, period_name};
 pub use store::AdminStore;
@@ -78,6 +89,9 @@ struct Inner {
     clock: Clock,
     key_format: KeyFormat,
     source: Option<KeySource>,
+    activity: Option<keygate::Activity>,
+    sessions: Arc<console::Sessions>,
+    secure_cookies: bool,
 }
 
 impl AdminApi {
@@ -89,6 +103,9 @@ impl AdminApi {
                 clock: Clock::system(),
                 key_format: KeyFormat::default(),
                 source: None,
+                activity: None,
+                sessions: Arc::default(),
+                secure_cookies: false,
             }),
         }
     }
@@ -112,6 +129,21 @@ impl AdminApi {
     #[must_use]
     pub fn with_key_source(mut self, source: KeySource) -> Self {
         Arc::make_mut(&mut self.inner).source = Some(source);
+        self
+    }
+
+    /// Showing the recent decisions `activity` keeps (the gateway's, in this process).
+    #[must_use]
+    pub fn with_activity(mut self, activity: keygate::Activity) -> Self {
+        Arc::make_mut(&mut self.inner).activity = Some(activity);
+        self
+    }
+
+    /// Marking the console's session cookie `Secure` (send it over HTTPS only): set it when
+    /// browsers reach the console over TLS (a proxy in front terminating it).
+    #[must_use]
+    pub fn with_secure_cookies(mut self, secure: bool) -> Self {
+        Arc::make_mut(&mut self.inner).secure_cookies = secure;
         self
     }
 
@@ -143,6 +175,8 @@ impl AdminApi {
             .route("/admin/v1/keys/{id}/revoke", post(api::revoke_key))
             .route("/admin/v1/keys/{id}/spend", get(api::key_spend))
             .route("/admin/v1/keys/{id}/events", get(api::key_events))
+            .route("/admin/v1/keys/{id}/usage", get(api::key_usage))
+            .route("/admin/v1/keys/{id}/decisions", get(api::key_decisions))
             .route("/admin/v1/events", get(api::list_events))
             .route(
                 "/admin/v1/admin-keys",
@@ -164,6 +198,7 @@ impl AdminApi {
                 get(|| async { ([(http::header::CONTENT_TYPE, "application/json")], OPENAPI) }),
             )
             .merge(authenticated)
+            .merge(console::routes(self))
     }
 
     /// `GET /v1/key`: the calling key's own rights, limits and remaining budgets. Mount it

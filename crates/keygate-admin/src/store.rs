@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use keygate::limit::backend::Window;
 use keygate_core::admin::{AdminEvent, AdminKeyRecord, AuditBy};
 use keygate_core::{KeyDigest, KeyRecord, ProjectRecord, Timestamp};
-use keygate_store::{Db, DbError, EventQuery, KeyPage, KeyQuery, PgDb, RedisBackend, StoredKey};
+use keygate_store::{
+    Db, DbError, EventQuery, KeyPage, KeyQuery, PgDb, RedisBackend, StoredKey, UsageRow,
+};
 
 /// Who changes something, owned (the SQLite calls run on a blocking thread).
 #[derive(Debug, Clone)]
@@ -227,6 +229,30 @@ impl AdminStore {
         match &self.db {
             Kind::Sqlite(db) => Self::sqlite(db, move |db| db.admin_events(&query)).await,
             Kind::Postgres(db) => db.admin_events(&query).await,
+        }
+    }
+
+    /// Adds usage counts (see [`Db::add_usage`]).
+    ///
+    /// # Errors
+    ///
+    /// When the store cannot be written; nothing is then.
+    pub async fn add_usage(&self, rows: Vec<UsageRow>) -> Result<(), DbError> {
+        match &self.db {
+            Kind::Sqlite(db) => Self::sqlite(db, move |db| db.add_usage(&rows)).await,
+            Kind::Postgres(db) => db.add_usage(&rows).await,
+        }
+    }
+
+    pub(crate) async fn usage(
+        &self,
+        key_id: &str,
+        from_day: u32,
+    ) -> Result<Vec<UsageRow>, DbError> {
+        let key_id = key_id.to_owned();
+        match &self.db {
+            Kind::Sqlite(db) => Self::sqlite(db, move |db| db.usage(&key_id, from_day)).await,
+            Kind::Postgres(db) => db.usage(&key_id, from_day).await,
         }
     }
 

@@ -222,6 +222,52 @@ async fn admins_manage_keys_within_their_scope_and_every_change_is_recorded() {
     assert_eq!(own.json["budgets"][0]["remaining"], row["remaining"]);
     assert!(!own.text.contains("digest") && !own.text.contains(&secret));
 
+    // The key's recent decisions (in memory) and its usage per day and model (written
+    // about once a second).
+    let recent = call(
+        addr,
+        "GET",
+        &format!("/admin/v1/keys/{id}/decisions"),
+        &s.reader,
+        &Value::Null,
+    )
+    .await;
+    let kinds: Vec<&str> = recent.json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["decision"].as_str().unwrap())
+        .collect();
+    assert!(kinds.contains(&"allowed"), "{}", recent.text);
+    assert_eq!(
+        recent.json["data"].as_array().unwrap().last().unwrap()["path"],
+        "/v1/chat/completions"
+    );
+    let started = std::time::Instant::now();
+    loop {
+        let usage = call(
+            addr,
+            "GET",
+            &format!("/admin/v1/keys/{id}/usage?days=7"),
+            &s.reader,
+            &Value::Null,
+        )
+        .await;
+        let rows = usage.json["data"].as_array().unwrap().clone();
+        if let Some(row) = rows.iter().find(|r| r["model"] == "gpt-4o-mini") {
+            assert_eq!(row["requests"], 1, "{}", usage.text);
+            assert!(row["output_tokens"].as_u64().unwrap() > 0);
+            assert_ne!(row["cost"], "0");
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "no usage: {}",
+            usage.text
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
     // Another project's key is invisible to the project's admin, and untouchable.
     let other = call(
         addr,
@@ -693,4 +739,162 @@ async fn listings_page_through_every_key_once_with_filters() {
     )
     .await;
     assert_eq!(cursor.status, 404);
+}
+
+/// A raw request with `headers` (each `name: value`) and a form `body`; the whole answer.
+async fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[&str], body: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut head = format!("{method} {path} HTTP/1.1\r\nhost: gw\r\nconnection: close\r\n");
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str(&format!(
+        "content-type: application/x-www-form-urlencoded\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    ));
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    stream.read_to_end(&mut out).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_takes_only_admin_keys_and_only_its_own_forms() {
+    let s = setup().await;
+    let addr = s.addr();
+    call(
+        addr,
+        "POST",
+        "/admin/v1/projects",
+        &s.root,
+        &json!({ "id": "p" }),
+    )
+    .await;
+    let made = call(
+        addr,
+        "POST",
+        "/admin/v1/keys",
+        &s.root,
+        &json!({ "project": "p", "permissions": "all" }),
+    )
+    .await;
+    let secret = made.json["secret"].as_str().unwrap().to_owned();
+    let id = made.json["key"]["id"].as_str().unwrap().to_owned();
+    // Not logged in: to the login page, which carries the security headers.
+    let page = raw(addr, "GET", "/admin/keys", &[], "").await;
+    assert_eq!(status(&page), 303, "{page}");
+    assert!(page.contains("location: /admin/login"), "{page}");
+    let login = raw(addr, "GET", "/admin/login", &[], "").await;
+    let lower = login.to_ascii_lowercase();
+    assert!(
+        lower.contains("content-security-policy: default-src 'none'"),
+        "{login}"
+    );
+    assert!(lower.contains("x-frame-options: deny") && lower.contains("cache-control: no-store"));
+    // A data-plane key does not log in; an admin key does, from the console's own origin.
+    let refused = raw(
+        addr,
+        "POST",
+        "/admin/login",
+        &[],
+        &format!("admin_key={secret}"),
+    )
+    .await;
+    assert_eq!(status(&refused), 401);
+    assert!(!refused.contains("set-cookie"));
+    let cross = raw(
+        addr,
+        "POST",
+        "/admin/login",
+        &["origin: https://evil.example"],
+        &format!("admin_key={}", s.root),
+    )
+    .await;
+    assert_eq!(status(&cross), 403);
+    let logged = raw(
+        addr,
+        "POST",
+        "/admin/login",
+        &["origin: http://gw"],
+        &format!("admin_key={}", s.root),
+    )
+    .await;
+    assert_eq!(status(&logged), 303, "{logged}");
+    let set = logged
+        .lines()
+        .find(|l| l.to_ascii_lowercase().starts_with("set-cookie:"))
+        .unwrap()
+        .to_owned();
+    assert!(
+        set.contains("HttpOnly") && set.contains("SameSite=Strict") && set.contains("Path=/admin")
+    );
+    let cookie = format!(
+        "cookie: {}",
+        set["set-cookie: ".len()..].split(';').next().unwrap()
+    );
+    let page = raw(addr, "GET", &format!("/admin/keys/{id}"), &[&cookie], "").await;
+    assert_eq!(status(&page), 200);
+    assert!(!page.contains(&secret) && !page.contains("digest"));
+    let csrf = page
+        .split("name=\"csrf\" value=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap()
+        .to_owned();
+    // A form without the session's token, or from another site, changes nothing.
+    for (headers, body) in [
+        (vec![cookie.as_str()], "reason=x".to_owned()),
+        (
+            vec![cookie.as_str()],
+            "csrf=kg-session-forged&reason=x".to_owned(),
+        ),
+        (
+            vec![cookie.as_str(), "sec-fetch-site: cross-site"],
+            format!("csrf={csrf}&reason=x"),
+        ),
+    ] {
+        let a = raw(
+            addr,
+            "POST",
+            &format!("/admin/keys/{id}/disable"),
+            &headers,
+            &body,
+        )
+        .await;
+        assert_eq!(status(&a), 403, "{a}");
+    }
+    assert_eq!(models(addr, &secret).await, 200);
+    let done = raw(
+        addr,
+        "POST",
+        &format!("/admin/keys/{id}/disable"),
+        &[&cookie, "origin: http://gw"],
+        &format!("csrf={csrf}&reason=by+console"),
+    )
+    .await;
+    assert_eq!(status(&done), 303, "{done}");
+    assert_eq!(models(addr, &secret).await, 401);
+    let events = call(
+        addr,
+        "GET",
+        &format!("/admin/v1/keys/{id}/events"),
+        &s.root,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(events.json["data"][0]["action"], "key.disable");
+    assert_eq!(events.json["data"][0]["actor"], s.root_id.as_str());
+    // Revoking the admin key ends its sessions.
+    call(
+        addr,
+        "POST",
+        &format!("/admin/v1/admin-keys/{}/revoke", s.root_id),
+        &s.root,
+        &Value::Null,
+    )
+    .await;
+    let after = raw(addr, "GET", "/admin/keys", &[&cookie], "").await;
+    assert_eq!(status(&after), 303);
 }

@@ -88,6 +88,59 @@ impl EventQuery {
     }
 }
 
+/// What one key did on one UTC day with one model (see [`Db::add_usage`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct UsageRow {
+    /// The key.
+    pub key_id: String,
+    /// Days since 1970-01-01 (UTC).
+    pub day: u32,
+    /// The model the requests named (empty: none).
+    pub model: String,
+    /// Requests seen.
+    pub requests: u64,
+    /// Of which refused by keygate.
+    pub denied: u64,
+    /// Input (prompt) tokens.
+    pub input_tokens: u64,
+    /// Output (completion) tokens.
+    pub output_tokens: u64,
+    /// What they cost, in nanodollars.
+    pub cost_nanos: u64,
+}
+
+impl UsageRow {
+    /// Adds `other`'s counts (same key, day and model) to this row's.
+    pub fn add(&mut self, other: &UsageRow) {
+        self.requests += other.requests;
+        self.denied += other.denied;
+        self.input_tokens += other.input_tokens;
+        self.output_tokens += other.output_tokens;
+        self.cost_nanos += other.cost_nanos;
+    }
+}
+
+pub(crate) const ADD_USAGE: &str = "INSERT INTO usage_daily \
+     (key_id, day, model, requests, denied, input_tokens, output_tokens, cost) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+     ON CONFLICT (key_id, day, model) DO UPDATE SET \
+     requests = usage_daily.requests + excluded.requests, \
+     denied = usage_daily.denied + excluded.denied, \
+     input_tokens = usage_daily.input_tokens + excluded.input_tokens, \
+     output_tokens = usage_daily.output_tokens + excluded.output_tokens, \
+     cost = usage_daily.cost + excluded.cost";
+
+pub(crate) const READ_USAGE: &str = "SELECT key_id, day, model, requests, denied, input_tokens, \
+     output_tokens, cost FROM usage_daily WHERE key_id = $1 AND day >= $2 ORDER BY day, model";
+
+pub(crate) fn int(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn uint(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
 /// A record as an event's `before` or `after`: JSON without any digest.
 fn audit_json<T: Serialize>(record: &T) -> Result<String, DbError> {
     let mut value = serde_json::to_value(record)
@@ -380,6 +433,55 @@ impl Db {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Adds usage counts (each row to what its key, day and model have), in one transaction.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError::Sqlite`] when it cannot be written (nothing is).
+    pub fn add_usage(&mut self, rows: &[UsageRow]) -> Result<(), DbError> {
+        let tx = self.conn_mut().transaction()?;
+        {
+            // SQLite reads `$N` as numbered parameters too.
+            let mut stmt = tx.prepare_cached(ADD_USAGE)?;
+            for r in rows {
+                stmt.execute(params![
+                    r.key_id,
+                    i64::from(r.day),
+                    r.model,
+                    int(r.requests),
+                    int(r.denied),
+                    int(r.input_tokens),
+                    int(r.output_tokens),
+                    int(r.cost_nanos)
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// What `key_id` did from day `from_day` on, by day then model.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError::Sqlite`] when it cannot be read.
+    pub fn usage(&self, key_id: &str, from_day: u32) -> Result<Vec<UsageRow>, DbError> {
+        let mut stmt = self.conn().prepare_cached(READ_USAGE)?;
+        let rows = stmt.query_map(params![key_id, i64::from(from_day)], |r| {
+            Ok(UsageRow {
+                key_id: r.get(0)?,
+                day: u32::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+                model: r.get(2)?,
+                requests: uint(r.get(3)?),
+                denied: uint(r.get(4)?),
+                input_tokens: uint(r.get(5)?),
+                output_tokens: uint(r.get(6)?),
+                cost_nanos: uint(r.get(7)?),
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// One page of keys, by creation time then id.
     ///
     /// # Errors
@@ -579,7 +681,8 @@ mod tests {
         drop(db);
         let raw = crate::test_support::raw(&path);
         raw.execute_batch(
-            "DROP TABLE admin_keys; DROP TABLE admin_events; PRAGMA user_version = 5",
+            "DROP TABLE admin_keys; DROP TABLE admin_events; DROP TABLE usage_daily; \
+             PRAGMA user_version = 5",
         )
         .unwrap();
         drop(raw);
@@ -587,6 +690,34 @@ mod tests {
         assert_eq!(db.schema_version().unwrap(), 6);
         assert!(db.key("key_a").unwrap().is_some());
         assert!(db.admin_keys().unwrap().is_empty());
+    }
+
+    #[test]
+    fn usage_adds_up_per_key_day_and_model() {
+        let (_dir, _path, mut db) = db_with_project();
+        let row = |day, model: &str, requests| UsageRow {
+            key_id: "key_a".to_owned(),
+            day,
+            model: model.to_owned(),
+            requests,
+            denied: 1,
+            input_tokens: 10,
+            output_tokens: 20,
+            cost_nanos: 300,
+        };
+        db.add_usage(&[row(100, "gpt-4o", 2), row(100, "", 1)])
+            .unwrap();
+        db.add_usage(&[row(100, "gpt-4o", 3), row(101, "gpt-4o", 1)])
+            .unwrap();
+        let got = db.usage("key_a", 100).unwrap();
+        let mut merged = row(100, "gpt-4o", 5);
+        merged.denied = 2;
+        merged.input_tokens = 20;
+        merged.output_tokens = 40;
+        merged.cost_nanos = 600;
+        assert_eq!(got, vec![row(100, "", 1), merged, row(101, "gpt-4o", 1)]);
+        assert_eq!(db.usage("key_a", 101).unwrap().len(), 1);
+        assert!(db.usage("key_b", 0).unwrap().is_empty());
     }
 
     #[test]

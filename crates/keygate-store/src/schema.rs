@@ -6,7 +6,7 @@
 //! ledger next to the key tables without touching them; version 3 the request-rate cells;
 //! version 4 rebuilds the ledger as one appended row per reservation and a total per
 //! counter and period (fewer pages written per commit, and a restart reads the totals, not
-//! the history); version 5 adds the object registry; version 6 admin keys and the admin events. Version 4 uses SQLite's row ids (`INTEGER PRIMARY KEY`), a table
+//! the history); version 5 adds the object registry; version 6 admin keys, the admin events and the usage per key, day and model. Version 4 uses SQLite's row ids (`INTEGER PRIMARY KEY`), a table
 //! `WITHOUT ROWID` and its JSON functions (to carry version 3's rows over): a PostgreSQL
 //! store keeps the same tables and columns in its own dialect.
 //!
@@ -243,6 +243,22 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         );
         CREATE INDEX admin_events_target ON admin_events (target, id);
         CREATE INDEX admin_events_project ON admin_events (project, id);
+
+        -- What each key did per UTC day and model (`day`: days since 1970-01-01; `model`
+        -- '' when the request named none): requests, how many were refused, tokens, and
+        -- cost in nanodollars. Added to by the gateways about once a second; a report, not
+        -- the budgets' truth (that is the ledger).
+        CREATE TABLE usage_daily (
+            key_id TEXT NOT NULL,
+            day BIGINT NOT NULL,
+            model TEXT NOT NULL,
+            requests BIGINT NOT NULL,
+            denied BIGINT NOT NULL,
+            input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL,
+            cost BIGINT NOT NULL,
+            PRIMARY KEY (key_id, day, model)
+        );
     ",
     },
 ];

@@ -84,7 +84,7 @@ async fn a_database_of_the_previous_schema_is_migrated_with_its_keys_kept() {
     tokio::spawn(conn);
     client
         .batch_execute(
-            "DROP TABLE spend, admin_keys, admin_events; UPDATE keygate_schema SET version = 1",
+            "DROP TABLE spend, admin_keys, admin_events, usage_daily; UPDATE keygate_schema SET version = 1",
         )
         .await
         .unwrap();

@@ -976,6 +976,12 @@ impl Config {
             (None, true) => Box::new(TracingSink::new()),
             (None, false) => Box::new(NoopSink),
         };
+        // What each key did, for the admin API (never holds a request back).
+        let activity = crate::Activity::new();
+        let sink: Box<dyn AuditSink> = Box::new(crate::activity::Watched {
+            sink,
+            activity: activity.clone(),
+        });
 
         let (verifier, exchange) = if self.jwt.enabled {
             let secret = self.jwt_secret()?;
@@ -1077,6 +1083,7 @@ impl Config {
         let layer = builder.build()?;
         layer.rate_limit_layer().restore(restore_rates);
         Ok(Built {
+            activity,
             rates_db: ledger_path,
             counters: shared.counters,
             ledger: None,
@@ -1251,6 +1258,7 @@ impl TokenVerifier for ConfigTokens {
 #[derive(Debug)]
 pub struct Built {
     layer: KeygateLayer<KeySource, ConfigTokens>,
+    activity: crate::Activity,
     store: KeySource,
     /// The database request rates are saved to at a clean stop.
     rates_db: Option<PathBuf>,
@@ -1278,6 +1286,11 @@ impl Built {
     /// The key source (call [`KeySource::reload`] or [`KeySource::watch`]).
     pub fn store(&self) -> &KeySource {
         &self.store
+    }
+
+    /// What each key did, from the audit records (see [`Activity`](crate::Activity)).
+    pub fn activity(&self) -> &crate::Activity {
+        &self.activity
     }
 
     /// The SQLite database this gateway's spend ledger is in, when it keeps one (a

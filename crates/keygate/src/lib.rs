@@ -48,6 +48,7 @@
 //! `Server::builder().layer(layer)`; see the workspace's `examples/`.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod activity;
 mod builder;
 mod config;
 mod counters;
@@ -68,6 +69,7 @@ pub use keygate_store::{
     FileStore, FileStoreError, KEY_FILE_VERSION, KeyFile, MemoryStore, ReloadOutcome, SqliteStore,
 };
 
+pub use activity::{Activity, RECENT_KEYS, RECENT_PER_KEY, RecentDecision};
 pub use builder::{BuildError, Keygate, KeygateBuilder, KeygateLayer, KeygateService, SharedSink};
 pub use counters::CountersConfig;
 pub use source::KeySource;

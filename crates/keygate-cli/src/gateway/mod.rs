@@ -249,13 +249,41 @@ pub fn admin_for(built: &Built, key_prefix: &str) -> Result<AdminRoutes, Gateway
         AdminApi::new(store)
             .with_key_format(format)
             .with_key_source(source.clone())
+            .with_activity(built.activity().clone())
     });
     let own_key = match (&api, built.ledger_path()) {
         (Some(api), _) => Some(api.clone()),
-        (None, Some(path)) => Some(AdminApi::new(open(path)?)),
+        (None, Some(path)) => {
+            Some(AdminApi::new(open(path)?).with_activity(built.activity().clone()))
+        }
         (None, None) => None,
     };
     Ok(AdminRoutes { api, own_key })
+}
+
+impl AdminRoutes {
+    /// The store usage reports are written to.
+    fn store(&self) -> Option<&keygate_admin::AdminStore> {
+        self.api
+            .as_ref()
+            .or(self.own_key.as_ref())
+            .map(|a| a.store())
+    }
+}
+
+/// How often the keys' usage per day and model is added to the store.
+pub const USAGE_FLUSH: Duration = Duration::from_secs(1);
+
+/// Adds what `activity` counted to `store`; rows it could not write wait for the next time.
+async fn flush_usage(activity: &keygate::Activity, store: &keygate_admin::AdminStore) {
+    let rows = activity.take_usage();
+    if rows.is_empty() {
+        return;
+    }
+    if let Err(error) = store.add_usage(rows.clone()).await {
+        tracing::warn!(%error, "writing the keys' usage failed; trying again with the next");
+        activity.put_back(rows);
+    }
 }
 
 /// The gateway's HTTP app: `/healthz` and `/metrics` (unauthenticated), `POST /v1/tokens`
@@ -381,6 +409,8 @@ pub struct Gateway {
     server: JoinHandle<Drained>,
     background: Vec<JoinHandle<()>>,
     signals: Option<ShutdownSignals>,
+    /// Where the keys' usage is written (flushed once more at shutdown).
+    usage: Option<keygate_admin::AdminStore>,
 }
 
 impl std::fmt::Debug for ShutdownSignals {
@@ -491,12 +521,24 @@ pub async fn start(
     // Install the recorder before the first request is counted.
     let _ = prometheus();
 
+    let admin = admin_for(&built, &config.key_prefix)?;
+    let usage = admin.store().cloned();
+    if let Some(store) = usage.clone() {
+        let activity = built.activity().clone();
+        background.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(USAGE_FLUSH);
+            loop {
+                tick.tick().await;
+                flush_usage(&activity, &store).await;
+            }
+        }));
+    }
     let listener = server::bind(options.listen)?;
     let addr = listener.local_addr()?;
     let app = if options.without_keygate {
         bare_app(upstream)
     } else {
-        app(&built, upstream, &admin_for(&built, &config.key_prefix)?)
+        app(&built, upstream, &admin)
     };
     let (stop, stopped) = oneshot::channel::<()>();
     let settings = ServerSettings::from(&config.server);
@@ -542,6 +584,7 @@ pub async fn start(
         server,
         background,
         signals: Some(signals),
+        usage,
     })
 }
 
@@ -587,6 +630,9 @@ impl Gateway {
         }
         let drained = (&mut self.server).await.unwrap_or(Drained { cut: 0 });
         self.built.flush().await;
+        if let Some(store) = &self.usage {
+            flush_usage(self.built.activity(), store).await;
+        }
         for task in &self.background {
             task.abort();
         }

@@ -7,8 +7,8 @@ use tokio_postgres::error::SqlState;
 
 use super::db::{PgDb, deadline, pg_error, stored_key};
 use crate::admin::{
-    EventQuery, KeyPage, KeyQuery, KeyStatus, admin_key_event, check_admin_key, like_prefix,
-    page_limit, parse_admin_key,
+    ADD_USAGE, EventQuery, KeyPage, KeyQuery, KeyStatus, READ_USAGE, UsageRow, admin_key_event,
+    check_admin_key, int, like_prefix, page_limit, parse_admin_key, uint,
 };
 use crate::db::{nanos, to_json};
 use crate::error::DbError;
@@ -208,6 +208,67 @@ impl PgDb {
                     project: r.get(5),
                     before: r.get(6),
                     after: r.get(7),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Adds usage counts, in one transaction (as [`Db::add_usage`](crate::Db::add_usage)).
+    ///
+    /// # Errors
+    ///
+    /// As [`PgDb::admin_keys`]; nothing is written then.
+    pub async fn add_usage(&self, rows: &[UsageRow]) -> Result<(), DbError> {
+        deadline(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            let stmt = tx.prepare_cached(ADD_USAGE).await.map_err(pg_error)?;
+            for r in rows {
+                tx.execute(
+                    &stmt,
+                    &[
+                        &r.key_id,
+                        &i64::from(r.day),
+                        &r.model,
+                        &int(r.requests),
+                        &int(r.denied),
+                        &int(r.input_tokens),
+                        &int(r.output_tokens),
+                        &int(r.cost_nanos),
+                    ],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+            tx.commit().await.map_err(pg_error)
+        })
+        .await
+    }
+
+    /// What `key_id` did from day `from_day` on, by day then model.
+    ///
+    /// # Errors
+    ///
+    /// As [`PgDb::admin_keys`].
+    pub async fn usage(&self, key_id: &str, from_day: u32) -> Result<Vec<UsageRow>, DbError> {
+        deadline(async {
+            let client = self.client().await?;
+            let rows = client
+                .query(READ_USAGE, &[&key_id, &i64::from(from_day)])
+                .await
+                .map_err(pg_error)?;
+            Ok(rows
+                .iter()
+                .map(|r| UsageRow {
+                    key_id: r.get(0),
+                    day: u32::try_from(r.get::<_, i64>(1)).unwrap_or(0),
+                    model: r.get(2),
+                    requests: uint(r.get(3)),
+                    denied: uint(r.get(4)),
+                    input_tokens: uint(r.get(5)),
+                    output_tokens: uint(r.get(6)),
+                    cost_nanos: uint(r.get(7)),
                 })
                 .collect())
         })

@@ -96,8 +96,8 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
     Migration {
         version: 3,
         sql: "
-        -- Admin keys and the record of every admin action, as in the SQLite store's
-        -- version 6.
+        -- Admin keys, the record of every admin action and the usage per key, day and
+        -- model, as in the SQLite store's version 6.
         CREATE TABLE admin_keys (
             id TEXT PRIMARY KEY,
             digest TEXT NOT NULL UNIQUE,
@@ -116,6 +116,17 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         );
         CREATE INDEX admin_events_target ON admin_events (target, id);
         CREATE INDEX admin_events_project ON admin_events (project, id);
+        CREATE TABLE usage_daily (
+            key_id TEXT NOT NULL,
+            day BIGINT NOT NULL,
+            model TEXT NOT NULL,
+            requests BIGINT NOT NULL,
+            denied BIGINT NOT NULL,
+            input_tokens BIGINT NOT NULL,
+            output_tokens BIGINT NOT NULL,
+            cost BIGINT NOT NULL,
+            PRIMARY KEY (key_id, day, model)
+        );
     ",
     },
 ];
