@@ -4,8 +4,8 @@ on a SQLite store.
 
 Logs in with an admin key, creates a key and reads its secret once, sets a per-model limit,
 sends a request with the key through the gateway, sees the spend in the key's table,
-disables and re-enables the key, and checks that the secret never appears again in any
-page. A screenshot of each page goes to target/console-screenshots/.
+disables and re-enables the key, reserves its model to a group's members (and lifts that),
+and checks that the secret never appears again in any page. A screenshot of each page goes to target/console-screenshots/.
 """
 
 import json
@@ -153,6 +153,19 @@ def test_console_end_to_end(gateway):
         expect(page.locator("dl.facts")).to_contain_text("active")
         assert chat(base, secret) == 200
         assert secret not in content(page)
+
+        # Reserve the model to a group's members (a condition in the key's record): the
+        # table says for whom, and the gateway refuses the key, which is in no group.
+        page.fill("input[name=reserve_model]", "gpt-4o-mini")
+        page.fill("input[name=reserve_group]", "research")
+        page.click("button:has-text('Reserve to group')")
+        expect(mini.locator("td[data-label='For whom']")).to_have_text("members of research")
+        expect(page.locator("ul.conditions")).to_contain_text("members_only research models=gpt-4o-mini")
+        assert chat(base, secret) == 403
+        shot(page, "06b-members-only")
+        page.locator("ul.conditions button:has-text('Remove')").click()
+        expect(mini.locator("td[data-label='For whom']")).to_have_text("everyone")
+        assert chat(base, secret) == 200
 
         # A form posted without its CSRF token is refused, and changes nothing.
         key_id = key_url.rsplit("/", 1)[1]

@@ -13,7 +13,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use keygate_core::admin::admin_key_format;
 use keygate_core::{
-    Access, KeyDigest, KeyFormat, KeyRecord, Money, Permissions, ProjectRecord, Timestamp,
+    Access, Condition, KeyDigest, KeyFormat, KeyRecord, Money, Permissions, ProjectRecord,
+    Timestamp,
 };
 use keygate_store::{EventQuery, KeyQuery, KeyStatus, StoredKey};
 use maud::{DOCTYPE, Markup, html};
@@ -315,6 +316,8 @@ pub(crate) fn routes(api: &AdminApi) -> axum::Router {
         .route("/admin/keys/{id}/edit", get(edit_page).post(edit))
         .route("/admin/keys/{id}/limits", post(add_limit))
         .route("/admin/keys/{id}/limits/remove", post(remove_limit))
+        .route("/admin/keys/{id}/policies", post(add_policy))
+        .route("/admin/keys/{id}/policies/remove", post(remove_policy))
         .route("/admin/keys/{id}/{action}", post(key_action))
         .route(
             "/admin/assets/console.css",
@@ -595,6 +598,13 @@ fn key_fields(v: &Visitor, projects: &[ProjectRecord], key: Option<&KeyRecord>) 
     let ips = list(key.map(|k| k.allowed_ips.iter().map(ToString::to_string).collect()));
     let groups = list(key.map(|k| k.groups.clone()));
     let labels = list(key.map(|k| k.labels.iter().map(|(a, b)| format!("{a}={b}")).collect()));
+    let policies = key.map_or_else(String::new, |k| {
+        k.policies
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
     let (perm, scopes) = match key.map(|k| &k.permissions) {
         Some(Permissions::All) | None => ("all", String::new()),
         Some(Permissions::ReadOnly) => ("read_only", String::new()),
@@ -650,6 +660,8 @@ fn key_fields(v: &Visitor, projects: &[ProjectRecord], key: Option<&KeyRecord>) 
         input #groups name="groups" value=(groups);
         label for="labels" { "Labels (KEY=VALUE, comma-separated)" }
         input #labels name="labels" value=(labels);
+        label for="policies" { "Conditions, one per line (" code { "members_only research models=o1*" } ", " code { "time_window mon-fri 09:00-17:00" } ", " code { "require_label env=prod" } ", " code { "require_group ml" } ")" }
+        textarea #policies name="policies" rows="3" { (policies) }
     }
 }
 
@@ -736,7 +748,28 @@ fn form_patch(form: &Form) -> Result<Map<String, Value>, ApiError> {
         "expires_at".into(),
         form.one("expires_at").map_or(Value::Null, Into::into),
     );
+    let policies = form_policies(form.one("policies").unwrap_or_default())?;
+    patch.insert(
+        "policies".into(),
+        if policies.is_empty() {
+            Value::Null
+        } else {
+            serde_json::to_value(policies).unwrap_or(Value::Null)
+        },
+    );
     Ok(patch)
+}
+
+/// Conditions written one per line.
+fn form_policies(text: &str) -> Result<Vec<Condition>, ApiError> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            l.parse::<Condition>()
+                .map_err(|e| ApiError::bad_request(format!("condition {l:?}: {e}")))
+        })
+        .collect()
 }
 
 /// `limits` with the form's request and token rates.
@@ -822,7 +855,7 @@ async fn create_key(State(api): State<AdminApi>, headers: HeaderMap, body: Bytes
 struct ModelRow {
     pattern: String,
     access: &'static str,
-    whom: &'static str,
+    whom: String,
     budget: Option<BudgetUse>,
     /// Which budget of the key it is (for the remove button).
     index: Option<usize>,
@@ -838,6 +871,21 @@ fn model_rows(
         uses.iter()
             .find(|b| b.scope == "key" && b.model == pattern && b.period == period)
             .cloned()
+    };
+    // Members-only conditions of the key and its project: who may use each model rule.
+    let conditions: Vec<&Condition> = project
+        .map(|p| p.policies.as_slice())
+        .unwrap_or_default()
+        .iter()
+        .chain(&key.policies)
+        .collect();
+    let whom = |pattern: &str| {
+        let groups = Condition::reserved_to(conditions.iter().copied(), pattern);
+        if groups.is_empty() {
+            "everyone".to_owned()
+        } else {
+            format!("members of {}", groups.join(", "))
+        }
     };
     let patterns: Vec<String> = match &key.models.allow {
         Some(allow) => allow.iter().map(ToString::to_string).collect(),
@@ -855,7 +903,7 @@ fn model_rows(
             rows.push(ModelRow {
                 pattern: pattern.clone(),
                 access: "allowed",
-                whom: "everyone",
+                whom: whom(pattern),
                 budget: None,
                 index: None,
             });
@@ -864,7 +912,7 @@ fn model_rows(
             rows.push(ModelRow {
                 pattern: pattern.clone(),
                 access: "allowed",
-                whom: "everyone",
+                whom: whom(pattern),
                 budget: use_of(pattern, period_name(b.period)),
                 index: Some(i),
             });
@@ -877,7 +925,7 @@ fn model_rows(
             rows.push(ModelRow {
                 pattern: pattern.to_owned(),
                 access: "allowed",
-                whom: "everyone",
+                whom: whom(pattern),
                 budget: use_of(pattern, period_name(b.period)),
                 index: Some(i),
             });
@@ -887,7 +935,7 @@ fn model_rows(
         rows.push(ModelRow {
             pattern: pattern.to_string(),
             access: "denied",
-            whom: "—",
+            whom: "—".to_owned(),
             budget: None,
             index: None,
         });
@@ -897,7 +945,7 @@ fn model_rows(
             rows.push(ModelRow {
                 pattern: pattern.to_string(),
                 access: "denied by the project",
-                whom: "—",
+                whom: "—".to_owned(),
                 budget: None,
                 index: None,
             });
@@ -1079,11 +1127,38 @@ async fn key_page(
                 label { " per " select name="period" { @for p in PERIODS { option value=(p) selected[p == "day"] { (p) } } } }
                 button type="submit" { "Set model limit" }
             }
+            form.inline-form method="post" action=(post("policies")) {
+                input type="hidden" name="csrf" value=(visitor.csrf);
+                input type="hidden" name="kind" value="members_only";
+                label { "Model " input name="reserve_model" required placeholder="gpt-4o" size="14"; }
+                label { " only for members of " input name="reserve_group" required placeholder="research" size="10"; }
+                button type="submit" { "Reserve to group" }
+            }
         }
         @let project_budgets: Vec<&BudgetUse> = uses.iter().filter(|b| b.scope == "project").collect();
         @if !project_budgets.is_empty() {
             h3 { "Project " (k.project) "'s budgets (shared by its keys)" }
             ul { @for b in project_budgets { li { code { (b.model) } " " (budget_bar(b)) } } }
+        }
+        h2 { "Conditions" }
+        @if k.policies.is_empty() && project.as_ref().is_none_or(|p| p.policies.is_empty()) {
+            p { "None: the rights, models and limits above are all there is." }
+        } @else {
+            p { "Every request must meet each of these (the project's bind all its keys)." }
+            ul.conditions {
+                @if let Some(p) = &project { @for c in &p.policies { li { code { (c) } " (project " (p.id) ")" } } }
+                @for (i, c) in k.policies.iter().enumerate() {
+                    li { code { (c) }
+                        @if manage {
+                            form.inline-form method="post" action=(post("policies/remove")) {
+                                input type="hidden" name="csrf" value=(visitor.csrf);
+                                input type="hidden" name="index" value=(i);
+                                button.small type="submit" { "Remove" }
+                            }
+                        }
+                    }
+                }
+            }
         }
         h2 { "Endpoint groups" }
         @match &k.permissions {
@@ -1182,39 +1257,71 @@ async fn edit(
     back_or_error(done.await, &id)
 }
 
+/// A form that changes one field of a key, computed from the form and the key's record as
+/// it is now.
+async fn change_field(
+    api: &AdminApi,
+    headers: &HeaderMap,
+    id: &str,
+    body: &Bytes,
+    field: &str,
+    change: impl FnOnce(&Form, &KeyRecord) -> Result<Value, ApiError>,
+) -> Response {
+    let (form, visitor) = match api.posted(headers, body).await {
+        Ok(posted) => posted,
+        Err(r) => return r,
+    };
+    let done = async {
+        let key = api.visible_key(&visitor.caller, id, true).await?;
+        let mut patch = Map::new();
+        patch.insert(field.to_owned(), change(&form, &key.record)?);
+        api.update(&visitor.caller, id, patch).await
+    };
+    back_or_error(done.await, id)
+}
+
+fn json_of(v: &impl serde::Serialize) -> Value {
+    serde_json::to_value(v).unwrap_or(Value::Null)
+}
+
+/// Removes item `index` (from the form) of `list`.
+fn remove_at<T: Clone>(form: &Form, list: &[T], what: &str) -> Result<Vec<T>, ApiError> {
+    let mut list = list.to_vec();
+    match form.one("index").and_then(|i| i.parse::<usize>().ok()) {
+        Some(i) if i < list.len() => {
+            list.remove(i);
+            Ok(list)
+        }
+        _ => Err(ApiError::bad_request(format!("no such {what}"))),
+    }
+}
+
+/// Sets a money limit on a model for a period (replacing one on the same model and period).
 async fn add_limit(
     State(api): State<AdminApi>,
     headers: HeaderMap,
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let (form, visitor) = match api.posted(&headers, &body).await {
-        Ok(posted) => posted,
-        Err(r) => return r,
-    };
-    let budget = json!({
-        "amount": form.one("amount").unwrap_or_default(),
-        "period": form.one("period").unwrap_or("day"),
-        "model": form.one("model").unwrap_or_default(),
-    });
-    let done = async {
-        let key = api.visible_key(&visitor.caller, &id, true).await?;
-        let mut limits = serde_json::to_value(&key.record.limits).unwrap_or_else(|_| json!({}));
+    change_field(&api, &headers, &id, &body, "limits", |form, key| {
+        let budget = json!({
+            "amount": form.one("amount").unwrap_or_default(),
+            "period": form.one("period").unwrap_or("day"),
+            "model": form.one("model").unwrap_or_default(),
+        });
+        let mut limits = json_of(&key.limits);
         let list = limits
             .as_object_mut()
             .ok_or_else(|| ApiError::bad_request("limits are not an object"))?
             .entry("budgets")
             .or_insert_with(|| json!([]));
         if let Some(list) = list.as_array_mut() {
-            // One limit per model and period: a new one replaces the old.
             list.retain(|b| !(b["model"] == budget["model"] && b["period"] == budget["period"]));
             list.push(budget);
         }
-        let mut patch = Map::new();
-        patch.insert("limits".into(), limits);
-        api.update(&visitor.caller, &id, patch).await
-    };
-    back_or_error(done.await, &id)
+        Ok(limits)
+    })
+    .await
 }
 
 async fn remove_limit(
@@ -1223,28 +1330,56 @@ async fn remove_limit(
     Path(id): Path<String>,
     body: Bytes,
 ) -> Response {
-    let (form, visitor) = match api.posted(&headers, &body).await {
-        Ok(posted) => posted,
-        Err(r) => return r,
-    };
-    let index: Option<usize> = form.one("index").and_then(|i| i.parse().ok());
-    let done = async {
-        let key = api.visible_key(&visitor.caller, &id, true).await?;
-        let mut limits = key.record.limits.clone();
-        match index {
-            Some(i) if i < limits.budgets.len() => {
-                limits.budgets.remove(i);
-            }
-            _ => return Err(ApiError::bad_request("no such limit")),
+    change_field(&api, &headers, &id, &body, "limits", |form, key| {
+        let mut limits = key.limits.clone();
+        limits.budgets = remove_at(form, &limits.budgets, "limit")?;
+        Ok(json_of(&limits))
+    })
+    .await
+}
+
+/// Adds a condition: a model reserved to a group's members (`kind=members_only`,
+/// `reserve_model`, `reserve_group`), or any condition as one line (`line`).
+async fn add_policy(
+    State(api): State<AdminApi>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    change_field(&api, &headers, &id, &body, "policies", |form, key| {
+        let line = match form.one("kind") {
+            Some("members_only") => format!(
+                "members_only {} models={}",
+                form.one("reserve_group").unwrap_or_default(),
+                form.one("reserve_model").unwrap_or_default()
+            ),
+            _ => form.one("line").unwrap_or_default().to_owned(),
+        };
+        let added = form_policies(&line)?;
+        if added.is_empty() {
+            return Err(ApiError::bad_request("give a condition"));
         }
-        let mut patch = Map::new();
-        patch.insert(
-            "limits".into(),
-            serde_json::to_value(&limits).unwrap_or_else(|_| json!({})),
-        );
-        api.update(&visitor.caller, &id, patch).await
-    };
-    back_or_error(done.await, &id)
+        let mut policies = key.policies.clone();
+        for c in added {
+            if !policies.contains(&c) {
+                policies.push(c);
+            }
+        }
+        Ok(json_of(&policies))
+    })
+    .await
+}
+
+async fn remove_policy(
+    State(api): State<AdminApi>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Response {
+    change_field(&api, &headers, &id, &body, "policies", |form, key| {
+        Ok(json_of(&remove_at(form, &key.policies, "condition")?))
+    })
+    .await
 }
 
 async fn key_action(

@@ -16,6 +16,7 @@ pub(crate) const KEY_FIELDS: &[&str] = &[
     "allowed_ips",
     "labels",
     "groups",
+    "policies",
     "not_before",
     "expires_at",
 ];
@@ -27,6 +28,7 @@ pub(crate) const PROJECT_FIELDS: &[&str] = &[
     "limits",
     "allowed_ips",
     "labels",
+    "policies",
     "disabled",
 ];
 

@@ -48,8 +48,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use keygate_core::admin::{AdminKeyRecord, AdminScope, AuditBy, admin_key_format, admin_key_id};
 use keygate_core::{
-    Access, Budget, KeyFormat, KeyId, KeyRecord, Limits, ModelPattern, ModelRules, Money, Period,
-    Permissions, PreviousSecret, ProjectRecord, RandomError, Secret, Timestamp,
+    Access, Budget, Condition, KeyFormat, KeyId, KeyRecord, Limits, ModelPattern, ModelRules,
+    Money, Period, Permissions, PreviousSecret, ProjectRecord, RandomError, Secret, Timestamp,
 };
 use keygate_store::{Db, FileStoreError, KeyFile, StoreUrl};
 use serde_json::{Value, json};
@@ -245,6 +245,8 @@ enum KeysCommand {
         /// The key id (`key_…`).
         id: String,
     },
+    /// Change a key's name, groups, labels or conditions (what is not given is kept).
+    Update(UpdateKey),
     /// Revoke a key for good.
     Revoke {
         /// The key id.
@@ -289,10 +291,73 @@ enum KeysCommand {
     },
 }
 
+#[derive(Debug, Args)]
+struct UpdateKey {
+    /// The key id.
+    id: String,
+    /// A new human name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Replace the holder's groups with these; repeatable.
+    #[arg(long = "group", value_name = "GROUP", conflicts_with = "no_groups")]
+    group: Vec<String>,
+    /// Remove every group.
+    #[arg(long)]
+    no_groups: bool,
+    /// Set a `key=value` label (others are kept); repeatable.
+    #[arg(long, value_name = "KEY=VALUE", value_parser = parse_label)]
+    label: Vec<(String, String)>,
+    /// Remove a label; repeatable.
+    #[arg(long = "remove-label", value_name = "KEY")]
+    remove_label: Vec<String>,
+    #[command(flatten)]
+    conditions: ConditionEdit,
+}
+
+/// How a change edits a record's conditions.
+#[derive(Debug, Args)]
+struct ConditionEdit {
+    #[command(flatten)]
+    set: PolicyArgs,
+    /// Add the `--policy` conditions to those there are, instead of replacing them.
+    #[arg(long, requires = "policy")]
+    add: bool,
+    /// Remove every condition.
+    #[arg(long, conflicts_with = "policy")]
+    no_policies: bool,
+}
+
+impl ConditionEdit {
+    fn apply(&self, policies: &mut Vec<Condition>) {
+        if self.no_policies {
+            policies.clear();
+        } else if !self.set.policy.is_empty() {
+            if !self.add {
+                policies.clear();
+            }
+            for c in &self.set.policy {
+                if !policies.contains(c) {
+                    policies.push(c.clone());
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum ProjectsCommand {
     /// Create a project.
     Create(CreateProject),
+    /// Change a project's name or conditions (what is not given is kept).
+    Update {
+        /// The project id.
+        id: String,
+        /// A new human name.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        conditions: ConditionEdit,
+    },
     /// List projects.
     List,
 }
@@ -331,6 +396,19 @@ struct RuleArgs {
     /// address); repeatable.
     #[arg(long = "allow-ip", value_name = "CIDR", value_parser = parse_ip_range)]
     allow_ip: Vec<IpNet>,
+    #[command(flatten)]
+    policies: PolicyArgs,
+}
+
+/// Conditions every request must meet, as data in the record.
+#[derive(Debug, Args)]
+struct PolicyArgs {
+    /// A condition every request must meet, in one line; repeatable:
+    /// `members_only GROUP models=PATTERN,... endpoints=GROUP,...` (those only for the
+    /// group's members), `time_window mon-fri 09:00-17:00 [group=G]` (UTC),
+    /// `require_label KEY[=VALUE]`, `require_group GROUP`.
+    #[arg(long = "policy", value_name = "CONDITION")]
+    policy: Vec<Condition>,
 }
 
 impl RuleArgs {
@@ -636,6 +714,43 @@ impl Ctx {
         }
     }
 
+    /// Changes one project with `change` and returns it as written.
+    fn change_project(
+        &self,
+        id: &str,
+        change: &mut dyn FnMut(&mut ProjectRecord) -> Result<(), String>,
+    ) -> Result<ProjectRecord, CliError> {
+        let no_such = || invalid(format!("no project {id:?}"));
+        match &self.target {
+            Target::File(path) => {
+                let mut file = self.load(false)?;
+                let p = file
+                    .projects
+                    .iter_mut()
+                    .find(|p| p.id == id)
+                    .ok_or_else(no_such)?;
+                change(p).map_err(invalid)?;
+                let p = p.clone();
+                Self::save_file(path, &file)?;
+                Ok(p)
+            }
+            Target::Store(db) => {
+                let mut written = None;
+                let result = db.update_project(id, self.by("project.update"), &mut |p| {
+                    change(p)?;
+                    written = Some(p.clone());
+                    Ok(())
+                });
+                match result {
+                    Err(keygate_store::DbError::NotFound(_)) => Err(no_such()),
+                    Err(keygate_store::DbError::Invalid(e)) => Err(invalid(e)),
+                    Err(e) => Err(e.into()),
+                    Ok(()) => written.ok_or_else(no_such),
+                }
+            }
+        }
+    }
+
     fn add_project(&self, project: &ProjectRecord) -> Result<(), CliError> {
         project.validate().map_err(invalid)?;
         match &self.target {
@@ -712,6 +827,24 @@ impl Ctx {
                     key_text(key, self.now),
                 ))
             }
+            KeysCommand::Update(u) => self.update_key(&u.id, "Updated", "key.update", |k, _| {
+                if let Some(name) = &u.name {
+                    k.name.clone_from(name);
+                }
+                if u.no_groups {
+                    k.groups.clear();
+                } else if !u.group.is_empty() {
+                    k.groups.clone_from(&u.group);
+                }
+                for (a, b) in &u.label {
+                    k.labels.insert(a.clone(), b.clone());
+                }
+                for a in &u.remove_label {
+                    k.labels.remove(a);
+                }
+                u.conditions.apply(&mut k.policies);
+                k.validate().map_err(invalid)
+            }),
             KeysCommand::Revoke { id } => {
                 self.update_key(&id, "Revoked", "key.revoke", |k, now| {
                     k.revoked_at.get_or_insert(now);
@@ -849,6 +982,7 @@ impl Ctx {
             key.allowed_ips = args.rules.allow_ip.clone();
             key.labels = labels.clone();
             key.groups = args.group.clone();
+            key.policies = args.rules.policies.policy.clone();
             key.not_before = args.not_before;
             key.expires_at = expires_at;
             made.push((key, secret));
@@ -1197,10 +1331,31 @@ impl Ctx {
                 project.models = args.rules.models();
                 project.limits = args.rules.limits();
                 project.allowed_ips = args.rules.allow_ip.clone();
+                project.policies = args.rules.policies.policy;
                 self.add_project(&project)?;
                 let file = self.load(false)?;
                 let text = format!(
                     "Created project {}.\n\n{}",
+                    project.id,
+                    project_text(&project, &file)
+                );
+                Ok(self.output(json!({ "project": project_json(&project, &file) }), text))
+            }
+            ProjectsCommand::Update {
+                id,
+                name,
+                conditions,
+            } => {
+                let project = self.change_project(&id, &mut |p| {
+                    if let Some(name) = &name {
+                        p.name.clone_from(name);
+                    }
+                    conditions.apply(&mut p.policies);
+                    p.validate()
+                })?;
+                let file = self.load(false)?;
+                let text = format!(
+                    "Updated project {}.\n\n{}",
                     project.id,
                     project_text(&project, &file)
                 );
@@ -1300,7 +1455,13 @@ fn join<T: std::fmt::Display>(items: &[T]) -> String {
         .join(", ")
 }
 
-fn rules_text(out: &mut String, models: &ModelRules, limits: &Limits, ips: &[IpNet]) {
+fn rules_text(
+    out: &mut String,
+    models: &ModelRules,
+    limits: &Limits,
+    ips: &[IpNet],
+    policies: &[Condition],
+) {
     if let Some(allow) = &models.allow {
         let _ = writeln!(out, "  allow models: {}", join(allow));
     }
@@ -1337,6 +1498,9 @@ fn rules_text(out: &mut String, models: &ModelRules, limits: &Limits, ips: &[IpN
     if !ips.is_empty() {
         let _ = writeln!(out, "  allowed IPs:  {}", join(ips));
     }
+    for c in policies {
+        let _ = writeln!(out, "  condition:    {c}");
+    }
 }
 
 fn period_name(p: Period) -> &'static str {
@@ -1357,7 +1521,7 @@ fn key_text(k: &KeyRecord, now: Timestamp) -> String {
     let _ = writeln!(s, "  project:      {}", k.project);
     let _ = writeln!(s, "  status:       {}", status(k, now));
     let _ = writeln!(s, "  permissions:  {}", permissions_text(&k.permissions));
-    rules_text(&mut s, &k.models, &k.limits, &k.allowed_ips);
+    rules_text(&mut s, &k.models, &k.limits, &k.allowed_ips, &k.policies);
     if !k.labels.is_empty() {
         let labels: Vec<String> = k.labels.iter().map(|(a, b)| format!("{a}={b}")).collect();
         let _ = writeln!(s, "  labels:       {}", labels.join(", "));
@@ -1418,7 +1582,7 @@ fn project_text(p: &ProjectRecord, file: &KeyFile) -> String {
         let _ = writeln!(s, "  name:         {}", p.name);
     }
     let _ = writeln!(s, "  keys:         {}", key_count(p, file));
-    rules_text(&mut s, &p.models, &p.limits, &p.allowed_ips);
+    rules_text(&mut s, &p.models, &p.limits, &p.allowed_ips, &p.policies);
     s
 }
 

@@ -13,11 +13,20 @@ use keygate_store::{
 pub(crate) type KeyChange<'a> =
     dyn FnMut(&mut KeyRecord, &mut Option<String>) -> Result<(), String> + 'a;
 
+/// A change to one project (see [`Db::update_project`]).
+pub(crate) type ProjectChange<'a> = dyn FnMut(&mut ProjectRecord) -> Result<(), String> + 'a;
+
 /// The store operations of the key commands: each one transaction in the database.
 pub(crate) trait StoreOps {
     fn export(&self) -> Result<KeyFile, DbError>;
     fn project(&self, id: &str) -> Result<Option<ProjectRecord>, DbError>;
     fn create_project(&self, project: &ProjectRecord, by: AuditBy<'_>) -> Result<(), DbError>;
+    fn update_project(
+        &self,
+        id: &str,
+        by: AuditBy<'_>,
+        change: &mut ProjectChange<'_>,
+    ) -> Result<(), DbError>;
     fn insert_keys(&self, keys: &[KeyRecord], by: AuditBy<'_>) -> Result<(), DbError>;
     fn key(&self, id: &str) -> Result<Option<StoredKey>, DbError>;
     fn update_key(
@@ -59,6 +68,14 @@ impl StoreOps for RefCell<Db> {
     }
     fn create_project(&self, project: &ProjectRecord, by: AuditBy<'_>) -> Result<(), DbError> {
         self.borrow_mut().create_project_as(project, by)
+    }
+    fn update_project(
+        &self,
+        id: &str,
+        by: AuditBy<'_>,
+        change: &mut ProjectChange<'_>,
+    ) -> Result<(), DbError> {
+        self.borrow_mut().update_project_as(id, by, change)
     }
     fn insert_keys(&self, keys: &[KeyRecord], by: AuditBy<'_>) -> Result<(), DbError> {
         self.borrow_mut().insert_keys_as(keys, by.actor, by)
@@ -150,6 +167,15 @@ impl StoreOps for PgOps {
     fn create_project(&self, project: &ProjectRecord, by: AuditBy<'_>) -> Result<(), DbError> {
         self.runtime
             .block_on(self.db.create_project_as(project, by))
+    }
+    fn update_project(
+        &self,
+        id: &str,
+        by: AuditBy<'_>,
+        change: &mut ProjectChange<'_>,
+    ) -> Result<(), DbError> {
+        self.runtime
+            .block_on(self.db.update_project_as(id, by, change))
     }
     fn insert_keys(&self, keys: &[KeyRecord], by: AuditBy<'_>) -> Result<(), DbError> {
         self.runtime

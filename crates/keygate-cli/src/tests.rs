@@ -697,6 +697,10 @@ fn toml_import_into_the_store_and_export_round_trip() {
         "team=ml",
         "--budget",
         "5/day",
+        "--policy",
+        "members_only research models=o1*,gpt-4o endpoints=fine_tuning",
+        "--policy",
+        "time_window mon-fri 08:00-18:00 group=interns",
     ]);
     let (rotated, _) = file.create(&["--permissions", "read_only"]);
     file.ok(&["keys", "rotate", &rotated, "--grace", "1h"], t0());
@@ -730,6 +734,126 @@ fn toml_import_into_the_store_and_export_round_trip() {
             .unwrap()
             .len(),
         2
+    );
+}
+
+#[test]
+fn conditions_are_set_added_and_cleared_on_keys_and_projects() {
+    let lines = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|c| {
+                        serde_json::from_value::<Condition>(c.clone())
+                            .unwrap()
+                            .to_string()
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    // The same commands on a key file and on the store.
+    let file = Env::with_project();
+    let store = StoreEnv::new();
+    type Json<'a> = Box<dyn Fn(&[&str]) -> Value + 'a>;
+    type Fails<'a> = Box<dyn Fn(&[&str]) -> String + 'a>;
+    let targets: [(Json, Fails, String); 2] = [
+        (
+            Box::new(|a: &[&str]| file.json(a, t0())),
+            Box::new(|a: &[&str]| file.run(a, t0()).unwrap_err().to_string()),
+            file.create(&["--permissions", "all", "--policy", "require_group ml"])
+                .0,
+        ),
+        (
+            Box::new(|a: &[&str]| store.json(a)),
+            Box::new(|a: &[&str]| store.run(a).unwrap_err().to_string()),
+            store
+                .create(&["--permissions", "all", "--policy", "require_group ml"])
+                .0,
+        ),
+    ];
+    for (json, fails, id) in &targets {
+        let shown = json(&["keys", "show", id]);
+        assert_eq!(lines(&shown["key"]["policies"]), ["require_group ml"]);
+        let added = json(&[
+            "keys",
+            "update",
+            id,
+            "--add",
+            "--policy",
+            "members_only research models=o1*",
+            "--group",
+            "research",
+        ]);
+        assert_eq!(
+            lines(&added["key"]["policies"]),
+            ["require_group ml", "members_only research models=o1*"]
+        );
+        assert_eq!(added["key"]["groups"], serde_json::json!(["research"]));
+        let replaced = json(&["keys", "update", id, "--policy", "require_label env=prod"]);
+        assert_eq!(
+            lines(&replaced["key"]["policies"]),
+            ["require_label env=prod"]
+        );
+        // A condition that does not parse or cannot hold changes nothing, and says why.
+        for bad in [
+            "time_window funday 09:00-10:00",
+            "members_only research",
+            "whenever",
+        ] {
+            let e = fails(&["keys", "update", id, "--policy", bad]);
+            assert!(
+                e.contains("condition") || e.contains("weekday") || e.contains("takes"),
+                "{bad}: {e}"
+            );
+        }
+        assert_eq!(
+            lines(&json(&["keys", "show", id])["key"]["policies"]),
+            ["require_label env=prod"]
+        );
+        let cleared = json(&["keys", "update", id, "--no-policies", "--no-groups"]);
+        assert!(cleared["key"].get("policies").is_none(), "{cleared}");
+        assert!(cleared["key"].get("groups").is_none(), "{cleared}");
+        // Projects.
+        let p = json(&[
+            "projects",
+            "update",
+            "default",
+            "--policy",
+            "time_window mon-fri 09:00-17:00",
+        ]);
+        assert_eq!(
+            lines(&p["project"]["policies"]),
+            ["time_window mon-fri 09:00-17:00"]
+        );
+        let p = json(&[
+            "projects",
+            "update",
+            "default",
+            "--no-policies",
+            "--name",
+            "Default",
+        ]);
+        assert!(p["project"].get("policies").is_none(), "{p}");
+        assert_eq!(p["project"]["name"], "Default");
+        let e = fails(&["projects", "update", "nope", "--name", "x"]);
+        assert!(e.contains("no project"), "{e}");
+    }
+    // In the store, each change is an admin event by the CLI.
+    let db = Db::open(&store.db).unwrap();
+    let events = db
+        .admin_events(&keygate_store::EventQuery::new(100))
+        .unwrap();
+    let actions: Vec<&str> = events.iter().map(|e| e.action.as_str()).collect();
+    assert_eq!(
+        actions.iter().filter(|a| **a == "key.update").count(),
+        3,
+        "{actions:?}"
+    );
+    assert_eq!(
+        actions.iter().filter(|a| **a == "project.update").count(),
+        2,
+        "{actions:?}"
     );
 }
 

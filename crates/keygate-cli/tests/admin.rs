@@ -506,6 +506,120 @@ async fn admins_manage_keys_within_their_scope_and_every_change_is_recorded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conditions_set_through_the_api_bind_keys_at_once() {
+    let s = setup().await;
+    let addr = s.addr();
+    let made = call(
+        addr,
+        "POST",
+        "/admin/v1/projects",
+        &s.root,
+        &json!({ "id": "p" }),
+    )
+    .await;
+    assert_eq!(made.status, 201, "{}", made.text);
+    let made = call(
+        addr,
+        "POST",
+        "/admin/v1/keys",
+        &s.p_admin,
+        &json!({
+            "project": "p",
+            "permissions": "all",
+            "policies": [{ "type": "members_only", "group": "research", "models": ["gpt-4o*"] }],
+        }),
+    )
+    .await;
+    assert_eq!(made.status, 201, "{}", made.text);
+    let secret = made.json["secret"].as_str().unwrap().to_owned();
+    let id = made.json["key"]["id"].as_str().unwrap().to_owned();
+    let chat = || async {
+        call(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            &secret,
+            &serde_json::from_str(CHAT).unwrap(),
+        )
+        .await
+    };
+    let refused = chat().await;
+    assert_eq!(refused.status, 403, "{}", refused.text);
+    assert_eq!(refused.json["error"]["code"], "members_only");
+    let patch = |body: Value| {
+        let path = format!("/admin/v1/keys/{id}");
+        let key = s.p_admin.clone();
+        async move { call(addr, "PATCH", &path, &key, &body).await }
+    };
+    // In the group, the key may.
+    assert_eq!(patch(json!({ "groups": ["research"] })).await.status, 200);
+    assert_eq!(chat().await.status, 200);
+    // A condition that cannot hold is refused whole, and the key is left as it was.
+    for bad in [
+        json!({ "policies": [{ "type": "time_window", "days": [], "start": "09:00", "end": "17:00" }] }),
+        json!({ "policies": [{ "type": "time_window", "days": ["mon"], "start": "9", "end": "17:00" }] }),
+        json!({ "policies": [{ "type": "members_only", "group": "research" }] }),
+        json!({ "policies": [{ "type": "sometimes" }] }),
+    ] {
+        let answer = patch(bad.clone()).await;
+        assert_eq!(answer.status, 400, "{bad}: {}", answer.text);
+    }
+    assert_eq!(chat().await.status, 200);
+    // The project's conditions bind every key in it.
+    let project = call(
+        addr,
+        "PATCH",
+        "/admin/v1/projects/p",
+        &s.p_admin,
+        &json!({ "policies": [{ "type": "require_label", "key": "env", "value": "prod" }] }),
+    )
+    .await;
+    assert_eq!(project.status, 200, "{}", project.text);
+    assert_eq!(project.json["policies"][0]["type"], "require_label");
+    let refused = chat().await;
+    assert_eq!(
+        refused.json["error"]["code"], "label_required",
+        "{}",
+        refused.text
+    );
+    assert_eq!(
+        patch(json!({ "labels": { "env": "prod" } })).await.status,
+        200
+    );
+    assert_eq!(chat().await.status, 200);
+    // Shown with the key, and every change is an event with the conditions before and after.
+    let shown = call(
+        addr,
+        "GET",
+        &format!("/admin/v1/keys/{id}"),
+        &s.reader,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(shown.json["policies"][0]["models"], json!(["gpt-4o*"]));
+    let events = call(
+        addr,
+        "GET",
+        &format!("/admin/v1/keys/{id}/events"),
+        &s.reader,
+        &Value::Null,
+    )
+    .await;
+    let groups_added = &events.json["data"][1];
+    assert_eq!(groups_added["action"], "key.update");
+    assert_eq!(groups_added["before"]["policies"], shown.json["policies"]);
+    assert_eq!(groups_added["after"]["groups"], json!(["research"]));
+    // Clearing them (merge patch: null) frees the key of its own conditions.
+    assert_eq!(
+        patch(json!({ "policies": null, "groups": null }))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(chat().await.status, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_never_cross_between_the_admin_api_and_the_model_routes() {
     let s = setup().await;
     let addr = s.addr();

@@ -24,6 +24,7 @@
 pub mod admin;
 mod auth;
 mod clock;
+pub mod conditions;
 mod denial;
 mod ext;
 pub mod facts;
@@ -39,6 +40,7 @@ mod trace;
 
 pub use auth::{NoTokens, TokenError, TokenVerifier};
 pub use clock::{Clock, ManualClock, Timestamp};
+pub use conditions::Condition;
 pub use denial::{
     Denial, INVALID_CREDENTIAL_MESSAGE, ResponseBody, ResponseFuture, Stage, deny, is_grpc,
     is_json_media_type, retry_after_secs,

@@ -7,6 +7,7 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::clock::Timestamp;
+use crate::conditions::Condition;
 use crate::key::{KeyDigest, KeyId};
 use crate::limits::Limits;
 use crate::rights::{ModelRules, Permissions};
@@ -52,6 +53,9 @@ pub struct KeyRecord {
     /// Groups the key's holder belongs to, for policies.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub groups: Vec<String>,
+    /// Conditions every request with the key must meet (after its project's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<Condition>,
     /// When the key was made.
     pub created_at: Timestamp,
     /// The key does not work before this instant.
@@ -91,6 +95,7 @@ impl KeyRecord {
             allowed_ips: Vec::new(),
             labels: BTreeMap::new(),
             groups: Vec::new(),
+            policies: Vec::new(),
             created_at,
             not_before: None,
             expires_at: None,
@@ -146,6 +151,10 @@ impl KeyRecord {
                 "key {}: expires_at must be after not_before",
                 self.id
             ));
+        }
+        for c in &self.policies {
+            c.validate()
+                .map_err(|e| format!("key {}: policy {c}: {e}", self.id))?;
         }
         self.limits
             .validate()
@@ -222,6 +231,9 @@ pub struct ProjectRecord {
     /// Free key/value tags.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Conditions every request with a key of the project must meet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<Condition>,
     /// A disabled project's keys do not work.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disabled: bool,
@@ -237,6 +249,7 @@ impl ProjectRecord {
             limits: Limits::default(),
             allowed_ips: Vec::new(),
             labels: BTreeMap::new(),
+            policies: Vec::new(),
             disabled: false,
         }
     }
@@ -258,6 +271,10 @@ impl ProjectRecord {
                 "project id {:?} must be 1 to 64 ASCII letters, digits, '-', '_' or '.'",
                 self.id
             ));
+        }
+        for c in &self.policies {
+            c.validate()
+                .map_err(|e| format!("project {}: policy {c}: {e}", self.id))?;
         }
         self.limits
             .validate()

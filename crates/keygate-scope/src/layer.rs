@@ -11,7 +11,7 @@ use tower_layer::Layer;
 #[cfg(feature = "decompression")]
 use crate::decompress::Decompression;
 use crate::ip::TrustedProxies;
-use crate::policy::{Policy, PolicyConfig, PolicyConfigError};
+use crate::policy::{Policy, PolicyConfig};
 use crate::route::{RouteConfig, RouteError, RouteSpec, RouteTable};
 use crate::service::Scope;
 
@@ -293,8 +293,13 @@ pub enum ScopeConfigError {
     #[error(transparent)]
     Route(#[from] RouteError),
     /// A bad policy.
-    #[error(transparent)]
-    Policy(#[from] PolicyConfigError),
+    #[error("policy {policy}: {message}")]
+    Policy {
+        /// The policy, in its one-line form.
+        policy: String,
+        /// What is wrong with it.
+        message: String,
+    },
 }
 
 impl ScopeLayer {
@@ -316,8 +321,11 @@ impl ScopeLayer {
             layer = layer.with_decompression(d.clone());
         }
         for p in &config.policies {
-            let policy = p.build()?;
-            layer.shared_mut().policies.push(policy);
+            p.validate().map_err(|message| ScopeConfigError::Policy {
+                policy: p.to_string(),
+                message,
+            })?;
+            layer.shared_mut().policies.push(Arc::new(p.clone()));
         }
         Ok(layer)
     }

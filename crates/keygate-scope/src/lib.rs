@@ -76,8 +76,11 @@
 //!    `object_not_found`; runs and batches that name no model are checked as the model their
 //!    assistant or input file recorded. Objects a successful response creates are recorded
 //!    as the caller's project's. See [`objects`]; lists are filtered by [`ObjectListLayer`].
-//! 9. Policies ([`Policy`]), each of which must allow; a refusal carries the policy's code
-//!    and stage `policy`.
+//! 9. Policies, each of which must allow; a refusal carries the policy's code and stage
+//!    `policy`: first the [`Condition`](keygate_core::Condition)s in the caller's project
+//!    record and key record (`policies`, set by an operator in the store, the key file, the
+//!    admin API or the console), then the layer's own ([`ScopeLayer::with_policy`]: a
+//!    built-in condition or any [`Policy`] in code).
 //!
 //! On success the request goes inward with its [`RequestFacts`](keygate_core::RequestFacts)
 //! (route, endpoint group and access, body framing, model and where it came from, output cap,
@@ -182,8 +185,8 @@ pub use models::{ListBody, ModelList, ModelListLayer};
 pub use path::canonical_path;
 pub use path::{PathError, check_path};
 pub use policy::{
-    MembersOnly, Policy, PolicyConfig, PolicyConfigError, PolicyContext, PolicyDenial,
-    RequireGroup, RequireLabel, TimeWindow,
+    MembersOnly, Policy, PolicyConfig, PolicyContext, PolicyDenial, RequireGroup, RequireLabel,
+    TimeWindow,
 };
 pub use route::{ModelIn, RouteConfig, RouteError, RouteSpec, RouteTable, RouteTableBuilder};
 pub use service::{METHOD_OVERRIDE_HEADERS, ResponseFuture, Scope};

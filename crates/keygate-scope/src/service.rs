@@ -483,7 +483,8 @@ fn finish(
         }
         _ => {}
     }
-    if !shared.policies.is_empty() {
+    let records = !principal.key().policies.is_empty() || !principal.project().policies.is_empty();
+    if records || !shared.policies.is_empty() {
         let ctx = PolicyContext::new(
             principal,
             &facts.endpoint,
@@ -493,8 +494,15 @@ fn finish(
             method,
             path,
         );
-        for policy in &shared.policies {
-            if let Err(d) = policy.check(&ctx) {
+        let from_records = if records {
+            crate::policy::check_records(&ctx)
+        } else {
+            Ok(())
+        };
+        for result in
+            std::iter::once(from_records).chain(shared.policies.iter().map(|p| p.check(&ctx)))
+        {
+            if let Err(d) = result {
                 return Err(Denial::new(Stage::Policy, d.status, d.code, d.message));
             }
         }

@@ -1646,6 +1646,82 @@ async fn policies_see_the_layer_clock_and_all_must_allow() {
     );
 }
 
+#[tokio::test]
+async fn conditions_in_the_key_and_project_records_are_enforced() {
+    // The key (group "staff") and its project each carry conditions as data.
+    let with_records = |key_policies: &[&str], project_policies: &[&str], groups: &[&str]| {
+        let base = all();
+        let mut key = base.key().clone();
+        key.policies = key_policies.iter().map(|l| l.parse().unwrap()).collect();
+        key.groups = groups.iter().map(|g| g.to_string()).collect();
+        let mut project = base.project().clone();
+        project.policies = project_policies
+            .iter()
+            .map(|l| l.parse().unwrap())
+            .collect();
+        Principal::new(
+            Arc::new(key),
+            Arc::new(project),
+            Credential::ApiKey(Secret::Current),
+        )
+    };
+    let chat = |p: &Principal, model: &str| {
+        json(
+            "/v1/chat/completions",
+            &format!(r#"{{"model":"{model}"}}"#),
+            p,
+        )
+    };
+    let layer = ScopeLayer::openai();
+    let outsider = with_records(&["members_only research models=o1*"], &[], &[]);
+    let c = run(&layer, chat(&outsider, "o1-mini")).await;
+    assert_eq!(
+        (c.status, code(&c)),
+        (StatusCode::FORBIDDEN, "members_only")
+    );
+    assert_eq!(c.denial.unwrap().stage(), Stage::Policy);
+    assert_eq!(
+        run(&layer, chat(&outsider, "gpt-4o")).await.status,
+        StatusCode::OK
+    );
+    let member = with_records(&["members_only research models=o1*"], &[], &["research"]);
+    assert_eq!(
+        run(&layer, chat(&member, "o1-mini")).await.status,
+        StatusCode::OK
+    );
+    // The project's conditions bind every key in it, members or not of the key's groups.
+    let unlabelled = with_records(&[], &["require_label env=prod"], &["research"]);
+    assert_eq!(
+        code(&run(&layer, chat(&unlabelled, "gpt-4o")).await),
+        "label_required"
+    );
+    // A time window in the record sees the layer's clock (2026-11-28 is a Saturday).
+    let clock = ManualClock::new(Timestamp::parse_rfc3339("2026-11-28T12:00:00Z").unwrap());
+    let layer = ScopeLayer::openai().with_clock(clock.clock());
+    let office = with_records(&["time_window mon-fri 09:00-17:00"], &[], &[]);
+    assert_eq!(
+        code(&run(&layer, get("/v1/models", &office)).await),
+        "outside_time_window"
+    );
+    clock.set(Timestamp::parse_rfc3339("2026-11-30T12:00:00Z").unwrap());
+    assert_eq!(
+        run(&layer, get("/v1/models", &office)).await.status,
+        StatusCode::OK
+    );
+    // An endpoint group reserved in the record.
+    let no_images = with_records(&["members_only design endpoints=images"], &[], &[]);
+    let c = run(
+        &layer,
+        json(
+            "/v1/images/generations",
+            r#"{"model":"dall-e-3","prompt":"x"}"#,
+            &no_images,
+        ),
+    )
+    .await;
+    assert_eq!(code(&c), "members_only");
+}
+
 // ---- models list ----
 
 #[tokio::test]

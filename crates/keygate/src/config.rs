@@ -28,6 +28,11 @@
 //!
 //! [trusted_proxies]
 //! ranges = ["10.0.0.0/8"]
+//!
+//! [[policies]]             # for every key; keys and projects carry their own too
+//! type = "members_only"
+//! group = "research"
+//! models = ["o1*"]
 //! ```
 
 use std::collections::BTreeMap;
@@ -120,6 +125,10 @@ pub struct Config {
     /// Counters shared by replicas (`[counters]`, Redis): request rates, token rates and
     /// budgets. Off by default.
     pub counters: crate::counters::CountersConfig,
+    /// Conditions every request must meet (`[[policies]]`, the same as a key's or project's
+    /// `policies`: `type = "time_window" | "require_label" | "require_group" |
+    /// "members_only"`), checked after those of the caller's records.
+    pub policies: Vec<keygate_core::Condition>,
 }
 
 /// `[[upstreams]]`: one model server.
@@ -268,6 +277,7 @@ impl Default for Config {
             proxy: ProxyConfig::default(),
             server: ServerConfig::default(),
             counters: crate::counters::CountersConfig::default(),
+            policies: Vec::new(),
         }
     }
 }
@@ -840,10 +850,15 @@ impl Config {
             BackpressureConfig::DropAndCount => Backpressure::DropAndCount,
             BackpressureConfig::FailClosed => Backpressure::FailClosed,
         };
-        let builder = match self.guard.guard()? {
+        let mut builder = match self.guard.guard()? {
             Some(guard) => builder.wallet_guard(guard),
             None => builder,
         };
+        for p in &self.policies {
+            p.validate()
+                .map_err(|e| ConfigError::Invalid(format!("[[policies]] {p}: {e}")))?;
+            builder = builder.policy(p.clone());
+        }
         Ok(builder
             .routes(self.route_table()?)
             .prices(self.price_table()?)
@@ -1390,6 +1405,20 @@ mod tests {
     }
 
     #[test]
+    fn a_policy_that_cannot_hold_is_refused_at_start() {
+        let config =
+            Config::from_toml_str("[[policies]]\ntype = \"members_only\"\ngroup = \"research\"\n")
+                .unwrap();
+        let e = config.apply(crate::Keygate::builder(keygate_store::MemoryStore::new(
+            keygate_core::Snapshot::default(),
+        )));
+        let Err(e) = e else {
+            panic!("a members_only that reserves nothing is refused");
+        };
+        assert!(e.to_string().contains("reserves nothing"), "{e}");
+    }
+
+    #[test]
     fn the_readme_config_reference_parses() {
         let readme = include_str!("../../../README.md");
         let section = &readme[readme.find("## Config reference").unwrap()..];
@@ -1401,6 +1430,10 @@ mod tests {
             Some("rerank-1")
         );
         assert_eq!(config.limits.bytes_per_token.get(), 1);
+        assert_eq!(
+            config.policies[0].to_string(),
+            "members_only research models=o1*"
+        );
         // Its prices make a table: per token, and per image by size and quality.
         let prices = config.price_table().unwrap();
         let dalle = prices.image_prices("dall-e-3").unwrap();
