@@ -72,7 +72,7 @@ pub use console::{CSP, MAX_SESSIONS, SESSION_COOKIE, SESSION_TTL};
 pub use error::ApiError;
 pub use spend::{BudgetUse, period_name};
 pub use store::AdminStore;
-pub use views::key_status;
+pub use views::{KEY_FIELDS, PROJECT_FIELDS, key_status};
 
 /// The OpenAPI 3.1 description of the admin API, as served at `/admin/v1/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
 /// The fields of a key an admin may set (at creation and later).
-pub(crate) const KEY_FIELDS: &[&str] = &[
+pub const KEY_FIELDS: &[&str] = &[
     "name",
     "permissions",
     "models",
@@ -22,7 +22,7 @@ pub(crate) const KEY_FIELDS: &[&str] = &[
 ];
 
 /// The fields of a project an admin may set.
-pub(crate) const PROJECT_FIELDS: &[&str] = &[
+pub const PROJECT_FIELDS: &[&str] = &[
     "name",
     "models",
     "limits",

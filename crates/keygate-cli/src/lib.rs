@@ -48,8 +48,9 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use keygate_core::admin::{AdminKeyRecord, AdminScope, AuditBy, admin_key_format, admin_key_id};
 use keygate_core::{
-    Access, Budget, Condition, KeyFormat, KeyId, KeyRecord, Limits, ModelPattern, ModelRules,
-    Money, Period, Permissions, PreviousSecret, ProjectRecord, RandomError, Secret, Timestamp,
+    Access, Budget, Condition, KeyDigest, KeyFormat, KeyId, KeyRecord, Limits, ModelPattern,
+    ModelRules, Money, Period, Permissions, PreviousSecret, ProjectRecord, RandomError, Secret,
+    Timestamp,
 };
 use keygate_store::{Db, FileStoreError, KeyFile, StoreUrl};
 use serde_json::{Value, json};
@@ -58,6 +59,7 @@ pub mod gateway;
 pub mod mock_upstream;
 // The mock upstream's stateful objects, merged into `mock_upstream::router()`.
 mod mock_objects;
+mod remote;
 mod store_ops;
 
 use store_ops::StoreOps;
@@ -90,6 +92,9 @@ pub enum CliError {
     /// The store could not be opened, read or written.
     #[error(transparent)]
     Store(#[from] keygate_store::DbError),
+    /// The gateway (`--server`) could not be reached, or refused the command.
+    #[error("{0}")]
+    Server(String),
 }
 
 impl CliError {
@@ -107,8 +112,8 @@ fn invalid(msg: impl Into<String>) -> CliError {
     CliError::Invalid(msg.into())
 }
 
-/// Run the keygate gateway, and manage keys and projects in its store (SQLite by default) or
-/// in a TOML key file.
+/// Run the keygate gateway, and manage keys and projects in its store (SQLite by default), in
+/// a TOML key file, or through a running gateway's admin API (`--server`).
 ///
 /// Only digests of secrets are stored. Every change is one transaction (the store) or one
 /// atomic replacement of the file.
@@ -123,6 +128,19 @@ struct Cli {
     /// Work on this TOML key file instead of the store (for keys kept in git).
     #[arg(long, global = true, env = "KEYGATE_KEYS_FILE")]
     file: Option<PathBuf>,
+    /// Drive a running gateway through its admin API instead (`https://keygate.example`,
+    /// `http://127.0.0.1:8080`): no database access needed; every change is made and
+    /// recorded by the gateway as the admin key's.
+    #[arg(long, global = true, env = "KEYGATE_SERVER", conflicts_with_all = ["store", "file"])]
+    server: Option<String>,
+    /// The admin key (`kg-admin-…`) for `--server`; better given as KEYGATE_ADMIN_KEY, which
+    /// stays out of the shell history and the process list.
+    #[arg(long, global = true, env = "KEYGATE_ADMIN_KEY", hide_env_values = true)]
+    admin_key: Option<String>,
+    /// PEM certificates to trust for an `https://` `--server` (a private CA), besides the
+    /// public roots.
+    #[arg(long, global = true, value_name = "PEM")]
+    server_ca: Option<PathBuf>,
     /// Print one JSON document instead of text.
     #[arg(long, global = true)]
     json: bool,
@@ -502,10 +520,15 @@ where
     T: Into<OsString> + Clone,
 {
     let cli = Cli::try_parse_from(args)?;
-    let target = match (&cli.command, &cli.file) {
-        (Command::Serve(_), _) => None,
-        (_, Some(path)) => Some(Target::File(path.clone())),
-        (_, None) => Some(Target::open_store(
+    let target = match (&cli.command, &cli.file, &cli.server) {
+        (Command::Serve(_), _, _) => None,
+        (_, _, Some(server)) => Some(Target::Server(Box::new(remote::Remote::connect(
+            server,
+            cli.admin_key.as_deref(),
+            cli.server_ca.as_deref(),
+        )?))),
+        (_, Some(path), _) => Some(Target::File(path.clone())),
+        (_, None, None) => Some(Target::open_store(
             cli.store
                 .as_deref()
                 .unwrap_or(keygate_store::DEFAULT_STORE_URL),
@@ -564,6 +587,8 @@ enum Target {
     File(PathBuf),
     /// The database (SQLite or PostgreSQL): every change one transaction.
     Store(Box<dyn StoreOps>),
+    /// A running gateway's admin API.
+    Server(Box<remote::Remote>),
 }
 
 impl Target {
@@ -603,6 +628,25 @@ impl Ctx {
                 other => Ok(other?),
             },
             Target::Store(db) => Ok(db.export()?),
+            Target::Server(r) => {
+                let projects = r.get("/admin/v1/projects")?;
+                let projects = projects["data"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|p| remote::record_of(p, remote::PROJECT_VIEW))
+                    .collect::<Result<_, _>>()?;
+                let keys = r
+                    .all_keys(None)?
+                    .iter()
+                    .map(|k| remote::record_of(k, remote::KEY_VIEW))
+                    .collect::<Result<_, _>>()?;
+                Ok(KeyFile {
+                    projects,
+                    keys,
+                    ..KeyFile::default()
+                })
+            }
         }
     }
 
@@ -667,6 +711,30 @@ impl Ctx {
                     (Ok(()), None, None) => Err(invalid(format!("key {id} was not changed"))),
                 }
             }
+            Target::Server(r) => {
+                let path = format!("/admin/v1/keys/{}", remote::segment(id));
+                let answer = match action {
+                    "key.revoke" | "key.disable" | "key.enable" => {
+                        let verb = action.trim_start_matches("key.");
+                        r.post(&format!("{path}/{verb}"), &json!({}))?
+                    }
+                    "key.update" => {
+                        let view = r.get(&path)?;
+                        let mut key: KeyRecord = remote::record_of(&view, remote::KEY_VIEW)?;
+                        let before = serde_json::to_value(&key).unwrap_or_default();
+                        change(&mut key, now)?;
+                        let after = serde_json::to_value(&key).unwrap_or_default();
+                        let patch = remote::merge_patch(&before, &after, keygate_admin::KEY_FIELDS);
+                        if patch.is_empty() {
+                            view
+                        } else {
+                            r.patch(&path, &Value::Object(patch))?
+                        }
+                    }
+                    other => return Err(invalid(format!("{other} is not done over --server"))),
+                };
+                remote::record_of(&answer, remote::KEY_VIEW)
+            }
         }
     }
 
@@ -711,6 +779,8 @@ impl Ctx {
                 }
                 Ok(db.insert_keys(keys, self.by("key.create"))?)
             }
+            // The gateway makes keys itself (see `create_key`).
+            Target::Server(_) => Err(invalid("keys are made by the gateway over --server")),
         }
     }
 
@@ -748,6 +818,22 @@ impl Ctx {
                     Ok(()) => written.ok_or_else(no_such),
                 }
             }
+            Target::Server(r) => {
+                let path = format!("/admin/v1/projects/{}", remote::segment(id));
+                let view = r.get(&path)?;
+                let mut p: ProjectRecord = remote::record_of(&view, remote::PROJECT_VIEW)?;
+                let before = serde_json::to_value(&p).unwrap_or_default();
+                change(&mut p).map_err(invalid)?;
+                let after = serde_json::to_value(&p).unwrap_or_default();
+                let patch = remote::merge_patch(&before, &after, keygate_admin::PROJECT_FIELDS);
+                if patch.is_empty() {
+                    return Ok(p);
+                }
+                remote::record_of(
+                    &r.patch(&path, &Value::Object(patch))?,
+                    remote::PROJECT_VIEW,
+                )
+            }
         }
     }
 
@@ -761,6 +847,16 @@ impl Ctx {
                 }
                 file.projects.push(project.clone());
                 Self::save_file(path, &file)
+            }
+            Target::Server(r) => {
+                let mut body = serde_json::to_value(project).unwrap_or_default();
+                if let Some(obj) = body.as_object_mut() {
+                    obj.retain(|k, _| {
+                        k == "id" || keygate_admin::PROJECT_FIELDS.contains(&k.as_str())
+                    });
+                }
+                r.post("/admin/v1/projects", &body)?;
+                Ok(())
             }
             Target::Store(db) => match db.create_project(project, self.by("project.create")) {
                 Err(keygate_store::DbError::Exists(_)) => {
@@ -794,7 +890,18 @@ impl Ctx {
         match cmd {
             KeysCommand::Create(args) => self.create_key(*args),
             KeysCommand::List { project } => {
-                let file = self.load(false)?;
+                let file = match &self.target {
+                    // Only the project's keys, filtered by the gateway.
+                    Target::Server(r) => KeyFile {
+                        keys: r
+                            .all_keys(project.as_deref())?
+                            .iter()
+                            .map(|k| remote::record_of(k, remote::KEY_VIEW))
+                            .collect::<Result<_, _>>()?,
+                        ..KeyFile::default()
+                    },
+                    _ => self.load(false)?,
+                };
                 let keys: Vec<&KeyRecord> = file
                     .keys
                     .iter()
@@ -804,10 +911,26 @@ impl Ctx {
                 Ok(self.output(json, key_table(&keys, self.now)))
             }
             KeysCommand::Show { id } => {
-                if let Target::Store(db) = &self.target {
-                    let stored = db
-                        .key(&id)?
-                        .ok_or_else(|| CliError::NoSuchKey(id.clone()))?;
+                let stored = match &self.target {
+                    Target::Store(db) => Some(
+                        db.key(&id)?
+                            .ok_or_else(|| CliError::NoSuchKey(id.clone()))?,
+                    ),
+                    Target::Server(r) => {
+                        let view = r.get(&format!("/admin/v1/keys/{}", remote::segment(&id)))?;
+                        let record: KeyRecord = remote::record_of(&view, remote::KEY_VIEW)?;
+                        let mut stored = keygate_store::StoredKey::from(record);
+                        stored.created_by = view["created_by"].as_str().map(str::to_owned);
+                        stored.last_used_at = view["last_used_at"]
+                            .as_str()
+                            .and_then(|t| Timestamp::parse_rfc3339(t).ok());
+                        stored.disabled_reason =
+                            view["disabled_reason"].as_str().map(str::to_owned);
+                        Some(stored)
+                    }
+                    Target::File(_) => None,
+                };
+                if let Some(stored) = stored {
                     let mut json = key_json(&stored.record, self.now);
                     let mut text = key_text(&stored.record, self.now);
                     if let Some(obj) = json.as_object_mut() {
@@ -889,6 +1012,11 @@ impl Ctx {
                 ))
             }
             KeysCommand::Export { output } => {
+                if let Target::Server(_) = &self.target {
+                    return Err(invalid(
+                        "keys export writes digests, which the admin API never shows: run it with --store on the gateway's database",
+                    ));
+                }
                 let keys = self.load(false)?;
                 match output {
                     Some(path) => {
@@ -966,59 +1094,110 @@ impl Ctx {
         }
 
         let count = args.count.get();
-        let mut made = Vec::with_capacity(count);
-        for _ in 0..count {
-            let secret = format.generate()?;
-            let mut key = KeyRecord::new(
-                KeyId::generate()?,
-                args.project.clone(),
-                secret.digest(),
-                self.now,
-            );
-            key.name = args.name.clone();
-            key.permissions = permissions.clone();
-            key.models = args.rules.models();
-            key.limits = args.rules.limits();
-            key.allowed_ips = args.rules.allow_ip.clone();
-            key.labels = labels.clone();
-            key.groups = args.group.clone();
-            key.policies = args.rules.policies.policy.clone();
-            key.not_before = args.not_before;
-            key.expires_at = expires_at;
-            made.push((key, secret));
+        // Everything but identity and secret, the same for every key made.
+        let mut template = KeyRecord::new(
+            KeyId::new("key_new"),
+            args.project.clone(),
+            KeyDigest::of(""),
+            self.now,
+        );
+        template.name = args.name.clone();
+        template.permissions = permissions;
+        template.models = args.rules.models();
+        template.limits = args.rules.limits();
+        template.allowed_ips = args.rules.allow_ip.clone();
+        template.labels = labels;
+        template.groups = args.group.clone();
+        template.policies = args.rules.policies.policy.clone();
+        template.not_before = args.not_before;
+        template.expires_at = expires_at;
+        let mut made: Vec<(KeyRecord, String)> = Vec::with_capacity(count);
+        if let Target::Server(r) = &self.target {
+            if args.prefix.is_some() {
+                return Err(invalid(
+                    "--prefix: over --server the gateway makes secrets with its own prefix",
+                ));
+            }
+            if args.create_project {
+                let path = format!("/admin/v1/projects/{}", remote::segment(&args.project));
+                if r.get(&path).is_err() {
+                    self.add_project(&ProjectRecord::new(args.project.clone()))?;
+                }
+            }
+            let mut body = serde_json::to_value(&template).unwrap_or_default();
+            if let Some(obj) = body.as_object_mut() {
+                obj.retain(|k, _| {
+                    k == "project" || keygate_admin::KEY_FIELDS.contains(&k.as_str())
+                });
+            }
+            for _ in 0..count {
+                let answer = r.post("/admin/v1/keys", &body)?;
+                let key = remote::record_of(&answer["key"], remote::KEY_VIEW)?;
+                let secret = answer["secret"].as_str().unwrap_or_default().to_owned();
+                made.push((key, secret));
+            }
+        } else {
+            for _ in 0..count {
+                let secret = format.generate()?;
+                let mut key = template.clone();
+                key.id = KeyId::generate()?;
+                key.digest = secret.digest();
+                made.push((key, secret.expose().to_owned()));
+            }
+            let records: Vec<KeyRecord> = made.iter().map(|(k, _)| k.clone()).collect();
+            self.add_keys(&records, &args.project, args.create_project)?;
         }
-        let records: Vec<KeyRecord> = made.iter().map(|(k, _)| k.clone()).collect();
-        self.add_keys(&records, &args.project, args.create_project)?;
         if count > 1 {
             // Bulk: one line (or JSON object) per key; the secrets are shown only now.
             let json = json!({
-                "keys": made.iter().map(|(k, s)| json!({"id": k.id.as_str(), "secret": s.expose()})).collect::<Vec<_>>()
+                "keys": made.iter().map(|(k, s)| json!({"id": k.id.as_str(), "secret": s})).collect::<Vec<_>>()
             });
             let mut text = format!(
                 "Created {count} keys in project {} (secrets shown only this once):\n",
                 args.project
             );
             for (k, s) in &made {
-                let _ = writeln!(text, "{} {}", k.id, s.expose());
+                let _ = writeln!(text, "{} {s}", k.id);
             }
             return Ok(self.output(json, text));
         }
         let Some((key, secret)) = made.pop() else {
             return Err(invalid("--count must be at least 1"));
         };
-        let text = format!(
-            "Created key {id} in project {project}.\n\n\
-             Secret (shown only this once; keygate stores only its digest):\n\n    {secret}\n\n{summary}",
-            id = key.id,
-            project = key.project,
-            secret = secret.expose(),
-            summary = key_text(&key, self.now),
+        let headline = format!(
+            "Created key {} in project {}.\n\nSecret",
+            key.id, key.project
         );
-        let json = json!({ "secret": secret.expose(), "key": key_json(&key, self.now) });
-        Ok(self.output(json, text))
+        Ok(self.with_secret(&headline, &key, &secret))
+    }
+
+    /// A key and its new secret, shown this once.
+    fn with_secret(&self, headline: &str, key: &KeyRecord, secret: &str) -> String {
+        let text = format!(
+            "{headline} (shown only this once; keygate stores only its digest):\n\n    {secret}\n\n{}",
+            key_text(key, self.now),
+        );
+        self.output(
+            json!({ "secret": secret, "key": key_json(key, self.now) }),
+            text,
+        )
     }
 
     fn rotate(&self, id: &str, grace: Duration, prefix: Option<&str>) -> Result<String, CliError> {
+        if let Target::Server(r) = &self.target {
+            if prefix.is_some() {
+                return Err(invalid(
+                    "--prefix: over --server the gateway makes secrets with its own prefix",
+                ));
+            }
+            let answer = r.post(
+                &format!("/admin/v1/keys/{}/rotate", remote::segment(id)),
+                &json!({ "grace_seconds": grace.as_secs() }),
+            )?;
+            let key: KeyRecord = remote::record_of(&answer["key"], remote::KEY_VIEW)?;
+            let secret = answer["secret"].as_str().unwrap_or_default();
+            return Ok(self.with_secret(&rotated_headline(&key), &key, secret));
+        }
         let format = key_format(prefix)?;
         let secret = format.generate()?;
         let digest = secret.digest();
@@ -1036,19 +1215,7 @@ impl Ctx {
             key.digest = digest;
             Ok(())
         })?;
-        let until = key.previous.as_ref().map_or_else(
-            || "no longer works".to_owned(),
-            |p| format!("works until {}", p.valid_until),
-        );
-        let text = format!(
-            "Rotated key {id}; the old secret {until}.\n\n\
-             New secret (shown only this once; keygate stores only its digest):\n\n    {secret}\n\n{summary}",
-            id = key.id,
-            secret = secret.expose(),
-            summary = key_text(&key, self.now),
-        );
-        let json = json!({ "secret": secret.expose(), "key": key_json(&key, self.now) });
-        Ok(self.output(json, text))
+        Ok(self.with_secret(&rotated_headline(&key), &key, secret.expose()))
     }
 
     fn objects(&self, cmd: ObjectsCommand) -> Result<String, CliError> {
@@ -1156,11 +1323,25 @@ impl Ctx {
     }
 
     fn admin_keys(&self, cmd: AdminKeysCommand) -> Result<String, CliError> {
-        let Target::Store(store) = &self.target else {
-            return Err(invalid(
-                "admin keys live in the store: give --store, not --file",
-            ));
+        let store = match &self.target {
+            Target::Store(store) => Some(store),
+            Target::Server(_) => None,
+            Target::File(_) => {
+                return Err(invalid(
+                    "admin keys live in the store: give --store, not --file",
+                ));
+            }
         };
+        let remote = |path: &str, body: Option<Value>| -> Result<Value, CliError> {
+            let Target::Server(r) = &self.target else {
+                return Err(invalid("not over --server"));
+            };
+            match body {
+                Some(b) => r.post(path, &b),
+                None => r.get(path),
+            }
+        };
+        let record_of = |v: &Value| remote::record_of::<AdminKeyRecord>(v, remote::ADMIN_KEY_VIEW);
         let view = |k: &AdminKeyRecord| {
             json!({
                 "id": k.id,
@@ -1173,17 +1354,30 @@ impl Ctx {
         };
         match cmd {
             AdminKeysCommand::Create { name, scope } => {
-                let secret = admin_key_format().generate()?;
-                let record = AdminKeyRecord {
-                    id: admin_key_id()?,
-                    name,
-                    digest: secret.digest(),
-                    scope,
-                    created_at: self.now,
-                    created_by: "cli".to_owned(),
-                    revoked_at: None,
+                let (record, secret) = match store {
+                    Some(store) => {
+                        let secret = admin_key_format().generate()?;
+                        let record = AdminKeyRecord {
+                            id: admin_key_id()?,
+                            name,
+                            digest: secret.digest(),
+                            scope,
+                            created_at: self.now,
+                            created_by: "cli".to_owned(),
+                            revoked_at: None,
+                        };
+                        store.insert_admin_key(&record, self.by("admin_key.create"))?;
+                        (record, secret.expose().to_owned())
+                    }
+                    None => {
+                        let answer = remote(
+                            "/admin/v1/admin-keys",
+                            Some(json!({ "name": name, "scope": scope.to_string() })),
+                        )?;
+                        let secret = answer["secret"].as_str().unwrap_or_default().to_owned();
+                        (record_of(&answer["admin_key"])?, secret)
+                    }
                 };
-                store.insert_admin_key(&record, self.by("admin_key.create"))?;
                 let text = format!(
                     "Created admin key {id} ({name}, scope {scope}).\n\n\
                      Secret (shown only this once; keygate stores only its digest):\n\n    {secret}\n\n\
@@ -1191,15 +1385,22 @@ impl Ctx {
                     id = record.id,
                     name = record.name,
                     scope = record.scope,
-                    secret = secret.expose(),
                 );
                 Ok(self.output(
-                    json!({ "admin_key": view(&record), "secret": secret.expose() }),
+                    json!({ "admin_key": view(&record), "secret": secret }),
                     text,
                 ))
             }
             AdminKeysCommand::List => {
-                let keys = store.admin_keys()?;
+                let keys = match store {
+                    Some(store) => store.admin_keys()?,
+                    None => remote("/admin/v1/admin-keys", None)?["data"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(record_of)
+                        .collect::<Result<_, _>>()?,
+                };
                 let mut text =
                     format!("{:<22} {:<16} {:<24} {}\n", "ID", "NAME", "SCOPE", "STATUS");
                 for k in &keys {
@@ -1222,7 +1423,13 @@ impl Ctx {
                 ))
             }
             AdminKeysCommand::Revoke { id } => {
-                let record = store.revoke_admin_key(&id, self.by("admin_key.revoke"))?;
+                let record = match store {
+                    Some(store) => store.revoke_admin_key(&id, self.by("admin_key.revoke"))?,
+                    None => record_of(&remote(
+                        &format!("/admin/v1/admin-keys/{}/revoke", remote::segment(&id)),
+                        Some(json!({})),
+                    )?)?,
+                };
                 Ok(self.output(
                     json!({ "admin_key": view(&record) }),
                     format!("Revoked admin key {}.\n", record.id),
@@ -1234,10 +1441,18 @@ impl Ctx {
     fn spend(&self, id: &str, counters: Option<&str>) -> Result<String, CliError> {
         use keygate::limit::backend::Window;
         use keygate_core::LimitScope;
-        let Target::Store(store) = &self.target else {
-            return Err(invalid(
-                "spend is kept in the store's ledger: give --store, not --file",
-            ));
+        let store = match &self.target {
+            Target::Store(store) => store,
+            Target::Server(r) => {
+                let answer = r.get(&format!("/admin/v1/keys/{}/spend", remote::segment(id)))?;
+                let rows = answer["data"].as_array().cloned().unwrap_or_default();
+                return Ok(self.spend_output(id, rows));
+            }
+            Target::File(_) => {
+                return Err(invalid(
+                    "spend is kept in the store's ledger: give --store, not --file",
+                ));
+            }
         };
         let key = store
             .key(id)?
@@ -1246,18 +1461,6 @@ impl Ctx {
         let project = store.project(&key.project)?;
         let group = keygate::limit::backend::group_of(&key.project);
         let mut rows = Vec::new();
-        let mut text = format!(
-            "{:<8} {:<8} {:<9} {:<14} {:>12} {:>12} {:>12} {:>12}  {}\n",
-            "SCOPE",
-            "OWNER",
-            "PERIOD",
-            "MODEL",
-            "LIMIT",
-            "SPENT",
-            "RESERVED",
-            "REMAINING",
-            "RESETS"
-        );
         let scopes = [
             (
                 LimitScope::Key,
@@ -1287,22 +1490,12 @@ impl Ctx {
                         .saturating_sub(settled)
                         .saturating_sub(held.unwrap_or(0)),
                 );
-                let reserved_text = reserved.map_or_else(|| "?".to_owned(), |r| r.to_string());
                 let scope_name = match scope {
                     LimitScope::Key => "key",
                     _ => "project",
                 };
                 let period = format!("{:?}", budget.period).to_lowercase();
                 let model = budget.model.as_ref().map_or("*", |m| m.as_str()).to_owned();
-                let resets = end.map_or_else(|| "never".to_owned(), |e| e.to_string());
-                let _ = writeln!(
-                    text,
-                    "{scope_name:<8} {owner:<8} {period:<9} {model:<14} {:>12} {:>12} {:>12} {:>12}  {resets}",
-                    limit.to_string(),
-                    spent.to_string(),
-                    reserved_text,
-                    remaining.to_string(),
-                );
                 rows.push(json!({
                     "scope": scope_name,
                     "owner": owner,
@@ -1317,10 +1510,48 @@ impl Ctx {
                 }));
             }
         }
-        if rows.is_empty() {
-            text = format!("Key {} and its project have no money budget.\n", key.id);
+        Ok(self.spend_output(key.id.as_str(), rows))
+    }
+
+    /// Budget rows (`scope`, `owner`, `period`, `model`, `limit`, `spent`, `reserved`,
+    /// `remaining`, `period_start`, `resets_at`, as the admin API gives them) as a table.
+    fn spend_output(&self, key: &str, rows: Vec<Value>) -> String {
+        let mut text = format!(
+            "{:<8} {:<8} {:<9} {:<14} {:>12} {:>12} {:>12} {:>12}  {}\n",
+            "SCOPE",
+            "OWNER",
+            "PERIOD",
+            "MODEL",
+            "LIMIT",
+            "SPENT",
+            "RESERVED",
+            "REMAINING",
+            "RESETS"
+        );
+        let field = |row: &Value, name: &str, none: &str| match &row[name] {
+            Value::String(s) => s.clone(),
+            Value::Null => none.to_owned(),
+            other => other.to_string(),
+        };
+        for row in &rows {
+            let _ = writeln!(
+                text,
+                "{:<8} {:<8} {:<9} {:<14} {:>12} {:>12} {:>12} {:>12}  {}",
+                field(row, "scope", ""),
+                field(row, "owner", ""),
+                field(row, "period", ""),
+                field(row, "model", ""),
+                field(row, "limit", ""),
+                field(row, "spent", ""),
+                field(row, "reserved", "?"),
+                field(row, "remaining", ""),
+                field(row, "resets_at", "never"),
+            );
         }
-        Ok(self.output(json!({ "key": key.id.as_str(), "budgets": rows }), text))
+        if rows.is_empty() {
+            text = format!("Key {key} and its project have no money budget.\n");
+        }
+        self.output(json!({ "key": key, "budgets": rows }), text)
     }
 
     fn projects(&self, cmd: ProjectsCommand) -> Result<String, CliError> {
@@ -1381,6 +1612,17 @@ impl Ctx {
             }
         }
     }
+}
+
+fn rotated_headline(key: &KeyRecord) -> String {
+    let until = key.previous.as_ref().map_or_else(
+        || "no longer works".to_owned(),
+        |p| format!("works until {}", p.valid_until),
+    );
+    format!(
+        "Rotated key {}; the old secret {until}.\n\nNew secret",
+        key.id
+    )
 }
 
 fn key_format(prefix: Option<&str>) -> Result<KeyFormat, CliError> {

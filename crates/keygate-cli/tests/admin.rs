@@ -619,6 +619,267 @@ async fn conditions_set_through_the_api_bind_keys_at_once() {
     assert_eq!(chat().await.status, 200);
 }
 
+/// The CLI over the gateway's admin API (`--server`, `--admin-key`); its JSON answer, or the
+/// error's message.
+async fn remote(addr: SocketAddr, admin: &str, args: &[&str]) -> Result<Value, String> {
+    let mut argv: Vec<String> = ["keygate", "--json", "--server"]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+    argv.push(format!("http://{addr}"));
+    argv.push("--admin-key".into());
+    argv.push(admin.to_owned());
+    argv.extend(args.iter().map(|s| (*s).to_owned()));
+    tokio::task::spawn_blocking(move || {
+        let mut out = Vec::new();
+        keygate_cli::run(argv, keygate_core::Clock::system().now(), &mut out)
+            .map(|()| serde_json::from_slice(&out).unwrap_or(Value::Null))
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_drives_a_running_gateway_through_the_admin_api() {
+    let s = setup().await;
+    let addr = s.addr();
+    let ok = |admin: String, args: &'static [&'static str]| async move {
+        remote(addr, &admin, args)
+            .await
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    };
+    let chat = |secret: String| async move {
+        call(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            &secret,
+            &serde_json::from_str(CHAT).unwrap(),
+        )
+        .await
+    };
+    let made = ok(
+        s.root.clone(),
+        &["projects", "create", "p", "--budget", "1/day"],
+    )
+    .await;
+    assert_eq!(made["project"]["id"], "p");
+    let made = remote(
+        addr,
+        &s.p_admin,
+        &[
+            "keys",
+            "create",
+            "--project",
+            "p",
+            "--permissions",
+            "all",
+            "--name",
+            "ci",
+            "--group",
+            "ml",
+            "--policy",
+            "require_group ml",
+            "--budget",
+            "0.5/day/gpt-4o-mini",
+        ],
+    )
+    .await
+    .unwrap();
+    let secret = made["secret"].as_str().unwrap().to_owned();
+    let id = made["key"]["id"].as_str().unwrap().to_owned();
+    assert!(!made["key"].to_string().contains("digest"), "{made}");
+    assert_eq!(chat(secret.clone()).await.status, 200);
+    let listed = remote(addr, &s.p_admin, &["keys", "list", "--project", "p"])
+        .await
+        .unwrap();
+    assert_eq!(listed["keys"][0]["id"], id.as_str());
+    let shown = remote(addr, &s.reader, &["keys", "show", &id])
+        .await
+        .unwrap();
+    assert_eq!(shown["key"]["name"], "ci");
+    assert!(
+        shown["key"]["created_by"]
+            .as_str()
+            .unwrap()
+            .starts_with("adm_")
+    );
+
+    // Conditions, groups, disable and enable: the gateway acts on each at once.
+    let update = |args: Vec<&'static str>| {
+        let (id, key) = (id.clone(), s.p_admin.clone());
+        async move {
+            let mut argv = vec!["keys", "update", id.as_str()];
+            argv.extend(args);
+            remote(addr, &key, &argv).await
+        }
+    };
+    update(vec![
+        "--add",
+        "--policy",
+        "members_only research models=gpt-4o*",
+    ])
+    .await
+    .unwrap();
+    assert_eq!(
+        chat(secret.clone()).await.json["error"]["code"],
+        "members_only"
+    );
+    let cleared = update(vec!["--no-policies", "--label", "env=prod"])
+        .await
+        .unwrap();
+    assert!(cleared["key"].get("policies").is_none(), "{cleared}");
+    assert_eq!(chat(secret.clone()).await.status, 200);
+    let e = update(vec!["--policy", "time_window funday 09:00-10:00"])
+        .await
+        .unwrap_err();
+    assert!(e.contains("weekday"), "{e}");
+    remote(addr, &s.p_admin, &["keys", "disable", &id])
+        .await
+        .unwrap();
+    assert_eq!(chat(secret.clone()).await.status, 401);
+    remote(addr, &s.p_admin, &["keys", "enable", &id])
+        .await
+        .unwrap();
+    assert_eq!(chat(secret.clone()).await.status, 200);
+
+    // The project's conditions, through `projects update`.
+    let p = ok(
+        s.root.clone(),
+        &[
+            "projects",
+            "update",
+            "p",
+            "--policy",
+            "require_label env=dev",
+        ],
+    )
+    .await;
+    assert_eq!(p["project"]["policies"][0]["value"], "dev");
+    assert_eq!(
+        chat(secret.clone()).await.json["error"]["code"],
+        "label_required"
+    );
+    ok(
+        s.root.clone(),
+        &["projects", "update", "p", "--no-policies"],
+    )
+    .await;
+    assert_eq!(chat(secret.clone()).await.status, 200);
+    let projects = ok(s.reader.clone(), &["projects", "list"]).await;
+    let listed_p = projects["projects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == "p");
+    assert_eq!(listed_p.unwrap()["keys"], 1, "{projects}");
+
+    // Spend, per budget, from the gateway's own view.
+    s.gateway.built().flush().await;
+    let spend = remote(addr, &s.reader, &["spend", "show", &id])
+        .await
+        .unwrap();
+    let budgets = spend["budgets"].as_array().unwrap();
+    assert_eq!(budgets.len(), 2, "{spend}");
+    assert!(
+        budgets
+            .iter()
+            .any(|b| b["scope"] == "key" && b["model"] == "gpt-4o-mini")
+    );
+    assert!(budgets.iter().all(|b| b["spent"] != "0"), "{spend}");
+
+    // Rotation: the new secret is printed once; with no grace the old one stops at once.
+    let rotated = remote(addr, &s.p_admin, &["keys", "rotate", &id, "--grace", "0s"])
+        .await
+        .unwrap();
+    let new_secret = rotated["secret"].as_str().unwrap().to_owned();
+    assert_eq!(chat(new_secret.clone()).await.status, 200);
+    assert_eq!(chat(secret.clone()).await.status, 401);
+
+    // Admin keys, by the admin of everything only.
+    let made = ok(
+        s.root.clone(),
+        &["admin-keys", "create", "--name", "bot", "--scope", "read:p"],
+    )
+    .await;
+    let bot = made["secret"].as_str().unwrap().to_owned();
+    let bot_id = made["admin_key"]["id"].as_str().unwrap().to_owned();
+    assert!(bot.starts_with("kg-admin-"));
+    let listed = ok(s.root.clone(), &["admin-keys", "list"]).await;
+    assert!(
+        listed["admin_keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["id"] == bot_id.as_str())
+    );
+    assert!(remote(addr, &bot, &["keys", "show", &id]).await.is_ok());
+    let revoked = remote(addr, &s.root, &["admin-keys", "revoke", &bot_id])
+        .await
+        .unwrap();
+    assert!(revoked["admin_key"]["revoked_at"].is_string(), "{revoked}");
+
+    // Refusals say why, and never repeat a secret.
+    for (key, args, says) in [
+        (
+            s.reader.clone(),
+            vec!["keys", "disable", id.as_str()],
+            "403",
+        ),
+        (bot.clone(), vec!["keys", "list"], "401"),
+        (s.p_admin.clone(), vec!["admin-keys", "list"], "403"),
+        (s.root.clone(), vec!["keys", "export"], "digests"),
+        (new_secret.clone(), vec!["keys", "list"], "not an admin key"),
+    ] {
+        let e = remote(addr, &key, &args).await.unwrap_err();
+        assert!(e.contains(says), "{args:?}: {e}");
+        assert!(!e.contains(&key) && !e.contains(&new_secret), "{e}");
+    }
+    let dead = remote("127.0.0.1:9".parse().unwrap(), &s.root, &["keys", "list"])
+        .await
+        .unwrap_err();
+    assert!(dead.contains("cannot reach the gateway"), "{dead}");
+
+    // Every change is the admin key's, in the gateway's record.
+    let events = call(
+        addr,
+        "GET",
+        &format!("/admin/v1/keys/{id}/events"),
+        &s.reader,
+        &Value::Null,
+    )
+    .await;
+    let actions: Vec<&str> = events.json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            "key.rotate",
+            "key.enable",
+            "key.disable",
+            "key.update",
+            "key.update",
+            "key.create"
+        ]
+    );
+    let p_admin_id = call(addr, "GET", "/admin/v1/me", &s.p_admin, &Value::Null)
+        .await
+        .json["id"]
+        .clone();
+    assert!(
+        events.json["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["actor"] == p_admin_id)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn credentials_never_cross_between_the_admin_api_and_the_model_routes() {
     let s = setup().await;

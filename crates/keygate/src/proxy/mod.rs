@@ -49,6 +49,25 @@ pub use crate::config::Roots;
 pub use body::{ProxyResponseBody, UpstreamTimedOut};
 pub use jwks::{JwksError, JwksFetcher};
 
+/// An http(s) client (hyper, rustls with ring) verifying servers against `roots` and the PEM
+/// certificates in `extra_ca`: the one the proxy and the JWKS fetcher use, for other clients of
+/// keygate (the CLI driving a gateway's admin API).
+///
+/// # Errors
+///
+/// Unusable roots or certificates.
+pub fn https_client<B>(
+    roots: Roots,
+    extra_ca: &[Vec<u8>],
+    connect_timeout: Option<Duration>,
+) -> Result<Client<HttpsConnector<HttpConnector>, B>, UpstreamError>
+where
+    B: Body + Send,
+    B::Data: Send,
+{
+    tls::client(roots, extra_ca, connect_timeout)
+}
+
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type ProxyBody = UnsyncBoxBody<Bytes, BoxError>;
 
