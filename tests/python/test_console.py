@@ -4,8 +4,9 @@ on a SQLite store.
 
 Logs in with an admin key, creates a key and reads its secret once, sets a per-model limit,
 sends a request with the key through the gateway, sees the spend in the key's table,
-disables and re-enables the key, reserves its model to a group's members (and lifts that),
-and checks that the secret never appears again in any page. A screenshot of each page goes to target/console-screenshots/.
+resets its spend, disables and re-enables the key, reserves its model to a group's members
+(and lifts that), and checks that the secret never appears again in any page. A screenshot
+of each page goes to target/console-screenshots/.
 """
 
 import json
@@ -141,6 +142,11 @@ def test_console_end_to_end(gateway):
         expect(page.locator("table.compact").last).to_contain_text("allowed")
         assert secret not in content(page)
         shot(page, "05-key-with-spend")
+
+        # Reset the key's spend (recorded as a change): the table shows nothing spent.
+        page.click("button:has-text('Reset spend')")
+        expect(mini.locator("td[data-label=Spent]")).to_have_text("$0")
+        expect(page.locator("ul.events")).to_contain_text("key.spend_reset")
 
         # Disable, with a reason: the gateway refuses the key; re-enable: it works again.
         page.fill("input[name=reason]", "incident 7")

@@ -535,6 +535,77 @@ pub(crate) async fn key_spend(
     ok(json!({ "object": "list", "key": id, "at": now, "data": rows }))
 }
 
+/// `POST /admin/v1/keys/{id}/spend/reset`: the key's own budgets (on `model`, of `period`,
+/// when given) start their current period from nothing spent; recorded as an admin event
+/// with the budgets before and after.
+pub(crate) async fn reset_key_spend(
+    State(api): State<AdminApi>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let fields = body_object(&body)?;
+    let text = |name: &str| match fields.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::bad_request(format!(
+            "\"{name}\" must be a string"
+        ))),
+    };
+    let (model, period) = (text("model")?, text("period")?);
+    if let Some(extra) = fields
+        .keys()
+        .find(|k| !matches!(k.as_str(), "model" | "period"))
+    {
+        return Err(ApiError::bad_request(format!(
+            "unknown field {extra:?}: give \"model\" and/or \"period\", or nothing"
+        )));
+    }
+    let (reset, after) = api
+        .reset_spend(&caller, &id, model.as_deref(), period.as_deref())
+        .await?;
+    ok(json!({ "object": "spend_reset", "key": id, "reset": reset, "data": after }))
+}
+
+impl AdminApi {
+    /// Resets a key's own budgets (see [`reset_key_spend`]): what each gave back, and the
+    /// key's budgets after.
+    pub(crate) async fn reset_spend(
+        &self,
+        caller: &Caller,
+        id: &str,
+        model: Option<&str>,
+        period: Option<&str>,
+    ) -> Result<(Vec<crate::spend::BudgetReset>, Vec<crate::BudgetUse>), ApiError> {
+        let key = self.visible_key(caller, id, true).await?;
+        let store = &self.inner.store;
+        let project = store.project(&key.record.project).await?;
+        let now = self.inner.clock.now();
+        let before = budgets(store, &key.record, project.as_ref(), now).await?;
+        let reset = crate::spend::reset(store, &key.record, model, period, now).await?;
+        if reset.is_empty() {
+            return Err(ApiError::bad_request(
+                "no money budget of this key matches: see GET /admin/v1/keys/{id}/spend",
+            ));
+        }
+        let after = budgets(store, &key.record, project.as_ref(), now).await?;
+        let own = |rows: &[crate::BudgetUse]| -> Vec<crate::BudgetUse> {
+            rows.iter().filter(|b| b.scope == "key").cloned().collect()
+        };
+        let by = self.by(caller, "key.spend_reset");
+        store
+            .record_event(keygate_store::action_event(
+                by.audit(),
+                id,
+                Some(&key.record.project),
+                &json!({ "budgets": own(&before) }),
+                &json!({ "budgets": own(&after), "reset": reset }),
+            ))
+            .await?;
+        Ok((reset, after))
+    }
+}
+
 /// The query of `GET /admin/v1/keys/{id}/usage`.
 #[derive(Debug, Deserialize)]
 pub(crate) struct UsageQuery {

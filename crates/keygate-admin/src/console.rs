@@ -1134,6 +1134,13 @@ async fn key_page(
                 label { " only for members of " input name="reserve_group" required placeholder="research" size="10"; }
                 button type="submit" { "Reserve to group" }
             }
+            @if !k.limits.budgets.is_empty() {
+                form.inline-form method="post" action=(post("reset-spend")) {
+                    input type="hidden" name="csrf" value=(visitor.csrf);
+                    button type="submit" { "Reset spend" }
+                    " What the key's own limits settled this period stops counting (recorded as a change)."
+                }
+            }
         }
         @let project_budgets: Vec<&BudgetUse> = uses.iter().filter(|b| b.scope == "project").collect();
         @if !project_budgets.is_empty() {
@@ -1399,6 +1406,9 @@ async fn key_action(
             Err(e) => Err(e),
         },
         "enable" => api.enable(caller, &id).await,
+        "reset-spend" => {
+            return back_or_error(api.reset_spend(caller, &id, None, None).await, &id);
+        }
         "revoke" => api.revoke(caller, &id).await,
         "rotate" => {
             let grace = form.one("grace").and_then(|g| g.parse().ok()).unwrap_or(0);

@@ -28,6 +28,7 @@
 //! | `GET`, `PATCH /admin/v1/keys/{id}` | read, manage |
 //! | `POST /admin/v1/keys/{id}/rotate`, `/disable`, `/enable`, `/revoke` | manage |
 //! | `GET /admin/v1/keys/{id}/spend`, `/usage?days=`, `/decisions`, `/events` | read |
+//! | `POST /admin/v1/keys/{id}/spend/reset` (`{"model"?, "period"?}`) | manage |
 //! | `GET /admin/v1/events?target=&before=&limit=` | read |
 //! | `GET`, `POST /admin/v1/admin-keys`, `POST /admin/v1/admin-keys/{id}/revoke` | manage (every project) |
 //!
@@ -70,7 +71,7 @@ use keygate_core::{Clock, KeyFormat};
 pub use api::{Caller, DEFAULT_PAGE, MAX_GRACE, MAX_USAGE_DAYS};
 pub use console::{CSP, MAX_SESSIONS, SESSION_COOKIE, SESSION_TTL};
 pub use error::ApiError;
-pub use spend::{BudgetUse, period_name};
+pub use spend::{BudgetReset, BudgetUse, period_name};
 pub use store::AdminStore;
 pub use views::{KEY_FIELDS, PROJECT_FIELDS, key_status};
 
@@ -174,6 +175,10 @@ impl AdminApi {
             .route("/admin/v1/keys/{id}/enable", post(api::enable_key))
             .route("/admin/v1/keys/{id}/revoke", post(api::revoke_key))
             .route("/admin/v1/keys/{id}/spend", get(api::key_spend))
+            .route(
+                "/admin/v1/keys/{id}/spend/reset",
+                post(api::reset_key_spend),
+            )
             .route("/admin/v1/keys/{id}/events", get(api::key_events))
             .route("/admin/v1/keys/{id}/usage", get(api::key_usage))
             .route("/admin/v1/keys/{id}/decisions", get(api::key_decisions))

@@ -92,3 +92,49 @@ pub(crate) async fn budgets(
     }
     Ok(out)
 }
+
+/// One budget a reset gave back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BudgetReset {
+    /// The models it counts (`*`: all).
+    pub model: String,
+    /// Its period.
+    pub period: &'static str,
+    /// When this period began.
+    pub period_start: Timestamp,
+    /// What no longer counts.
+    pub given_back: Money,
+}
+
+/// Resets the key's own money budgets (those on `model` and of `period`, when given) in
+/// their current periods; what each gave back. The project's budgets, shared by its keys,
+/// are left alone.
+pub(crate) async fn reset(
+    store: &AdminStore,
+    key: &KeyRecord,
+    model: Option<&str>,
+    period: Option<&str>,
+    now: Timestamp,
+) -> Result<Vec<BudgetReset>, DbError> {
+    let group = group_of(&key.project);
+    let mut out = Vec::new();
+    for budget in &key.limits.budgets {
+        let on = budget.model.as_ref().map_or("*", |m| m.as_str());
+        if model.is_some_and(|m| m != on) || period.is_some_and(|p| p != period_name(budget.period))
+        {
+            continue;
+        }
+        let (counter, window) = budget_counter(LimitScope::Key, key.id.as_str(), budget, now);
+        let Window::Fixed { start, .. } = window else {
+            continue;
+        };
+        let taken = store.reset_budget(&counter, group, window).await?;
+        out.push(BudgetReset {
+            model: on.to_owned(),
+            period: period_name(budget.period),
+            period_start: start,
+            given_back: Money::from_nanos(taken),
+        });
+    }
+    Ok(out)
+}

@@ -8,7 +8,8 @@ use keygate::limit::backend::Window;
 use keygate_core::admin::{AdminEvent, AdminKeyRecord, AuditBy};
 use keygate_core::{KeyDigest, KeyRecord, ProjectRecord, Timestamp};
 use keygate_store::{
-    Db, DbError, EventQuery, KeyPage, KeyQuery, PgDb, RedisBackend, StoredKey, UsageRow,
+    Db, DbError, EventQuery, KeyPage, KeyQuery, LedgerBackend, PgDb, RedisBackend, StoredKey,
+    UsageRow,
 };
 
 /// Who changes something, owned (the SQLite calls run on a blocking thread).
@@ -20,7 +21,7 @@ pub(crate) struct By {
 }
 
 impl By {
-    fn audit(&self) -> AuditBy<'_> {
+    pub(crate) fn audit(&self) -> AuditBy<'_> {
         AuditBy {
             actor: &self.actor,
             action: self.action,
@@ -43,6 +44,7 @@ pub(crate) type ProjectChange = Box<dyn FnOnce(&mut ProjectRecord) -> Result<(),
 pub struct AdminStore {
     db: Kind,
     counters: Option<RedisBackend>,
+    ledger: Option<LedgerBackend>,
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +63,7 @@ impl AdminStore {
         Ok(AdminStore {
             db: Kind::Sqlite(Arc::new(Mutex::new(Db::open(path)?))),
             counters: None,
+            ledger: None,
         })
     }
 
@@ -69,6 +72,7 @@ impl AdminStore {
         AdminStore {
             db: Kind::Postgres(Box::new(db)),
             counters: None,
+            ledger: None,
         }
     }
 
@@ -77,6 +81,15 @@ impl AdminStore {
     #[must_use]
     pub fn with_counters(mut self, counters: RedisBackend) -> Self {
         self.counters = Some(counters);
+        self
+    }
+
+    /// With the spend ledger a SQLite store's gateway counts in (its
+    /// [`LedgerBackend`]): spend is reset through it, so the gateway's counters see the reset
+    /// at once. Without it (or the shared counters on PostgreSQL) spend cannot be reset.
+    #[must_use]
+    pub fn with_ledger(mut self, ledger: LedgerBackend) -> Self {
+        self.ledger = Some(ledger);
         self
     }
 
@@ -253,6 +266,54 @@ impl AdminStore {
         match &self.db {
             Kind::Sqlite(db) => Self::sqlite(db, move |db| db.usage(&key_id, from_day)).await,
             Kind::Postgres(db) => db.usage(&key_id, from_day).await,
+        }
+    }
+
+    /// Resets the budget counter `counter` of `group` in the period `window`: what settled
+    /// in it no longer counts, in the ledger and in the counters the gateways admit on;
+    /// requests in flight keep their holds. The amount taken off.
+    pub(crate) async fn reset_budget(
+        &self,
+        counter: &str,
+        group: u64,
+        window: Window,
+    ) -> Result<u64, DbError> {
+        let unavailable =
+            |what: &str, e: &dyn std::fmt::Display| DbError::Unavailable(format!("{what}: {e}"));
+        match &self.db {
+            Kind::Sqlite(_) => match &self.ledger {
+                Some(ledger) => ledger
+                    .reset_budget(counter, window)
+                    .await
+                    .map_err(|e| unavailable("the spend ledger", &e)),
+                None => Err(DbError::Unavailable(
+                    "spend can be reset only through the gateway that keeps its ledger".into(),
+                )),
+            },
+            Kind::Postgres(db) => {
+                let Window::Fixed { start, end } = window else {
+                    return Ok(0);
+                };
+                let shard = group % keygate_store::SHARDS;
+                // The ledger first: if the counters then fail, they count too much, never
+                // too little.
+                let taken = db.reset_spend(shard, counter, start, end).await?;
+                if let Some(redis) = &self.counters {
+                    redis
+                        .give_back(group, counter, window, taken)
+                        .await
+                        .map_err(|e| unavailable("the shared counters", &e))?;
+                }
+                Ok(taken)
+            }
+        }
+    }
+
+    /// Records an admin event of an action that changes no record.
+    pub(crate) async fn record_event(&self, event: AdminEvent) -> Result<(), DbError> {
+        match &self.db {
+            Kind::Sqlite(db) => Self::sqlite(db, move |db| db.record_event(&event)).await,
+            Kind::Postgres(db) => db.record_event(&event).await,
         }
     }
 

@@ -246,6 +246,19 @@ enum SpendCommand {
         #[arg(long)]
         counters: Option<String>,
     },
+    /// Reset a key's own money budgets in their current periods (what they settled stops
+    /// counting; requests in flight keep their holds), through the gateway (`--server`), so
+    /// every replica's counters see it at once; recorded as an admin event.
+    Reset {
+        /// The key id (`key_…`).
+        id: String,
+        /// Only the budget on this model pattern (`*`: the one over every model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Only the budget of this period (`day`, `week`, `month`, `lifetime`).
+        #[arg(long)]
+        period: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -553,6 +566,9 @@ where
         Command::Projects(cmd) => ctx.projects(cmd)?,
         Command::Spend(SpendCommand::Show { id, counters }) => {
             ctx.spend(&id, counters.as_deref())?
+        }
+        Command::Spend(SpendCommand::Reset { id, model, period }) => {
+            ctx.reset_spend(&id, model, period)?
         }
         Command::Objects(cmd) => ctx.objects(cmd)?,
         Command::AdminKeys(cmd) => ctx.admin_keys(cmd)?,
@@ -1511,6 +1527,40 @@ impl Ctx {
             }
         }
         Ok(self.spend_output(key.id.as_str(), rows))
+    }
+
+    fn reset_spend(
+        &self,
+        id: &str,
+        model: Option<String>,
+        period: Option<String>,
+    ) -> Result<String, CliError> {
+        let Target::Server(r) = &self.target else {
+            return Err(invalid(
+                "spend reset goes through the gateway, whose counters must see it: give --server URL with an admin key",
+            ));
+        };
+        let answer = r.post(
+            &format!("/admin/v1/keys/{}/spend/reset", remote::segment(id)),
+            &json!({ "model": model, "period": period }),
+        )?;
+        if self.json {
+            return Ok(self.output(answer, String::new()));
+        }
+        let mut text = String::new();
+        for b in answer["reset"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                text,
+                "Reset the {} budget on {} of key {id}: ${} no longer counts.",
+                b["period"].as_str().unwrap_or_default(),
+                b["model"].as_str().unwrap_or_default(),
+                b["given_back"].as_str().unwrap_or_default(),
+            );
+        }
+        text.push('\n');
+        let rows = answer["data"].as_array().cloned().unwrap_or_default();
+        text.push_str(&self.spend_output(id, rows));
+        Ok(text)
     }
 
     /// Budget rows (`scope`, `owner`, `period`, `model`, `limit`, `spent`, `reserved`,

@@ -79,6 +79,33 @@ impl Setup {
     fn addr(&self) -> SocketAddr {
         self.gateway.addr()
     }
+
+    /// Makes projects, as the admin of everything.
+    async fn projects(&self, ids: &[&str]) {
+        for id in ids {
+            let made = call(
+                self.addr(),
+                "POST",
+                "/admin/v1/projects",
+                &self.root,
+                &json!({ "id": id }),
+            )
+            .await;
+            assert_eq!(made.status, 201, "{}", made.text);
+        }
+    }
+}
+
+/// One chat request with `secret`.
+async fn chat(addr: SocketAddr, secret: &str) -> Answer {
+    call(
+        addr,
+        "POST",
+        "/v1/chat/completions",
+        secret,
+        &serde_json::from_str(CHAT).unwrap(),
+    )
+    .await
 }
 
 async fn admin_key(store: &str, name: &str, scope: &str) -> (String, String) {
@@ -124,17 +151,7 @@ async fn admins_manage_keys_within_their_scope_and_every_change_is_recorded() {
     let s = setup().await;
     let addr = s.addr();
     // Projects: only `manage` over everything makes them.
-    for id in ["p", "q"] {
-        let made = call(
-            addr,
-            "POST",
-            "/admin/v1/projects",
-            &s.root,
-            &json!({ "id": id }),
-        )
-        .await;
-        assert_eq!(made.status, 201, "{}", made.text);
-    }
+    s.projects(&["p", "q"]).await;
     let refused = call(
         addr,
         "POST",
@@ -174,14 +191,7 @@ async fn admins_manage_keys_within_their_scope_and_every_change_is_recorded() {
     let id = made.json["key"]["id"].as_str().unwrap().to_owned();
     assert!(secret.starts_with("sk-kg-"));
     assert!(!made.json["key"].to_string().contains("digest"));
-    let chat = call(
-        addr,
-        "POST",
-        "/v1/chat/completions",
-        &secret,
-        &serde_json::from_str(CHAT).unwrap(),
-    )
-    .await;
+    let chat = chat(addr, &secret).await;
     assert_eq!(chat.status, 200, "{}", chat.text);
     let elsewhere = call(
         addr,
@@ -509,15 +519,7 @@ async fn admins_manage_keys_within_their_scope_and_every_change_is_recorded() {
 async fn conditions_set_through_the_api_bind_keys_at_once() {
     let s = setup().await;
     let addr = s.addr();
-    let made = call(
-        addr,
-        "POST",
-        "/admin/v1/projects",
-        &s.root,
-        &json!({ "id": "p" }),
-    )
-    .await;
-    assert_eq!(made.status, 201, "{}", made.text);
+    s.projects(&["p"]).await;
     let made = call(
         addr,
         "POST",
@@ -533,16 +535,7 @@ async fn conditions_set_through_the_api_bind_keys_at_once() {
     assert_eq!(made.status, 201, "{}", made.text);
     let secret = made.json["secret"].as_str().unwrap().to_owned();
     let id = made.json["key"]["id"].as_str().unwrap().to_owned();
-    let chat = || async {
-        call(
-            addr,
-            "POST",
-            "/v1/chat/completions",
-            &secret,
-            &serde_json::from_str(CHAT).unwrap(),
-        )
-        .await
-    };
+    let chat = || chat(addr, &secret);
     let refused = chat().await;
     assert_eq!(refused.status, 403, "{}", refused.text);
     assert_eq!(refused.json["error"]["code"], "members_only");
@@ -619,6 +612,139 @@ async fn conditions_set_through_the_api_bind_keys_at_once() {
     assert_eq!(chat().await.status, 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_gives_a_key_its_budget_back_and_is_recorded() {
+    let s = setup().await;
+    let addr = s.addr();
+    s.projects(&["p", "q"]).await;
+    // A budget a few requests use up.
+    let made = call(
+        addr,
+        "POST",
+        "/admin/v1/keys",
+        &s.p_admin,
+        &json!({
+            "project": "p",
+            "permissions": "all",
+            "limits": { "budgets": [
+                { "amount": "0.00003", "period": "day", "model": "gpt-4o-mini" },
+                { "amount": "1", "period": "month" },
+            ] },
+        }),
+    )
+    .await;
+    assert_eq!(made.status, 201, "{}", made.text);
+    let secret = made.json["secret"].as_str().unwrap().to_owned();
+    let id = made.json["key"]["id"].as_str().unwrap().to_owned();
+    let until_refused = || async {
+        for n in 0..50 {
+            let chat = chat(addr, &secret).await;
+            if chat.status == 429 {
+                assert_eq!(
+                    chat.json["error"]["code"], "insufficient_quota",
+                    "{}",
+                    chat.text
+                );
+                return n;
+            }
+            assert_eq!(chat.status, 200, "{}", chat.text);
+        }
+        panic!("never refused");
+    };
+    let admitted = until_refused().await;
+    assert!(admitted >= 2, "{admitted}");
+    let reset_path = format!("/admin/v1/keys/{id}/spend/reset");
+    // Only a manager of the key's project resets it.
+    let refused = call(addr, "POST", &reset_path, &s.reader, &Value::Null).await;
+    assert_eq!(refused.status, 403, "{}", refused.text);
+    let q_admin = admin_key(&s.store, "q-owner", "manage:q").await.1;
+    let hidden = call(addr, "POST", &reset_path, &q_admin, &Value::Null).await;
+    assert_eq!(hidden.status, 404, "{}", hidden.text);
+    for bad in [
+        json!({ "period": "week" }),
+        json!({ "model": "gpt-4o" }),
+        json!({ "models": "x" }),
+    ] {
+        let answer = call(addr, "POST", &reset_path, &s.p_admin, &bad).await;
+        assert_eq!(answer.status, 400, "{bad}: {}", answer.text);
+    }
+    // The day's budget on the model only: the month's is left as it is.
+    let reset = call(
+        addr,
+        "POST",
+        &reset_path,
+        &s.p_admin,
+        &json!({ "period": "day" }),
+    )
+    .await;
+    assert_eq!(reset.status, 200, "{}", reset.text);
+    assert_eq!(
+        reset.json["reset"].as_array().unwrap().len(),
+        1,
+        "{}",
+        reset.text
+    );
+    let given: f64 = reset.json["reset"][0]["given_back"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(given > 0.0, "{}", reset.text);
+    let day = reset.json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["period"] == "day")
+        .unwrap()
+        .clone();
+    assert_eq!(day["spent"], "0", "{day}");
+    let month = reset.json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["period"] == "month")
+        .unwrap()
+        .clone();
+    assert_ne!(month["spent"], "0", "{month}");
+    // The gateway admits exactly as many again.
+    assert_eq!(until_refused().await, admitted);
+    // Recorded: who, and the budgets before and after.
+    let events = call(
+        addr,
+        "GET",
+        &format!("/admin/v1/keys/{id}/events"),
+        &s.reader,
+        &Value::Null,
+    )
+    .await;
+    let e = &events.json["data"][0];
+    assert_eq!(e["action"], "key.spend_reset", "{}", events.text);
+    assert_eq!(e["project"], "p");
+    assert_ne!(e["before"]["budgets"][0]["spent"], "0", "{e}");
+    assert_eq!(e["after"]["budgets"][0]["spent"], "0", "{e}");
+    // And through the CLI over the API.
+    let text = remote(
+        addr,
+        &s.p_admin,
+        &["spend", "reset", &id, "--model", "gpt-4o-mini"],
+    )
+    .await
+    .unwrap();
+    assert_eq!(text["reset"][0]["model"], "gpt-4o-mini", "{text}");
+    assert_eq!(until_refused().await, admitted);
+    // A reset is kept across a restart of the gateway (the ledger has it).
+    let store = s.store.clone();
+    s.gateway.built().flush().await;
+    let reset = call(addr, "POST", &reset_path, &s.p_admin, &Value::Null).await;
+    assert_eq!(reset.status, 200, "{}", reset.text);
+    drop(s.gateway);
+    let mut options = GatewayOptions::new("127.0.0.1:0".parse().unwrap());
+    options.store = Some(store);
+    let again = gateway::start(options, &mut Vec::new()).await.unwrap();
+    let chat = chat(again.addr(), &secret).await;
+    assert_eq!(chat.status, 200, "{}", chat.text);
+}
+
 /// The CLI over the gateway's admin API (`--server`, `--admin-key`); its JSON answer, or the
 /// error's message.
 async fn remote(addr: SocketAddr, admin: &str, args: &[&str]) -> Result<Value, String> {
@@ -649,16 +775,7 @@ async fn the_cli_drives_a_running_gateway_through_the_admin_api() {
             .await
             .unwrap_or_else(|e| panic!("{args:?}: {e}"))
     };
-    let chat = |secret: String| async move {
-        call(
-            addr,
-            "POST",
-            "/v1/chat/completions",
-            &secret,
-            &serde_json::from_str(CHAT).unwrap(),
-        )
-        .await
-    };
+    let chat = |secret: String| async move { chat(addr, &secret).await };
     let made = ok(
         s.root.clone(),
         &["projects", "create", "p", "--budget", "1/day"],

@@ -374,6 +374,51 @@ async fn a_key_made_through_one_gateways_admin_api_is_served_and_disabled_on_eve
     let used = row["spent"].as_str().unwrap().parse::<f64>().unwrap()
         + row["reserved"].as_str().unwrap().parse::<f64>().unwrap();
     assert!(used > 0.0, "{row}");
+    // A key whose budget a few requests use up, over all three gateways: reset through one
+    // gateway's admin API, every gateway admits it again (the ledger has a credit, the
+    // shared counters give the amount back).
+    let answer = request(
+        addrs[0],
+        "POST",
+        "/admin/v1/keys",
+        &admin,
+        r#"{"project":"p","permissions":"all","limits":{"budgets":[{"amount":"0.00003","period":"day"}]}}"#,
+    )
+    .await;
+    let body: serde_json::Value =
+        serde_json::from_str(answer.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let small = body["secret"].as_str().unwrap().to_owned();
+    let small_id = body["key"]["id"].as_str().unwrap().to_owned();
+    refused_by_all_within(&addrs, &small, |s| s == 200, Duration::from_secs(1)).await;
+    let admitted = spend_until_refused(&addrs, &small, 50).await;
+    assert!((2..50).contains(&admitted), "{admitted}");
+    for g in &gateways {
+        g.built().flush().await;
+    }
+    let reset = request(
+        addrs[1],
+        "POST",
+        &format!("/admin/v1/keys/{small_id}/spend/reset"),
+        &admin,
+        "",
+    )
+    .await;
+    assert_eq!(status(&reset), 200, "{reset}");
+    let reset: serde_json::Value =
+        serde_json::from_str(reset.split_once("\r\n\r\n").unwrap().1).unwrap();
+    let given: f64 = reset["reset"][0]["given_back"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(given > 0.0, "{reset}");
+    for addr in &addrs {
+        let chat = request(*addr, "POST", "/v1/chat/completions", &small, CHAT).await;
+        assert_eq!(status(&chat), 200, "{chat}");
+    }
+    let again = spend_until_refused(&addrs, &small, 50).await;
+    // The whole budget again: every settled charge was in the ledger when it was reset.
+    assert_eq!(again + 3, admitted);
     let disabled = request(
         addrs[2],
         "POST",

@@ -538,6 +538,25 @@ impl MemoryBackend {
         *counter = fresh;
     }
 
+    /// Takes `amount` off a budget counter's current period (never below zero); what was
+    /// taken. How spend reset by an operator reaches the counters: a period other than the
+    /// counter's current one, or a rate window, is left alone.
+    pub fn give_back(&self, key: &str, window: Window, amount: u64) -> u64 {
+        let Window::Fixed { start, .. } = window else {
+            return 0;
+        };
+        let hash = self.hash_of(key);
+        let mut map = lock(&self.shards[Self::shard_of(hash)].map);
+        match map.find_mut(hash, key) {
+            Some(c) if c.stamp == start.as_unix_nanos() && c.per == 0 => {
+                let taken = c.used.min(amount);
+                c.used -= taken;
+                taken
+            }
+            _ => 0,
+        }
+    }
+
     /// The amount a counter holds now (`None` if it holds nothing or does not exist).
     pub fn used(&self, key: &str, window: Window, limit: u64, now: Timestamp) -> Option<u64> {
         let hash = self.hash_of(key);

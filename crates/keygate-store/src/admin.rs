@@ -289,7 +289,35 @@ pub(crate) fn like_prefix(prefix: &str) -> String {
     out
 }
 
+/// An event of an action that changes no record (a spend reset): `before` and `after` are
+/// what the action saw and left, as JSON (without secrets).
+pub fn action_event(
+    by: AuditBy<'_>,
+    target: &str,
+    project: Option<&str>,
+    before: &serde_json::Value,
+    after: &serde_json::Value,
+) -> AdminEvent {
+    event(
+        by,
+        target,
+        project,
+        Some(before.to_string()),
+        Some(after.to_string()),
+    )
+}
+
 impl Db {
+    /// Records an admin event on its own (for actions that change no record: see
+    /// [`action_event`]).
+    ///
+    /// # Errors
+    ///
+    /// [`DbError::Sqlite`] when it cannot be written.
+    pub fn record_event(&mut self, e: &AdminEvent) -> Result<(), DbError> {
+        insert_event(self.conn(), e)
+    }
+
     /// Adds an admin key, recording `by` in the same transaction.
     ///
     /// # Errors

@@ -243,6 +243,13 @@ enum Op {
         actual: Option<Vec<u64>>,
     },
     Flush(Ack),
+    /// An operator's reset of a budget period: what it settled so far no longer counts
+    /// (answered with the amount taken off).
+    Reset {
+        counter: String,
+        start: i64,
+        ack: oneshot::Sender<Result<u64, BackendError>>,
+    },
 }
 
 impl Op {
@@ -361,11 +368,20 @@ impl Core {
             let _ = commits.try_send(());
         }
         drop(w);
+        let mut resets = result.as_ref().map(|r| r.iter().copied()).ok();
         for op in batch {
             match op {
                 Op::Reserve { ack, .. } | Op::Flush(ack) => {
                     // A receiver gone is a request that was cancelled: nothing to tell.
-                    let _ = ack.send(result.clone());
+                    let _ = ack.send(result.as_ref().map(|_| ()).map_err(Clone::clone));
+                }
+                Op::Reset { ack, .. } => {
+                    let taken = match (&mut resets, &result) {
+                        (Some(amounts), _) => Ok(amounts.next().unwrap_or(0)),
+                        (None, Err(e)) => Err(e.clone()),
+                        (None, Ok(_)) => Ok(0),
+                    };
+                    let _ = ack.send(taken);
                 }
                 Op::End { .. } => {}
             }
@@ -535,6 +551,47 @@ impl LedgerBackend {
     /// through them directly bypasses the ledger).
     pub fn memory(&self) -> &MemoryBackend {
         &self.shared.memory
+    }
+
+    /// Resets the budget period of `counter` that `window` is (a budget's current period):
+    /// what settled in it so far no longer counts, in the ledger (durably: a restart keeps
+    /// the reset) and in the counters admission reads; requests in flight keep what they
+    /// hold. The amount taken off, in the counter's unit.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError`] when the ledger could not be written (nothing changed) or the writer
+    /// has stopped.
+    pub fn reset_budget(
+        &self,
+        counter: &str,
+        window: Window,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send + 'static {
+        let (ack, done) = oneshot::channel();
+        let start = match window {
+            Window::Fixed { start, .. } => Some(sql_int(start.as_unix_nanos())),
+            _ => None,
+        };
+        let sent = start.map(|start| {
+            self.shared.core.submit(Op::Reset {
+                counter: counter.to_owned(),
+                start,
+                ack,
+            })
+        });
+        let shared = self.shared.clone();
+        let counter = counter.to_owned();
+        async move {
+            match sent {
+                None => return Ok(0),
+                Some(sent) => sent?,
+            }
+            let taken = done.await.unwrap_or_else(|_| Err(stopped()))?;
+            // Committed: now the counters admission reads may give it back. Settlements
+            // queued before the reset are in `taken` and already in memory; later ones stay.
+            shared.memory.give_back(&counter, window, taken);
+            Ok(taken)
+        }
     }
 
     /// Resolves once everything queued before the call is committed.
@@ -1165,10 +1222,16 @@ const PRUNE_EVERY: u64 = 10_000_000_000;
 
 /// Writes `batch` in one transaction. Each write has an effect only the first time. Once
 /// the operations' time has passed `next_prune`, also deletes the rate buckets that ended.
-fn write(conn: &mut Connection, batch: &[Op], next_prune: &mut u64) -> Result<(), rusqlite::Error> {
+/// Writes `batch` in one transaction; the amounts its resets took off, in order.
+fn write(
+    conn: &mut Connection,
+    batch: &[Op],
+    next_prune: &mut u64,
+) -> Result<Vec<u64>, rusqlite::Error> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut latest = 0;
     let mut totals = Totals::default();
+    let mut resets = Vec::new();
     for op in batch {
         match op {
             Op::Reserve {
@@ -1218,6 +1281,23 @@ fn write(conn: &mut Connection, batch: &[Op], next_prune: &mut u64) -> Result<()
                     }
                 }
             }
+            Op::Reset { counter, start, .. } => {
+                // What settled before it in this batch counts before the reset.
+                std::mem::take(&mut totals).write(&tx)?;
+                let settled: Option<i64> = tx
+                    .prepare_cached(
+                        "SELECT settled FROM spend_totals WHERE counter = ?1 \
+                         AND window_kind = 'fixed' AND window_start = ?2 AND rate_per_nanos = 0",
+                    )?
+                    .query_row(params![counter, start], |r| r.get(0))
+                    .optional()?;
+                tx.prepare_cached(
+                    "UPDATE spend_totals SET settled = 0 WHERE counter = ?1 \
+                     AND window_kind = 'fixed' AND window_start = ?2 AND rate_per_nanos = 0",
+                )?
+                .execute(params![counter, start])?;
+                resets.push(from_sql(settled.unwrap_or(0).max(0)));
+            }
             Op::Flush(_) => {}
         }
     }
@@ -1226,7 +1306,8 @@ fn write(conn: &mut Connection, batch: &[Op], next_prune: &mut u64) -> Result<()
         prune(&tx, sql_int(latest))?;
         *next_prune = latest.saturating_add(PRUNE_EVERY);
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(resets)
 }
 
 #[cfg(test)]

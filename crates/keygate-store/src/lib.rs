@@ -75,7 +75,7 @@ mod url;
 #[cfg(test)]
 mod test_support;
 
-pub use admin::{EventQuery, KeyPage, KeyQuery, KeyStatus, MAX_PAGE, UsageRow};
+pub use admin::{EventQuery, KeyPage, KeyQuery, KeyStatus, MAX_PAGE, UsageRow, action_event};
 pub use db::{Changes, Db, ImportOutcome, StoredKey};
 pub use error::DbError;
 pub use file::{FileStore, FileStoreError, KEY_FILE_VERSION, KeyFile, ReloadOutcome};

@@ -416,3 +416,88 @@ async fn a_rebuild_brings_back_every_current_window_of_the_shard_and_no_ended_on
     };
     assert_eq!(backend.used(g, "ended", ended_window).await.unwrap(), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reset_is_a_credit_in_the_ledger_and_survives_a_rebuild_of_the_counters() {
+    let pg = Postgres::start();
+    let mut redis = Redis::start();
+    let target = RedisTarget::Single(redis.url());
+    let db = PgDb::connect(&pg.url("postgres")).await.unwrap();
+    let b = RedisBackend::connect(&target, RedisOptions::default().outbox(true))
+        .await
+        .unwrap();
+    b.rebuild_from(Arc::new(db.clone()));
+    let writer = LedgerWriter::new(b.clone(), db.clone(), "w");
+    let g = group_of("p");
+    let shard = g % keygate_store::SHARDS;
+    let settle = |amount: u64| {
+        let b = b.clone();
+        async move {
+            let r = b.reserve(vec![budget(g, "key", 100)], NOW).await.unwrap();
+            let cost = Money::from_nanos(amount);
+            b.settle(r, Actual { tokens: 0, cost }, NOW).await.unwrap();
+        }
+    };
+    for _ in 0..5 {
+        settle(60).await;
+    }
+    let held = b.reserve(vec![budget(g, "key", 100)], NOW).await.unwrap();
+    while writer.flush().await.unwrap().entries > 0 {}
+    assert_eq!(db.spent("key", Some(PERIOD)).await.unwrap(), 300);
+    // The ledger first (a credit of what it holds), then the counters.
+    let taken = db
+        .reset_spend(shard, "key", PERIOD, Some(PERIOD_END))
+        .await
+        .unwrap();
+    assert_eq!(taken, 300);
+    assert_eq!(b.give_back(g, "key", window(), taken).await.unwrap(), 300);
+    assert_eq!(db.spent("key", Some(PERIOD)).await.unwrap(), 0);
+    assert_eq!(
+        b.used(g, "key", window()).await.unwrap(),
+        Some(100),
+        "the hold in flight"
+    );
+    // Another period's counter, or nothing to reset, takes nothing.
+    let other = Window::Fixed {
+        start: PERIOD_END,
+        end: None,
+    };
+    assert_eq!(b.give_back(g, "key", other, 50).await.unwrap(), 0);
+    assert_eq!(
+        db.reset_spend(shard, "key", PERIOD, Some(PERIOD_END))
+            .await
+            .unwrap(),
+        0
+    );
+    // Spend after the reset counts from zero, in both.
+    b.settle(
+        held,
+        Actual {
+            tokens: 0,
+            cost: Money::from_nanos(40),
+        },
+        NOW,
+    )
+    .await
+    .unwrap();
+    settle(10).await;
+    while writer.flush().await.unwrap().entries > 0 {}
+    assert_eq!(db.spent("key", Some(PERIOD)).await.unwrap(), 50);
+    assert_eq!(b.used(g, "key", window()).await.unwrap(), Some(50));
+    // A Redis that restarts empty is rebuilt from the ledger, credit included.
+    redis.restart();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match b.reserve(vec![budget(g, "key", 1)], NOW).await {
+            Ok(r) => {
+                b.release(r, NOW).await.unwrap();
+                break;
+            }
+            Err(e) => {
+                assert!(std::time::Instant::now() < deadline, "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    assert_eq!(b.used(g, "key", window()).await.unwrap(), Some(50));
+}

@@ -241,7 +241,12 @@ pub fn admin_for(built: &Built, key_prefix: &str) -> Result<AdminRoutes, Gateway
             None => store,
         })
     } else if let Some(sqlite) = source.sqlite() {
-        Some(open(sqlite.path())?)
+        let store = open(sqlite.path())?;
+        // Spend is reset through the ledger this gateway counts in.
+        Some(match built.layer().token_limit_layer().backend().ledger() {
+            Some(ledger) => store.with_ledger(ledger.clone()),
+            None => store,
+        })
     } else {
         None
     };

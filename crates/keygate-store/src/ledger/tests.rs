@@ -229,6 +229,62 @@ fn settled_spend_survives_a_restart_and_the_remainder_is_exact() {
 }
 
 #[test]
+fn a_reset_forgets_what_was_settled_durably_and_keeps_what_is_in_flight() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    let settled = rt
+        .block_on(b.reserve(vec![budget(1000, 400)], t(5)))
+        .unwrap();
+    assert!(b.end_at_once(settled, Some(cost(300)), t(6)).is_none());
+    // In flight across the reset: it keeps its hold, and settles after.
+    let in_flight = rt
+        .block_on(b.reserve(vec![budget(1000, 200)], t(6)))
+        .unwrap();
+    // A settlement still queued (not committed) when the reset comes counts before it.
+    let queued = rt
+        .block_on(b.reserve(vec![budget(1000, 100)], t(6)))
+        .unwrap();
+    assert!(b.end_at_once(queued, Some(cost(50)), t(6)).is_none());
+    let taken = rt
+        .block_on(b.reset_budget("budget:key_a", budget(0, 0).window))
+        .unwrap();
+    assert_eq!(taken, 350);
+    assert_eq!(
+        used(&b, &budget(1000, 0), t(7)),
+        200,
+        "only the hold in flight is left"
+    );
+    assert!(b.end_at_once(in_flight, Some(cost(120)), t(8)).is_none());
+    assert_eq!(used(&b, &budget(1000, 0), t(8)), 120);
+    // Another period's reset, or a rate window's, takes nothing.
+    let other = Window::Fixed {
+        start: t(DAY),
+        end: Some(t(2 * DAY)),
+    };
+    assert_eq!(
+        rt.block_on(b.reset_budget("budget:key_a", other)).unwrap(),
+        0
+    );
+    assert_eq!(
+        rt.block_on(b.reset_budget("tpm:key_a", tokens_per_minute(0, 0).window))
+            .unwrap(),
+        0
+    );
+    drop(b);
+    // Durable: a restart rebuilds the counter without what the reset took.
+    let b = LedgerBackend::open_at(&path, t(9)).unwrap();
+    assert_eq!(used(&b, &budget(1000, 0), t(9)), 120);
+    let usage = Db::open(&path)
+        .unwrap()
+        .ledger_usage("budget:key_a", t(0))
+        .unwrap();
+    assert_eq!(usage.settled, 120);
+    rt.block_on(b.reserve(vec![budget(1000, 880)], t(9)))
+        .unwrap();
+}
+
+#[test]
 fn released_reservations_count_nothing_after_a_restart() {
     let (_dir, path) = temp();
     let rt = rt();

@@ -53,6 +53,19 @@ fn ts(n: i64) -> Timestamp {
 }
 
 impl PgDb {
+    /// Records an admin event on its own (see [`Db::record_event`](crate::Db::record_event)).
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] when it cannot be written.
+    pub async fn record_event(&self, e: &AdminEvent) -> Result<(), DbError> {
+        super::db::deadline(async {
+            let client = self.client().await?;
+            insert_event(&client, e).await
+        })
+        .await
+    }
+
     /// Adds an admin key, recording `by` in the same transaction.
     ///
     /// # Errors

@@ -106,6 +106,59 @@ impl PgDb {
         .await
     }
 
+    /// Resets the budget period of `counter` starting at `start` (ending at `end`; `None`: a
+    /// lifetime budget): a credit row takes off what the ledger holds for it, so what was
+    /// settled no longer counts, for spend shown and for counters rebuilt from the ledger.
+    /// Concurrent resets of one counter take turns. The amount taken off.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError`] when the database cannot be written: nothing changed.
+    pub async fn reset_spend(
+        &self,
+        shard: u64,
+        counter: &str,
+        start: Timestamp,
+        end: Option<Timestamp>,
+    ) -> Result<u64, DbError> {
+        let mut id = [0u8; 8];
+        getrandom::fill(&mut id).map_err(|e| DbError::Unavailable(format!("random: {e}")))?;
+        // Negative: never a reservation's id (those are the counters' own, below 2^63).
+        let reservation = i64::from_ne_bytes(id) | i64::MIN;
+        let shard = i32::try_from(shard).unwrap_or(i32::MAX);
+        let (start, end) = (nanos(start), end.map(nanos));
+        deadline(async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(pg_error)?;
+            tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&counter])
+                .await
+                .map_err(pg_error)?;
+            let total: i64 = tx
+                .query_one(
+                    "SELECT COALESCE(SUM(amount), 0)::bigint FROM spend \
+                     WHERE counter = $1 AND kind = 'f' AND period_start = $2",
+                    &[&counter, &start],
+                )
+                .await
+                .map_err(pg_error)?
+                .get(0);
+            if total > 0 {
+                tx.execute(
+                    "INSERT INTO spend (shard, reservation, counter, kind, unit, period_start, \
+                     period_end, held, amount, reaped, recorded_at) \
+                     VALUES ($1, $2, $3, 'f', 'n', $4, $5, 0, $6, false, \
+                     (extract(epoch FROM clock_timestamp()) * 1e9)::bigint)",
+                    &[&shard, &reservation, &counter, &start, &end, &-total],
+                )
+                .await
+                .map_err(pg_error)?;
+            }
+            tx.commit().await.map_err(pg_error)?;
+            Ok(unsigned(total.max(0)))
+        })
+        .await
+    }
+
     /// How many charges the ledger holds.
     ///
     /// # Errors

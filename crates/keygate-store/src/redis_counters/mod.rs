@@ -38,6 +38,18 @@ pub use outbox::{LEDGER_GROUP, OutboxEntry, SettledCharge};
 
 static SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("script.lua")));
 static RATES: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("rates.lua")));
+/// Takes ARGV[2] off a budget counter whose period starts at ARGV[1] (never below zero);
+/// answers what it took.
+static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
+        "local h = redis.call('HMGET', KEYS[1], 'u', 's') \
+         if h[2] ~= ARGV[1] then return 0 end \
+         local u = tonumber(h[1]) or 0 \
+         local take = math.min(u, tonumber(ARGV[2])) \
+         if take > 0 then redis.call('HSET', KEYS[1], 'u', string.format('%.0f', u - take)) end \
+         return take",
+    )
+});
 
 /// Where the counters live.
 #[derive(Clone, PartialEq, Eq)]
@@ -401,6 +413,32 @@ impl RedisBackend {
             }
         }
         Ok(total)
+    }
+
+    /// Takes `amount` off the budget counter `key` of `group` in the period `window` (never
+    /// below zero; another period, or a rate window, is left alone): how spend reset by an
+    /// operator reaches every replica at once. What was taken.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError`] when Redis does not answer (the counter is then left as it was, or
+    /// changed: the caller resets the ledger first, so either way nothing is overspent).
+    pub async fn give_back(
+        &self,
+        group: u64,
+        key: &str,
+        window: Window,
+        amount: u64,
+    ) -> Result<u64, BackendError> {
+        let Window::Fixed { start, .. } = window else {
+            return Ok(0);
+        };
+        let mut invocation = GIVE_BACK.key(counter_key(group % SHARDS, key));
+        invocation
+            .arg(start.as_unix_nanos().to_string())
+            .arg(amount.to_string());
+        let mut conn = self.inner.conn.clone();
+        self.inner.within(invocation.invoke_async(&mut conn)).await
     }
 
     /// What the counter `key` of `group` holds now in `window` (`None` when it holds nothing
