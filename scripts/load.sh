@@ -3,7 +3,8 @@
 #
 # Builds the `keygate` binary (gateway with its embedded mock upstream, and the CLI) in release mode,
 # creates a throw-away key with all permissions and no limits (and a metered one), then for each
-# mode (see start_gateway below: bare, keygate, logged, metered_memory, metered_ledger) starts the
+# mode (see start_gateway below: bare, keygate, logged, metered_memory, metered_ledger,
+# metered_console) starts the
 # gateway on 127.0.0.1 (a free port),
 # drives it with `wrk`
 # for DURATION per scenario, and stops it. Prints requests/s, p50 and p99 latency per
@@ -12,6 +13,7 @@
 #   scripts/load.sh                         # 3 interleaved rounds, 10 s per scenario and mode, 32 connections
 #   ROUNDS=5 DURATION=5s CONNECTIONS=64 scripts/load.sh
 #   MODES="metered_memory metered_ledger" scripts/load.sh   # what the SQLite spend ledger costs
+#   MODES="metered_ledger metered_console" scripts/load.sh  # the data plane while the console is in use
 #
 # Needs `wrk`; installs it with apt-get when missing.
 set -euo pipefail
@@ -71,6 +73,10 @@ metered=$("$keygate_bin" --store "sqlite:$work/metered.db" --json keys create \
     --budget 1000000/day --tpm 1000000000000 |
     grep -o '"secret": *"[^"]*"' | sed 's/.*"\([^"]*\)"$/\1/')
 "$keygate_bin" --store "sqlite:$work/metered.db" keys export --output "$work/metered.toml" >/dev/null
+metered_id=$("$keygate_bin" --store "sqlite:$work/metered.db" --json keys list |
+    grep -o '"id": *"key_[^"]*"' | head -1 | sed 's/.*"\(key_[^"]*\)"$/\1/')
+admin_secret=$("$keygate_bin" --store "sqlite:$work/metered.db" --json admin-keys create \
+    --name load --scope manage | grep -o '"secret": *"[^"]*"' | sed 's/.*"\([^"]*\)"$/\1/')
 
 cat >"$work/chat.lua" <<EOF
 wrk.method = "POST"
@@ -90,6 +96,12 @@ sed "s/$secret/$metered/" "$work/get.lua" >"$work/metered_get.lua"
 #            thread), tracing off: how a production gateway would run it
 #   logged   the full stack with the example's defaults: every audit record also formatted
 #            as a tracing event on stderr (here redirected to a file)
+#   metered_memory, metered_ledger  a metered key (budget and tokens per minute), spend in
+#            memory or in the SQLite ledger
+#   metered_console  metered_ledger while someone uses the admin console: a logged-in session
+#            loads the keys list and the metered key's page (spend, usage, chart, changes)
+#            CONSOLE_PAGES_PER_SEC times a second at most (default 10) for the whole run, one
+#            curl each (CONSOLE_PAGES="/healthz" measures what the curls alone cost)
 start_gateway() {
     local mode=$1 extra=()
     case "$mode" in
@@ -100,7 +112,7 @@ start_gateway() {
         extra=(--config "$work/keygate.toml")
         ;;
     logged) extra=(--keys-file "$work/keys.toml") ;;
-    metered_memory | metered_ledger)
+    metered_memory | metered_ledger | metered_console)
         printf '[audit]\ntracing = false\n[audit.jsonl]\npath = "%s"\n[prices."gpt-4o-mini"]\ninput_per_million = "0.15"\noutput_per_million = "0.60"\n' \
             "$work/audit.jsonl" >"$work/metered.toml.conf"
         if [[ "$mode" == metered_memory ]]; then
@@ -126,7 +138,44 @@ start_gateway() {
     exit 1
 }
 
+# The console in use: log in with the admin key, then load two pages in turn, at
+# CONSOLE_PAGES_PER_SEC, until stopped; each page's status goes to $work/console.log.
+console_pid=""
+start_console() {
+    curl -s -o /dev/null -c "$work/cookies" --data-urlencode "admin_key=$admin_secret" "$addr/admin/login"
+    local pause
+    pause=$(awk -v r="${CONSOLE_PAGES_PER_SEC:-10}" 'BEGIN { printf "%.3f", 1 / r }')
+    : >"$work/console.log"
+    (
+        while true; do
+            for page in ${CONSOLE_PAGES:-/admin/keys /admin/keys/KEY}; do
+                page=${page//KEY/$metered_id}
+                curl -s -o /dev/null -w '%{http_code} %{time_total}\n' -b "$work/cookies" "$addr$page" >>"$work/console.log"
+                sleep "$pause"
+            done
+        done
+    ) &
+    console_pid=$!
+}
+
+stop_console() {
+    if [[ -n "$console_pid" ]]; then
+        kill "$console_pid" 2>/dev/null || true
+        wait "$console_pid" 2>/dev/null || true
+        console_pid=""
+        local pages ok
+        pages=$(wc -l <"$work/console.log")
+        ok=$(grep -c '^200 ' "$work/console.log" || true)
+        echo "console: $pages pages loaded ($ok with 200), median $(awk '{print $2 * 1000}' "$work/console.log" | sort -g | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }') ms" >&2
+        if [[ "$ok" != "$pages" ]]; then
+            echo "error: the console answered something else than 200" >&2
+            exit 1
+        fi
+    fi
+}
+
 stop_gateway() {
+    stop_console
     kill "$gateway_pid" 2>/dev/null || true
     wait "$gateway_pid" 2>/dev/null || true
     gateway_pid=""
@@ -152,6 +201,7 @@ declare -A RPS P50 P99 ERRS CPU
 run_mode() {
     local mode=$1
     start_gateway "$mode"
+    [[ "$mode" == metered_console ]] && start_console
     for scenario in "${SCENARIOS[@]}"; do
         read -r name method path <<<"$scenario"
         local script="$work/get.lua"
@@ -220,6 +270,7 @@ baseline_of() {
     case "$1" in
     keygate | logged) echo bare ;;
     metered_ledger) echo metered_memory ;;
+    metered_console) echo metered_ledger ;;
     esac
 }
 for scenario in "${SCENARIOS[@]}"; do
