@@ -71,7 +71,7 @@ use keygate_core::{Clock, KeyFormat};
 pub use api::{Caller, DEFAULT_PAGE, MAX_GRACE, MAX_USAGE_DAYS};
 pub use console::{CSP, MAX_SESSIONS, SESSION_COOKIE, SESSION_TTL};
 pub use error::ApiError;
-pub use spend::{BudgetReset, BudgetUse, period_name};
+pub use spend::{BudgetReset, BudgetUse, key_budgets, period_name};
 pub use store::AdminStore;
 pub use views::{KEY_FIELDS, PROJECT_FIELDS, key_status};
 

@@ -93,6 +93,27 @@ pub(crate) async fn budgets(
     Ok(out)
 }
 
+/// Every money budget of the key `key_id` and of its project now (`None`: no such key): what
+/// `GET /admin/v1/keys/{id}/spend` answers, for other tools on the same store (the CLI's
+/// `spend show`).
+///
+/// # Errors
+///
+/// [`DbError`] when the store (or, on PostgreSQL, the shared counters) cannot be read.
+pub async fn key_budgets(
+    store: &AdminStore,
+    key_id: &str,
+    now: Timestamp,
+) -> Result<Option<Vec<BudgetUse>>, DbError> {
+    let Some(key) = store.key(key_id).await? else {
+        return Ok(None);
+    };
+    let project = store.project(&key.record.project).await?;
+    budgets(store, &key.record, project.as_ref(), now)
+        .await
+        .map(Some)
+}
+
 /// One budget a reset gave back.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct BudgetReset {

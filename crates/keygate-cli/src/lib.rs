@@ -1455,8 +1455,6 @@ impl Ctx {
     }
 
     fn spend(&self, id: &str, counters: Option<&str>) -> Result<String, CliError> {
-        use keygate::limit::backend::Window;
-        use keygate_core::LimitScope;
         let store = match &self.target {
             Target::Store(store) => store,
             Target::Server(r) => {
@@ -1470,63 +1468,14 @@ impl Ctx {
                 ));
             }
         };
-        let key = store
-            .key(id)?
-            .ok_or_else(|| CliError::NoSuchKey(id.to_owned()))?
-            .record;
-        let project = store.project(&key.project)?;
-        let group = keygate::limit::backend::group_of(&key.project);
-        let mut rows = Vec::new();
-        let scopes = [
-            (
-                LimitScope::Key,
-                key.id.as_str().to_owned(),
-                key.limits.budgets.clone(),
-            ),
-            (
-                LimitScope::Project,
-                key.project.clone(),
-                project.map(|p| p.limits.budgets).unwrap_or_default(),
-            ),
-        ];
-        for (scope, owner, budgets) in scopes {
-            for budget in budgets {
-                let (counter, window) =
-                    keygate::limit::budget_counter(scope, &owner, &budget, self.now);
-                let Window::Fixed { start, end } = window else {
-                    continue;
-                };
-                let (settled, held) = store.budget_usage(&counter, group, window, counters)?;
-                let limit = budget.amount;
-                let spent = Money::from_nanos(settled);
-                let reserved = held.map(Money::from_nanos);
-                let remaining = Money::from_nanos(
-                    limit
-                        .as_nanos()
-                        .saturating_sub(settled)
-                        .saturating_sub(held.unwrap_or(0)),
-                );
-                let scope_name = match scope {
-                    LimitScope::Key => "key",
-                    _ => "project",
-                };
-                let period = format!("{:?}", budget.period).to_lowercase();
-                let model = budget.model.as_ref().map_or("*", |m| m.as_str()).to_owned();
-                rows.push(json!({
-                    "scope": scope_name,
-                    "owner": owner,
-                    "period": period,
-                    "model": model,
-                    "limit": limit.to_string(),
-                    "spent": spent.to_string(),
-                    "reserved": reserved.map(|r| r.to_string()),
-                    "remaining": remaining.to_string(),
-                    "period_start": start.to_string(),
-                    "resets_at": end.map(|e| e.to_string()),
-                }));
-            }
-        }
-        Ok(self.spend_output(key.id.as_str(), rows))
+        let budgets = store
+            .key_budgets(id, self.now, counters)?
+            .ok_or_else(|| CliError::NoSuchKey(id.to_owned()))?;
+        let rows = budgets
+            .iter()
+            .map(|b| serde_json::to_value(b).unwrap_or_default())
+            .collect();
+        Ok(self.spend_output(id, rows))
     }
 
     fn reset_spend(

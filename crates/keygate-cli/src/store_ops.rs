@@ -2,9 +2,9 @@
 
 use std::cell::RefCell;
 
-use keygate::limit::backend::Window;
+use keygate_admin::{AdminStore, BudgetUse};
 use keygate_core::admin::{AdminKeyRecord, AuditBy};
-use keygate_core::{KeyRecord, ObjectKind, ObjectRecord, ProjectRecord};
+use keygate_core::{KeyRecord, ObjectKind, ObjectRecord, ProjectRecord, Timestamp};
 use keygate_store::{
     Db, DbError, ImportOutcome, KeyFile, PgDb, RedisBackend, RedisOptions, RedisTarget, StoredKey,
 };
@@ -47,16 +47,15 @@ pub(crate) trait StoreOps {
     fn object(&self, id: &str) -> Result<Option<ObjectRecord>, DbError>;
     fn record_objects(&self, objects: &[ObjectRecord]) -> Result<(), DbError>;
     fn remove_object(&self, id: &str) -> Result<bool, DbError>;
-    /// What the budget counter `counter` of `group` holds in `window`: settled, and reserved
-    /// by requests in flight (`None` where this store cannot tell: PostgreSQL without the
-    /// shared counters given).
-    fn budget_usage(
+    /// The money budgets of key `id` and of its project now, as the admin API shows them
+    /// (`None`: no such key); on PostgreSQL, what requests in flight hold is read from the
+    /// shared `counters` when given (else it shows as unknown).
+    fn key_budgets(
         &self,
-        counter: &str,
-        group: u64,
-        window: Window,
+        id: &str,
+        now: Timestamp,
         counters: Option<&str>,
-    ) -> Result<(u64, Option<u64>), DbError>;
+    ) -> Result<Option<Vec<BudgetUse>>, DbError>;
 }
 
 impl StoreOps for RefCell<Db> {
@@ -119,41 +118,45 @@ impl StoreOps for RefCell<Db> {
     fn remove_object(&self, id: &str) -> Result<bool, DbError> {
         self.borrow_mut().remove_object(id)
     }
-    fn budget_usage(
+    fn key_budgets(
         &self,
-        counter: &str,
-        _group: u64,
-        window: Window,
+        id: &str,
+        now: Timestamp,
         _counters: Option<&str>,
-    ) -> Result<(u64, Option<u64>), DbError> {
-        let Window::Fixed { start, .. } = window else {
-            return Ok((0, Some(0)));
-        };
-        let usage = self.borrow().ledger_usage(counter, start)?;
-        Ok((usage.settled, Some(usage.open_reserved)))
+    ) -> Result<Option<Vec<BudgetUse>>, DbError> {
+        // The admin API's own reading, on a connection of its own, on a thread of its own
+        // (the caller may be on an async runtime's thread, where no other can block).
+        let path = self.borrow().path().to_owned();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    let store = AdminStore::open_sqlite(&path)?;
+                    runtime()?.block_on(keygate_admin::key_budgets(&store, id, now))
+                })
+                .join()
+                .unwrap_or_else(|_| Err(DbError::Unavailable("reading spend failed".into())))
+        })
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, DbError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| DbError::Unavailable(e.to_string()))
 }
 
 /// A PostgreSQL database, driven from the synchronous CLI on a runtime of its own.
 pub(crate) struct PgOps {
     runtime: tokio::runtime::Runtime,
     db: PgDb,
-    /// The shared counters, once `spend show --counters` connected to them.
-    counters: std::sync::OnceLock<RedisBackend>,
 }
 
 impl PgOps {
     pub(crate) fn connect(url: &str) -> Result<PgOps, DbError> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| DbError::Unavailable(e.to_string()))?;
+        let runtime = runtime()?;
         let db = runtime.block_on(PgDb::connect(url))?;
-        Ok(PgOps {
-            runtime,
-            db,
-            counters: std::sync::OnceLock::new(),
-        })
+        Ok(PgOps { runtime, db })
     }
 }
 
@@ -222,37 +225,22 @@ impl StoreOps for PgOps {
     }
     /// Settled: the PostgreSQL ledger (which trails the counters by a flush, about 250 ms).
     /// Reserved: what the shared counters hold beyond it, when they are given.
-    fn budget_usage(
+    fn key_budgets(
         &self,
-        counter: &str,
-        group: u64,
-        window: Window,
+        id: &str,
+        now: Timestamp,
         counters: Option<&str>,
-    ) -> Result<(u64, Option<u64>), DbError> {
-        let Window::Fixed { start, .. } = window else {
-            return Ok((0, Some(0)));
-        };
-        let settled = self.runtime.block_on(self.db.spent(counter, Some(start)))?;
-        let Some(url) = counters else {
-            return Ok((settled, None));
-        };
-        let redis = match self.counters.get() {
-            Some(r) => r.clone(),
-            None => {
-                let target = RedisTarget::from_list(url);
-                let r = self
-                    .runtime
-                    .block_on(RedisBackend::connect(&target, RedisOptions::default()))
-                    .map_err(|e| DbError::Unavailable(format!("--counters: {e}")))?;
-                let _ = self.counters.set(r.clone());
-                r
+    ) -> Result<Option<Vec<BudgetUse>>, DbError> {
+        self.runtime.block_on(async {
+            let mut store = AdminStore::postgres(self.db.clone());
+            if let Some(url) = counters {
+                let redis =
+                    RedisBackend::connect(&RedisTarget::from_list(url), RedisOptions::default())
+                        .await
+                        .map_err(|e| DbError::Unavailable(format!("--counters: {e}")))?;
+                store = store.with_counters(redis);
             }
-        };
-        let counted = self
-            .runtime
-            .block_on(redis.used(group, counter, window))
-            .map_err(|e| DbError::Unavailable(format!("--counters: {e}")))?
-            .unwrap_or(0);
-        Ok((settled, Some(counted.saturating_sub(settled))))
+            keygate_admin::key_budgets(&store, id, now).await
+        })
     }
 }

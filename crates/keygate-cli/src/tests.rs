@@ -978,13 +978,15 @@ fn on_the_store_a_disabled_key_says_why_and_enable_clears_it() {
 async fn spend_show_reads_each_budget_from_the_ledger() {
     use keygate::limit::LimitBackend;
     use keygate::limit::backend::{Actual, Charge, Unit};
+    // Amounts as the admin API writes them.
+    let money = |m: Money| serde_json::to_value(m).unwrap();
     let env = StoreEnv::new();
     env.json(&["projects", "create", "default", "--budget", "10/month"]);
     let (id, _) = env.create(&["--permissions", "all", "--budget", "1/day"]);
     let v = env.json(&["spend", "show", &id]);
     let budgets = v["budgets"].as_array().unwrap();
     assert_eq!(budgets.len(), 2);
-    assert_eq!(budgets[0]["spent"], Money::ZERO.to_string());
+    assert_eq!(budgets[0]["spent"], money(Money::ZERO));
 
     // What the gateway's token layer does: reserve against the key's and the project's
     // budget counters, settle one request, leave one in flight.
@@ -1029,19 +1031,13 @@ async fn spend_show_reads_each_budget_from_the_ledger() {
     let key_row = &v["budgets"][0];
     assert_eq!(key_row["scope"], "key");
     assert_eq!(key_row["period"], "day");
-    assert_eq!(key_row["limit"], Money::from_dollars(1).to_string());
-    assert_eq!(key_row["spent"], Money::from_nanos(250_000_000).to_string());
-    assert_eq!(
-        key_row["reserved"],
-        Money::from_nanos(100_000_000).to_string()
-    );
-    assert_eq!(
-        key_row["remaining"],
-        Money::from_nanos(650_000_000).to_string()
-    );
+    assert_eq!(key_row["limit"], money(Money::from_dollars(1)));
+    assert_eq!(key_row["spent"], money(Money::from_nanos(250_000_000)));
+    assert_eq!(key_row["reserved"], money(Money::from_nanos(100_000_000)));
+    assert_eq!(key_row["remaining"], money(Money::from_nanos(650_000_000)));
     assert_eq!(key_row["resets_at"], "2026-03-02T00:00:00Z");
     assert_eq!(v["budgets"][1]["scope"], "project");
-    assert_eq!(v["budgets"][1]["spent"], Money::ZERO.to_string());
+    assert_eq!(v["budgets"][1]["spent"], money(Money::ZERO));
     let text = env.run(&["spend", "show", &id]).unwrap();
     assert!(text.contains("REMAINING"), "{text}");
     assert!(matches!(
