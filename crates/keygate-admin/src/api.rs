@@ -15,8 +15,9 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use crate::AdminApi;
+use crate::BudgetUse;
 use crate::error::ApiError;
-use crate::spend::budgets;
+use crate::spend::{BudgetReset, Owner, budgets, budgets_of};
 use crate::store::By;
 use crate::views::{
     KEY_FIELDS, PROJECT_FIELDS, admin_key_view, key_status, key_view, merged, object,
@@ -246,6 +247,22 @@ async fn visible_project(
         .ok_or_else(|| ApiError::not_found(format!("project {id:?}")))
 }
 
+/// A project the caller sees and may change.
+async fn managed_project(
+    api: &AdminApi,
+    caller: &Caller,
+    id: &str,
+) -> Result<ProjectRecord, ApiError> {
+    let project = visible_project(api, caller, id).await?;
+    if !caller.scope.may_manage(id) {
+        return Err(ApiError::forbidden(format!(
+            "admin key {} may not change project {id:?}",
+            caller.id
+        )));
+    }
+    Ok(project)
+}
+
 pub(crate) async fn get_project(
     State(api): State<AdminApi>,
     axum::Extension(caller): axum::Extension<Caller>,
@@ -260,13 +277,7 @@ pub(crate) async fn update_project(
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    visible_project(&api, &caller, &id).await?;
-    if !caller.scope.may_manage(&id) {
-        return Err(ApiError::forbidden(format!(
-            "admin key {} may not change project {id:?}",
-            caller.id
-        )));
-    }
+    managed_project(&api, &caller, &id).await?;
     let patch = body_object(&body)?;
     api.inner
         .store
@@ -535,6 +546,27 @@ pub(crate) async fn key_spend(
     ok(json!({ "object": "list", "key": id, "at": now, "data": rows }))
 }
 
+/// The `model` and `period` a spend reset is limited to (each optional; nothing else).
+fn reset_filter(body: &Bytes) -> Result<(Option<String>, Option<String>), ApiError> {
+    let fields = body_object(body)?;
+    let text = |name: &str| match fields.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(ApiError::bad_request(format!(
+            "\"{name}\" must be a string"
+        ))),
+    };
+    if let Some(extra) = fields
+        .keys()
+        .find(|k| !matches!(k.as_str(), "model" | "period"))
+    {
+        return Err(ApiError::bad_request(format!(
+            "unknown field {extra:?}: give \"model\" and/or \"period\", or nothing"
+        )));
+    }
+    Ok((text("model")?, text("period")?))
+}
+
 /// `POST /admin/v1/keys/{id}/spend/reset`: the key's own budgets (on `model`, of `period`,
 /// when given) start their current period from nothing spent; recorded as an admin event
 /// with the budgets before and after.
@@ -544,27 +576,44 @@ pub(crate) async fn reset_key_spend(
     Path(id): Path<String>,
     body: Bytes,
 ) -> ApiResult {
-    let fields = body_object(&body)?;
-    let text = |name: &str| match fields.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(ApiError::bad_request(format!(
-            "\"{name}\" must be a string"
-        ))),
-    };
-    let (model, period) = (text("model")?, text("period")?);
-    if let Some(extra) = fields
-        .keys()
-        .find(|k| !matches!(k.as_str(), "model" | "period"))
-    {
-        return Err(ApiError::bad_request(format!(
-            "unknown field {extra:?}: give \"model\" and/or \"period\", or nothing"
-        )));
-    }
+    let (model, period) = reset_filter(&body)?;
     let (reset, after) = api
         .reset_spend(&caller, &id, model.as_deref(), period.as_deref())
         .await?;
     ok(json!({ "object": "spend_reset", "key": id, "reset": reset, "data": after }))
+}
+
+/// `GET /admin/v1/projects/{id}/spend`: the project's own budgets (shared by its keys).
+pub(crate) async fn project_spend(
+    State(api): State<AdminApi>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path(id): Path<String>,
+) -> ApiResult {
+    let project = visible_project(&api, &caller, &id).await?;
+    let now = api.inner.clock.now();
+    let rows = budgets_of(&api.inner.store, &[Owner::project(&project)], now).await?;
+    ok(json!({ "object": "list", "project": id, "at": now, "data": rows }))
+}
+
+/// `POST /admin/v1/projects/{id}/spend/reset`: the project's budgets, as a key's.
+pub(crate) async fn reset_project_spend(
+    State(api): State<AdminApi>,
+    axum::Extension(caller): axum::Extension<Caller>,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> ApiResult {
+    let (model, period) = reset_filter(&body)?;
+    let project = managed_project(&api, &caller, &id).await?;
+    let (reset, after) = api
+        .reset_budgets(
+            &caller,
+            Owner::project(&project),
+            "project.spend_reset",
+            model.as_deref(),
+            period.as_deref(),
+        )
+        .await?;
+    ok(json!({ "object": "spend_reset", "project": id, "reset": reset, "data": after }))
 }
 
 impl AdminApi {
@@ -576,30 +625,44 @@ impl AdminApi {
         id: &str,
         model: Option<&str>,
         period: Option<&str>,
-    ) -> Result<(Vec<crate::spend::BudgetReset>, Vec<crate::BudgetUse>), ApiError> {
+    ) -> Result<(Vec<BudgetReset>, Vec<BudgetUse>), ApiError> {
         let key = self.visible_key(caller, id, true).await?;
+        self.reset_budgets(
+            caller,
+            Owner::key(&key.record),
+            "key.spend_reset",
+            model,
+            period,
+        )
+        .await
+    }
+
+    /// Resets `owner`'s budgets, recording `action` with the budgets before and after.
+    async fn reset_budgets(
+        &self,
+        caller: &Caller,
+        owner: Owner<'_>,
+        action: &'static str,
+        model: Option<&str>,
+        period: Option<&str>,
+    ) -> Result<(Vec<BudgetReset>, Vec<BudgetUse>), ApiError> {
         let store = &self.inner.store;
-        let project = store.project(&key.record.project).await?;
         let now = self.inner.clock.now();
-        let before = budgets(store, &key.record, project.as_ref(), now).await?;
-        let reset = crate::spend::reset(store, &key.record, model, period, now).await?;
+        let before = budgets_of(store, &[owner], now).await?;
+        let reset = crate::spend::reset(store, owner, model, period, now).await?;
         if reset.is_empty() {
             return Err(ApiError::bad_request(
-                "no money budget of this key matches: see GET /admin/v1/keys/{id}/spend",
+                "no money budget matches: see the spend of the key or project",
             ));
         }
-        let after = budgets(store, &key.record, project.as_ref(), now).await?;
-        let own = |rows: &[crate::BudgetUse]| -> Vec<crate::BudgetUse> {
-            rows.iter().filter(|b| b.scope == "key").cloned().collect()
-        };
-        let by = self.by(caller, "key.spend_reset");
+        let after = budgets_of(store, &[owner], now).await?;
         store
             .record_event(keygate_store::action_event(
-                by.audit(),
-                id,
-                Some(&key.record.project),
-                &json!({ "budgets": own(&before) }),
-                &json!({ "budgets": own(&after), "reset": reset }),
+                self.by(caller, action).audit(),
+                owner.id,
+                Some(owner.project),
+                &json!({ "budgets": before }),
+                &json!({ "budgets": after, "reset": reset }),
             ))
             .await?;
         Ok((reset, after))

@@ -23,6 +23,7 @@
 //! | `GET /admin/v1/projects`, `GET /admin/v1/projects/{id}` | read |
 //! | `POST /admin/v1/projects` | manage (every project) |
 //! | `PATCH /admin/v1/projects/{id}` | manage (that project) |
+//! | `GET /admin/v1/projects/{id}/spend`, `POST …/spend/reset` | read, manage (that project) |
 //! | `GET /admin/v1/keys?project=&status=&prefix=&after=&limit=` | read |
 //! | `POST /admin/v1/keys` (the secret is in this response only) | manage |
 //! | `GET`, `PATCH /admin/v1/keys/{id}` | read, manage |
@@ -160,6 +161,11 @@ impl AdminApi {
             .route(
                 "/admin/v1/projects",
                 get(api::list_projects).post(api::create_project),
+            )
+            .route("/admin/v1/projects/{id}/spend", get(api::project_spend))
+            .route(
+                "/admin/v1/projects/{id}/spend/reset",
+                post(api::reset_project_spend),
             )
             .route(
                 "/admin/v1/projects/{id}",

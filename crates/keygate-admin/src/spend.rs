@@ -43,26 +43,56 @@ pub fn period_name(period: Period) -> &'static str {
     }
 }
 
-/// Every money budget of `key` and of its `project`, read from `store` at `now`.
-pub(crate) async fn budgets(
+/// Whose budgets: a key's own, or its project's (shared by its keys).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Owner<'a> {
+    pub(crate) scope: LimitScope,
+    /// The key's or project's id.
+    pub(crate) id: &'a str,
+    /// The project (the counters' group).
+    pub(crate) project: &'a str,
+    pub(crate) budgets: &'a [Budget],
+}
+
+impl<'a> Owner<'a> {
+    pub(crate) fn key(key: &'a KeyRecord) -> Self {
+        Owner {
+            scope: LimitScope::Key,
+            id: key.id.as_str(),
+            project: &key.project,
+            budgets: &key.limits.budgets,
+        }
+    }
+
+    pub(crate) fn project(project: &'a ProjectRecord) -> Self {
+        Owner {
+            scope: LimitScope::Project,
+            id: &project.id,
+            project: &project.id,
+            budgets: &project.limits.budgets,
+        }
+    }
+
+    fn scope_name(&self) -> &'static str {
+        if self.scope == LimitScope::Key {
+            "key"
+        } else {
+            "project"
+        }
+    }
+}
+
+/// Every money budget of `owners`, read from `store` at `now`.
+pub(crate) async fn budgets_of(
     store: &AdminStore,
-    key: &KeyRecord,
-    project: Option<&ProjectRecord>,
+    owners: &[Owner<'_>],
     now: Timestamp,
 ) -> Result<Vec<BudgetUse>, DbError> {
-    let group = group_of(&key.project);
-    let scopes: [(LimitScope, &str, &[Budget]); 2] = [
-        (LimitScope::Key, key.id.as_str(), &key.limits.budgets),
-        (
-            LimitScope::Project,
-            &key.project,
-            project.map_or(&[][..], |p| &p.limits.budgets),
-        ),
-    ];
     let mut out = Vec::new();
-    for (scope, owner, list) in scopes {
-        for budget in list {
-            let (counter, window) = budget_counter(scope, owner, budget, now);
+    for owner in owners {
+        let group = group_of(owner.project);
+        for budget in owner.budgets {
+            let (counter, window) = budget_counter(owner.scope, owner.id, budget, now);
             let Window::Fixed { start, end } = window else {
                 continue;
             };
@@ -73,12 +103,8 @@ pub(crate) async fn budgets(
                 .saturating_sub(settled)
                 .saturating_sub(held.unwrap_or(0));
             out.push(BudgetUse {
-                scope: if scope == LimitScope::Key {
-                    "key"
-                } else {
-                    "project"
-                },
-                owner: owner.to_owned(),
+                scope: owner.scope_name(),
+                owner: owner.id.to_owned(),
                 period: period_name(budget.period),
                 model: budget.model.as_ref().map_or("*", |m| m.as_str()).to_owned(),
                 limit: budget.amount,
@@ -91,6 +117,18 @@ pub(crate) async fn budgets(
         }
     }
     Ok(out)
+}
+
+/// Every money budget of `key` and of its `project`, read from `store` at `now`.
+pub(crate) async fn budgets(
+    store: &AdminStore,
+    key: &KeyRecord,
+    project: Option<&ProjectRecord>,
+    now: Timestamp,
+) -> Result<Vec<BudgetUse>, DbError> {
+    let mut owners = vec![Owner::key(key)];
+    owners.extend(project.map(Owner::project));
+    budgets_of(store, &owners, now).await
 }
 
 /// Every money budget of the key `key_id` and of its project now (`None`: no such key): what
@@ -127,25 +165,24 @@ pub struct BudgetReset {
     pub given_back: Money,
 }
 
-/// Resets the key's own money budgets (those on `model` and of `period`, when given) in
-/// their current periods; what each gave back. The project's budgets, shared by its keys,
-/// are left alone.
+/// Resets the money budgets of `owner` (those on `model` and of `period`, when given) in
+/// their current periods; what each gave back.
 pub(crate) async fn reset(
     store: &AdminStore,
-    key: &KeyRecord,
+    owner: Owner<'_>,
     model: Option<&str>,
     period: Option<&str>,
     now: Timestamp,
 ) -> Result<Vec<BudgetReset>, DbError> {
-    let group = group_of(&key.project);
+    let group = group_of(owner.project);
     let mut out = Vec::new();
-    for budget in &key.limits.budgets {
+    for budget in owner.budgets {
         let on = budget.model.as_ref().map_or("*", |m| m.as_str());
         if model.is_some_and(|m| m != on) || period.is_some_and(|p| p != period_name(budget.period))
         {
             continue;
         }
-        let (counter, window) = budget_counter(LimitScope::Key, key.id.as_str(), budget, now);
+        let (counter, window) = budget_counter(owner.scope, owner.id, budget, now);
         let Window::Fixed { start, .. } = window else {
             continue;
         };

@@ -722,6 +722,69 @@ async fn a_reset_gives_a_key_its_budget_back_and_is_recorded() {
     assert_eq!(e["project"], "p");
     assert_ne!(e["before"]["budgets"][0]["spent"], "0", "{e}");
     assert_eq!(e["after"]["budgets"][0]["spent"], "0", "{e}");
+    // The project's budgets, shared by its keys, have their own spend and reset.
+    let project_reset = "/admin/v1/projects/p/spend/reset";
+    let refused = call(addr, "POST", project_reset, &s.reader, &Value::Null).await;
+    assert_eq!(refused.status, 403, "{}", refused.text);
+    let answer = call(addr, "POST", project_reset, &s.p_admin, &Value::Null).await;
+    assert_eq!(answer.status, 400, "p has no budget: {}", answer.text);
+    let patched = call(
+        addr,
+        "PATCH",
+        "/admin/v1/projects/p",
+        &s.root,
+        &json!({ "limits": { "budgets": [{ "amount": "0.00002", "period": "week" }] } }),
+    )
+    .await;
+    assert_eq!(patched.status, 200, "{}", patched.text);
+    // (The key's own budget was used up above: reset it, so the project's is what refuses.)
+    let reset_key = || async { call(addr, "POST", &reset_path, &s.p_admin, &Value::Null).await };
+    assert_eq!(reset_key().await.status, 200);
+    let project_admitted = until_refused().await;
+    assert!(project_admitted >= 1, "{project_admitted}");
+    let spend = call(
+        addr,
+        "GET",
+        "/admin/v1/projects/p/spend",
+        &s.reader,
+        &Value::Null,
+    )
+    .await;
+    assert_ne!(spend.json["data"][0]["spent"], "0", "{}", spend.text);
+    let answer = call(
+        addr,
+        "POST",
+        project_reset,
+        &s.p_admin,
+        &json!({ "period": "week" }),
+    )
+    .await;
+    assert_eq!(answer.status, 200, "{}", answer.text);
+    assert_eq!(answer.json["data"][0]["spent"], "0", "{}", answer.text);
+    assert_eq!(reset_key().await.status, 200);
+    assert_eq!(until_refused().await, project_admitted);
+    let events = call(
+        addr,
+        "GET",
+        "/admin/v1/events?target=p",
+        &s.reader,
+        &Value::Null,
+    )
+    .await;
+    assert_eq!(
+        events.json["data"][0]["action"], "project.spend_reset",
+        "{}",
+        events.text
+    );
+    let cleared = call(
+        addr,
+        "PATCH",
+        "/admin/v1/projects/p",
+        &s.root,
+        &json!({ "limits": null }),
+    )
+    .await;
+    assert_eq!(cleared.status, 200, "{}", cleared.text);
     // And through the CLI over the API.
     let text = remote(
         addr,
