@@ -14,7 +14,9 @@ use http::Request;
 use http_body_util::BodyExt;
 use keygate_admin::{AdminApi, AdminStore};
 use keygate_core::admin::{AdminKeyRecord, AdminScope, AuditBy, admin_key_format};
-use keygate_core::{KeyDigest, KeyId, KeyRecord, Permissions, ProjectRecord, Timestamp};
+use keygate_core::{
+    Budget, KeyDigest, KeyId, KeyRecord, Money, Period, Permissions, ProjectRecord, Timestamp,
+};
 use keygate_store::Db;
 use tower::ServiceExt;
 
@@ -42,6 +44,12 @@ fn fixture(rt: &tokio::runtime::Runtime) -> Fixture {
             );
             k.name = format!("service-{i}");
             k.permissions = Permissions::All;
+            // A budget, as most keys have: each row of the console shows it with its spend.
+            k.limits.budgets = vec![Budget {
+                amount: Money::from_dollars(5),
+                period: Period::Month,
+                model: None,
+            }];
             k
         })
         .collect();

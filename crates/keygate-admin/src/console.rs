@@ -24,7 +24,7 @@ use serde_json::{Map, Value, json};
 use crate::AdminApi;
 use crate::api::{Caller, DEFAULT_PAGE, date_of, disable_reason, usage_rows};
 use crate::error::ApiError;
-use crate::spend::{BudgetUse, budgets, period_name};
+use crate::spend::{BudgetUse, Owner, budgets, budgets_of, period_name};
 use crate::views::key_status;
 
 /// The session cookie's name.
@@ -504,16 +504,22 @@ async fn keys_page(
     };
     let projects = api.inner.store.projects().await.unwrap_or_default();
     let now = api.inner.clock.now();
-    let mut rows = Vec::with_capacity(page.keys.len());
-    for k in &page.keys {
-        // The key's own budget over every model, when it has one.
-        let total = budgets(&api.inner.store, &k.record, None, now)
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .find(|b| b.scope == "key" && b.model == "*");
-        rows.push((k, total));
-    }
+    // Each key's own budget over every model, when it has one: the whole page in one read.
+    let owners: Vec<Owner<'_>> = page.keys.iter().map(|k| Owner::key(&k.record)).collect();
+    let uses = budgets_of(&api.inner.store, &owners, now)
+        .await
+        .unwrap_or_default();
+    let rows: Vec<_> = page
+        .keys
+        .iter()
+        .map(|k| {
+            let total = uses
+                .iter()
+                .find(|b| b.owner == k.record.id.as_str() && b.model == "*")
+                .cloned();
+            (k, total)
+        })
+        .collect();
     let prefix = api.inner.key_format.prefix().to_owned();
     let next = page.more.then(|| {
         let last = page

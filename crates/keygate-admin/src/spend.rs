@@ -88,7 +88,9 @@ pub(crate) async fn budgets_of(
     owners: &[Owner<'_>],
     now: Timestamp,
 ) -> Result<Vec<BudgetUse>, DbError> {
-    let mut out = Vec::new();
+    // Every counter first, read in one call, then the rows.
+    let mut wanted = Vec::new();
+    let mut rows = Vec::new();
     for owner in owners {
         let group = group_of(owner.project);
         for budget in owner.budgets {
@@ -96,25 +98,30 @@ pub(crate) async fn budgets_of(
             let Window::Fixed { start, end } = window else {
                 continue;
             };
-            let (settled, held) = store.budget_usage(&counter, group, window).await?;
-            let remaining = budget
-                .amount
-                .as_nanos()
-                .saturating_sub(settled)
-                .saturating_sub(held.unwrap_or(0));
-            out.push(BudgetUse {
-                scope: owner.scope_name(),
-                owner: owner.id.to_owned(),
-                period: period_name(budget.period),
-                model: budget.model.as_ref().map_or("*", |m| m.as_str()).to_owned(),
-                limit: budget.amount,
-                spent: Money::from_nanos(settled),
-                reserved: held.map(Money::from_nanos),
-                remaining: Money::from_nanos(remaining),
-                period_start: start,
-                resets_at: end,
-            });
+            wanted.push((counter, group, window));
+            rows.push((owner, budget, start, end));
         }
+    }
+    let usages = store.budget_usages(wanted).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for ((owner, budget, start, end), (settled, held)) in rows.into_iter().zip(usages) {
+        let remaining = budget
+            .amount
+            .as_nanos()
+            .saturating_sub(settled)
+            .saturating_sub(held.unwrap_or(0));
+        out.push(BudgetUse {
+            scope: owner.scope_name(),
+            owner: owner.id.to_owned(),
+            period: period_name(budget.period),
+            model: budget.model.as_ref().map_or("*", |m| m.as_str()).to_owned(),
+            limit: budget.amount,
+            spent: Money::from_nanos(settled),
+            reserved: held.map(Money::from_nanos),
+            remaining: Money::from_nanos(remaining),
+            period_start: start,
+            resets_at: end,
+        });
     }
     Ok(out)
 }

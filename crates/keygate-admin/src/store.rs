@@ -317,38 +317,58 @@ impl AdminStore {
         }
     }
 
-    /// What the budget counter `counter` of `group` holds in the budget period `window`:
+    /// What each budget counter `(counter, group, window)` holds in its budget period:
     /// settled (the ledger), and held by requests in flight (`None` when unknown: a
-    /// PostgreSQL store without its counters).
-    pub(crate) async fn budget_usage(
+    /// PostgreSQL store without its counters). One answer per counter, in order; on SQLite
+    /// all in one call.
+    pub(crate) async fn budget_usages(
         &self,
-        counter: &str,
-        group: u64,
-        window: Window,
-    ) -> Result<(u64, Option<u64>), DbError> {
-        let Window::Fixed { start, .. } = window else {
-            return Ok((0, Some(0)));
+        counters: Vec<(std::sync::Arc<str>, u64, Window)>,
+    ) -> Result<Vec<(u64, Option<u64>)>, DbError> {
+        let start_of = |w: &Window| match w {
+            Window::Fixed { start, .. } => Some(*start),
+            _ => None,
         };
         match &self.db {
             Kind::Sqlite(db) => {
-                let counter = counter.to_owned();
                 Self::sqlite(db, move |db| {
-                    let usage = db.ledger_usage(&counter, start)?;
-                    Ok((usage.settled, Some(usage.open_reserved)))
+                    let wanted: Vec<(&str, Timestamp)> = counters
+                        .iter()
+                        .filter_map(|(c, _, w)| start_of(w).map(|s| (&**c, s)))
+                        .collect();
+                    let mut found = db.ledger_usages(&wanted)?.into_iter();
+                    Ok(counters
+                        .iter()
+                        .map(|(_, _, w)| match start_of(w) {
+                            Some(_) => found
+                                .next()
+                                .map_or((0, Some(0)), |u| (u.settled, Some(u.open_reserved))),
+                            None => (0, Some(0)),
+                        })
+                        .collect())
                 })
                 .await
             }
             Kind::Postgres(db) => {
-                let settled = db.spent(counter, Some(start)).await?;
-                let Some(redis) = &self.counters else {
-                    return Ok((settled, None));
-                };
-                let counted = redis
-                    .used(group, counter, window)
-                    .await
-                    .map_err(|e| DbError::Unavailable(format!("the shared counters: {e}")))?
-                    .unwrap_or(0);
-                Ok((settled, Some(counted.saturating_sub(settled))))
+                let mut out = Vec::with_capacity(counters.len());
+                for (counter, group, window) in &counters {
+                    let Some(start) = start_of(window) else {
+                        out.push((0, Some(0)));
+                        continue;
+                    };
+                    let settled = db.spent(counter, Some(start)).await?;
+                    let Some(redis) = &self.counters else {
+                        out.push((settled, None));
+                        continue;
+                    };
+                    let counted = redis
+                        .used(*group, counter, *window)
+                        .await
+                        .map_err(|e| DbError::Unavailable(format!("the shared counters: {e}")))?
+                        .unwrap_or(0);
+                    out.push((settled, Some(counted.saturating_sub(settled))));
+                }
+                Ok(out)
             }
         }
     }

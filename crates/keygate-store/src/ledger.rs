@@ -1046,14 +1046,30 @@ impl Db {
         counter: &str,
         window_start: Timestamp,
     ) -> Result<LedgerUsage, DbError> {
-        let start = sql_int(window_start.as_unix_nanos());
-        let settled: i64 = self.conn().query_row(
+        let usages = self.ledger_usages(&[(counter, window_start)])?;
+        Ok(usages.into_iter().next().unwrap_or_default())
+    }
+
+    /// [`Db::ledger_usage`] of many counters at once (a page of keys): one pass over the
+    /// open reservations for all of them. One usage per `(counter, window_start)`, in order.
+    ///
+    /// # Errors
+    ///
+    /// [`DbError::Sqlite`] when the ledger cannot be read.
+    pub fn ledger_usages(&self, wanted: &[(&str, Timestamp)]) -> Result<Vec<LedgerUsage>, DbError> {
+        let mut out = vec![LedgerUsage::default(); wanted.len()];
+        let mut index: std::collections::HashMap<(&str, i64), Vec<usize>> =
+            std::collections::HashMap::with_capacity(wanted.len());
+        let mut settled = self.conn().prepare_cached(
             "SELECT COALESCE(SUM(settled), 0) FROM spend_totals \
              WHERE counter = ?1 AND window_kind = 'fixed' AND window_start = ?2",
-            params![counter, start],
-            |r| r.get(0),
         )?;
-        let mut open: u64 = 0;
+        for (i, (counter, start)) in wanted.iter().enumerate() {
+            let start = sql_int(start.as_unix_nanos());
+            let sum: i64 = settled.query_row(params![counter, start], |r| r.get(0))?;
+            out[i].settled = from_sql(sum);
+            index.entry((*counter, start)).or_default().push(i);
+        }
         let mut stmt = self
             .conn()
             .prepare_cached("SELECT charges FROM spend_reservations WHERE state = 0")?;
@@ -1061,15 +1077,18 @@ impl Db {
         while let Some(row) = rows.next()? {
             let json: String = row.get(0)?;
             for c in decode_charges(&json)? {
-                if c.counter == counter && c.window == "fixed" && c.start == Some(start) {
-                    open = open.saturating_add(from_sql(c.amount));
+                let (Some(start), true) = (c.start, c.window == "fixed") else {
+                    continue;
+                };
+                if let Some(slots) = index.get(&(&*c.counter, start)) {
+                    for &i in slots {
+                        out[i].open_reserved =
+                            out[i].open_reserved.saturating_add(from_sql(c.amount));
+                    }
                 }
             }
         }
-        Ok(LedgerUsage {
-            settled: from_sql(settled),
-            open_reserved: open,
-        })
+        Ok(out)
     }
 }
 

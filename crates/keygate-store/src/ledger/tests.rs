@@ -285,6 +285,53 @@ fn a_reset_forgets_what_was_settled_durably_and_keeps_what_is_in_flight() {
 }
 
 #[test]
+fn many_counters_are_read_at_once_as_each_alone() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    let other = |amount| Charge {
+        key: "budget:key_b".into(),
+        ..budget(1000, amount)
+    };
+    let settled = rt
+        .block_on(b.reserve(vec![budget(1000, 400), other(50)], t(5)))
+        .unwrap();
+    assert!(b.end_at_once(settled, Some(cost(100)), t(6)).is_none());
+    let _open = rt
+        .block_on(b.reserve(vec![budget(1000, 70), other(30)], t(6)))
+        .unwrap();
+    rt.block_on(b.flush()).unwrap();
+    let db = Db::open(&path).unwrap();
+    let wanted = [
+        ("budget:key_a", t(0)),
+        ("budget:key_b", t(0)),
+        ("budget:key_a", t(0)),
+        ("budget:key_a", t(DAY)),
+        ("budget:nobody", t(0)),
+    ];
+    let together = db.ledger_usages(&wanted).unwrap();
+    let alone: Vec<LedgerUsage> = wanted
+        .iter()
+        .map(|(c, s)| db.ledger_usage(c, *s).unwrap())
+        .collect();
+    assert_eq!(together, alone);
+    let usage = |settled, open_reserved| LedgerUsage {
+        settled,
+        open_reserved,
+    };
+    assert_eq!(
+        together,
+        [
+            usage(100, 70),
+            usage(100, 30),
+            usage(100, 70),
+            usage(0, 0),
+            usage(0, 0)
+        ]
+    );
+}
+
+#[test]
 fn released_reservations_count_nothing_after_a_restart() {
     let (_dir, path) = temp();
     let rt = rt();
