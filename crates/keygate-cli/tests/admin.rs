@@ -80,6 +80,16 @@ impl Setup {
         self.gateway.addr()
     }
 
+    /// Makes a key of `fields` with `admin`; its secret and id.
+    async fn key(&self, admin: &str, fields: Value) -> (String, String) {
+        let made = call(self.addr(), "POST", "/admin/v1/keys", admin, &fields).await;
+        assert_eq!(made.status, 201, "{}", made.text);
+        (
+            made.json["secret"].as_str().unwrap().to_owned(),
+            made.json["key"]["id"].as_str().unwrap().to_owned(),
+        )
+    }
+
     /// Makes projects, as the admin of everything.
     async fn projects(&self, ids: &[&str]) {
         for id in ids {
@@ -253,8 +263,10 @@ async fn admins_manage_keys_within_their_scope_and_every_change_is_recorded() {
         recent.json["data"].as_array().unwrap().last().unwrap()["path"],
         "/v1/chat/completions"
     );
+    // The request's audit record may land just after its answer: flush until it is counted.
     let started = std::time::Instant::now();
     loop {
+        s.gateway.flush_usage().await;
         let usage = call(
             addr,
             "GET",
@@ -275,7 +287,6 @@ async fn admins_manage_keys_within_their_scope_and_every_change_is_recorded() {
             "no usage: {}",
             usage.text
         );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
     // Another project's key is invisible to the project's admin, and untouchable.
@@ -520,21 +531,11 @@ async fn conditions_set_through_the_api_bind_keys_at_once() {
     let s = setup().await;
     let addr = s.addr();
     s.projects(&["p"]).await;
-    let made = call(
-        addr,
-        "POST",
-        "/admin/v1/keys",
-        &s.p_admin,
-        &json!({
+    let (secret, id) = s.key(&s.p_admin, json!({
             "project": "p",
             "permissions": "all",
             "policies": [{ "type": "members_only", "group": "research", "models": ["gpt-4o*"] }],
-        }),
-    )
-    .await;
-    assert_eq!(made.status, 201, "{}", made.text);
-    let secret = made.json["secret"].as_str().unwrap().to_owned();
-    let id = made.json["key"]["id"].as_str().unwrap().to_owned();
+        })).await;
     let chat = || chat(addr, &secret);
     let refused = chat().await;
     assert_eq!(refused.status, 403, "{}", refused.text);
@@ -618,24 +619,19 @@ async fn a_reset_gives_a_key_its_budget_back_and_is_recorded() {
     let addr = s.addr();
     s.projects(&["p", "q"]).await;
     // A budget a few requests use up.
-    let made = call(
-        addr,
-        "POST",
-        "/admin/v1/keys",
-        &s.p_admin,
-        &json!({
-            "project": "p",
-            "permissions": "all",
-            "limits": { "budgets": [
-                { "amount": "0.00003", "period": "day", "model": "gpt-4o-mini" },
-                { "amount": "1", "period": "month" },
-            ] },
-        }),
-    )
-    .await;
-    assert_eq!(made.status, 201, "{}", made.text);
-    let secret = made.json["secret"].as_str().unwrap().to_owned();
-    let id = made.json["key"]["id"].as_str().unwrap().to_owned();
+    let (secret, id) = s
+        .key(
+            &s.p_admin,
+            json!({
+                "project": "p",
+                "permissions": "all",
+                "limits": { "budgets": [
+                    { "amount": "0.00003", "period": "day", "model": "gpt-4o-mini" },
+                    { "amount": "1", "period": "month" },
+                ] },
+            }),
+        )
+        .await;
     let until_refused = || async {
         for n in 0..50 {
             let chat = chat(addr, &secret).await;
@@ -1064,24 +1060,10 @@ async fn the_cli_drives_a_running_gateway_through_the_admin_api() {
 async fn credentials_never_cross_between_the_admin_api_and_the_model_routes() {
     let s = setup().await;
     let addr = s.addr();
-    call(
-        addr,
-        "POST",
-        "/admin/v1/projects",
-        &s.root,
-        &json!({ "id": "p" }),
-    )
-    .await;
-    let made = call(
-        addr,
-        "POST",
-        "/admin/v1/keys",
-        &s.root,
-        &json!({ "project": "p", "permissions": "all" }),
-    )
-    .await;
-    let secret = made.json["secret"].as_str().unwrap().to_owned();
-    let id = made.json["key"]["id"].as_str().unwrap().to_owned();
+    s.projects(&["p"]).await;
+    let (secret, id) = s
+        .key(&s.root, json!({ "project": "p", "permissions": "all" }))
+        .await;
     let spec = call(addr, "GET", "/admin/v1/openapi.json", "", &Value::Null).await;
     assert_eq!(spec.status, 200);
     assert_eq!(spec.json["openapi"], "3.1.0");
@@ -1204,14 +1186,7 @@ async fn credentials_never_cross_between_the_admin_api_and_the_model_routes() {
 async fn listings_page_through_every_key_once_with_filters() {
     let s = setup().await;
     let addr = s.addr();
-    call(
-        addr,
-        "POST",
-        "/admin/v1/projects",
-        &s.root,
-        &json!({ "id": "p" }),
-    )
-    .await;
+    s.projects(&["p"]).await;
     let mut made = Vec::new();
     for i in 0..7 {
         let a = call(
@@ -1319,24 +1294,10 @@ async fn raw(addr: SocketAddr, method: &str, path: &str, headers: &[&str], body:
 async fn the_console_takes_only_admin_keys_and_only_its_own_forms() {
     let s = setup().await;
     let addr = s.addr();
-    call(
-        addr,
-        "POST",
-        "/admin/v1/projects",
-        &s.root,
-        &json!({ "id": "p" }),
-    )
-    .await;
-    let made = call(
-        addr,
-        "POST",
-        "/admin/v1/keys",
-        &s.root,
-        &json!({ "project": "p", "permissions": "all" }),
-    )
-    .await;
-    let secret = made.json["secret"].as_str().unwrap().to_owned();
-    let id = made.json["key"]["id"].as_str().unwrap().to_owned();
+    s.projects(&["p"]).await;
+    let (secret, id) = s
+        .key(&s.root, json!({ "project": "p", "permissions": "all" }))
+        .await;
     // Not logged in: to the login page, which carries the security headers.
     let page = raw(addr, "GET", "/admin/keys", &[], "").await;
     assert_eq!(status(&page), 303, "{page}");
@@ -1452,4 +1413,68 @@ async fn the_console_takes_only_admin_keys_and_only_its_own_forms() {
     .await;
     let after = raw(addr, "GET", "/admin/keys", &[&cookie], "").await;
     assert_eq!(status(&after), 303);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_reaches_an_https_gateway_that_a_private_ca_vouches_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("kg.db");
+    let store = format!("sqlite:{}", path.display());
+    let (_, root) = admin_key(&store, "root", "manage").await;
+    // The admin API over TLS, with a certificate from a CA of our own.
+    let (ca_pem, tls) = keygate_testkit::test_pki();
+    let api = keygate_admin::AdminApi::new(keygate_admin::AdminStore::open_sqlite(&path).unwrap());
+    let addr = keygate_testkit::serve_tls(api.router(), tls).await;
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let run = |extra: Vec<String>| {
+        let mut argv = vec!["keygate".to_owned(), "--json".into()];
+        argv.extend([
+            "--server".into(),
+            format!("https://127.0.0.1:{}", addr.port()),
+        ]);
+        argv.extend(["--admin-key".into(), root.clone()]);
+        argv.extend(extra);
+        tokio::task::spawn_blocking(move || {
+            let mut out = Vec::new();
+            keygate_cli::run(argv, keygate_core::Clock::system().now(), &mut out)
+                .map(|()| serde_json::from_slice::<Value>(&out).unwrap())
+                .map_err(|e| e.to_string())
+        })
+    };
+    let with_ca = |args: &[&str]| {
+        let mut v = vec!["--server-ca".to_owned(), ca.display().to_string()];
+        v.extend(args.iter().map(|a| (*a).to_owned()));
+        v
+    };
+    let made = run(with_ca(&["projects", "create", "p"]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(made["project"]["id"], "p");
+    let listed = run(with_ca(&["projects", "list"])).await.unwrap().unwrap();
+    assert!(
+        listed["projects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["id"] == "p")
+    );
+    // Without the CA, the server is not trusted: nothing is sent past the handshake.
+    let e = run(vec!["projects".into(), "list".into()])
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(e.contains("cannot reach the gateway"), "{e}");
+    assert!(!e.contains(&root), "{e}");
+    let e = run(vec![
+        "--server-ca".into(),
+        "/nonexistent.pem".into(),
+        "projects".into(),
+        "list".into(),
+    ])
+    .await
+    .unwrap()
+    .unwrap_err();
+    assert!(e.contains("--server-ca"), "{e}");
 }

@@ -8,6 +8,11 @@
 //! PostgreSQL refuses to run as root, so under root (CI) the cluster is made and run as an
 //! unprivileged user: `KEYGATE_TEST_PG_USER`, else `postgres` (the distribution package's
 //! user), else `nobody`.
+//!
+//! And TLS for tests ([`test_pki`], [`serve_tls`]): a private CA and a server over it.
+
+mod tls;
+pub use tls::{serve_tls, test_pki};
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;

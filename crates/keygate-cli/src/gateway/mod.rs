@@ -626,6 +626,14 @@ impl Gateway {
         &self.built
     }
 
+    /// Adds the keys' usage counted so far to the store now, rather than at the next of the
+    /// flushes made every [`USAGE_FLUSH`].
+    pub async fn flush_usage(&self) {
+        if let Some(store) = &self.usage {
+            flush_usage(self.built.activity(), store).await;
+        }
+    }
+
     /// Stops accepting connections, lets requests in flight finish until the drain deadline
     /// (`[server] drain_timeout_secs`), cuts what is left (audited as cut by shutdown),
     /// flushes the audit file and stops the background tasks.
@@ -635,9 +643,7 @@ impl Gateway {
         }
         let drained = (&mut self.server).await.unwrap_or(Drained { cut: 0 });
         self.built.flush().await;
-        if let Some(store) = &self.usage {
-            flush_usage(self.built.activity(), store).await;
-        }
+        self.flush_usage().await;
         for task in &self.background {
             task.abort();
         }
