@@ -2,16 +2,52 @@
 //! pass and in time linear in its length, and picks up the few top-level fields accounting
 //! needs (with their byte positions, so a field can be set without re-encoding the body).
 //!
-//! No tree is built. Strings are found with `memchr`; only the keys of the objects whose
-//! fields are read (the top level and `stream_options`) are decoded, and a field read that
-//! appears twice is refused (as the scanner and an upstream parser could take different
-//! ones); other duplicate keys are passed on, since nothing keygate decides depends on them.
-//! So a body of many keys, escaped or not, costs what its bytes cost.
+//! No tree is built. Nested values are walked in a loop, one bit per open level (only an
+//! array of object ids is read by a call of its own). String bytes are looked at eight or sixteen at a time (a word, or a fold the
+//! compiler vectorises), long runs searched with `memchr`; runs of brackets are taken a word
+//! at a time. Only the keys of the objects whose fields are read (the top level and
+//! `stream_options`) are decoded, and a field read that appears twice is refused (as the
+//! scanner and an upstream parser could take different ones); other duplicate keys are
+//! passed on, since nothing keygate decides depends on them. So a body of many keys, escaped
+//! or not, costs what its bytes cost (a property test holds the bytes looked at to a
+//! multiple of the body's length, counted under `cargo test`).
 
 use std::borrow::Cow;
 use std::ops::Range;
 
 use smallvec::SmallVec;
+
+/// A byte of ones in each lane of a word, and the high bit of each lane.
+const ONES: u64 = 0x0101_0101_0101_0101;
+const HIGH: u64 = 0x8080_8080_8080_8080;
+
+/// What the scanner looks at, counted under `cargo test`: every primitive adds the bytes it
+/// read (a search, the bytes up to where it stopped), so a test can hold the cost of a body
+/// to a multiple of its length without timing anything. Nothing is counted otherwise.
+#[cfg(test)]
+pub(crate) mod cost {
+    use std::cell::Cell;
+
+    thread_local! {
+        static LOOKED: Cell<u64> = const { Cell::new(0) };
+    }
+
+    /// Counts `n` bytes looked at.
+    pub(crate) fn add(n: usize) {
+        LOOKED.with(|c| c.set(c.get() + n as u64));
+    }
+
+    /// What was counted on this thread since the last call.
+    pub(crate) fn take() -> u64 {
+        LOOKED.with(|c| c.replace(0))
+    }
+}
+
+#[cfg(not(test))]
+mod cost {
+    #[inline(always)]
+    pub(crate) fn add(_: usize) {}
+}
 
 /// Objects and arrays nested deeper than this are refused (as `serde_json` refuses them).
 pub const MAX_DEPTH: u32 = 128;
@@ -38,10 +74,55 @@ pub enum JsonError {
     /// A field keygate reads has the wrong type or value (`model` not a string,
     /// `max_tokens` not a non-negative integer, `n` below 1, ...): its name.
     #[error("the field {0} has an invalid value")]
-    BadField(&'static str),
+    BadField(JsonField),
     /// More than [`MAX_REFS`] values naming objects (`file_id`, `file_ids`, …).
     #[error("the body names too many objects")]
     TooManyRefs,
+}
+
+/// A field keygate reads, as an error names it (its `param`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JsonField {
+    /// `model`.
+    Model,
+    /// An output cap: `max_tokens`, `max_completion_tokens` or `max_output_tokens`.
+    MaxTokens,
+    /// `n`.
+    N,
+    /// `best_of`.
+    BestOf,
+    /// `stream`.
+    Stream,
+    /// `stream_options`.
+    StreamOptions,
+    /// `stream_options.include_usage`.
+    IncludeUsage,
+    /// `store`.
+    Store,
+}
+
+impl JsonField {
+    /// The field's name, as the API spells it (`stream_options.include_usage` for the
+    /// nested one; `max_tokens` for any output cap).
+    pub fn name(self) -> &'static str {
+        match self {
+            JsonField::Model => "model",
+            JsonField::MaxTokens => "max_tokens",
+            JsonField::N => "n",
+            JsonField::BestOf => "best_of",
+            JsonField::Stream => "stream",
+            JsonField::StreamOptions => "stream_options",
+            JsonField::IncludeUsage => "stream_options.include_usage",
+            JsonField::Store => "store",
+        }
+    }
+}
+
+impl std::fmt::Display for JsonField {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 /// The most object ids (values of [`REF_KEYS`]) one body may name: each is checked
@@ -74,6 +155,7 @@ const LONGEST_REF: usize = 20;
 fn plain_key(raw: &[u8], out: &mut [u8; LONGEST_REF]) -> Option<usize> {
     let (mut i, mut n) = (0, 0);
     while i < raw.len() {
+        cost::add(1);
         let c = if raw[i] == b'\\' {
             if raw.get(i + 1) != Some(&b'u') {
                 return None;
@@ -104,21 +186,18 @@ fn plain_key(raw: &[u8], out: &mut [u8; LONGEST_REF]) -> Option<usize> {
 /// The value of a hexadecimal digit.
 #[inline]
 fn nibble(d: u8) -> Option<u8> {
-    match d {
-        b'0'..=b'9' => Some(d - b'0'),
-        b'a'..=b'f' => Some(d - b'a' + 10),
-        b'A'..=b'F' => Some(d - b'A' + 10),
-        _ => None,
-    }
+    Some(HEX[usize::from(d)]).filter(|&v| v < 16)
 }
 
 /// The name in [`REF_KEYS`] that `key` (decoded) is.
 #[inline]
 fn ref_key(key: &[u8]) -> Option<&'static str> {
     // Most keys are ruled out by their length alone.
+    cost::add(1);
     if !matches!(key.len(), 7 | 8 | 12 | 13 | 15 | 16 | 20) {
         return None;
     }
+    cost::add(REF_KEYS.len());
     REF_KEYS.into_iter().find(|k| k.as_bytes() == key)
 }
 
@@ -148,7 +227,7 @@ impl JsonError {
                 "The request body names the model more than once.",
                 Some("model"),
             ),
-            JsonError::BadField("model") => (
+            JsonError::BadField(JsonField::Model) => (
                 "invalid_model",
                 "The model must be a string.",
                 Some("model"),
@@ -156,7 +235,7 @@ impl JsonError {
             JsonError::BadField(field) => (
                 "invalid_value",
                 "A field of the request has a value of the wrong type or range.",
-                Some(field),
+                Some(field.name()),
             ),
             JsonError::Invalid => ("invalid_json", "The request body is not valid JSON.", None),
             JsonError::TooManyRefs => (
@@ -293,14 +372,21 @@ pub fn scan_json_text(body: &[u8]) -> Result<JsonFields<'_>, JsonError> {
 }
 
 fn scan(body: &[u8], collect: bool) -> Result<JsonFields<'_>, JsonError> {
-    let text = std::str::from_utf8(body).map_err(|_| JsonError::NotUtf8)?;
+    // Most bodies are ASCII, which needs no UTF-8 check; only a body with a byte below 0x20
+    // needs the control checks of long string runs.
+    cost::add(2 * body.len());
+    if !body.is_ascii() {
+        cost::add(body.len());
+        std::str::from_utf8(body).map_err(|_| JsonError::NotUtf8)?;
+    }
     let mut s = Scanner {
-        b: text.as_bytes(),
+        b: body,
         i: 0,
         f: JsonFields::default(),
         collect,
         refs: true,
         escaped: false,
+        controls: has_control(body),
     };
     s.ws();
     if s.peek() != Some(b'{') {
@@ -333,6 +419,7 @@ impl<'a> ReadKeys<'a> {
     /// Adds `key` (one of a handful of names: the list stays short); false if it was
     /// already there.
     fn insert(&mut self, key: Cow<'a, [u8]>) -> bool {
+        cost::add(self.seen.len() + 1);
         if self.seen.contains(&key) {
             return false;
         }
@@ -389,22 +476,26 @@ struct Scanner<'a> {
     refs: bool,
     /// Whether the last string skipped held an escape.
     escaped: bool,
+    /// Whether the body has a byte below 0x20 anywhere (whitespace included): only then
+    /// can a string hold one, and long runs are checked for them.
+    controls: bool,
 }
 
 impl<'a> Scanner<'a> {
     #[inline]
     fn peek(&self) -> Option<u8> {
+        cost::add(1);
         self.b.get(self.i).copied()
     }
 
-    #[inline]
+    #[inline(always)]
     fn ws(&mut self) {
         while let Some(b' ' | b'\n' | b'\r' | b'\t') = self.peek() {
             self.i += 1;
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn expect(&mut self, c: u8) -> Result<(), JsonError> {
         self.ws();
         if self.peek() == Some(c) {
@@ -416,7 +507,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// After `,` or `}` of a member: true if the object goes on.
-    #[inline]
+    #[inline(always)]
     fn more(&mut self, close: u8) -> Result<bool, JsonError> {
         self.ws();
         match self.peek() {
@@ -468,20 +559,20 @@ impl<'a> Scanner<'a> {
                     model_seen = true;
                     if self.peek() != Some(b'"') {
                         self.value(1)?;
-                        return Err(JsonError::BadField("model"));
+                        return Err(JsonError::BadField(JsonField::Model));
                     }
                     self.f.model = Some(self.string()?);
                 }
                 Field::MaxOutput => {
-                    if let Some(v) = self.count_or_null("max_tokens", 0)? {
+                    if let Some(v) = self.count_or_null(JsonField::MaxTokens, 0)? {
                         self.f.max_output = Some(self.f.max_output.map_or(v, |m| m.max(v)));
                     }
                     self.f.edits.max_output_at.push(start..self.i);
                 }
-                Field::N => self.f.n = self.count_or_null("n", 1)?,
-                Field::BestOf => self.f.best_of = self.count_or_null("best_of", 1)?,
+                Field::N => self.f.n = self.count_or_null(JsonField::N, 1)?,
+                Field::BestOf => self.f.best_of = self.count_or_null(JsonField::BestOf, 1)?,
                 Field::Stream => {
-                    self.f.stream = self.bool_or_null("stream")? == Some(true);
+                    self.f.stream = self.bool_or_null(JsonField::Stream)? == Some(true);
                 }
                 Field::StreamOptions => self.stream_options()?,
                 Field::Purpose if self.peek() == Some(b'"') => {
@@ -492,7 +583,7 @@ impl<'a> Scanner<'a> {
                     self.f.quality = Some(self.string()?);
                 }
                 Field::Ref(name) => self.ref_value(name, 1)?,
-                Field::Store => self.f.store = self.bool_or_null("store")?,
+                Field::Store => self.f.store = self.bool_or_null(JsonField::Store)?,
                 Field::Metadata => {
                     self.refs = false;
                     let read = self.value(1);
@@ -515,7 +606,7 @@ impl<'a> Scanner<'a> {
             Some(b'{') => {}
             _ => {
                 self.value(1)?;
-                return Err(JsonError::BadField("stream_options"));
+                return Err(JsonError::BadField(JsonField::StreamOptions));
             }
         }
         let open = self.i;
@@ -542,7 +633,7 @@ impl<'a> Scanner<'a> {
             self.ws();
             if is_usage {
                 let at = self.i;
-                include = self.bool_or_null("stream_options.include_usage")?;
+                include = self.bool_or_null(JsonField::IncludeUsage)?;
                 self.f.edits.include_usage_at = Some(at..self.i);
                 self.f.edits.usage_on = include == Some(true);
             } else {
@@ -558,7 +649,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// `null` or an integer ≥ `min` (as a u64; larger ones saturate).
-    fn count_or_null(&mut self, name: &'static str, min: u64) -> Result<Option<u64>, JsonError> {
+    fn count_or_null(&mut self, name: JsonField, min: u64) -> Result<Option<u64>, JsonError> {
         if self.peek() == Some(b'n') {
             self.literal(b"null")?;
             return Ok(None);
@@ -580,7 +671,7 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    fn bool_or_null(&mut self, name: &'static str) -> Result<Option<bool>, JsonError> {
+    fn bool_or_null(&mut self, name: JsonField) -> Result<Option<bool>, JsonError> {
         match self.peek() {
             Some(b't') => self.literal(b"true").map(|()| Some(true)),
             Some(b'f') => self.literal(b"false").map(|()| Some(false)),
@@ -593,11 +684,19 @@ impl<'a> Scanner<'a> {
     }
 
     /// One value of any kind at nesting `depth`, counted towards the prompt size.
+    #[inline]
     fn value(&mut self, depth: u32) -> Result<(), JsonError> {
+        match self.peek() {
+            Some(b'{' | b'[') => self.nested(depth),
+            _ => self.scalar(),
+        }
+    }
+
+    /// A string, number or literal, counted towards the prompt size.
+    #[inline(always)]
+    fn scalar(&mut self) -> Result<(), JsonError> {
         match self.peek().ok_or(JsonError::Invalid)? {
             b'"' => self.text_string(),
-            b'{' => self.object(depth + 1),
-            b'[' => self.array(depth + 1, None),
             b't' => self.literal(b"true"),
             b'f' => self.literal(b"false"),
             b'n' => self.literal(b"null"),
@@ -609,40 +708,108 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    fn object(&mut self, depth: u32) -> Result<(), JsonError> {
-        if depth >= MAX_DEPTH {
+    /// An object or an array (at its opening bracket) inside one at nesting `depth`, with
+    /// everything in it, walked without recursion: bit `k` of `objects` tells whether the
+    /// level `k` below the innermost open one is an object (at most [`MAX_DEPTH`] levels,
+    /// so 128 bits hold them all).
+    fn nested(&mut self, depth: u32) -> Result<(), JsonError> {
+        let mut objects: u128 = 0;
+        let mut open: u32 = 0;
+        loop {
+            // At a value, whitespace skipped. `true`: a value was read whole.
+            let done = match self.peek() {
+                Some(c @ (b'{' | b'[')) => {
+                    let object = c == b'{';
+                    // A run of `[` is opened at once (up to eight, all arrays).
+                    let run = if object {
+                        1
+                    } else {
+                        run_of(self.b, self.i, b'[')
+                    };
+                    let level = depth + open + run;
+                    if level >= MAX_DEPTH {
+                        return Err(JsonError::Invalid);
+                    }
+                    if object && level >= 2 {
+                        self.f.items += 1;
+                    }
+                    objects = objects << run | u128::from(object);
+                    open += run;
+                    self.i += run as usize;
+                    self.ws();
+                    if self.peek() == Some(if object { b'}' } else { b']' }) {
+                        self.i += 1;
+                        objects >>= 1;
+                        open -= 1;
+                        true
+                    } else {
+                        object && self.member(level)?
+                    }
+                }
+                _ => {
+                    self.scalar()?;
+                    true
+                }
+            };
+            if !done {
+                continue;
+            }
+            // After a value: a comma and the next one, or the end of its container.
+            loop {
+                if open == 0 {
+                    return Ok(());
+                }
+                self.ws();
+                let object = objects & 1 == 1;
+                match self.peek() {
+                    Some(b',') => {
+                        self.i += 1;
+                        self.ws();
+                        if object && self.member(depth + open)? {
+                            continue;
+                        }
+                        break;
+                    }
+                    Some(b'}') if object => {
+                        self.i += 1;
+                        objects >>= 1;
+                        open -= 1;
+                    }
+                    Some(b']') if !object => {
+                        // A run of `]` closes as many arrays at once as are open on top.
+                        let run = run_of(self.b, self.i, b']')
+                            .min(open)
+                            .min(objects.trailing_zeros());
+                        self.i += run as usize;
+                        objects >>= run;
+                        open -= run;
+                    }
+                    _ => return Err(JsonError::Invalid),
+                }
+            }
+        }
+    }
+
+    /// The key and colon of a member of a nested object at nesting `depth` (at the key's
+    /// quote, whitespace skipped), with the whitespace after them. A key of a nested object
+    /// is text the model may read: validated and counted, never decoded (nothing read lies
+    /// below here but `stream_options`). `true` if the value was read too: that of a key
+    /// naming objects.
+    #[inline(always)]
+    fn member(&mut self, depth: u32) -> Result<bool, JsonError> {
+        if self.peek() != Some(b'"') {
             return Err(JsonError::Invalid);
         }
-        if depth >= 2 {
-            self.f.items += 1;
-        }
-        self.i += 1;
+        let at = self.i;
+        self.skip_short_string()?;
+        let key = at + 1..self.i - 1;
+        self.note_text(key.clone());
+        let names = if self.refs { self.ref_name(key) } else { None };
+        self.expect(b':')?;
         self.ws();
-        if self.peek() == Some(b'}') {
-            self.i += 1;
-            return Ok(());
-        }
-        loop {
-            self.ws();
-            if self.peek() != Some(b'"') {
-                return Err(JsonError::Invalid);
-            }
-            // A key of a nested object is text the model may read: validated and counted,
-            // never decoded (nothing read lies below here but `stream_options`).
-            let at = self.i;
-            self.skip_short_string()?;
-            let key = at + 1..self.i - 1;
-            self.note_text(key.clone());
-            let names = if self.refs { self.ref_name(key) } else { None };
-            self.expect(b':')?;
-            self.ws();
-            match names {
-                Some(name) => self.ref_value(name, depth)?,
-                None => self.value(depth)?,
-            }
-            if !self.more(b'}')? {
-                return Ok(());
-            }
+        match names {
+            Some(name) => self.ref_value(name, depth).map(|()| true),
+            None => Ok(false),
         }
     }
 
@@ -664,7 +831,7 @@ impl<'a> Scanner<'a> {
     fn ref_value(&mut self, name: &'static str, depth: u32) -> Result<(), JsonError> {
         match self.peek() {
             Some(b'"') => self.ref_string(name),
-            Some(b'[') => self.array(depth + 1, Some(name)),
+            Some(b'[') => self.ref_array(depth + 1, name),
             _ => self.value(depth),
         }
     }
@@ -683,9 +850,9 @@ impl<'a> Scanner<'a> {
         Ok(())
     }
 
-    /// An array (at its `[`) at nesting `depth`; with `names`, the value of a key naming
-    /// objects, whose strings are noted as object ids.
-    fn array(&mut self, depth: u32, names: Option<&'static str>) -> Result<(), JsonError> {
+    /// An array (at its `[`) at nesting `depth`, the value of a key naming objects: its
+    /// strings are noted as object ids.
+    fn ref_array(&mut self, depth: u32, name: &'static str) -> Result<(), JsonError> {
         if depth >= MAX_DEPTH {
             return Err(JsonError::Invalid);
         }
@@ -697,9 +864,10 @@ impl<'a> Scanner<'a> {
         }
         loop {
             self.ws();
-            match names {
-                Some(name) if self.peek() == Some(b'"') => self.ref_string(name)?,
-                _ => self.value(depth)?,
+            if self.peek() == Some(b'"') {
+                self.ref_string(name)?;
+            } else {
+                self.value(depth)?;
             }
             if !self.more(b']')? {
                 return Ok(());
@@ -708,6 +876,7 @@ impl<'a> Scanner<'a> {
     }
 
     fn literal(&mut self, word: &[u8]) -> Result<(), JsonError> {
+        cost::add(word.len());
         if self.b[self.i..].starts_with(word) {
             self.i += word.len();
             Ok(())
@@ -726,7 +895,31 @@ impl<'a> Scanner<'a> {
 
     /// A number, as JSON writes them; one that does not fit an `f64` is refused, as
     /// `serde_json` refuses it.
+    #[inline(always)]
     fn number(&mut self) -> Result<(), JsonError> {
+        // The usual integer: digits, then neither a fraction nor an exponent.
+        let b = self.b;
+        let mut i = self.i + usize::from(b.get(self.i) == Some(&b'-'));
+        match b.get(i) {
+            Some(b'0') => i += 1,
+            Some(b'1'..=b'9') => {
+                i += 1;
+                while let Some(b'0'..=b'9') = b.get(i) {
+                    i += 1;
+                }
+            }
+            _ => return Err(JsonError::Invalid),
+        }
+        cost::add(i - self.i + 1);
+        if !matches!(b.get(i), Some(b'.' | b'e' | b'E')) && i - self.i <= 300 {
+            self.i = i;
+            return Ok(());
+        }
+        self.full_number()
+    }
+
+    /// [`number`](Self::number), every form.
+    fn full_number(&mut self) -> Result<(), JsonError> {
         let start = self.i;
         if self.peek() == Some(b'-') {
             self.i += 1;
@@ -757,6 +950,7 @@ impl<'a> Scanner<'a> {
             }
         }
         let raw = &self.b[start..self.i];
+        cost::add(raw.len());
         // Integers of up to 308 digits always fit; beyond, and for any float, check.
         if float || raw.len() > 300 {
             let finite = std::str::from_utf8(raw)
@@ -783,6 +977,7 @@ impl<'a> Scanner<'a> {
     fn note_text(&mut self, range: Range<usize>) {
         self.f.text_bytes += range.len() as u64;
         if self.collect && !range.is_empty() {
+            cost::add(range.len());
             let escaped = memchr::memchr(b'\\', &self.b[range.clone()]).is_some();
             self.f.text.push(Span { range, escaped });
         }
@@ -790,35 +985,47 @@ impl<'a> Scanner<'a> {
 
     /// Skips a string (at its opening quote), validating its escapes and refusing control
     /// characters; returns its length as written, quotes excluded.
+    #[inline(never)]
     fn skip_string(&mut self) -> Result<usize, JsonError> {
-        self.skip_string_from(long_span_end)
+        self.skip_string_from::<true>()
     }
 
     /// [`skip_string`](Self::skip_string) of a string usually short (a key): its first run
-    /// walked, not searched.
+    /// looked at a word at a time, not searched.
+    #[inline(always)]
     fn skip_short_string(&mut self) -> Result<usize, JsonError> {
-        self.skip_string_from(span_end)
+        self.skip_string_from::<false>()
     }
 
-    #[inline]
-    fn skip_string_from(
-        &mut self,
-        first: fn(&[u8]) -> Result<usize, JsonError>,
-    ) -> Result<usize, JsonError> {
+    /// Skips a string (at its opening quote); `LONG`: its first run is searched at once.
+    #[inline(always)]
+    fn skip_string_from<const LONG: bool>(&mut self) -> Result<usize, JsonError> {
         self.i += 1;
         let start = self.i;
-        // After an escape, the next few bytes are walked before a search (escapes tend to
-        // come together, and a step costs less than setting up a search).
-        self.i += first(&self.b[self.i..])?;
+        let rest = &self.b[self.i..];
+        if !LONG && let Some(at) = plain_short(rest) {
+            self.i += at + 1;
+            self.escaped = false;
+            return Ok(at);
+        }
+        self.i += if LONG {
+            long_span_end(rest, self.controls)?
+        } else {
+            span_end(rest)?
+        };
         self.escaped = self.b[self.i] != b'"';
         loop {
-            if self.b[self.i] == b'"' {
-                let len = self.i - start;
-                self.i += 1;
-                return Ok(len);
+            match self.b.get(self.i) {
+                Some(b'"') => {
+                    let len = self.i - start;
+                    self.i += 1;
+                    return Ok(len);
+                }
+                // Escapes tend to come together: the next one is taken at once.
+                Some(b'\\') => self.skip_escape()?,
+                // The run after an escape (out of line, so that this loop stays small).
+                _ => self.i += run_after_escape(&self.b[self.i..])?,
             }
-            self.escape(None)?;
-            self.i += walked_span_end::<4>(&self.b[self.i..])?;
         }
     }
 
@@ -838,13 +1045,12 @@ impl<'a> Scanner<'a> {
 
     /// A key of an object whose fields are read (at its opening quote), decoded; `None`
     /// (validated, not decoded) when it is too long to be the name of a field read.
+    #[inline(always)]
     fn top_key(&mut self) -> Result<Option<Cow<'a, [u8]>>, JsonError> {
         let start = self.i;
         let rest = &self.b[start + 1..];
         // The usual short, plain key: found and taken at once.
-        if let Ok(at) = span_end(rest)
-            && rest[at] == b'"'
-        {
+        if let Some(at) = plain_short(rest) {
             self.i = start + at + 2;
             return Ok((at <= LONGEST_READ).then_some(Cow::Borrowed(&rest[..at])));
         }
@@ -885,18 +1091,51 @@ impl<'a> Scanner<'a> {
     }
 
     fn hex4(&mut self) -> Result<u16, JsonError> {
-        let digits = self.b.get(self.i..self.i + 4).ok_or(JsonError::Invalid)?;
-        let mut v = 0u16;
-        for &d in digits {
-            let n = (d as char).to_digit(16).ok_or(JsonError::Invalid)?;
-            v = v << 4 | n as u16;
-        }
+        let v = hex4_at(self.b, self.i)?;
         self.i += 4;
         Ok(v)
     }
 
+    /// One escape at `self.i` (a backslash), validated as [`escape`](Self::escape)
+    /// validates it, not decoded.
+    #[inline(always)]
+    fn skip_escape(&mut self) -> Result<(), JsonError> {
+        let c = self.b.get(self.i + 1).copied().unwrap_or(0);
+        cost::add(2);
+        if SHORT_ESCAPE[usize::from(c)] {
+            self.i += 2;
+            return Ok(());
+        }
+        if c != b'u' {
+            return Err(JsonError::Invalid);
+        }
+        let hi = hex4_at(self.b, self.i + 2)?;
+        cost::add(4);
+        self.i += 6;
+        if (0xD800..0xE000).contains(&hi) {
+            return self.low_surrogate(hi);
+        }
+        Ok(())
+    }
+
+    /// After `\uD8xx`–`\uDFxx` (`hi`): a high surrogate must be followed by the escape of a
+    /// low one, which is taken; a low one alone is an error.
+    #[cold]
+    fn low_surrogate(&mut self, hi: u16) -> Result<(), JsonError> {
+        cost::add(6);
+        if hi >= 0xDC00 || self.b.get(self.i..self.i + 2) != Some(b"\\u") {
+            return Err(JsonError::Invalid);
+        }
+        if !(0xDC00..0xE000).contains(&hex4_at(self.b, self.i + 2)?) {
+            return Err(JsonError::Invalid);
+        }
+        self.i += 6;
+        Ok(())
+    }
+
     /// One escape at `self.i` (a backslash); its decoding appended to `out` if given.
     fn escape(&mut self, out: Option<&mut Vec<u8>>) -> Result<(), JsonError> {
+        cost::add(2);
         let c = *self.b.get(self.i + 1).ok_or(JsonError::Invalid)?;
         self.i += 2;
         let ch: char = match c {
@@ -938,41 +1177,175 @@ impl<'a> Scanner<'a> {
     }
 }
 
+/// The bytes that make a two-byte escape after a backslash (`\\"`, `\\n`, …).
+const SHORT_ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
+    let short = *b"\"\\/bfnrt";
+    let mut k = 0;
+    while k < short.len() {
+        t[short[k] as usize] = true;
+        k += 1;
+    }
+    t
+};
+
+/// The value of each byte as a hexadecimal digit, or `0xFF`.
+const HEX: [u8; 256] = {
+    let mut t = [0xFF; 256];
+    let mut c = 0;
+    while c < 256 {
+        t[c] = match c as u8 {
+            d @ b'0'..=b'9' => d - b'0',
+            d @ b'a'..=b'f' => d - b'a' + 10,
+            d @ b'A'..=b'F' => d - b'A' + 10,
+            _ => 0xFF,
+        };
+        c += 1;
+    }
+    t
+};
+
+/// The four hexadecimal digits of `b` from `at`, as a number.
+#[inline]
+fn hex4_at(b: &[u8], at: usize) -> Result<u16, JsonError> {
+    let &[a, b, c, d] = b.get(at..at + 4).ok_or(JsonError::Invalid)? else {
+        return Err(JsonError::Invalid);
+    };
+    let [a, b, c, d] = [a, b, c, d].map(|x| HEX[usize::from(x)]);
+    if (a | b | c | d) & 0xF0 != 0 {
+        return Err(JsonError::Invalid);
+    }
+    Ok(u16::from(a) << 12 | u16::from(b) << 8 | u16::from(c) << 4 | u16::from(d))
+}
+
 /// Where the run of plain string bytes at the start of `rest` ends (at a quote or a
-/// backslash); a control byte before it is an error. Short runs (keys, the text between two
-/// escapes) are walked byte by byte, which costs less than setting up a search; long ones
-/// are searched.
-#[inline]
+/// backslash); a control byte before it is an error. The first eight bytes are looked at as
+/// one word (keys and the text between two escapes are short), then sixteen at a time (a
+/// fold the compiler turns into vector compares), then, past a few hundred bytes, the rest
+/// is searched.
+#[inline(always)]
 fn span_end(rest: &[u8]) -> Result<usize, JsonError> {
-    walked_span_end::<16>(rest)
+    /// Past this many bytes, a search costs less than its setting up.
+    const SEARCH_FROM: usize = 256;
+    let mut k = 0;
+    if rest.len() >= 8 {
+        let mask = special_bytes(word_at(rest, 0));
+        cost::add(8);
+        if mask != 0 {
+            return plain_up_to(rest, (mask.trailing_zeros() / 8) as usize);
+        }
+        k = 8;
+        while k + 16 <= rest.len() {
+            if k >= SEARCH_FROM {
+                return long_span_end(&rest[k..], true).map(|at| k + at);
+            }
+            cost::add(16);
+            let chunk = &rest[k..k + 16];
+            if chunk.iter().fold(false, |any, &c| any | ends_run(c)) {
+                let low = special_bytes(word_at(chunk, 0));
+                let at = if low != 0 {
+                    low.trailing_zeros() / 8
+                } else {
+                    8 + special_bytes(word_at(chunk, 8)).trailing_zeros() / 8
+                };
+                return plain_up_to(rest, k + at as usize);
+            }
+            k += 16;
+        }
+    }
+    cost::add(rest.len() - k);
+    match rest[k..].iter().position(|&c| ends_run(c)) {
+        Some(at) => plain_up_to(rest, k + at),
+        None => Err(JsonError::Invalid),
+    }
 }
 
-/// [`span_end`], walking the first `SHORT` bytes before it searches.
-#[inline]
-fn walked_span_end<const SHORT: usize>(rest: &[u8]) -> Result<usize, JsonError> {
-    for (k, &c) in rest.iter().take(SHORT).enumerate() {
-        if c == b'"' || c == b'\\' {
-            return Ok(k);
-        }
-        if c < 0x20 {
-            return Err(JsonError::Invalid);
-        }
-    }
-    if rest.len() <= SHORT {
-        return Err(JsonError::Invalid);
-    }
-    let at = SHORT + memchr::memchr2(b'"', b'\\', &rest[SHORT..]).ok_or(JsonError::Invalid)?;
-    if has_control(&rest[SHORT..at]) {
-        return Err(JsonError::Invalid);
-    }
-    Ok(at)
+/// [`span_end`], not inlined: for the run after an escape.
+#[inline(never)]
+fn run_after_escape(rest: &[u8]) -> Result<usize, JsonError> {
+    span_end(rest)
 }
 
-/// [`span_end`] for runs that are usually long (string values): searched at once.
+/// Whether `c` ends a run of plain string bytes: a quote, a backslash, or a control byte
+/// (which is an error). Branch-free, so that folds over it vectorise.
+#[inline(always)]
+fn ends_run(c: u8) -> bool {
+    (c == b'"') | (c == b'\\') | (c < 0x20)
+}
+
+/// `at`, the first byte of `rest` that is not plain string text, if it ends the run (a
+/// quote or a backslash) rather than being a control byte.
 #[inline]
-fn long_span_end(rest: &[u8]) -> Result<usize, JsonError> {
-    let at = memchr::memchr2(b'"', b'\\', rest).ok_or(JsonError::Invalid)?;
-    if has_control(&rest[..at]) {
+fn plain_up_to(rest: &[u8], at: usize) -> Result<usize, JsonError> {
+    if rest[at] < 0x20 {
+        Err(JsonError::Invalid)
+    } else {
+        Ok(at)
+    }
+}
+
+/// How many bytes from `at` on are `c`, counting up to eight (at least one: `b[at]` is `c`).
+#[inline]
+fn run_of(b: &[u8], at: usize, c: u8) -> u32 {
+    cost::add(8);
+    if at + 8 <= b.len() {
+        let other = word_at(b, at) ^ (0x0101_0101_0101_0101 * u64::from(c));
+        other.trailing_zeros() / 8
+    } else {
+        b[at..].iter().take_while(|&&x| x == c).count() as u32
+    }
+}
+
+/// The eight bytes of `b` from `at`, as one little-endian word.
+#[inline]
+fn word_at(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+/// Where the string at the start of `rest` ends, if it is short and plain: its closing
+/// quote within the first 32 bytes, with no escape or control byte before it. Which byte
+/// ends the run is told from the masks, not by reading it again, so the position after the
+/// string is known as soon as the word is looked at.
+#[inline(always)]
+fn plain_short(rest: &[u8]) -> Option<usize> {
+    let mut k = 0;
+    while k < 32 && k + 8 <= rest.len() {
+        let w = word_at(rest, k);
+        cost::add(8);
+        let quote = w ^ (ONES * u64::from(b'"'));
+        let quotes = quote.wrapping_sub(ONES) & !quote & HIGH;
+        let all = special_bytes(w);
+        if all != 0 {
+            let first = all & all.wrapping_neg();
+            return (first & quotes != 0).then(|| k + (first.trailing_zeros() / 8) as usize);
+        }
+        k += 8;
+    }
+    None
+}
+
+/// The high bit of every byte of `w` that is a quote, a backslash or below 0x20, or lies
+/// after one: the lowest bit set marks the first such byte (a borrow only carries upwards
+/// from a byte that matched).
+#[inline]
+fn special_bytes(w: u64) -> u64 {
+    let quote = w ^ (ONES * u64::from(b'"'));
+    let backslash = w ^ (ONES * u64::from(b'\\'));
+    let zero = |v: u64| v.wrapping_sub(ONES) & !v;
+    (zero(quote) | zero(backslash) | (w.wrapping_sub(ONES * 0x20) & !w)) & HIGH
+}
+
+/// [`span_end`] for runs that are usually long (string values): searched at once. Without
+/// `controls` (the body has no byte below 0x20 at all), the run is not checked for them.
+#[inline]
+fn long_span_end(rest: &[u8], controls: bool) -> Result<usize, JsonError> {
+    let found = memchr::memchr2(b'"', b'\\', rest);
+    // The search, then the check for control bytes.
+    cost::add(2 * found.map_or(rest.len(), |at| at + 1));
+    let at = found.ok_or(JsonError::Invalid)?;
+    if controls && has_control(&rest[..at]) {
         return Err(JsonError::Invalid);
     }
     Ok(at)

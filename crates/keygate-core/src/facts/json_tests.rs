@@ -54,8 +54,8 @@ fn ambiguous_shapes_are_errors() {
         (r#"{"model":"a","model":"b"}"#, JsonError::AmbiguousModel),
         (r#"{"model":"a","model":"a"}"#, JsonError::AmbiguousModel),
         (r#"{"Model":"a"}"#, JsonError::AmbiguousModel),
-        (r#"{"model":["a"]}"#, JsonError::BadField("model")),
-        (r#"{"model":null}"#, JsonError::BadField("model")),
+        (r#"{"model":["a"]}"#, JsonError::BadField(JsonField::Model)),
+        (r#"{"model":null}"#, JsonError::BadField(JsonField::Model)),
         (r#"{"stream":true,"stream":false}"#, JsonError::DuplicateKey),
         (r#"{"n":1,"\u006e":1}"#, JsonError::DuplicateKey),
         (
@@ -67,19 +67,31 @@ fn ambiguous_shapes_are_errors() {
             JsonError::DuplicateKey,
         ),
         (r#"["model","a"]"#, JsonError::NotObject),
-        (r#"{"max_tokens":-1}"#, JsonError::BadField("max_tokens")),
-        (r#"{"max_tokens":1.5}"#, JsonError::BadField("max_tokens")),
-        (r#"{"max_tokens":"9"}"#, JsonError::BadField("max_tokens")),
-        (r#"{"n":0}"#, JsonError::BadField("n")),
-        (r#"{"best_of":"2"}"#, JsonError::BadField("best_of")),
-        (r#"{"stream":"yes"}"#, JsonError::BadField("stream")),
+        (
+            r#"{"max_tokens":-1}"#,
+            JsonError::BadField(JsonField::MaxTokens),
+        ),
+        (
+            r#"{"max_tokens":1.5}"#,
+            JsonError::BadField(JsonField::MaxTokens),
+        ),
+        (
+            r#"{"max_tokens":"9"}"#,
+            JsonError::BadField(JsonField::MaxTokens),
+        ),
+        (r#"{"n":0}"#, JsonError::BadField(JsonField::N)),
+        (r#"{"best_of":"2"}"#, JsonError::BadField(JsonField::BestOf)),
+        (
+            r#"{"stream":"yes"}"#,
+            JsonError::BadField(JsonField::Stream),
+        ),
         (
             r#"{"stream_options":[]}"#,
-            JsonError::BadField("stream_options"),
+            JsonError::BadField(JsonField::StreamOptions),
         ),
         (
             r#"{"stream_options":{"include_usage":1}}"#,
-            JsonError::BadField("stream_options.include_usage"),
+            JsonError::BadField(JsonField::IncludeUsage),
         ),
     ] {
         assert_eq!(scan_json(body.as_bytes()).map(|_| ()), Err(want), "{body}");
@@ -325,14 +337,16 @@ fn expected(v: &Value) -> Result<(Option<String>, Option<u64>, bool), JsonError>
     let model = match obj.get("model") {
         None => None,
         Some(Value::String(s)) => Some(s.clone()),
-        Some(_) => return Err(JsonError::BadField("model")),
+        Some(_) => return Err(JsonError::BadField(JsonField::Model)),
     };
     let mut max = None;
     for k in ["max_tokens", "max_completion_tokens", "max_output_tokens"] {
         match obj.get(k) {
             None | Some(Value::Null) => {}
             Some(v) => {
-                let n = v.as_u64().ok_or(JsonError::BadField("max_tokens"))?;
+                let n = v
+                    .as_u64()
+                    .ok_or(JsonError::BadField(JsonField::MaxTokens))?;
                 max = Some(max.map_or(n, |m: u64| m.max(n)));
             }
         }
@@ -341,21 +355,27 @@ fn expected(v: &Value) -> Result<(Option<String>, Option<u64>, bool), JsonError>
         match obj.get(k) {
             None | Some(Value::Null) => {}
             Some(v) if v.as_u64().is_some_and(|n| n >= 1) => {}
-            Some(_) => return Err(JsonError::BadField(if k == "n" { "n" } else { "best_of" })),
+            Some(_) => {
+                return Err(JsonError::BadField(if k == "n" {
+                    JsonField::N
+                } else {
+                    JsonField::BestOf
+                }));
+            }
         }
     }
     let stream = match obj.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(_) => return Err(JsonError::BadField("stream")),
+        Some(_) => return Err(JsonError::BadField(JsonField::Stream)),
     };
     match obj.get("stream_options") {
         None | Some(Value::Null) => {}
         Some(Value::Object(o)) => match o.get("include_usage") {
             None | Some(Value::Null | Value::Bool(_)) => {}
-            Some(_) => return Err(JsonError::BadField("stream_options.include_usage")),
+            Some(_) => return Err(JsonError::BadField(JsonField::IncludeUsage)),
         },
-        Some(_) => return Err(JsonError::BadField("stream_options")),
+        Some(_) => return Err(JsonError::BadField(JsonField::StreamOptions)),
     }
     Ok((model, max, stream))
 }
@@ -504,4 +524,74 @@ fn every_ref_key_decodes_from_its_escaped_spelling() {
             "{key}"
         );
     }
+}
+
+/// What the scanner looked at for `body` ([`cost`]).
+fn cost_of(body: &[u8], text: bool) -> u64 {
+    cost::take();
+    let _ = if text {
+        scan_json_text(body)
+    } else {
+        scan_json(body)
+    };
+    cost::take()
+}
+
+/// A piece of a body repeated to make it long: a value of any kind (keys escaped or not,
+/// strings with escapes), or one of the shapes that cost most per byte.
+fn unit() -> impl Strategy<Value = String> {
+    prop_oneof![
+        json_value().prop_map(|v| v.to_string()),
+        (1usize..127).prop_map(|d| format!("{}{}", "[".repeat(d), "]".repeat(d))),
+        (1usize..60).prop_map(|d| format!("{}1{}", r#"{"a":["#.repeat(d), "]}".repeat(d))),
+        "[a-z]{0,8}".prop_map(|k| format!(r#"{{"{k}":1}}"#)),
+        r#"(\\u00[0-7][0-9a-f]|\\[nrt"\\/]|\\ud83d\\ude00|[a-z\u{e9}])*"#
+            .prop_map(|s| format!("\"{s}\"")),
+        r#"(\\u00[0-7][0-9a-f]|[a-z]){1,8}"#.prop_map(|k| format!(r#"{{"{k}":1}}"#)),
+    ]
+}
+
+/// `count` copies of `unit`: as the elements of a nested array, and as the values of as
+/// many top-level keys (the object the fields are read from).
+fn repeated(unit: &str, count: usize) -> [Vec<u8>; 2] {
+    let items = vec![unit; count].join(",");
+    let members: Vec<String> = (0..count).map(|i| format!(r#""k{i}":{unit}"#)).collect();
+    [
+        format!(r#"{{"model":"m","x":[{items}]}}"#).into_bytes(),
+        format!(r#"{{"model":"m",{}}}"#, members.join(",")).into_bytes(),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    /// The scanner's cost is linear in the body: what it looks at is a few times the bytes,
+    /// whatever the shape, and four times the body costs no more per byte (a pass that went
+    /// back over what it had read, or compared every key with every other, fails).
+    #[test]
+    fn cost_is_linear_in_the_body(unit in unit(), count in 1usize..120, text in any::<bool>()) {
+        for (small, large) in repeated(&unit, count).into_iter().zip(repeated(&unit, 4 * count)) {
+            let (c1, c4) = (cost_of(&small, text), cost_of(&large, text));
+            prop_assert!(c1 <= 8 * small.len() as u64 + 64, "{c1} for {} bytes", small.len());
+            prop_assert!(c4 <= 8 * large.len() as u64 + 64, "{c4} for {} bytes", large.len());
+            // Per byte (the keys of the larger body are a digit or two longer).
+            let per_byte = |cost: u64, body: &[u8]| cost as f64 / body.len() as f64;
+            prop_assert!(
+                per_byte(c4, &large) <= 1.25 * per_byte(c1, &small),
+                "{c1} for {} bytes, then {c4} for {}", small.len(), large.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn the_cost_of_a_body_is_counted() {
+    // The counter the linear-cost property relies on sees every byte of a long string and
+    // every key of many.
+    let short = cost_of(br#"{"model":"m","x":"abc"}"#, false);
+    let long = format!(r#"{{"model":"m","x":"{}"}}"#, "a".repeat(10_000));
+    let long = cost_of(long.as_bytes(), false);
+    assert!(long >= short + 10_000, "{short} then {long}");
+    let [_, keys] = repeated("1", 1000);
+    assert!(cost_of(&keys, false) >= keys.len() as u64);
 }

@@ -10,8 +10,8 @@ mod json;
 use std::sync::Arc;
 
 pub use json::{
-    JsonEdit, JsonError, JsonFields, MAX_DEPTH, MAX_REFS, REF_KEYS, edit_json, scan_json,
-    scan_json_text,
+    JsonEdit, JsonError, JsonField, JsonFields, MAX_DEPTH, MAX_REFS, REF_KEYS, edit_json,
+    scan_json, scan_json_text,
 };
 use serde::{Deserialize, Serialize};
 
