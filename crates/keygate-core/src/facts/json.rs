@@ -1078,7 +1078,7 @@ impl<'a> Scanner<'a> {
         out.extend_from_slice(&rest[..at]);
         self.i += at;
         loop {
-            self.escape(Some(&mut out))?;
+            self.escape(&mut out)?;
             let rest = &b[self.i..];
             let at = span_end(rest)?;
             out.extend_from_slice(&rest[..at]);
@@ -1090,14 +1090,8 @@ impl<'a> Scanner<'a> {
         }
     }
 
-    fn hex4(&mut self) -> Result<u16, JsonError> {
-        let v = hex4_at(self.b, self.i)?;
-        self.i += 4;
-        Ok(v)
-    }
-
-    /// One escape at `self.i` (a backslash), validated as [`escape`](Self::escape)
-    /// validates it, not decoded.
+    /// One escape at `self.i` (a backslash), validated as JSON has them (a high surrogate
+    /// only with a low one after it), not decoded.
     #[inline(always)]
     fn skip_escape(&mut self) -> Result<(), JsonError> {
         let c = self.b.get(self.i + 1).copied().unwrap_or(0);
@@ -1133,46 +1127,32 @@ impl<'a> Scanner<'a> {
         Ok(())
     }
 
-    /// One escape at `self.i` (a backslash); its decoding appended to `out` if given.
-    fn escape(&mut self, out: Option<&mut Vec<u8>>) -> Result<(), JsonError> {
-        cost::add(2);
-        let c = *self.b.get(self.i + 1).ok_or(JsonError::Invalid)?;
-        self.i += 2;
-        let ch: char = match c {
-            b'"' => '"',
-            b'\\' => '\\',
-            b'/' => '/',
+    /// One escape at `self.i` (a backslash), validated as [`skip_escape`](Self::skip_escape)
+    /// validates it, and its decoding appended to `out`.
+    fn escape(&mut self, out: &mut Vec<u8>) -> Result<(), JsonError> {
+        let at = self.i;
+        self.skip_escape()?;
+        let ch = match self.b[at + 1] {
+            b'u' => {
+                let hi = u32::from(hex4_at(self.b, at + 2)?);
+                // Twelve bytes: a surrogate pair, checked by `skip_escape`.
+                let code = if self.i - at == 12 {
+                    let lo = u32::from(hex4_at(self.b, at + 8)?);
+                    0x10000 + ((hi - 0xD800) << 10) + (lo - 0xDC00)
+                } else {
+                    hi
+                };
+                char::from_u32(code).ok_or(JsonError::Invalid)?
+            }
             b'b' => '\u{8}',
             b'f' => '\u{c}',
             b'n' => '\n',
             b'r' => '\r',
             b't' => '\t',
-            b'u' => {
-                let hi = self.hex4()?;
-                let code = if (0xD800..0xDC00).contains(&hi) {
-                    // A surrogate pair must follow.
-                    if self.b.get(self.i..self.i + 2) != Some(b"\\u") {
-                        return Err(JsonError::Invalid);
-                    }
-                    self.i += 2;
-                    let lo = self.hex4()?;
-                    if !(0xDC00..0xE000).contains(&lo) {
-                        return Err(JsonError::Invalid);
-                    }
-                    0x10000 + ((u32::from(hi) - 0xD800) << 10) + (u32::from(lo) - 0xDC00)
-                } else if (0xDC00..0xE000).contains(&hi) {
-                    return Err(JsonError::Invalid);
-                } else {
-                    u32::from(hi)
-                };
-                char::from_u32(code).ok_or(JsonError::Invalid)?
-            }
-            _ => return Err(JsonError::Invalid),
+            // `"`, `\\` and `/` stand for themselves.
+            c => char::from(c),
         };
-        if let Some(out) = out {
-            let mut buf = [0u8; 4];
-            out.extend_from_slice(ch.encode_utf8(&mut buf).as_bytes());
-        }
+        out.extend_from_slice(ch.encode_utf8(&mut [0u8; 4]).as_bytes());
         Ok(())
     }
 }
