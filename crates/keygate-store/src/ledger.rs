@@ -1,5 +1,6 @@
 //! [`LedgerBackend`]: token and budget counters in memory, with a durable SQLite spend ledger.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -203,13 +204,19 @@ struct Queue {
     /// The writer thread has been told of settlements and releases waiting (it commits them
     /// within [`END_DELAY`] unless a reservation's commit takes them first).
     timing: bool,
+    /// When each reservation not yet ended was made, by id: a settlement's rate charges
+    /// count from then (so its write needs no lookup of the row).
+    open: HashMap<u64, u64>,
 }
 
 #[derive(Debug)]
 struct Writer {
     db: Db,
     next_prune: u64,
-    /// Tells the checkpointer of each commit.
+    /// Commits since the checkpointer was last told.
+    uncounted: usize,
+    /// Tells the checkpointer of every [`CHECKPOINT_EVERY`] commits (a wake-up of its
+    /// thread each time, so not at every commit).
     commits: mpsc::SyncSender<()>,
 }
 
@@ -238,6 +245,8 @@ enum Op {
     /// Settled at these amounts (one per charge), or released (`None`).
     End {
         id: u64,
+        /// When the reservation was made (filled in as it is queued).
+        reserved_at: u64,
         at: u64,
         charges: Vec<Reserved>,
         actual: Option<Vec<u64>>,
@@ -283,11 +292,24 @@ impl Core {
 
     /// Queues `op`; `true` when the caller is to lead the next commit (an urgent operation
     /// and no commit under way).
-    fn enqueue(&self, op: Op) -> Result<bool, BackendError> {
+    fn enqueue(&self, mut op: Op) -> Result<bool, BackendError> {
         let urgent = op.urgent();
         let mut q = lock(&self.queue);
         if q.closed {
             return Err(stopped());
+        }
+        match &mut op {
+            Op::Reserve { id, at, .. } => {
+                q.open.insert(*id, *at);
+            }
+            Op::End {
+                id, reserved_at, ..
+            } => match q.open.remove(id) {
+                Some(at) => *reserved_at = at,
+                // Ended already: a replay has no second effect.
+                None => return Ok(false),
+            },
+            Op::Flush(_) | Op::Reset { .. } => {}
         }
         q.ops.push(op);
         Ok(if q.leading {
@@ -355,19 +377,33 @@ impl Core {
         let Writer {
             db,
             next_prune,
+            uncounted,
             commits,
         } = &mut *w;
-        let result = write(db.conn_mut(), &batch, next_prune).map_err(|e| {
+        let result = write(db.conn(), &batch, next_prune).map_err(|e| {
             tracing::error!(error = %e, operations = batch.len(), "spend ledger write failed");
             BackendError(format!("spend ledger write failed: {e}").into())
         });
         if result.is_ok() {
             #[cfg(test)]
             self.hooks.commits.fetch_add(1, Ordering::Relaxed);
-            // Full: the checkpointer is behind and will catch up anyway.
-            let _ = commits.try_send(());
+            *uncounted += 1;
+            if *uncounted >= CHECKPOINT_EVERY {
+                *uncounted = 0;
+                // Full: the checkpointer is behind and will catch up anyway.
+                let _ = commits.try_send(());
+            }
         }
         drop(w);
+        if result.is_err() {
+            // Refused reservations: nothing of theirs is in the ledger to end.
+            let mut q = lock(&self.queue);
+            for op in &batch {
+                if let Op::Reserve { id, .. } = op {
+                    q.open.remove(id);
+                }
+            }
+        }
         let mut resets = result.as_ref().map(|r| r.iter().copied()).ok();
         for op in batch {
             match op {
@@ -507,7 +543,8 @@ impl LedgerBackend {
         let checkpoints = Db::open(path.as_ref())?;
         let memory = MemoryBackend::new();
         let last_id = restore(db.conn_mut(), &memory, now)?;
-        let (commits, committed) = mpsc::sync_channel(CHECKPOINT_EVERY);
+        // One message per CHECKPOINT_EVERY commits; one queued is enough to catch up.
+        let (commits, committed) = mpsc::sync_channel(1);
         let restart = Arc::new(AtomicBool::new(false));
         let core = Arc::new(Core {
             queue: Mutex::new(Queue::default()),
@@ -515,6 +552,7 @@ impl LedgerBackend {
             db: Mutex::new(Writer {
                 db,
                 next_prune: 0,
+                uncounted: 0,
                 commits,
             }),
             restart: restart.clone(),
@@ -663,6 +701,7 @@ impl LedgerBackend {
         let amounts = actual.map(|a| charges.iter().map(|c| a.amount(c.unit)).collect());
         let op = Op::End {
             id,
+            reserved_at: 0,
             at: now.as_unix_nanos(),
             charges,
             actual: amounts,
@@ -1002,7 +1041,7 @@ impl<'a> Totals<'a> {
     }
 
     /// Adds every total to its row.
-    fn write(self, tx: &rusqlite::Transaction<'_>) -> Result<(), rusqlite::Error> {
+    fn write(self, tx: &Connection) -> Result<(), rusqlite::Error> {
         if self.rows.is_empty() {
             return Ok(());
         }
@@ -1194,7 +1233,7 @@ fn restore(conn: &mut Connection, memory: &MemoryBackend, now: Timestamp) -> Res
 }
 
 /// Deletes the rate buckets that no longer count at `at`.
-fn prune(tx: &rusqlite::Transaction<'_>, at: i64) -> Result<usize, rusqlite::Error> {
+fn prune(tx: &Connection, at: i64) -> Result<usize, rusqlite::Error> {
     tx.prepare_cached("DELETE FROM spend_totals WHERE window_kind = 'rate' AND window_end <= ?1")?
         .execute([at])
 }
@@ -1208,9 +1247,10 @@ fn checkpoint(db: &Db) -> Result<(i64, i64), rusqlite::Error> {
         })
 }
 
-/// Copies the log into the database every [`CHECKPOINT_EVERY`] commits, and once more at
-/// the end. Passive: it never waits for (nor blocks) the writer or a reader. Once a log of
-/// [`RESTART_PAGES`] is all copied, asks the writer for the rest (see there).
+/// Copies the log into the database each time the writer has made [`CHECKPOINT_EVERY`]
+/// commits (one message each time), and once more at the end. Passive: it never waits for
+/// (nor blocks) the writer or a reader. Once a log of [`RESTART_PAGES`] is all copied, asks
+/// the writer for the rest (see there).
 fn checkpoint_loop(db: &Db, committed: &mpsc::Receiver<()>, restart: &AtomicBool) {
     let run = || {
         let result = checkpoint(db);
@@ -1219,17 +1259,12 @@ fn checkpoint_loop(db: &Db, committed: &mpsc::Receiver<()>, restart: &AtomicBool
         }
         result
     };
-    let mut since = 0;
     while committed.recv().is_ok() {
-        since += 1;
-        if since >= CHECKPOINT_EVERY {
-            if let Ok((log, copied)) = run()
-                && log >= RESTART_PAGES
-                && copied == log
-            {
-                restart.store(true, Ordering::Relaxed);
-            }
-            since = 0;
+        if let Ok((log, copied)) = run()
+            && log >= RESTART_PAGES
+            && copied == log
+        {
+            restart.store(true, Ordering::Relaxed);
         }
     }
     let _ = run();
@@ -1239,15 +1274,34 @@ fn checkpoint_loop(db: &Db, committed: &mpsc::Receiver<()>, restart: &AtomicBool
 /// are deleted.
 const PRUNE_EVERY: u64 = 10_000_000_000;
 
-/// Writes `batch` in one transaction. Each write has an effect only the first time. Once
-/// the operations' time has passed `next_prune`, also deletes the rate buckets that ended.
-/// Writes `batch` in one transaction; the amounts its resets took off, in order.
+/// Writes `batch` in one transaction; the amounts its resets took off, in order. Each write
+/// has an effect only the first time. Once the operations' time has passed `next_prune`,
+/// also deletes the rate buckets that ended.
 fn write(
-    conn: &mut Connection,
+    conn: &Connection,
     batch: &[Op],
     next_prune: &mut u64,
 ) -> Result<Vec<u64>, rusqlite::Error> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    // The transaction's own statements cached too (`Connection::transaction` prepares its
+    // BEGIN and COMMIT at every commit).
+    conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    let written = write_in(conn, batch, next_prune)
+        .and_then(|resets| conn.prepare_cached("COMMIT")?.execute([]).map(|_| resets));
+    if written.is_err() && !conn.is_autocommit() {
+        // Nothing of the batch stays: its waiters are told it failed.
+        if let Err(e) = conn.execute_batch("ROLLBACK") {
+            tracing::error!(error = %e, "spend ledger rollback failed");
+        }
+    }
+    written
+}
+
+/// The statements of [`write`], inside its transaction.
+fn write_in(
+    tx: &Connection,
+    batch: &[Op],
+    next_prune: &mut u64,
+) -> Result<Vec<u64>, rusqlite::Error> {
     let mut latest = 0;
     let mut totals = Totals::default();
     let mut resets = Vec::new();
@@ -1265,6 +1319,7 @@ fn write(
             }
             Op::End {
                 id,
+                reserved_at,
                 at,
                 charges,
                 actual,
@@ -1274,24 +1329,28 @@ fn write(
                     Some(amounts) => (1, serde_json::to_string(amounts)),
                     None => (2, serde_json::to_string(&vec![0_u64; charges.len()])),
                 };
-                // The reservation's time: a rate charge counts from when it was made.
-                let reserved_at: Option<i64> = tx
+                // Only an open row changes: a replay, or a reservation never written (its
+                // commit failed), changes nothing. (Not `UPDATE ... RETURNING at`: that
+                // builds and drops a temporary b-tree at every execution; the reservation's
+                // time comes with the operation.)
+                let ended = tx
                     .prepare_cached(
                         "UPDATE spend_reservations SET state = ?2, ended_at = ?3, actual = ?4 \
-                         WHERE id = ?1 AND state = 0 RETURNING at",
+                         WHERE id = ?1 AND state = 0",
                     )?
-                    .query_row(
-                        params![
-                            sql_int(*id),
-                            state,
-                            sql_int(*at),
-                            recorded.unwrap_or_default()
-                        ],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                let (Some(reserved_at), Some(amounts)) = (reserved_at, actual) else {
-                    // Already ended (a replay), or released: nothing to add.
+                    .execute(params![
+                        sql_int(*id),
+                        state,
+                        sql_int(*at),
+                        recorded.unwrap_or_default()
+                    ])?;
+                if ended == 0 {
+                    continue;
+                }
+                // A rate charge counts from when it was reserved.
+                let reserved_at = sql_int(*reserved_at);
+                let Some(amounts) = actual else {
+                    // Released: nothing to add.
                     continue;
                 };
                 for (c, &amount) in charges.iter().zip(amounts) {
@@ -1302,7 +1361,7 @@ fn write(
             }
             Op::Reset { counter, start, .. } => {
                 // What settled before it in this batch counts before the reset.
-                std::mem::take(&mut totals).write(&tx)?;
+                std::mem::take(&mut totals).write(tx)?;
                 let settled: Option<i64> = tx
                     .prepare_cached(
                         "SELECT settled FROM spend_totals WHERE counter = ?1 \
@@ -1320,12 +1379,11 @@ fn write(
             Op::Flush(_) => {}
         }
     }
-    totals.write(&tx)?;
+    totals.write(tx)?;
     if latest >= *next_prune {
-        prune(&tx, sql_int(latest))?;
+        prune(tx, sql_int(latest))?;
         *next_prune = latest.saturating_add(PRUNE_EVERY);
     }
-    tx.commit()?;
     Ok(resets)
 }
 

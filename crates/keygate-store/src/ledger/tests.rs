@@ -522,6 +522,36 @@ fn a_failing_database_fails_reservations_closed_and_gives_the_memory_back() {
     assert!(e.0.contains("spend ledger write failed"), "{e}");
     assert_eq!(used(&b, &budget(1000, 0), t(5)), 0);
     assert!(rt.block_on(b.flush()).is_ok());
+    // Nothing of it is left to end.
+    assert!(lock(&b.shared.core.queue).open.is_empty());
+}
+
+#[test]
+fn an_ended_reservation_is_forgotten_and_ending_it_again_writes_nothing() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    let r = rt
+        .block_on(b.reserve(vec![budget(1000, 400)], t(5)))
+        .unwrap();
+    assert_eq!(lock(&b.shared.core.queue).open.len(), 1);
+    let again = r.clone();
+    rt.block_on(b.settle(r, cost(150), t(6))).unwrap();
+    assert!(lock(&b.shared.core.queue).open.is_empty());
+    // A replay is dropped before it is queued; the settled amount stands.
+    rt.block_on(b.hold());
+    b.end(again, Some(cost(400)), t(7));
+    assert!(lock(&b.shared.core.queue).ops.is_empty());
+    b.resume();
+    drop(b);
+    assert_eq!(
+        Db::open(&path)
+            .unwrap()
+            .ledger_usage("budget:key_a", t(0))
+            .unwrap()
+            .settled,
+        150
+    );
 }
 
 #[test]
@@ -554,7 +584,7 @@ fn a_reservation_without_charges_is_not_tracked() {
 #[test]
 fn writing_an_operation_twice_has_no_second_effect() {
     let (_dir, path) = temp();
-    let mut db = Db::open(&path).unwrap();
+    let db = Db::open(&path).unwrap();
     let reserved = MemoryBackend::new()
         .reserve_now(vec![budget(1000, 400)], t(5))
         .unwrap()
@@ -571,24 +601,21 @@ fn writing_an_operation_twice_has_no_second_effect() {
     };
     let settle = |actual: u64| Op::End {
         id: 7,
+        reserved_at: 1,
         at: 2,
         charges: reserved.clone(),
         actual: Some(vec![actual]),
     };
     let release = Op::End {
         id: 7,
+        reserved_at: 1,
         at: 3,
         charges: reserved.clone(),
         actual: None,
     };
     let mut prune = 0;
-    write(db.conn_mut(), &[reserve(400), settle(150)], &mut prune).unwrap();
-    write(
-        db.conn_mut(),
-        &[reserve(999), settle(300), release],
-        &mut prune,
-    )
-    .unwrap();
+    write(db.conn(), &[reserve(400), settle(150)], &mut prune).unwrap();
+    write(db.conn(), &[reserve(999), settle(300), release], &mut prune).unwrap();
     assert_eq!(state(&path, 7).as_deref(), Some("settled"));
     assert_eq!(
         db.ledger_usage("budget:key_a", t(0)).unwrap(),
