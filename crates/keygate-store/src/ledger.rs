@@ -1305,17 +1305,24 @@ fn write_in(
     let mut latest = 0;
     let mut totals = Totals::default();
     let mut resets = Vec::new();
+    // Each statement taken from the cache once per batch, not once per operation (a
+    // lookup hashes the statement's text).
+    let mut insert = None;
+    let mut update = None;
     for op in batch {
         match op {
             Op::Reserve {
                 id, at, charges, ..
             } => {
                 latest = latest.max(*at);
-                tx.prepare_cached(
-                    "INSERT INTO spend_reservations (id, at, state, charges) \
-                     VALUES (?1, ?2, 0, ?3) ON CONFLICT (id) DO NOTHING",
-                )?
-                .execute(params![sql_int(*id), sql_int(*at), charges])?;
+                let insert = match &mut insert {
+                    Some(statement) => statement,
+                    None => insert.insert(tx.prepare_cached(
+                        "INSERT INTO spend_reservations (id, at, state, charges) \
+                         VALUES (?1, ?2, 0, ?3) ON CONFLICT (id) DO NOTHING",
+                    )?),
+                };
+                insert.execute(params![sql_int(*id), sql_int(*at), charges])?;
             }
             Op::End {
                 id,
@@ -1333,17 +1340,19 @@ fn write_in(
                 // commit failed), changes nothing. (Not `UPDATE ... RETURNING at`: that
                 // builds and drops a temporary b-tree at every execution; the reservation's
                 // time comes with the operation.)
-                let ended = tx
-                    .prepare_cached(
+                let update = match &mut update {
+                    Some(statement) => statement,
+                    None => update.insert(tx.prepare_cached(
                         "UPDATE spend_reservations SET state = ?2, ended_at = ?3, actual = ?4 \
                          WHERE id = ?1 AND state = 0",
-                    )?
-                    .execute(params![
-                        sql_int(*id),
-                        state,
-                        sql_int(*at),
-                        recorded.unwrap_or_default()
-                    ])?;
+                    )?),
+                };
+                let ended = update.execute(params![
+                    sql_int(*id),
+                    state,
+                    sql_int(*at),
+                    recorded.unwrap_or_default()
+                ])?;
                 if ended == 0 {
                     continue;
                 }
