@@ -73,6 +73,15 @@ fn state_name(state: i64) -> String {
     .into()
 }
 
+/// What the ledger at `path` holds for the budget of `budget()` charges, read by another
+/// connection.
+fn key_a_usage(path: &Path) -> LedgerUsage {
+    Db::open(path)
+        .unwrap()
+        .ledger_usage("budget:key_a", t(0))
+        .unwrap()
+}
+
 fn state(path: &Path, id: u64) -> Option<String> {
     raw(path)
         .query_row(
@@ -211,10 +220,7 @@ fn settled_spend_survives_a_restart_and_the_remainder_is_exact() {
 
     let b = LedgerBackend::open_at(&path, t(7)).unwrap();
     assert_eq!(used(&b, &budget(1000, 0), t(7)), 150);
-    let usage = Db::open(&path)
-        .unwrap()
-        .ledger_usage("budget:key_a", t(0))
-        .unwrap();
+    let usage = key_a_usage(&path);
     assert_eq!(
         usage,
         LedgerUsage {
@@ -275,10 +281,7 @@ fn a_reset_forgets_what_was_settled_durably_and_keeps_what_is_in_flight() {
     // Durable: a restart rebuilds the counter without what the reset took.
     let b = LedgerBackend::open_at(&path, t(9)).unwrap();
     assert_eq!(used(&b, &budget(1000, 0), t(9)), 120);
-    let usage = Db::open(&path)
-        .unwrap()
-        .ledger_usage("budget:key_a", t(0))
-        .unwrap();
+    let usage = key_a_usage(&path);
     assert_eq!(usage.settled, 120);
     rt.block_on(b.reserve(vec![budget(1000, 880)], t(9)))
         .unwrap();
@@ -365,10 +368,7 @@ fn a_reservation_left_open_by_a_crash_counts_at_its_reserved_amount() {
     b.crash();
     drop(b);
     assert_eq!(
-        Db::open(&path)
-            .unwrap()
-            .ledger_usage("budget:key_a", t(0))
-            .unwrap(),
+        key_a_usage(&path),
         LedgerUsage {
             settled: 0,
             open_reserved: 400
@@ -378,14 +378,7 @@ fn a_reservation_left_open_by_a_crash_counts_at_its_reserved_amount() {
     let b = LedgerBackend::open_at(&path, t(7)).unwrap();
     assert_eq!(used(&b, &budget(1000, 0), t(7)), 400);
     assert_eq!(state(&path, id).as_deref(), Some("settled"));
-    assert_eq!(
-        Db::open(&path)
-            .unwrap()
-            .ledger_usage("budget:key_a", t(0))
-            .unwrap()
-            .settled,
-        400
-    );
+    assert_eq!(key_a_usage(&path).settled, 400);
 }
 
 #[test]
@@ -497,10 +490,7 @@ fn a_budget_period_that_ended_is_not_restored() {
     let b = LedgerBackend::open_at(&path, t(DAY)).unwrap();
     assert!(b.memory().is_empty());
     // History is kept.
-    let usage = Db::open(&path)
-        .unwrap()
-        .ledger_usage("budget:key_a", t(0))
-        .unwrap();
+    let usage = key_a_usage(&path);
     assert_eq!(usage.settled, 400);
 }
 
@@ -544,14 +534,7 @@ fn an_ended_reservation_is_forgotten_and_ending_it_again_writes_nothing() {
     assert!(lock(&b.shared.core.queue).ops.is_empty());
     b.resume();
     drop(b);
-    assert_eq!(
-        Db::open(&path)
-            .unwrap()
-            .ledger_usage("budget:key_a", t(0))
-            .unwrap()
-            .settled,
-        150
-    );
+    assert_eq!(key_a_usage(&path).settled, 150);
 }
 
 #[test]
@@ -675,10 +658,7 @@ fn a_version_3_ledger_is_carried_over_with_its_spend() {
     drop(conn);
 
     assert_eq!(
-        Db::open(&path)
-            .unwrap()
-            .ledger_usage("budget:key_a", t(0))
-            .unwrap(),
+        key_a_usage(&path),
         LedgerUsage {
             settled: 150,
             open_reserved: 400
