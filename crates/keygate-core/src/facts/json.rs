@@ -183,6 +183,33 @@ fn plain_key(raw: &[u8], out: &mut [u8; LONGEST_REF]) -> Option<usize> {
     Some(n)
 }
 
+/// The first letters of the names in [`REF_KEYS`].
+const REF_FIRST: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut k = 0;
+    while k < REF_KEYS.len() {
+        t[REF_KEYS[k].as_bytes()[0] as usize] = true;
+        k += 1;
+    }
+    t
+};
+
+/// Whether `raw`, a key as written (its escapes validated), can be a name in [`REF_KEYS`],
+/// by its first character alone (decoded when written `\u00XX`): most keys are ruled out
+/// before anything is decoded.
+#[inline(always)]
+fn may_name_objects(raw: &[u8]) -> bool {
+    let first = match *raw {
+        [b'\\', b'u', b'0', b'0', hi, lo, ..] => match (nibble(hi), nibble(lo)) {
+            (Some(hi), Some(lo)) => hi << 4 | lo,
+            _ => return false,
+        },
+        [b'\\', ..] | [] => return false,
+        [c, ..] => c,
+    };
+    REF_FIRST[usize::from(first)]
+}
+
 /// The value of a hexadecimal digit.
 #[inline]
 fn nibble(d: u8) -> Option<u8> {
@@ -450,6 +477,54 @@ enum Field {
     Other,
 }
 
+/// The names of the top-level fields read (those [`field`] tells apart).
+const READ_FIELDS: [&str; 13] = [
+    "model",
+    "max_tokens",
+    "max_completion_tokens",
+    "max_output_tokens",
+    "n",
+    "best_of",
+    "stream",
+    "stream_options",
+    "purpose",
+    "size",
+    "quality",
+    "metadata",
+    "store",
+];
+
+/// For each first byte, the lengths (bit `len`) of the top-level keys starting with it that
+/// can matter: a field read, a key naming objects, or `model` in any case (refused unless
+/// written as `model`). Any other key is told to be none of them by one lookup, without
+/// being compared with a name.
+const MATTERS: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut k = 0;
+    while k < READ_FIELDS.len() + REF_KEYS.len() {
+        let name = if k < READ_FIELDS.len() {
+            READ_FIELDS[k].as_bytes()
+        } else {
+            REF_KEYS[k - READ_FIELDS.len()].as_bytes()
+        };
+        t[name[0] as usize] |= 1 << name.len();
+        k += 1;
+    }
+    // `Model`, `MODEL`, … (the other letters' case does not change the first byte).
+    t[b'M' as usize] |= 1 << 5;
+    t
+};
+
+/// Whether `key` (decoded) can be a field read, a key naming objects, or `model` in another
+/// case; when not, it is [`Field::Other`] and needs no comparison with a name.
+#[inline(always)]
+fn may_matter(key: &[u8]) -> bool {
+    match key.first() {
+        Some(&c) => key.len() < 32 && MATTERS[usize::from(c)] >> key.len() & 1 == 1,
+        None => false,
+    }
+}
+
 fn field(key: &[u8]) -> Field {
     match key {
         b"model" => Field::Model,
@@ -541,7 +616,7 @@ impl<'a> Scanner<'a> {
                 return Err(JsonError::Invalid);
             }
             // `None`: too long to be a field read (validated, not decoded).
-            let key = self.top_key()?;
+            let key = self.top_key()?.filter(|key| may_matter(key));
             let which = key.as_deref().map_or(Field::Other, field);
             if let Some(key) = key {
                 if key.eq_ignore_ascii_case(b"model") && (which != Field::Model || model_seen) {
@@ -592,9 +667,48 @@ impl<'a> Scanner<'a> {
                 }
                 Field::Purpose | Field::Size | Field::Quality | Field::Other => self.value(1)?,
             }
+            self.other_members()?;
             if !self.more(b'}')? {
                 self.f.edits.close = self.i - 1;
                 return Ok(());
+            }
+        }
+    }
+
+    /// After a top-level member: the members after it that are written compactly
+    /// (`,"key":value`), with a short plain key naming no field read and a number or a
+    /// string as value, taken in one tight loop, so that a body of many keys costs what its
+    /// bytes cost rather than a round of the general loop per member. Stops at the comma of
+    /// the first member unlike that, which the loop in [`top`](Self::top) reads.
+    #[inline(always)]
+    fn other_members(&mut self) -> Result<(), JsonError> {
+        let b = self.b;
+        loop {
+            let i = self.i;
+            if b.get(i) != Some(&b',') || b.get(i + 1) != Some(&b'"') {
+                return Ok(());
+            }
+            let Some(at) = plain_short(&b[i + 2..]) else {
+                return Ok(());
+            };
+            if may_matter(&b[i + 2..i + 2 + at]) {
+                return Ok(());
+            }
+            let value = i + 2 + at + 2;
+            if b.get(value - 1) != Some(&b':') {
+                return Ok(());
+            }
+            match b.get(value) {
+                Some(b'-' | b'0'..=b'9') => {
+                    self.i = value;
+                    self.f.numbers += 1;
+                    self.number()?;
+                }
+                Some(b'"') => {
+                    self.i = value;
+                    self.text_string()?;
+                }
+                _ => return Ok(()),
             }
         }
     }
@@ -765,7 +879,16 @@ impl<'a> Scanner<'a> {
                     Some(b',') => {
                         self.i += 1;
                         self.ws();
-                        if object && self.member(depth + open)? {
+                        if !object {
+                            break;
+                        }
+                        if self.member(depth + open)? {
+                            continue;
+                        }
+                        // A member's scalar value is read here, and what follows it next:
+                        // a body of many members costs no round of the outer loop each.
+                        if !matches!(self.peek(), Some(b'{' | b'[')) {
+                            self.scalar()?;
                             continue;
                         }
                         break;
@@ -815,9 +938,12 @@ impl<'a> Scanner<'a> {
 
     /// Whether the key at `key` (a nested object's, skipped) names objects ([`REF_KEYS`]);
     /// an escaped one is decoded to tell, without allocating.
-    #[inline]
+    #[inline(always)]
     fn ref_name(&self, key: Range<usize>) -> Option<&'static str> {
         let raw = &self.b[key];
+        if !may_name_objects(raw) {
+            return None;
+        }
         if !self.escaped {
             return ref_key(raw);
         }
@@ -1003,15 +1129,18 @@ impl<'a> Scanner<'a> {
         self.i += 1;
         let start = self.i;
         let rest = &self.b[self.i..];
-        if !LONG && let Some(at) = plain_short(rest) {
-            self.i += at + 1;
-            self.escaped = false;
-            return Ok(at);
-        }
         self.i += if LONG {
             long_span_end(rest, self.controls)?
         } else {
-            span_end(rest)?
+            match short_run(rest) {
+                Run::Quote(at) => {
+                    self.i += at + 1;
+                    self.escaped = false;
+                    return Ok(at);
+                }
+                Run::Special(at) => plain_up_to(rest, at)?,
+                Run::Long => span_end(rest)?,
+            }
         };
         self.escaped = self.b[self.i] != b'"';
         loop {
@@ -1023,8 +1152,16 @@ impl<'a> Scanner<'a> {
                 }
                 // Escapes tend to come together: the next one is taken at once.
                 Some(b'\\') => self.skip_escape()?,
-                // The run after an escape (out of line, so that this loop stays small).
-                _ => self.i += run_after_escape(&self.b[self.i..])?,
+                // The run after an escape: in a short string, looked at a word at a time;
+                // otherwise out of line, so that this loop stays small.
+                _ => {
+                    let rest = &self.b[self.i..];
+                    self.i += match if LONG { Run::Long } else { short_run(rest) } {
+                        Run::Quote(at) => at,
+                        Run::Special(at) => plain_up_to(rest, at)?,
+                        Run::Long => run_after_escape(rest)?,
+                    };
+                }
             }
         }
     }
@@ -1191,7 +1328,13 @@ fn hex4_at(b: &[u8], at: usize) -> Result<u16, JsonError> {
     let &[a, b, c, d] = b.get(at..at + 4).ok_or(JsonError::Invalid)? else {
         return Err(JsonError::Invalid);
     };
-    let [a, b, c, d] = [a, b, c, d].map(|x| HEX[usize::from(x)]);
+    // Four lookups, written out (`array::map` was left as a call).
+    let (a, b, c, d) = (
+        HEX[usize::from(a)],
+        HEX[usize::from(b)],
+        HEX[usize::from(c)],
+        HEX[usize::from(d)],
+    );
     if (a | b | c | d) & 0xF0 != 0 {
         return Err(JsonError::Invalid);
     }
@@ -1284,12 +1427,22 @@ fn word_at(b: &[u8], at: usize) -> u64 {
     u64::from_le_bytes(w)
 }
 
-/// Where the string at the start of `rest` ends, if it is short and plain: its closing
-/// quote within the first 32 bytes, with no escape or control byte before it. Which byte
-/// ends the run is told from the masks, not by reading it again, so the position after the
-/// string is known as soon as the word is looked at.
+/// How a run of plain string bytes at the start of `rest` ends, if it is short: at its
+/// closing quote, or at another byte that ends a run (a backslash, or a control byte), within
+/// the first 32 bytes. Which byte ends the run is told from the masks, not by reading it
+/// again, so the position after a plain string is known as soon as the word is looked at.
+#[derive(Clone, Copy)]
+enum Run {
+    /// The quote closing the string is at this position.
+    Quote(usize),
+    /// A backslash or a control byte is at this position.
+    Special(usize),
+    /// Nothing that ends the run in the first 32 bytes, or fewer than eight bytes left.
+    Long,
+}
+
 #[inline(always)]
-fn plain_short(rest: &[u8]) -> Option<usize> {
+fn short_run(rest: &[u8]) -> Run {
     let mut k = 0;
     while k < 32 && k + 8 <= rest.len() {
         let w = word_at(rest, k);
@@ -1299,11 +1452,26 @@ fn plain_short(rest: &[u8]) -> Option<usize> {
         let all = special_bytes(w);
         if all != 0 {
             let first = all & all.wrapping_neg();
-            return (first & quotes != 0).then(|| k + (first.trailing_zeros() / 8) as usize);
+            let at = k + (first.trailing_zeros() / 8) as usize;
+            return if first & quotes != 0 {
+                Run::Quote(at)
+            } else {
+                Run::Special(at)
+            };
         }
         k += 8;
     }
-    None
+    Run::Long
+}
+
+/// Where the string at the start of `rest` ends, if it is short and plain: its closing
+/// quote within the first 32 bytes, with no escape or control byte before it.
+#[inline(always)]
+fn plain_short(rest: &[u8]) -> Option<usize> {
+    match short_run(rest) {
+        Run::Quote(at) => Some(at),
+        Run::Special(_) | Run::Long => None,
+    }
 }
 
 /// The high bit of every byte of `w` that is a quote, a backslash or below 0x20, or lies

@@ -460,6 +460,46 @@ proptest! {
     }
 }
 
+#[test]
+fn every_key_that_matters_passes_the_first_byte_filter() {
+    for name in READ_FIELDS.iter().chain(&REF_KEYS) {
+        assert!(may_matter(name.as_bytes()), "{name}");
+        assert!(field(name.as_bytes()) != Field::Other, "{name}");
+    }
+    for name in ["Model", "MODEL", "mOdEl"] {
+        assert!(may_matter(name.as_bytes()), "{name}");
+    }
+    for name in ["k1", "models", "", "x", "m123456", "nn"] {
+        assert!(!may_matter(name.as_bytes()), "{name}");
+    }
+}
+
+proptest! {
+    /// The filter lets through every key that is a field read, names objects, or is
+    /// `model` in another case; filtered out, a key is one the scanner ignores.
+    #[test]
+    fn the_first_byte_filter_never_drops_a_key_that_matters(key in "[a-zA-Z_]{0,24}") {
+        let key = key.as_bytes();
+        if field(key) != Field::Other || key.eq_ignore_ascii_case(b"model") {
+            prop_assert!(may_matter(key));
+        }
+    }
+
+    /// Compact members with keys ignored and scalar values (taken by the scanner's tight
+    /// loop), around fields read and broken in places, agree with serde_json.
+    #[test]
+    fn compact_members_agree_with_serde_json(
+        members in prop::collection::btree_map(
+            "[a-z_]{0,8}|model|Model|n|file_id",
+            "-?[0-9]{1,3}(\\.[0-9])?|\"[a-z\\\\]{0,4}\"|true|[}{,:]",
+            0..12,
+        ),
+    ) {
+        let body: Vec<String> = members.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        check_against_serde(format!("{{{}}}", body.join(",")).as_bytes())?;
+    }
+}
+
 /// The object ids `body` names, with the keys naming them.
 fn refs_of(body: &[u8]) -> Vec<(&'static str, String)> {
     let fields = scan_json(body).unwrap();
