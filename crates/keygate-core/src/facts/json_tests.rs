@@ -635,3 +635,59 @@ fn the_cost_of_a_body_is_counted() {
     let [_, keys] = repeated("1", 1000);
     assert!(cost_of(&keys, false) >= keys.len() as u64);
 }
+
+/// `a` and `b`, the same JSON written two ways, give the same facts: the same fields, the
+/// same text in the same order, the same counts and object ids, or the same refusal.
+fn same_facts(a: &[u8], b: &[u8]) -> Result<(), TestCaseError> {
+    match (scan_json_text(a), scan_json_text(b)) {
+        (Ok(fa), Ok(fb)) => {
+            prop_assert_eq!(&fa.model, &fb.model);
+            prop_assert_eq!(fa.max_output, fb.max_output);
+            prop_assert_eq!((fa.n, fa.best_of, fa.stream), (fb.n, fb.best_of, fb.stream));
+            prop_assert_eq!(fa.text_bytes, fb.text_bytes);
+            prop_assert_eq!(fa.numbers, fb.numbers);
+            prop_assert_eq!(fa.items, fb.items);
+            prop_assert_eq!(
+                fa.text(a).collect::<Vec<_>>(),
+                fb.text(b).collect::<Vec<_>>()
+            );
+            prop_assert_eq!(
+                fa.object_refs(a).collect::<Vec<_>>(),
+                fb.object_refs(b).collect::<Vec<_>>()
+            );
+        }
+        (ea, eb) => prop_assert_eq!(ea.err(), eb.err()),
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// Written compactly (members taken by the scanner's tight loops) or pretty (by its
+    /// general loops), a body gives the same facts.
+    #[test]
+    fn compact_and_pretty_bodies_give_the_same_facts(v in top_object()) {
+        let compact = serde_json::to_vec(&v).unwrap();
+        let pretty = serde_json::to_vec_pretty(&v).unwrap();
+        same_facts(&compact, &pretty)?;
+    }
+
+    /// So do nested keys written with escapes (valid, invalid, surrogate pairs, and keys
+    /// naming objects spelled with an escape), compact and with spaces around every token.
+    #[test]
+    fn escaped_nested_keys_give_the_same_facts_compact_and_spaced(
+        members in prop::collection::btree_map(
+            "([a-z]|\\\\u00[46][1-9a-f]|\\\\n|\\\\x|\\\\ud83d\\\\ude00|\\\\ud83d){0,4}|file_id|\\\\u0066ile_id",
+            "-?[0-9]{1,3}|\"[a-z\\\\]{0,3}\"|\\{\\}|\\[\\]|true",
+            0..10,
+        ),
+    ) {
+        let compact: Vec<String> = members.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        let spaced: Vec<String> = members.iter().map(|(k, v)| format!("\"{k}\" : {v}")).collect();
+        same_facts(
+            format!("{{\"x\":{{{}}},\"y\":[{{{}}}]}}", compact.join(","), compact.join(",")).as_bytes(),
+            format!("{{\"x\" : {{ {} }} , \"y\" : [ {{ {} }} ] }}", spaced.join(" , "), spaced.join(" , ")).as_bytes(),
+        )?;
+    }
+}
