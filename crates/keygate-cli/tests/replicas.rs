@@ -130,10 +130,18 @@ async fn three_gateways_on_one_postgres_and_one_redis_share_limits_and_revocatio
         "slower than one emission interval: not conclusive"
     );
     assert_eq!(codes.iter().filter(|&&c| c == 200).count(), 5, "{codes:?}");
+    // Every other one is refused: by the rate (429), or, for the few whose call to Redis
+    // missed its deadline under this load (a debug build, 1,000 at once on two cores), by
+    // failing closed (503). Never admitted.
+    let failed_closed = codes.iter().filter(|&&c| c == 503).count();
     assert_eq!(
-        codes.iter().filter(|&&c| c == 429).count(),
+        codes.iter().filter(|&&c| c == 429).count() + failed_closed,
         995,
         "{codes:?}"
+    );
+    assert!(
+        failed_closed <= 50,
+        "{failed_closed} of 1,000 failed closed: {codes:?}"
     );
 
     // A budget: what one gateway admits one request after another is what three admit
