@@ -927,7 +927,7 @@ impl<'a> Scanner<'a> {
     }
 
     /// In a nested object, after a value: the members after it that are written compactly
-    /// (`,"key":value`), with a short key (plain, or with escapes other than surrogates) that
+    /// (`,"key":value`), with a short key (plain, or with escapes) that
     /// cannot name objects and a number or a string as value, taken in one loop that keeps
     /// its place in a local. A body of many such members costs what its bytes cost rather
     /// than a round of [`nested`](Self::nested) and its checks per member. Stops at the comma
@@ -951,21 +951,11 @@ impl<'a> Scanner<'a> {
                         break;
                     }
                     Run::Special(at) if b[end + at] == b'\\' => {
-                        end += at;
-                        let c = b.get(end + 1).copied().unwrap_or(0);
-                        cost::add(2);
-                        if SHORT_ESCAPE[usize::from(c)] {
-                            end += 2;
-                        } else if c == b'u' {
-                            cost::add(4);
-                            if (0xD800..0xE000).contains(&hex4_at(b, end + 2)?) {
-                                // A surrogate pair: left to `nested`.
-                                return Ok(());
-                            }
-                            end += 6;
-                        } else {
-                            return Err(JsonError::Invalid);
-                        }
+                        // Validated as everywhere else (an error is the general loop's too).
+                        self.i = end + at;
+                        let escape = self.skip_escape();
+                        end = std::mem::replace(&mut self.i, i);
+                        escape?;
                     }
                     // A control byte (refused by `nested`), or a long key.
                     Run::Special(_) | Run::Long => return Ok(()),
