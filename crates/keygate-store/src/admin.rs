@@ -710,12 +710,12 @@ mod tests {
         let raw = crate::test_support::raw(&path);
         raw.execute_batch(
             "DROP TABLE admin_keys; DROP TABLE admin_events; DROP TABLE usage_daily; \
-             PRAGMA user_version = 5",
+             DROP TABLE spend_charge_kinds; PRAGMA user_version = 5",
         )
         .unwrap();
         drop(raw);
         let db = Db::open(&path).unwrap();
-        assert_eq!(db.schema_version().unwrap(), 6);
+        assert_eq!(db.schema_version().unwrap(), crate::schema::SCHEMA_VERSION);
         assert!(db.key("key_a").unwrap().is_some());
         assert!(db.admin_keys().unwrap().is_empty());
     }

@@ -1,6 +1,7 @@
 //! [`LedgerBackend`]: token and budget counters in memory, with a durable SQLite spend ledger.
 
 use std::collections::HashMap;
+use std::fmt::Write as _;
 use std::future::Future;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,8 +11,8 @@ use std::time::Duration;
 
 use keygate_core::{Clock, Timestamp};
 use keygate_limit::backend::{
-    Actual, BackendError, Charge, LimitBackend, MemoryBackend, Reservation, ReserveError, Reserved,
-    Unit, Window,
+    Actual, BackendError, Charge, CounterKey, LimitBackend, MemoryBackend, Reservation,
+    ReserveError, Reserved, Unit, Window,
 };
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use tokio::sync::oneshot;
@@ -103,10 +104,12 @@ type Ack = oneshot::Sender<Result<(), BackendError>>;
 /// So a budget is never overspent across a graceful restart, a crash, or `kill -9`: what is
 /// admitted after a restart fits on top of everything that was admitted before it.
 ///
-/// Two tables (schema version 4): `spend_reservations`, one row per reservation keyed by its
-/// [`id`](Reservation::id) (the largest id in the ledger plus one, onwards, at every open)
-/// and holding its charges, and `spend_totals`, what settled reservations spent per counter
-/// and period, added to in the transaction that settles them. A restart reads the totals
+/// Three tables (schema version 7): `spend_reservations`, one row per reservation keyed by
+/// its [`id`](Reservation::id) (the largest id in the ledger plus one, onwards, at every
+/// open) and holding its charges as pairs of a kind and an amount, `spend_charge_kinds`,
+/// each kind of charge (counter, window, unit, limit) named once (the writer keeps the ids
+/// it met in memory), and `spend_totals`, what settled reservations spent per counter and
+/// period, added to in the transaction that settles them. A restart reads the totals
 /// and the few open rows, never the history. A new reservation is appended at the end of its
 /// table and its settlement rewrites that same recent page, so a commit writes a few pages
 /// whatever the size of the ledger. Every write is an insert that ignores an existing id or
@@ -206,13 +209,19 @@ struct Queue {
     timing: bool,
     /// When each reservation not yet ended was made, by id: a settlement's rate charges
     /// count from then (so its write needs no lookup of the row).
-    open: HashMap<u64, u64>,
+    open: FastMap<u64, u64>,
 }
+
+/// The ledger's own maps: keyed by its ids and by counter names from the configuration (not
+/// by anything a request chooses), hashed with foldhash rather than SipHash (a lookup or two
+/// per charge of every reservation).
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 #[derive(Debug)]
 struct Writer {
     db: Db,
     next_prune: u64,
+    kinds: Kinds,
     /// Commits since the checkpointer was last told.
     uncounted: usize,
     /// Tells the checkpointer of every [`CHECKPOINT_EVERY`] commits (a wake-up of its
@@ -238,18 +247,18 @@ enum Op {
     Reserve {
         id: u64,
         at: u64,
-        /// The JSON of its charges (made on the request's thread).
-        charges: String,
+        charges: Vec<Reserved>,
         ack: Ack,
     },
-    /// Settled at these amounts (one per charge), or released (`None`).
+    /// Settled at what the request used (each charge at the amount in its unit), or
+    /// released (`None`).
     End {
         id: u64,
         /// When the reservation was made (filled in as it is queued).
         reserved_at: u64,
         at: u64,
         charges: Vec<Reserved>,
-        actual: Option<Vec<u64>>,
+        actual: Option<Actual>,
     },
     Flush(Ack),
     /// An operator's reset of a budget period: what it settled so far no longer counts
@@ -377,10 +386,11 @@ impl Core {
         let Writer {
             db,
             next_prune,
+            kinds,
             uncounted,
             commits,
         } = &mut *w;
-        let result = write(db.conn(), &batch, next_prune).map_err(|e| {
+        let result = write(db.conn(), &batch, next_prune, kinds).map_err(|e| {
             tracing::error!(error = %e, operations = batch.len(), "spend ledger write failed");
             BackendError(format!("spend ledger write failed: {e}").into())
         });
@@ -552,6 +562,7 @@ impl LedgerBackend {
             db: Mutex::new(Writer {
                 db,
                 next_prune: 0,
+                kinds: Kinds::default(),
                 uncounted: 0,
                 commits,
             }),
@@ -668,7 +679,7 @@ impl LedgerBackend {
         let op = Op::Reserve {
             id,
             at: now.as_unix_nanos(),
-            charges: encode_charges(&reservation.charges),
+            charges: reservation.charges.clone(),
             ack,
         };
         let leader = match self.shared.core.enqueue(op) {
@@ -698,13 +709,12 @@ impl LedgerBackend {
         if id == 0 {
             return;
         }
-        let amounts = actual.map(|a| charges.iter().map(|c| a.amount(c.unit)).collect());
         let op = Op::End {
             id,
             reserved_at: 0,
             at: now.as_unix_nanos(),
             charges,
-            actual: amounts,
+            actual,
         };
         if self.shared.core.submit(op).is_err() {
             // Left open in the ledger: counted at its reserved amount after a restart.
@@ -920,7 +930,7 @@ fn nanos(d: Duration) -> u64 {
 }
 
 /// One charge of a reservation, as `spend_reservations.charges` holds it.
-#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize)]
 struct StoredCharge<'a> {
     #[serde(borrow)]
     counter: std::borrow::Cow<'a, str>,
@@ -968,21 +978,126 @@ impl<'a> StoredCharge<'a> {
     }
 }
 
-/// The JSON of a reservation's charges.
-fn encode_charges(charges: &[Reserved]) -> String {
-    struct Stored<'a>(&'a [Reserved]);
-    impl serde::Serialize for Stored<'_> {
-        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-            s.collect_seq(self.0.iter().map(StoredCharge::of))
-        }
-    }
-    serde_json::to_string(&Stored(charges)).unwrap_or_else(|_| "[]".into())
+/// A kind of charge: what `spend_charge_kinds` names once.
+type KindKey = (CounterKey, Window, Unit, u64);
+
+/// The ids of the kinds of charge the writer has met (`spend_charge_kinds`), so that a
+/// reservation's row names each of its charges by a number. Forgotten when a commit fails
+/// (the kinds it added were rolled back with it) and once it holds [`MAX_KINDS`] (budget
+/// periods come and go: each is a new kind).
+#[derive(Debug, Default)]
+struct Kinds {
+    ids: FastMap<KindKey, i64>,
 }
 
-fn decode_charges(json: &str) -> Result<Vec<StoredCharge<'_>>, rusqlite::Error> {
-    serde_json::from_str(json).map_err(|e| {
-        rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-    })
+/// The most kinds of charge the writer remembers.
+const MAX_KINDS: usize = 65_536;
+
+impl Kinds {
+    /// The id of the kind of `c`, added to `spend_charge_kinds` (in the transaction of `tx`)
+    /// when no row names it yet.
+    fn id(&mut self, tx: &Connection, c: &Reserved) -> Result<i64, rusqlite::Error> {
+        let key = (c.key.clone(), c.window, c.unit, c.limit);
+        if let Some(&id) = self.ids.get(&key) {
+            return Ok(id);
+        }
+        let s = StoredCharge::of(c);
+        let kind = params![s.counter, s.window, s.start, s.end, s.per, s.unit, s.limit];
+        let found = tx
+            .prepare_cached(
+                "SELECT id FROM spend_charge_kinds WHERE counter = ?1 AND window_start IS ?3 \
+                 AND window_kind = ?2 AND window_end IS ?4 AND rate_per_nanos IS ?5 \
+                 AND unit = ?6 AND limit_amount = ?7 LIMIT 1",
+            )?
+            .query_row(kind, |r| r.get(0))
+            .optional()?;
+        let id = match found {
+            Some(id) => id,
+            None => {
+                tx.prepare_cached(
+                    "INSERT INTO spend_charge_kinds (counter, window_kind, window_start, \
+                         window_end, rate_per_nanos, unit, limit_amount) \
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                )?
+                .execute(kind)?;
+                tx.last_insert_rowid()
+            }
+        };
+        if self.ids.len() >= MAX_KINDS {
+            self.ids.clear();
+        }
+        self.ids.insert(key, id);
+        Ok(id)
+    }
+
+    /// Writes into `out` what `spend_reservations.charges` holds for `charges`: `KIND:AMOUNT`
+    /// per charge, comma-separated.
+    fn encode(
+        &mut self,
+        tx: &Connection,
+        charges: &[Reserved],
+        out: &mut String,
+    ) -> Result<(), rusqlite::Error> {
+        out.clear();
+        for (i, c) in charges.iter().enumerate() {
+            let id = self.id(tx, c)?;
+            let sep = if i == 0 { "" } else { "," };
+            // Writing to a `String` cannot fail.
+            let _ = write!(out, "{sep}{id}:{}", sql_int(c.amount));
+        }
+        Ok(())
+    }
+}
+
+fn bad_charges(message: &str) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        0,
+        rusqlite::types::Type::Text,
+        message.to_owned().into(),
+    )
+}
+
+/// The charges of a `spend_reservations.charges`: `KIND:AMOUNT` pairs (their kinds read
+/// from `spend_charge_kinds`), or the JSON array of rows written before schema version 7.
+fn decode_charges<'a>(
+    conn: &Connection,
+    text: &'a str,
+) -> Result<Vec<StoredCharge<'a>>, rusqlite::Error> {
+    if text.starts_with('[') {
+        return serde_json::from_str(text).map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+        });
+    }
+    let mut kind = conn.prepare_cached(
+        "SELECT counter, window_kind, window_start, window_end, rate_per_nanos, unit, \
+             limit_amount FROM spend_charge_kinds WHERE id = ?1",
+    )?;
+    let mut out = Vec::new();
+    for pair in text.split(',').filter(|p| !p.is_empty()) {
+        let (id, amount) = pair
+            .split_once(':')
+            .and_then(|(id, amount)| Some((id.parse::<i64>().ok()?, amount.parse::<i64>().ok()?)))
+            .ok_or_else(|| bad_charges("a reservation's charges are not KIND:AMOUNT pairs"))?;
+        let charge = kind
+            .query_row([id], |r| {
+                Ok(StoredCharge {
+                    counter: r.get::<_, String>(0)?.into(),
+                    window: r.get::<_, String>(1)?.into(),
+                    start: r.get(2)?,
+                    end: r.get(3)?,
+                    per: r.get(4)?,
+                    unit: r.get::<_, String>(5)?.into(),
+                    limit: r.get(6)?,
+                    amount,
+                })
+            })
+            .optional()?
+            .ok_or_else(|| {
+                bad_charges("a reservation names a kind of charge that is not recorded")
+            })?;
+        out.push(charge);
+    }
+    Ok(out)
 }
 
 /// A rate's buckets are 1/64 of its period: restored, a rate counts at most that much more
@@ -993,7 +1108,7 @@ const RATE_BUCKETS: u64 = 64;
 /// written: one statement per counter and period, however many settlements share it.
 #[derive(Debug, Default)]
 struct Totals<'a> {
-    rows: std::collections::HashMap<TotalKey<'a>, TotalRow>,
+    rows: FastMap<TotalKey<'a>, TotalRow>,
 }
 
 /// Counter, window kind, window start, rate period (0 for a budget).
@@ -1114,8 +1229,8 @@ impl Db {
             .prepare_cached("SELECT charges FROM spend_reservations WHERE state = 0")?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
-            let json: String = row.get(0)?;
-            for c in decode_charges(&json)? {
+            let text: String = row.get(0)?;
+            for c in decode_charges(self.conn(), &text)? {
                 let (Some(start), true) = (c.start, c.window == "fixed") else {
                     continue;
                 };
@@ -1141,8 +1256,8 @@ fn restore(conn: &mut Connection, memory: &MemoryBackend, now: Timestamp) -> Res
         .collect::<Result<_, _>>()?;
     let left_open = open_rows.len();
     let mut totals = Totals::default();
-    for (id, reserved_at, json) in &open_rows {
-        let charges = decode_charges(json)?;
+    for (id, reserved_at, text) in &open_rows {
+        let charges = decode_charges(&tx, text)?;
         let actual: Vec<i64> = charges.iter().map(|c| c.amount).collect();
         tx.execute(
             "UPDATE spend_reservations SET state = 1, ended_at = ?2, actual = ?3 WHERE id = ?1",
@@ -1281,12 +1396,17 @@ fn write(
     conn: &Connection,
     batch: &[Op],
     next_prune: &mut u64,
+    kinds: &mut Kinds,
 ) -> Result<Vec<u64>, rusqlite::Error> {
     // The transaction's own statements cached too (`Connection::transaction` prepares its
     // BEGIN and COMMIT at every commit).
     conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
-    let written = write_in(conn, batch, next_prune)
+    let written = write_in(conn, batch, next_prune, kinds)
         .and_then(|resets| conn.prepare_cached("COMMIT")?.execute([]).map(|_| resets));
+    if written.is_err() {
+        // The kinds this batch added are gone with it.
+        kinds.ids.clear();
+    }
     if written.is_err() && !conn.is_autocommit() {
         // Nothing of the batch stays: its waiters are told it failed.
         if let Err(e) = conn.execute_batch("ROLLBACK") {
@@ -1301,8 +1421,10 @@ fn write_in(
     tx: &Connection,
     batch: &[Op],
     next_prune: &mut u64,
+    kinds: &mut Kinds,
 ) -> Result<Vec<u64>, rusqlite::Error> {
     let mut latest = 0;
+    let mut text = String::new();
     let mut totals = Totals::default();
     let mut resets = Vec::new();
     // Each statement taken from the cache once per batch, not once per operation (a
@@ -1322,7 +1444,8 @@ fn write_in(
                          VALUES (?1, ?2, 0, ?3) ON CONFLICT (id) DO NOTHING",
                     )?),
                 };
-                insert.execute(params![sql_int(*id), sql_int(*at), charges])?;
+                kinds.encode(tx, charges, &mut text)?;
+                insert.execute(params![sql_int(*id), sql_int(*at), text])?;
             }
             Op::End {
                 id,
@@ -1332,10 +1455,17 @@ fn write_in(
                 actual,
             } => {
                 latest = latest.max(*at);
-                let (state, recorded) = match actual {
-                    Some(amounts) => (1, serde_json::to_string(amounts)),
-                    None => (2, serde_json::to_string(&vec![0_u64; charges.len()])),
-                };
+                // The JSON array of the amounts settled, one per charge (zeros once released).
+                text.clear();
+                text.push('[');
+                for (i, c) in charges.iter().enumerate() {
+                    let amount = actual.map_or(0, |a| a.amount(c.unit));
+                    let sep = if i == 0 { "" } else { "," };
+                    // Writing to a `String` cannot fail.
+                    let _ = write!(text, "{sep}{amount}");
+                }
+                text.push(']');
+                let state = if actual.is_some() { 1 } else { 2 };
                 // Only an open row changes: a replay, or a reservation never written (its
                 // commit failed), changes nothing. (Not `UPDATE ... RETURNING at`: that
                 // builds and drops a temporary b-tree at every execution; the reservation's
@@ -1347,22 +1477,18 @@ fn write_in(
                          WHERE id = ?1 AND state = 0",
                     )?),
                 };
-                let ended = update.execute(params![
-                    sql_int(*id),
-                    state,
-                    sql_int(*at),
-                    recorded.unwrap_or_default()
-                ])?;
+                let ended = update.execute(params![sql_int(*id), state, sql_int(*at), text])?;
                 if ended == 0 {
                     continue;
                 }
                 // A rate charge counts from when it was reserved.
                 let reserved_at = sql_int(*reserved_at);
-                let Some(amounts) = actual else {
+                let Some(actual) = actual else {
                     // Released: nothing to add.
                     continue;
                 };
-                for (c, &amount) in charges.iter().zip(amounts) {
+                for c in charges {
+                    let amount = actual.amount(c.unit);
                     if amount > 0 {
                         totals.add(StoredCharge::of(c), sql_int(amount), reserved_at);
                     }

@@ -113,15 +113,20 @@ fn reserve_resolves_only_once_its_rows_are_committed() {
         let r = waiting.await.unwrap().unwrap();
         // Checked from another connection: committed, not merely written.
         assert_eq!(state(&path, r.id).as_deref(), Some("open"));
-        let reserved: i64 = raw(&path)
+        let conn = raw(&path);
+        let text: String = conn
             .query_row(
-                "SELECT json_extract(charges, '$[0].amount') FROM spend_reservations \
-                 WHERE id = ?1",
+                "SELECT charges FROM spend_reservations WHERE id = ?1",
                 [r.id as i64],
                 |row| row.get(0),
             )
             .unwrap();
-        assert_eq!(reserved, 400);
+        let charges = decode_charges(&conn, &text).unwrap();
+        assert_eq!(charges.len(), 1);
+        assert_eq!(
+            (&*charges[0].counter, charges[0].amount),
+            ("budget:key_a", 400)
+        );
     });
 }
 
@@ -494,17 +499,23 @@ fn a_budget_period_that_ended_is_not_restored() {
     assert_eq!(usage.settled, 400);
 }
 
-#[test]
-fn a_failing_database_fails_reservations_closed_and_gives_the_memory_back() {
-    let (_dir, path) = temp();
-    let rt = rt();
-    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
-    raw(&path)
+/// Every insert of a reservation fails from now on, as on a full disk (until the trigger
+/// `full` is dropped).
+fn fill_up(path: &Path) {
+    raw(path)
         .execute_batch(
             "CREATE TRIGGER full BEFORE INSERT ON spend_reservations \
              BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;",
         )
         .unwrap();
+}
+
+#[test]
+fn a_failing_database_fails_reservations_closed_and_gives_the_memory_back() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    fill_up(&path);
     let result = rt.block_on(b.reserve(vec![budget(1000, 400)], t(5)));
     let Err(ReserveError::Backend(e)) = result else {
         panic!("expected a backend error, got {result:?}");
@@ -514,6 +525,136 @@ fn a_failing_database_fails_reservations_closed_and_gives_the_memory_back() {
     assert!(rt.block_on(b.flush()).is_ok());
     // Nothing of it is left to end.
     assert!(lock(&b.shared.core.queue).open.is_empty());
+}
+
+#[test]
+fn a_failed_commit_forgets_the_kinds_of_charge_it_added() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    fill_up(&path);
+    // Its kind is added, then rolled back with the reservation.
+    assert!(
+        rt.block_on(b.reserve(vec![budget(1000, 400)], t(5)))
+            .is_err()
+    );
+    raw(&path).execute_batch("DROP TRIGGER full").unwrap();
+    // Named again, by a kind that is in the database: the open row can be read.
+    rt.block_on(b.reserve(vec![budget(1000, 300)], t(5)))
+        .unwrap();
+    assert_eq!(key_a_usage(&path).open_reserved, 300);
+    b.crash();
+    drop(b);
+    let b = LedgerBackend::open_at(&path, t(6)).unwrap();
+    assert_eq!(used(&b, &budget(1000, 0), t(6)), 300);
+}
+
+/// The kinds of charge recorded, as (counter, limit).
+fn kinds(path: &Path) -> Vec<(String, i64)> {
+    raw(path)
+        .prepare("SELECT counter, limit_amount FROM spend_charge_kinds ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[test]
+fn each_kind_of_charge_is_recorded_once_and_a_reservation_names_it_by_id() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    for _ in 0..3 {
+        let r = rt
+            .block_on(b.reserve(vec![budget(1000, 10), tokens_per_minute(500, 7)], t(5)))
+            .unwrap();
+        rt.block_on(b.settle(r, cost(5), t(5))).unwrap();
+    }
+    drop(b);
+    // A restart forgets the ids it met, and finds them again.
+    let b = LedgerBackend::open_at(&path, t(6)).unwrap();
+    let r = rt
+        .block_on(b.reserve(vec![budget(1000, 20)], t(6)))
+        .unwrap();
+    // A new limit is a new kind.
+    let r2 = rt
+        .block_on(b.reserve(vec![budget(2000, 30)], t(6)))
+        .unwrap();
+    rt.block_on(b.flush()).unwrap();
+    assert_eq!(
+        kinds(&path),
+        [
+            ("budget:key_a".to_owned(), 1000),
+            ("tpm:key_a".to_owned(), 500),
+            ("budget:key_a".to_owned(), 2000),
+        ]
+    );
+    let text = |id: u64| -> String {
+        raw(&path)
+            .query_row(
+                "SELECT charges FROM spend_reservations WHERE id = ?1",
+                [id as i64],
+                |row| row.get(0),
+            )
+            .unwrap()
+    };
+    assert_eq!(text(1), "1:10,2:7");
+    assert_eq!(text(r.id), "1:20");
+    assert_eq!(text(r2.id), "3:30");
+    assert_eq!(key_a_usage(&path).open_reserved, 50);
+    drop(b);
+}
+
+#[test]
+fn a_version_6_ledger_is_migrated_and_its_open_json_rows_count_at_their_reserved_amount() {
+    let (_dir, path) = temp();
+    drop(LedgerBackend::open_at(&path, t(5)).unwrap());
+    // Back to version 6: no kinds of charge, charges as JSON.
+    let conn = raw(&path);
+    conn.execute_batch("DROP TABLE spend_charge_kinds").unwrap();
+    conn.pragma_update(None, "user_version", 6).unwrap();
+    let (start, end) = (t(0).as_unix_nanos(), t(DAY).as_unix_nanos());
+    conn.execute(
+        "INSERT INTO spend_reservations (id, at, state, charges) VALUES (41, ?1, 0, ?2)",
+        params![
+            t(4).as_unix_nanos() as i64,
+            format!(
+                "[{{\"counter\":\"budget:key_a\",\"window\":\"fixed\",\"start\":{start},\
+                     \"end\":{end},\"per\":null,\"unit\":\"nanodollars\",\"limit\":1000,\
+                     \"amount\":250}}]"
+            )
+        ],
+    )
+    .unwrap();
+    drop(conn);
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    assert_eq!(
+        Db::open(&path).unwrap().schema_version().unwrap(),
+        crate::schema::SCHEMA_VERSION
+    );
+    assert_eq!(used(&b, &budget(1000, 0), t(5)), 250);
+    assert_eq!(key_a_usage(&path).settled, 250);
+    assert_eq!(state(&path, 41).as_deref(), Some("settled"));
+    // New reservations follow it.
+    let r = rt()
+        .block_on(b.reserve(vec![budget(1000, 1)], t(5)))
+        .unwrap();
+    assert_eq!(r.id, 42);
+}
+
+#[test]
+fn a_reservation_naming_an_unrecorded_kind_is_refused_at_open() {
+    let (_dir, path) = temp();
+    drop(LedgerBackend::open_at(&path, t(5)).unwrap());
+    raw(&path)
+        .execute(
+            "INSERT INTO spend_reservations (id, at, state, charges) VALUES (1, 0, 0, '99:5')",
+            [],
+        )
+        .unwrap();
+    let e = LedgerBackend::open_at(&path, t(5)).unwrap_err();
+    assert!(e.to_string().contains("kind of charge"), "{e}");
 }
 
 #[test]
@@ -578,7 +719,7 @@ fn writing_an_operation_twice_has_no_second_effect() {
         Op::Reserve {
             id: 7,
             at: 1,
-            charges: encode_charges(&charges),
+            charges,
             ack: oneshot::channel().0,
         }
     };
@@ -587,7 +728,7 @@ fn writing_an_operation_twice_has_no_second_effect() {
         reserved_at: 1,
         at: 2,
         charges: reserved.clone(),
-        actual: Some(vec![actual]),
+        actual: Some(cost(actual)),
     };
     let release = Op::End {
         id: 7,
@@ -597,8 +738,21 @@ fn writing_an_operation_twice_has_no_second_effect() {
         actual: None,
     };
     let mut prune = 0;
-    write(db.conn(), &[reserve(400), settle(150)], &mut prune).unwrap();
-    write(db.conn(), &[reserve(999), settle(300), release], &mut prune).unwrap();
+    let mut kinds = Kinds::default();
+    write(
+        db.conn(),
+        &[reserve(400), settle(150)],
+        &mut prune,
+        &mut kinds,
+    )
+    .unwrap();
+    write(
+        db.conn(),
+        &[reserve(999), settle(300), release],
+        &mut prune,
+        &mut kinds,
+    )
+    .unwrap();
     assert_eq!(state(&path, 7).as_deref(), Some("settled"));
     assert_eq!(
         db.ledger_usage("budget:key_a", t(0)).unwrap(),
