@@ -1049,12 +1049,9 @@ impl Kinds {
     }
 }
 
-fn bad_charges(message: &str) -> rusqlite::Error {
-    rusqlite::Error::FromSqlConversionFailure(
-        0,
-        rusqlite::types::Type::Text,
-        message.to_owned().into(),
-    )
+/// A `spend_reservations.charges` that cannot be read, and why.
+fn bad_charges(why: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, why.into())
 }
 
 /// The charges of a `spend_reservations.charges`: `KIND:AMOUNT` pairs (their kinds read
@@ -1064,9 +1061,7 @@ fn decode_charges<'a>(
     text: &'a str,
 ) -> Result<Vec<StoredCharge<'a>>, rusqlite::Error> {
     if text.starts_with('[') {
-        return serde_json::from_str(text).map_err(|e| {
-            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
-        });
+        return serde_json::from_str(text).map_err(bad_charges);
     }
     let mut kind = conn.prepare_cached(
         "SELECT counter, window_kind, window_start, window_end, rate_per_nanos, unit, \
