@@ -99,8 +99,13 @@ impl Db {
         };
         create_private(&path).map_err(|e| open_error(e.to_string()))?;
         let setup = || -> Result<Connection, rusqlite::Error> {
-            let conn = Connection::open(&path)?;
+            let mut conn = Connection::open(&path)?;
             conn.busy_timeout(BUSY_TIMEOUT)?;
+            // Every transaction of the store reads, then writes: begun deferred, its first
+            // write fails at once ("database is locked", no busy wait) when another
+            // connection (the ledger, another process) committed since its first read.
+            // Immediate: it takes the write lock as it begins, waiting up to BUSY_TIMEOUT.
+            conn.set_transaction_behavior(TransactionBehavior::Immediate);
             conn.pragma_update(None, "foreign_keys", true)?;
             // Reading the header here is what fails for a file that is not a database.
             let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
@@ -964,6 +969,27 @@ mod tests {
     use super::*;
     use crate::test_support::{db_with_project, key, raw};
     use keygate_core::{ModelPattern, ModelRules, PreviousSecret};
+
+    #[test]
+    fn a_store_transaction_takes_the_write_lock_as_it_begins() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keygate.db");
+        let mut db = Db::open(&path).unwrap();
+        let other = crate::test_support::raw(&path);
+        other.busy_timeout(Duration::ZERO).unwrap();
+        let tx = db.conn_mut().transaction().unwrap();
+        let e = other
+            .execute("INSERT INTO meta (name, value) VALUES ('probe', 1)", [])
+            .unwrap_err();
+        assert_eq!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy)
+        );
+        drop(tx);
+        other
+            .execute("INSERT INTO meta (name, value) VALUES ('probe', 1)", [])
+            .unwrap();
+    }
 
     #[test]
     fn an_empty_file_is_migrated_to_the_current_schema() {
