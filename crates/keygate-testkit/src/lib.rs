@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A PostgreSQL server of its own: a fresh cluster (copied from one `initdb` made once per
-/// test process) in a temporary directory, on a Unix socket.
+/// machine and kept, see `template`) in a temporary directory, on a Unix socket.
 ///
 /// Tuned for tests, not durability: `fsync` off (a `kill -9` of the server still loses
 /// nothing committed; a power loss would).
@@ -100,32 +100,55 @@ fn pg_bin() -> &'static Path {
     })
 }
 
-/// A cluster made once per test process, copied for each server.
+/// The cluster every server starts as a copy of: made by `initdb` once per machine, user and
+/// PostgreSQL build, and kept in the temporary directory under a fixed name (a cluster made
+/// per test process would be left behind by every one: nothing drops a static).
 fn template(user: Option<(u32, u32)>) -> &'static Path {
-    static TEMPLATE: OnceLock<(tempfile::TempDir, PathBuf)> = OnceLock::new();
-    &TEMPLATE
-        .get_or_init(|| {
-            let dir = tempfile::Builder::new()
-                .prefix("keygate-pg-template-")
-                .tempdir()
-                .expect("a temporary directory");
-            give(dir.path(), user);
-            let data = dir.path().join("data");
-            let mut cmd = Command::new(pg_bin().join("initdb"));
-            cmd.arg("-D")
-                .arg(&data)
-                .args(["-U", "keygate", "-A", "trust", "-E", "UTF8", "--no-sync"])
-                .args(["--locale", "C"]);
-            as_user(&mut cmd, user);
-            let out = cmd.output().expect("initdb runs");
+    static TEMPLATE: OnceLock<PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let owner = user.map_or_else(|| id("", "-u").unwrap_or(0), |(uid, _)| uid);
+        let build: String = pg_bin()
+            .to_string_lossy()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        let kept = std::env::temp_dir().join(format!("keygate-pg-template-{owner}-{build}"));
+        let data = kept.join("data");
+        if data.join("PG_VERSION").exists() {
+            return data;
+        }
+        // Made aside, then renamed into place whole: another test process may be making it
+        // too, and a process killed halfway leaves no half-made template.
+        let dir = tempfile::Builder::new()
+            .prefix("keygate-pg-template-new-")
+            .tempdir()
+            .expect("a temporary directory");
+        give(dir.path(), user);
+        let mut cmd = Command::new(pg_bin().join("initdb"));
+        cmd.arg("-D")
+            .arg(dir.path().join("data"))
+            .args(["-U", "keygate", "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .args(["--locale", "C"]);
+        as_user(&mut cmd, user);
+        let out = cmd.output().expect("initdb runs");
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if std::fs::rename(dir.path(), &kept).is_ok() {
+            // Kept: it is the template now.
+            let _ = dir.keep();
+        } else {
+            // Another process's came first (ours is removed as `dir` drops).
             assert!(
-                out.status.success(),
-                "initdb failed: {}",
-                String::from_utf8_lossy(&out.stderr)
+                data.join("PG_VERSION").exists(),
+                "cannot keep the template cluster at {}",
+                kept.display()
             );
-            (dir, data)
-        })
-        .1
+        }
+        data
+    })
 }
 
 fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) {
