@@ -707,13 +707,7 @@ mod tests {
         let (_dir, path, mut db) = db_with_project();
         db.insert_keys(&[key("key_a", "p", "a")], "t").unwrap();
         drop(db);
-        let raw = crate::test_support::raw(&path);
-        raw.execute_batch(
-            "DROP TABLE admin_keys; DROP TABLE admin_events; DROP TABLE usage_daily; \
-             DROP TABLE spend_charge_kinds; PRAGMA user_version = 5",
-        )
-        .unwrap();
-        drop(raw);
+        crate::test_support::downgrade(&path, 5);
         let db = Db::open(&path).unwrap();
         assert_eq!(db.schema_version().unwrap(), crate::schema::SCHEMA_VERSION);
         assert!(db.key("key_a").unwrap().is_some());

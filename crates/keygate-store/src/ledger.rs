@@ -1,10 +1,12 @@
 //! [`LedgerBackend`]: token and budget counters in memory, with a durable SQLite spend ledger.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::fmt::Write as _;
 use std::future::Future;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+#[cfg(test)]
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -40,6 +42,34 @@ const CHECKPOINT_EVERY: usize = 100;
 const RESTART_PAGES: i64 = 4096;
 #[cfg(test)]
 const RESTART_PAGES: i64 = 64;
+
+/// The floor below which every reservation has ended (`meta.spend_open_floor`, see
+/// [`Floor`]) is written once the true one is this many ids ahead of it: one small write per
+/// this many reservations, and at most this many more rows for a restart to read.
+#[cfg(not(test))]
+const FLOOR_STEP: u64 = 4096;
+#[cfg(test)]
+const FLOOR_STEP: u64 = 2;
+
+/// A reservation still open this many ids behind the newest is listed in `spend_open_old`
+/// instead of holding the floor back (a long stream, or an end lost in a failed commit).
+#[cfg(not(test))]
+const OLD_AFTER: u64 = 4096;
+#[cfg(test)]
+const OLD_AFTER: u64 = 3;
+
+/// At most this many are listed: beyond, the floor stays at the oldest open reservation.
+#[cfg(not(test))]
+const MAX_OLD: usize = 1024;
+#[cfg(test)]
+const MAX_OLD: usize = 2;
+
+/// Commits between two looks at where the floor could be (a look reads the queue's
+/// reservations in flight under its lock).
+#[cfg(not(test))]
+const FLOOR_EVERY: usize = 16;
+#[cfg(test)]
+const FLOOR_EVERY: usize = 1;
 
 /// How long settlements and releases may wait for a reservation to share its commit: at most
 /// this much settled spend is counted at its reserved amount after a crash.
@@ -104,13 +134,15 @@ type Ack = oneshot::Sender<Result<(), BackendError>>;
 /// So a budget is never overspent across a graceful restart, a crash, or `kill -9`: what is
 /// admitted after a restart fits on top of everything that was admitted before it.
 ///
-/// Three tables (schema version 7): `spend_reservations`, one row per reservation keyed by
+/// Three tables (schema version 8): `spend_reservations`, one row per reservation keyed by
 /// its [`id`](Reservation::id) (the largest id in the ledger plus one, onwards, at every
 /// open) and holding its charges as pairs of a kind and an amount, `spend_charge_kinds`,
 /// each kind of charge (counter, window, unit, limit) named once (the writer keeps the ids
 /// it met in memory), and `spend_totals`, what settled reservations spent per counter and
 /// period, added to in the transaction that settles them. A restart reads the totals
-/// and the few open rows, never the history. A new reservation is appended at the end of its
+/// and the open rows, never the history: every row below a floor the writer moves forward
+/// every few thousand reservations has ended, but for a few listed ones open for long (see
+/// `Floor`). A new reservation is appended at the end of its
 /// table and its settlement rewrites that same recent page, so a commit writes a few pages
 /// whatever the size of the ledger. Every write is an insert that ignores an existing id or
 /// an update of an open row, so writing an operation twice has no second effect. Settled
@@ -177,7 +209,6 @@ struct Shared {
     core: Arc<Core>,
     writer: Option<JoinHandle<()>>,
     checkpointer: Option<JoinHandle<()>>,
-    next_id: AtomicU64,
 }
 
 /// What callers and the writer thread share: the queue, and the connection that whoever
@@ -210,6 +241,9 @@ struct Queue {
     /// When each reservation not yet ended was made, by id: a settlement's rate charges
     /// count from then (so its write needs no lookup of the row).
     open: FastMap<u64, u64>,
+    /// The id of the next reservation queued. Given out here, under the queue's lock, so
+    /// that reservations are committed in the order of their ids (what [`Floor`] relies on).
+    next_id: u64,
 }
 
 /// The ledger's own maps: keyed by its ids and by counter names from the configuration (not
@@ -222,12 +256,141 @@ struct Writer {
     db: Db,
     next_prune: u64,
     kinds: Kinds,
+    floor: Floor,
     /// Commits since the checkpointer was last told.
     uncounted: usize,
     /// Tells the checkpointer of every [`CHECKPOINT_EVERY`] commits (a wake-up of its
     /// thread each time, so not at every commit).
     commits: mpsc::SyncSender<()>,
 }
+
+/// Where the open reservations are: every row of `spend_reservations` with an id below the
+/// floor (`meta.spend_open_floor`) has ended, except the ids listed in `spend_open_old`. So a
+/// restart, or `spend show`, reads the rows from the floor on, and those listed, never the
+/// whole history, and no index of the open rows is kept up to date at every commit.
+///
+/// The floor only moves forward: rows never open again, and every new reservation's id is
+/// above it (ids are given out in the order reservations are queued, and commits follow that
+/// order). So a floor written at one moment holds at every later one, and the writer needs
+/// to move it only now and then ([`FLOOR_STEP`]). Where it can move to is read from the
+/// queue: the lowest id among the reservations not yet ended, the ends queued but not yet
+/// written, and the ends lost in failed commits (those rows stay open until the next open).
+#[derive(Debug)]
+struct Floor {
+    /// What the ledger holds.
+    stored: Moved,
+    /// Reservations whose end was in a commit that failed.
+    lost: BTreeSet<u64>,
+    /// More ends lost than can be listed: the floor is not moved again by this process.
+    frozen: bool,
+    /// Commits since the last look.
+    commits: usize,
+}
+
+/// A floor and the ids below it still open.
+#[derive(Debug, PartialEq, Eq)]
+struct Moved {
+    floor: u64,
+    old: Vec<u64>,
+}
+
+impl Floor {
+    /// The floor a ledger has once it is opened (nothing open: `next_id`).
+    fn at(next_id: u64) -> Floor {
+        Floor {
+            stored: Moved {
+                floor: next_id,
+                old: Vec::new(),
+            },
+            lost: BTreeSet::new(),
+            frozen: false,
+            commits: 0,
+        }
+    }
+
+    /// Where the floor can move to, once every [`FLOOR_EVERY`] commits and when it would
+    /// move by [`FLOOR_STEP`] at least; written in the commit about to be made (so the ends
+    /// of its batch, no longer queued, are written with it).
+    fn look(&mut self, queue: &Mutex<Queue>) -> Option<Moved> {
+        self.commits += 1;
+        if self.frozen || self.commits < FLOOR_EVERY {
+            return None;
+        }
+        self.commits = 0;
+        let mut old = Vec::new();
+        let mut floor;
+        {
+            let q = lock(queue);
+            floor = q.next_id;
+            let recent = q.next_id.saturating_sub(OLD_AFTER);
+            let ends = q.ops.iter().filter_map(|op| match op {
+                Op::End { id, .. } => Some(*id),
+                _ => None,
+            });
+            for id in q
+                .open
+                .keys()
+                .copied()
+                .chain(ends)
+                .chain(self.lost.iter().copied())
+            {
+                if id >= recent {
+                    floor = floor.min(id);
+                } else {
+                    old.push(id);
+                }
+            }
+        }
+        if old.len() > MAX_OLD {
+            floor = old.iter().copied().fold(floor, u64::min);
+            old.clear();
+        } else {
+            old.sort_unstable();
+            old.dedup();
+        }
+        (floor >= self.stored.floor.saturating_add(FLOOR_STEP)).then_some(Moved { floor, old })
+    }
+
+    /// The ends of `batch`, whose commit failed, stay open in the ledger.
+    fn lost(&mut self, batch: &[Op]) {
+        for op in batch {
+            if let Op::End { id, .. } = op {
+                self.lost.insert(*id);
+            }
+        }
+        if self.lost.len() > MAX_OLD {
+            self.frozen = true;
+            self.lost.clear();
+        }
+    }
+}
+
+/// Writes `floor` as the ledger's floor, and `old` (when given) as the ids listed below it.
+fn write_floor(tx: &Connection, floor: u64, old: Option<&[u64]>) -> Result<(), rusqlite::Error> {
+    tx.prepare_cached("UPDATE meta SET value = ?1 WHERE name = 'spend_open_floor'")?
+        .execute([sql_int(floor)])?;
+    if let Some(old) = old {
+        tx.prepare_cached("DELETE FROM spend_open_old")?
+            .execute([])?;
+        let mut insert = tx.prepare_cached("INSERT INTO spend_open_old (id) VALUES (?1)")?;
+        for id in old {
+            insert.execute([sql_int(*id)])?;
+        }
+    }
+    Ok(())
+}
+
+/// The rows of the reservations still open (id, when reserved, charges): those from the floor
+/// on, and those listed below it (see [`Floor`]). One statement, so one snapshot.
+const OPEN_ROWS: &str = "\
+    WITH f (floor) AS ( \
+        SELECT COALESCE(MAX(value), 0) FROM meta WHERE name = 'spend_open_floor') \
+    SELECT id, at, charges FROM spend_reservations \
+    WHERE id >= (SELECT floor FROM f) AND state = 0 \
+    UNION ALL \
+    SELECT r.id, r.at, r.charges FROM spend_open_old o \
+    JOIN spend_reservations r ON r.id = o.id \
+    WHERE r.id < (SELECT floor FROM f) AND r.state = 0";
 
 /// Test hooks: hold the writer (operations queue up), or make it stop writing for good as a
 /// crashed process would.
@@ -293,35 +456,40 @@ impl Core {
     /// way (this caller leads it); otherwise the commit under way, or the writer thread,
     /// picks it up.
     fn submit(&self, op: Op) -> Result<(), BackendError> {
-        if self.enqueue(op)? {
+        if self.enqueue(op)?.0 {
             self.lead(Some(CALLER_COMMITS));
         }
         Ok(())
     }
 
-    /// Queues `op`; `true` when the caller is to lead the next commit (an urgent operation
-    /// and no commit under way).
-    fn enqueue(&self, mut op: Op) -> Result<bool, BackendError> {
+    /// Queues `op`, giving a reservation its id; whether the caller is to lead the next
+    /// commit (an urgent operation and no commit under way), and the id given (0 for other
+    /// operations).
+    fn enqueue(&self, mut op: Op) -> Result<(bool, u64), BackendError> {
         let urgent = op.urgent();
         let mut q = lock(&self.queue);
         if q.closed {
             return Err(stopped());
         }
+        let mut given = 0;
         match &mut op {
             Op::Reserve { id, at, .. } => {
-                q.open.insert(*id, *at);
+                given = q.next_id;
+                q.next_id += 1;
+                *id = given;
+                q.open.insert(given, *at);
             }
             Op::End {
                 id, reserved_at, ..
             } => match q.open.remove(id) {
                 Some(at) => *reserved_at = at,
                 // Ended already: a replay has no second effect.
-                None => return Ok(false),
+                None => return Ok((false, 0)),
             },
             Op::Flush(_) | Op::Reset { .. } => {}
         }
         q.ops.push(op);
-        Ok(if q.leading {
+        let lead = if q.leading {
             false
         } else if urgent {
             q.leading = true;
@@ -334,7 +502,8 @@ impl Core {
                 self.wake.notify_one();
             }
             false
-        })
+        };
+        Ok((lead, given))
     }
 
     /// Hands the lead of the next commit to the writer thread.
@@ -387,13 +556,27 @@ impl Core {
             db,
             next_prune,
             kinds,
+            floor,
             uncounted,
             commits,
         } = &mut *w;
-        let result = write(db.conn(), &batch, next_prune, kinds).map_err(|e| {
+        let moved = floor.look(&self.queue);
+        // The ids listed are rewritten only when they change (most often: none before, none now).
+        let to_write = moved.as_ref().map(|m| {
+            (
+                m.floor,
+                (m.old != floor.stored.old).then_some(m.old.as_slice()),
+            )
+        });
+        let result = write(db.conn(), &batch, next_prune, kinds, to_write).map_err(|e| {
             tracing::error!(error = %e, operations = batch.len(), "spend ledger write failed");
             BackendError(format!("spend ledger write failed: {e}").into())
         });
+        match (&result, moved) {
+            (Ok(_), Some(moved)) => floor.stored = moved,
+            (Ok(_), None) => {}
+            (Err(_), _) => floor.lost(&batch),
+        }
         if result.is_ok() {
             #[cfg(test)]
             self.hooks.commits.fetch_add(1, Ordering::Relaxed);
@@ -553,16 +736,21 @@ impl LedgerBackend {
         let checkpoints = Db::open(path.as_ref())?;
         let memory = MemoryBackend::new();
         let last_id = restore(db.conn_mut(), &memory, now)?;
+        let next_id = last_id.saturating_add(1);
         // One message per CHECKPOINT_EVERY commits; one queued is enough to catch up.
         let (commits, committed) = mpsc::sync_channel(1);
         let restart = Arc::new(AtomicBool::new(false));
         let core = Arc::new(Core {
-            queue: Mutex::new(Queue::default()),
+            queue: Mutex::new(Queue {
+                next_id,
+                ..Queue::default()
+            }),
             wake: Condvar::new(),
             db: Mutex::new(Writer {
                 db,
                 next_prune: 0,
                 kinds: Kinds::default(),
+                floor: Floor::at(next_id),
                 uncounted: 0,
                 commits,
             }),
@@ -591,7 +779,6 @@ impl LedgerBackend {
                 core,
                 writer: Some(writer),
                 checkpointer: Some(checkpointer),
-                next_id: AtomicU64::new(last_id.saturating_add(1)),
             }),
         })
     }
@@ -673,19 +860,20 @@ impl LedgerBackend {
             let e = BackendError("spend ledger cannot record this kind of counter".into());
             return Step::Done(Err(e.into()));
         }
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        reservation.id = id;
         let (ack, committed) = oneshot::channel();
         let op = Op::Reserve {
-            id,
+            id: 0,
             at: now.as_unix_nanos(),
             charges: reservation.charges.clone(),
             ack,
         };
         let leader = match self.shared.core.enqueue(op) {
-            Ok(lead) => lead.then(|| Leader {
-                core: Some(self.shared.core.clone()),
-            }),
+            Ok((lead, id)) => {
+                reservation.id = id;
+                lead.then(|| Leader {
+                    core: Some(self.shared.core.clone()),
+                })
+            }
             Err(e) => {
                 self.shared.memory.release_now(reservation, now);
                 return Step::Done(Err(e.into()));
@@ -1219,12 +1407,10 @@ impl Db {
             out[i].settled = from_sql(sum);
             index.entry((*counter, start)).or_default().push(i);
         }
-        let mut stmt = self
-            .conn()
-            .prepare_cached("SELECT charges FROM spend_reservations WHERE state = 0")?;
+        let mut stmt = self.conn().prepare_cached(OPEN_ROWS)?;
         let mut rows = stmt.query([])?;
         while let Some(row) = rows.next()? {
-            let text: String = row.get(0)?;
+            let text: String = row.get(2)?;
             for c in decode_charges(self.conn(), &text)? {
                 let (Some(start), true) = (c.start, c.window == "fixed") else {
                     continue;
@@ -1246,7 +1432,7 @@ fn restore(conn: &mut Connection, memory: &MemoryBackend, now: Timestamp) -> Res
     let at = sql_int(now.as_unix_nanos());
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let open_rows: Vec<(i64, i64, String)> = tx
-        .prepare("SELECT id, at, charges FROM spend_reservations WHERE state = 0 ORDER BY id")?
+        .prepare(OPEN_ROWS)?
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
     let left_open = open_rows.len();
@@ -1277,6 +1463,8 @@ fn restore(conn: &mut Connection, memory: &MemoryBackend, now: Timestamp) -> Res
         [],
         |r| r.get(0),
     )?;
+    // Nothing is open any more: the floor is the next id, and none is listed below it.
+    write_floor(&tx, from_sql(last_id).saturating_add(1), Some(&[]))?;
     {
         // Later periods of a counter come last and win (memory holds one period per counter).
         let mut fixed = tx.prepare(
@@ -1384,19 +1572,27 @@ fn checkpoint_loop(db: &Db, committed: &mpsc::Receiver<()>, restart: &AtomicBool
 /// are deleted.
 const PRUNE_EVERY: u64 = 10_000_000_000;
 
-/// Writes `batch` in one transaction; the amounts its resets took off, in order. Each write
-/// has an effect only the first time. Once the operations' time has passed `next_prune`,
-/// also deletes the rate buckets that ended.
+/// Writes `batch` in one transaction, and `floor` when given (where it moves, and the ids
+/// listed below it when they change); the amounts its resets took off, in order. Each write has an effect
+/// only the first time. Once the operations' time has passed `next_prune`, also deletes the
+/// rate buckets that ended.
 fn write(
     conn: &Connection,
     batch: &[Op],
     next_prune: &mut u64,
     kinds: &mut Kinds,
+    floor: Option<(u64, Option<&[u64]>)>,
 ) -> Result<Vec<u64>, rusqlite::Error> {
     // The transaction's own statements cached too (`Connection::transaction` prepares its
     // BEGIN and COMMIT at every commit).
     conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
     let written = write_in(conn, batch, next_prune, kinds)
+        .and_then(|resets| {
+            if let Some((floor, old)) = floor {
+                write_floor(conn, floor, old)?;
+            }
+            Ok(resets)
+        })
         .and_then(|resets| conn.prepare_cached("COMMIT")?.execute([]).map(|_| resets));
     if written.is_err() {
         // The kinds this batch added are gone with it.

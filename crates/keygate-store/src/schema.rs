@@ -7,7 +7,9 @@
 //! version 4 rebuilds the ledger as one appended row per reservation and a total per
 //! counter and period (fewer pages written per commit, and a restart reads the totals, not
 //! the history); version 5 adds the object registry; version 6 admin keys, the admin events and the usage per key, day and model; version 7 names each
-//! kind of charge once (`spend_charge_kinds`), so a reservation's row holds ids and amounts.
+//! kind of charge once (`spend_charge_kinds`), so a reservation's row holds ids and amounts;
+//! version 8 finds the open reservations from a floor (`meta.spend_open_floor` and
+//! `spend_open_old`) instead of a partial index.
 //! Version 4 uses SQLite's row ids (`INTEGER PRIMARY KEY`), a table
 //! `WITHOUT ROWID` and its JSON functions (to carry version 3's rows over): a PostgreSQL
 //! store keeps the same tables and columns in its own dialect.
@@ -288,10 +290,30 @@ pub(crate) const MIGRATIONS: &[Migration] = &[
         CREATE INDEX spend_charge_kinds_of ON spend_charge_kinds (counter, window_start);
     ",
     },
+    Migration {
+        version: 8,
+        sql: "
+        -- The open reservations are found from a floor instead of a partial index (which
+        -- cost every commit one more page, and every reservation an insert and a delete in
+        -- it). Every row of `spend_reservations` below `meta.spend_open_floor` is settled or
+        -- released, except the ids listed in `spend_open_old` (reservations open for long,
+        -- such as a long stream, so that they do not hold the floor back). The writer moves
+        -- the floor forward every few thousand reservations; a floor behind the truth only
+        -- makes a restart read a few more rows.
+        CREATE TABLE spend_open_old (
+            id INTEGER PRIMARY KEY
+        );
+        INSERT INTO meta (name, value)
+        SELECT 'spend_open_floor',
+               COALESCE((SELECT MIN(id) FROM spend_reservations WHERE state = 0),
+                        (SELECT COALESCE(MAX(id), 0) + 1 FROM spend_reservations));
+        DROP INDEX spend_open;
+    ",
+    },
 ];
 
 /// The schema version this build writes: the last migration's.
-pub(crate) const SCHEMA_VERSION: u32 = 7;
+pub(crate) const SCHEMA_VERSION: u32 = 8;
 
 #[cfg(test)]
 mod tests {

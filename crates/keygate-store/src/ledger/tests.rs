@@ -611,9 +611,8 @@ fn a_version_6_ledger_is_migrated_and_its_open_json_rows_count_at_their_reserved
     let (_dir, path) = temp();
     drop(LedgerBackend::open_at(&path, t(5)).unwrap());
     // Back to version 6: no kinds of charge, charges as JSON.
+    crate::test_support::downgrade(&path, 6);
     let conn = raw(&path);
-    conn.execute_batch("DROP TABLE spend_charge_kinds").unwrap();
-    conn.pragma_update(None, "user_version", 6).unwrap();
     let (start, end) = (t(0).as_unix_nanos(), t(DAY).as_unix_nanos());
     conn.execute(
         "INSERT INTO spend_reservations (id, at, state, charges) VALUES (41, ?1, 0, ?2)",
@@ -641,6 +640,158 @@ fn a_version_6_ledger_is_migrated_and_its_open_json_rows_count_at_their_reserved
         .block_on(b.reserve(vec![budget(1000, 1)], t(5)))
         .unwrap();
     assert_eq!(r.id, 42);
+}
+
+/// The floor the ledger holds, and the ids it lists below it.
+fn floor(path: &Path) -> (u64, Vec<u64>) {
+    let conn = raw(path);
+    let floor: i64 = conn
+        .query_row(
+            "SELECT value FROM meta WHERE name = 'spend_open_floor'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let old = conn
+        .prepare("SELECT id FROM spend_open_old ORDER BY id")
+        .unwrap()
+        .query_map([], |r| r.get::<_, i64>(0))
+        .unwrap()
+        .map(|id| id.unwrap() as u64)
+        .collect();
+    (floor as u64, old)
+}
+
+/// Reserves and settles `n` times (each in its own commit).
+fn churn(b: &LedgerBackend, rt: &tokio::runtime::Runtime, n: usize) {
+    for _ in 0..n {
+        let r = rt
+            .block_on(b.reserve(vec![budget(1_000_000, 1)], t(5)))
+            .unwrap();
+        rt.block_on(b.settle(r, cost(1), t(5))).unwrap();
+    }
+    rt.block_on(b.flush()).unwrap();
+}
+
+#[test]
+fn the_floor_moves_past_ended_reservations_and_lists_one_left_open_for_long() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    assert_eq!(floor(&path), (1, vec![]));
+    churn(&b, &rt, 10);
+    let (moved, old) = floor(&path);
+    assert!(moved > 5 && moved <= 11, "floor {moved}");
+    assert!(old.is_empty());
+
+    // A long stream: open while many more come and go.
+    let long = rt
+        .block_on(b.reserve(vec![budget(1_000_000, 500)], t(5)))
+        .unwrap();
+    churn(&b, &rt, 10);
+    let (moved, old) = floor(&path);
+    assert!(moved > long.id, "floor {moved}, open {}", long.id);
+    assert_eq!(old, vec![long.id]);
+    // Still counted while the floor is past it.
+    assert_eq!(key_a_usage(&path).open_reserved, 500);
+
+    // Killed: the next open finds it, and counts it at its reserved amount.
+    b.crash();
+    drop(b);
+    let b = LedgerBackend::open_at(&path, t(6)).unwrap();
+    assert_eq!(used(&b, &budget(1_000_000, 0), t(6)), 20 + 500);
+    assert_eq!(state(&path, long.id).as_deref(), Some("settled"));
+    // Nothing open: the floor is the next id, and nothing is listed.
+    let r = rt
+        .block_on(b.reserve(vec![budget(1_000_000, 1)], t(6)))
+        .unwrap();
+    assert_eq!(floor(&path), (r.id, vec![]));
+}
+
+#[test]
+fn an_end_lost_in_a_failed_commit_holds_its_row_open_past_the_floor() {
+    let (_dir, path) = temp();
+    let rt = rt();
+    let b = LedgerBackend::open_at(&path, t(5)).unwrap();
+    let r = rt
+        .block_on(b.reserve(vec![budget(1_000_000, 300)], t(5)))
+        .unwrap();
+    let id = r.id;
+    // Every settlement fails to be written from now on.
+    raw(&path)
+        .execute_batch(
+            "CREATE TRIGGER full BEFORE UPDATE ON spend_reservations \
+             BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END;",
+        )
+        .unwrap();
+    rt.block_on(b.settle(r, cost(100), t(5))).unwrap();
+    assert!(rt.block_on(b.flush()).is_err());
+    raw(&path).execute_batch("DROP TRIGGER full").unwrap();
+    assert_eq!(state(&path, id).as_deref(), Some("open"));
+
+    churn(&b, &rt, 10);
+    let (moved, old) = floor(&path);
+    assert!(moved > id, "floor {moved}");
+    assert_eq!(old, vec![id]);
+    drop(b);
+    // Found at the next open, and counted at what it reserved.
+    let b = LedgerBackend::open_at(&path, t(6)).unwrap();
+    assert_eq!(used(&b, &budget(1_000_000, 0), t(6)), 10 + 300);
+}
+
+#[test]
+fn the_floor_stays_at_an_end_queued_but_not_yet_written() {
+    // Queued while the commit that looks at the floor was under way: its row is still open.
+    let queue = Mutex::new(Queue {
+        ops: vec![Op::End {
+            id: 19,
+            reserved_at: 0,
+            at: 0,
+            charges: Vec::new(),
+            actual: None,
+        }],
+        open: [(21, 0)].into_iter().collect(),
+        next_id: 22,
+        ..Queue::default()
+    });
+    let mut floor = Floor::at(1);
+    let moved = floor.look(&queue).unwrap();
+    assert_eq!(
+        moved,
+        Moved {
+            floor: 19,
+            old: vec![]
+        }
+    );
+    // Once old, listed instead.
+    lock(&queue).next_id = 40;
+    let moved = floor.look(&queue).unwrap();
+    assert_eq!(
+        moved,
+        Moved {
+            floor: 40,
+            old: vec![19, 21]
+        }
+    );
+}
+
+#[test]
+fn the_open_rows_are_found_without_reading_the_history() {
+    let (_dir, path) = temp();
+    drop(LedgerBackend::open_at(&path, t(5)).unwrap());
+    let plan: Vec<String> = raw(&path)
+        .prepare(&format!("EXPLAIN QUERY PLAN {OPEN_ROWS}"))
+        .unwrap()
+        .query_map([], |r| r.get(3))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let plan = plan.join("; ");
+    assert!(
+        plan.contains("SEARCH spend_reservations USING INTEGER PRIMARY KEY (rowid>?)"),
+        "{plan}"
+    );
+    assert!(!plan.contains("SCAN spend_reservations"), "{plan}");
 }
 
 #[test]
@@ -744,6 +895,7 @@ fn writing_an_operation_twice_has_no_second_effect() {
         &[reserve(400), settle(150)],
         &mut prune,
         &mut kinds,
+        None,
     )
     .unwrap();
     write(
@@ -751,6 +903,7 @@ fn writing_an_operation_twice_has_no_second_effect() {
         &[reserve(999), settle(300), release],
         &mut prune,
         &mut kinds,
+        None,
     )
     .unwrap();
     assert_eq!(state(&path, 7).as_deref(), Some("settled"));
