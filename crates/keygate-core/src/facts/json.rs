@@ -941,9 +941,20 @@ impl<'a> Scanner<'a> {
             if b.get(i) != Some(&b',') || b.get(i + 1) != Some(&b'"') {
                 return Ok(());
             }
-            // The key's runs and escapes, each run looked at a word at a time.
             let start = i + 2;
-            let mut end = start;
+            // The key's first character, decoded at once when written `\u00XX` (such an
+            // escape is whole and valid once its two digits are): whether the key may name
+            // objects is told from it (as `may_name_objects` tells).
+            let (first, mut end) = match b.get(start..start + 6) {
+                Some(&[b'\\', b'u', b'0', b'0', hi, lo]) => match (nibble(hi), nibble(lo)) {
+                    (Some(hi), Some(lo)) => (hi << 4 | lo, start + 6),
+                    // A bad escape: refused by the general loop.
+                    _ => return Ok(()),
+                },
+                Some(&[c, ..]) => (c, start),
+                _ => return Ok(()),
+            };
+            // The key's runs and escapes, each run looked at a word at a time.
             loop {
                 match short_run(&b[end..]) {
                     Run::Quote(at) => {
@@ -961,17 +972,26 @@ impl<'a> Scanner<'a> {
                     Run::Special(_) | Run::Long => return Ok(()),
                 }
             }
-            let key = start..end;
-            if b.get(end + 1) != Some(&b':') || (self.refs && may_name_objects(&b[key.clone()])) {
+            // `first` is a backslash for a key starting with another escape, and the quote
+            // for an empty key: neither starts a name.
+            if b.get(end + 1) != Some(&b':') || (self.refs && REF_FIRST[usize::from(first)]) {
                 return Ok(());
             }
             let value = end + 2;
-            if !matches!(b.get(value), Some(b'-' | b'0'..=b'9' | b'"')) {
-                return Ok(());
-            }
+            let number = match b.get(value) {
+                Some(b'-' | b'0'..=b'9') => true,
+                Some(b'"') => false,
+                _ => return Ok(()),
+            };
             // The key's text before the value's (the text is noted in body order).
-            self.note_text(key);
-            self.compact_value(value)?;
+            self.note_text(start..end);
+            self.i = value;
+            if number {
+                self.f.numbers += 1;
+                self.number()?;
+            } else {
+                self.text_string()?;
+            }
         }
     }
 
@@ -1214,14 +1234,20 @@ impl<'a> Scanner<'a> {
                 }
                 // Escapes tend to come together: the next one is taken at once.
                 Some(b'\\') => self.skip_escape()?,
-                // The run after an escape: in a short string, looked at a word at a time;
-                // otherwise out of line, so that this loop stays small.
+                // The run after an escape: in a long string, searched as its first run is
+                // (text with a quote every few dozen bytes costs a search per run, not a
+                // word and then chunks); in a short one, looked at a word at a time, out of
+                // line so that this loop stays small.
                 _ => {
                     let rest = &self.b[self.i..];
-                    self.i += match if LONG { Run::Long } else { short_run(rest) } {
-                        Run::Quote(at) => at,
-                        Run::Special(at) => plain_up_to(rest, at)?,
-                        Run::Long => run_after_escape(rest)?,
+                    self.i += if LONG {
+                        long_span_end(rest, self.controls)?
+                    } else {
+                        match short_run(rest) {
+                            Run::Quote(at) => at,
+                            Run::Special(at) => plain_up_to(rest, at)?,
+                            Run::Long => run_after_escape(rest)?,
+                        }
                     };
                 }
             }
@@ -1445,7 +1471,7 @@ fn span_end(rest: &[u8]) -> Result<usize, JsonError> {
     }
 }
 
-/// [`span_end`], not inlined: for the run after an escape.
+/// [`span_end`], not inlined: for the run after an escape in a short string (a key).
 #[inline(never)]
 fn run_after_escape(rest: &[u8]) -> Result<usize, JsonError> {
     span_end(rest)
