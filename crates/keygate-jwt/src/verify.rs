@@ -48,7 +48,7 @@ pub(crate) fn has_jws_shape(credential: &str) -> bool {
 }
 
 /// Bytes of a compact JWS: the base64url alphabet and `.`.
-const JWS_BYTE: [bool; 256] = {
+static JWS_BYTE: [bool; 256] = {
     let mut t = [false; 256];
     let mut i = 0;
     while i < 256 {

@@ -193,7 +193,7 @@ fn check_path_slow(bytes: &[u8]) -> Result<(), PathError> {
 }
 
 /// Printable ASCII that needs no further look: not `/`, `.`, `\\`, `;` or `%`.
-const PLAIN: [bool; 256] = {
+static PLAIN: [bool; 256] = {
     let mut t = [false; 256];
     let mut b = 0x21;
     while b < 0x7f {

@@ -490,12 +490,16 @@ proptest! {
     #[test]
     fn compact_members_agree_with_serde_json(
         members in prop::collection::btree_map(
-            "[a-z_]{0,8}|model|Model|n|file_id",
-            "-?[0-9]{1,3}(\\.[0-9])?|\"[a-z\\\\]{0,4}\"|true|[}{,:]",
+            "[a-z_]{0,8}|[a-z]{10,14}|k\\\\n|k\u{1}|model|Model|n|file_id",
+            "-?[0-9]{1,3}([.eE][0-9]?)?|[0-9]{10,16}|\"[a-z\\\\]{0,4}\"|true|[}{,:]",
             0..12,
         ),
+        tail in any::<bool>(),
     ) {
-        let body: Vec<String> = members.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        let mut body: Vec<String> = members.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        if tail {
+            body.push(format!("\"tail\":\"{TAIL}\""));
+        }
         check_against_serde(format!("{{{}}}", body.join(",")).as_bytes())?;
     }
 }
@@ -689,5 +693,118 @@ proptest! {
             format!("{{\"x\":{{{}}},\"y\":[{{{}}}]}}", compact.join(","), compact.join(",")).as_bytes(),
             format!("{{\"x\" : {{ {} }} , \"y\" : [ {{ {} }} ] }}", spaced.join(" , "), spaced.join(" , ")).as_bytes(),
         )?;
+    }
+}
+
+/// The pieces string values are made of below: plain text, every kind of escape, and what
+/// a string may not hold (a bad escape, a lone surrogate, a raw control byte, a raw quote).
+const STRING_PIECES: [&str; 16] = [
+    "a",
+    "plain text ",
+    "0123456789abcdef",
+    "\\\"",
+    "\\\\",
+    "\\n",
+    "\\/",
+    "\\u00e9",
+    "\\ud83d\\ude00",
+    "é",
+    "\\x",
+    "\\ud83d",
+    "\\u12",
+    "\n",
+    "\"",
+    "\\",
+];
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1024))]
+
+    /// String values looked at sixteen bytes at a time ([`long_rest`](Scanner::long_rest))
+    /// agree with serde_json wherever their escapes, quotes and control bytes fall against
+    /// the blocks, the switch to a search and the end of the body: the string is preceded
+    /// by a pad of any length, and is the body's last field or not.
+    #[test]
+    fn long_strings_agree_with_serde_json_at_every_offset(
+        pad in 0usize..70,
+        pieces in prop::collection::vec(0..STRING_PIECES.len(), 0..16),
+        last in any::<bool>(),
+        nested in any::<bool>(),
+    ) {
+        let text: String = pieces.iter().map(|&k| STRING_PIECES[k]).collect();
+        let value = format!("\"{}{text}\"", "p".repeat(pad));
+        let body = match (nested, last) {
+            (false, true) => format!(r#"{{"model":"m","input":{value}}}"#),
+            (false, false) => format!(r#"{{"input":{value},"model":"m"}}"#),
+            (true, true) => format!(r#"{{"model":"m","messages":[{{"content":{value}}}]}}"#),
+            (true, false) => format!(r#"{{"messages":[{{"content":{value},"role":"user"}}],"model":"m"}}"#),
+        };
+        check_against_serde(body.as_bytes())?;
+    }
+
+    /// The ends of a run found in a block (SSE2 on x86-64) and from two words (elsewhere)
+    /// are the bytes that end it, one by one.
+    #[test]
+    fn the_ends_of_a_run_are_found_in_a_block(
+        block in prop::array::uniform16(prop::sample::select(vec![
+            0u8, 0x1F, 0x20, b'"', b'\\', b'a', 0x7F, 0x80, 0xA2, 0xDC, 0xFF, 0x9F, 0x21, 0x5B,
+        ])),
+        controls in any::<bool>(),
+    ) {
+        let want = (0..16).fold(0u32, |m, k| {
+            let c = block[k];
+            m | u32::from(c == b'"' || c == b'\\' || (controls && c < 0x20)) << k
+        });
+        prop_assert_eq!(run_ends(&block, controls), want);
+        prop_assert_eq!(run_ends_words(&block, controls), want);
+    }
+}
+
+/// Text after the members a test is about, so that each of them fits in a block.
+const TAIL: &str = "tail text after the members";
+
+/// Top-level members taken a block at a time (`,"key":digits`) and those next to them that
+/// are not (a leading zero, a fraction, an exponent, a key with an escape or a control byte,
+/// a long key or number, the block's end) agree with serde_json.
+#[test]
+fn compact_top_level_members_agree_with_serde_json() {
+    let values = [
+        "1",
+        "0",
+        "01",
+        "00",
+        "-1",
+        "10",
+        "1.5",
+        "1e5",
+        "1E5",
+        "1e",
+        "1.",
+        "0.5",
+        "123456789012",
+        "1234567890123456",
+        "\"s\"",
+        "true",
+        "1x",
+    ];
+    let keys = [
+        "k",
+        "",
+        "abcdefghijk",
+        "abcdefghijklmnop",
+        "k\\n",
+        "k\u{1}",
+        "model",
+    ];
+    for value in values {
+        for key in keys {
+            for pad in ["", "p", "pppppp"] {
+                // A long last member, so that every member before it fits in a block.
+                let body = format!(r#"{{"a{pad}":1,"{key}":{value},"z":2,"tail":"{TAIL}"}}"#);
+                if let Err(e) = check_against_serde(body.as_bytes()) {
+                    panic!("{body}: {e}");
+                }
+            }
+        }
     }
 }
