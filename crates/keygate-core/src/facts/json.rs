@@ -1156,17 +1156,16 @@ impl<'a> Scanner<'a> {
             }
             _ => return Err(JsonError::Invalid),
         }
-        let mut float = false;
         if self.peek() == Some(b'.') {
             self.i += 1;
-            float = true;
             if self.digits() == 0 {
                 return Err(JsonError::Invalid);
             }
         }
+        let mut exponent = false;
         if let Some(b'e' | b'E') = self.peek() {
             self.i += 1;
-            float = true;
+            exponent = true;
             if let Some(b'+' | b'-') = self.peek() {
                 self.i += 1;
             }
@@ -1176,8 +1175,9 @@ impl<'a> Scanner<'a> {
         }
         let raw = &self.b[start..self.i];
         cost::add(raw.len());
-        // Integers of up to 308 digits always fit; beyond, and for any float, check.
-        if float || raw.len() > 300 {
+        // A number of up to 308 digits without an exponent always fits (a fraction only
+        // makes it smaller): only a longer one, or one with an exponent, is parsed to check.
+        if exponent || raw.len() > 300 {
             let finite = std::str::from_utf8(raw)
                 .ok()
                 .and_then(|s| s.parse::<f64>().ok())

@@ -808,3 +808,35 @@ fn compact_top_level_members_agree_with_serde_json() {
         }
     }
 }
+
+/// Numbers at the edge of what an f64 holds agree with serde_json: one without an exponent
+/// is parsed only past 300 characters (shorter ones always fit), one with an exponent always.
+#[test]
+fn numbers_at_the_edge_of_f64_agree_with_serde_json() {
+    let digits = |n: usize| format!("1{}", "0".repeat(n - 1));
+    let numbers = [
+        "0.2".to_owned(),
+        "-0.25".to_owned(),
+        format!("{}.5", digits(300)),
+        format!("{}.5", digits(308)),
+        format!("{}.5", digits(309)),
+        digits(308),
+        digits(309),
+        digits(310),
+        format!("-{}", digits(310)),
+        format!("{}.5", digits(310)),
+        "1e308".to_owned(),
+        "1e309".to_owned(),
+        "1.7976931348623157e308".to_owned(),
+        "1.7976931348623159e308".to_owned(),
+        "-1e400".to_owned(),
+        "1e-400".to_owned(),
+        "0.5E+2".to_owned(),
+    ];
+    for n in numbers {
+        let body = format!(r#"{{"temperature":{n},"x":[{n}],"model":"m"}}"#);
+        if let Err(e) = check_against_serde(body.as_bytes()) {
+            panic!("{n}: {e}");
+        }
+    }
+}
