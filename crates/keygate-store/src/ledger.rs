@@ -142,8 +142,8 @@ type Ack = oneshot::Sender<Result<(), BackendError>>;
 /// period, added to in the transaction that settles them. A restart reads the totals
 /// and the open rows, never the history: every row below a floor the writer moves forward
 /// every few thousand reservations has ended, but for a few listed ones open for long (see
-/// `Floor`). A new reservation is appended at the end of its
-/// table and its settlement rewrites that same recent page, so a commit writes a few pages
+/// `Floor`). A new reservation is appended at the end of its table and its settlement
+/// rewrites that same recent page, so a commit writes a few pages
 /// whatever the size of the ledger. Every write is an insert that ignores an existing id or
 /// an update of an open row, so writing an operation twice has no second effect. Settled
 /// rows are never deleted: they are the spend history (see [`Db::ledger_usage`]).
@@ -1573,9 +1573,9 @@ fn checkpoint_loop(db: &Db, committed: &mpsc::Receiver<()>, restart: &AtomicBool
 const PRUNE_EVERY: u64 = 10_000_000_000;
 
 /// Writes `batch` in one transaction, and `floor` when given (where it moves, and the ids
-/// listed below it when they change); the amounts its resets took off, in order. Each write has an effect
-/// only the first time. Once the operations' time has passed `next_prune`, also deletes the
-/// rate buckets that ended.
+/// listed below it when they change); the amounts its resets took off, in order. Each write
+/// has an effect only the first time. Once the operations' time has passed `next_prune`,
+/// also deletes the rate buckets that ended.
 fn write(
     conn: &Connection,
     batch: &[Op],

@@ -1732,13 +1732,14 @@ fn block_member(b: &[u8], i: usize) -> Option<usize> {
             set_splat_i8_m128i, sub_i8_m128i,
         };
         let block = b.get(i..)?.first_chunk::<16>()?;
+        // Most calls end here: at the end of the object, or before whitespace.
+        if block[..2] != *b",\"" {
+            return None;
+        }
         let v = load_unaligned_m128i(block);
         let mask = |m: m128i| move_mask_i8_m128i(m) as u32;
         let eq = |c: u8| mask(cmp_eq_mask_i8_m128i(v, set_splat_i8_m128i(c as i8)));
         let quotes = eq(b'"');
-        if block[0] != b',' || quotes & 2 == 0 {
-            return None;
-        }
         // `min(c, 0x1F) == c`: below 0x20.
         let controls = mask(cmp_eq_mask_i8_m128i(
             min_u8_m128i(v, set_splat_i8_m128i(0x1F)),
