@@ -697,7 +697,7 @@ impl<'a> Scanner<'a> {
         loop {
             let i = self.i;
             if let Some(end) = block_member(b, i) {
-                cost::add(16);
+                cost::add(end - i + 1);
                 self.f.numbers += 1;
                 self.i = end;
                 continue;
@@ -1286,9 +1286,9 @@ impl<'a> Scanner<'a> {
             let Some(block) = b.get(base..).and_then(<[u8]>::first_chunk::<16>) else {
                 return self.short_rest(escaped);
             };
-            cost::add(16);
             let mut ends = run_ends(block, controls);
             if ends == 0 {
+                cost::add(16);
                 self.i = base + 16;
                 self.i += long_span_end(&b[self.i..], controls)?;
                 continue;
@@ -1297,6 +1297,8 @@ impl<'a> Scanner<'a> {
                 let at = base + ends.trailing_zeros() as usize;
                 match b[at] {
                     b'"' => {
+                        // What was looked at: the block up to where it stopped.
+                        cost::add(at - base + 1);
                         self.i = at;
                         return Ok(escaped);
                     }
@@ -1312,10 +1314,12 @@ impl<'a> Scanner<'a> {
                         // of the block is still known.
                         let past = self.i - base;
                         if past >= 16 {
+                            cost::add(16);
                             break;
                         }
                         ends &= u32::MAX << past;
                         if ends == 0 {
+                            cost::add(16);
                             self.i = base + 16;
                             break;
                         }
